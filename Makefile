@@ -1,0 +1,76 @@
+# Raven training backbone. `make help` lists the targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+INSTALLED := $(VENV)/.installed
+# Set to https://download.pytorch.org/whl/cpu to fetch the CPU build of torch
+# where no local wheel is configured (PyPI's default build is CUDA, several GB).
+TORCH_INDEX ?=
+TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
+
+PROTO_SRC := $(wildcard protos/raven/training/v1/*.proto)
+PROTO_OUT := shared/proto/raven/training/v1
+PROTO_STAMP := $(PROTO_OUT)/.generated
+
+.PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean
+
+help: ## List the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+
+setup: $(INSTALLED) $(PROTO_STAMP) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
+
+$(INSTALLED): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip 'setuptools>=77,<81' wheel
+	$(PIP) install -q $(TORCH_ARGS) torch==2.13.0
+	@# mmcv 2.1.0 has no wheel for this platform: build it against the installed torch.
+	@$(PY) -c 'import mmcv.ops' 2>/dev/null || \
+	  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation mmcv==2.1.0
+	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]'
+	@touch $@
+
+proto: $(PROTO_STAMP) ## Generate the Python gRPC code from protos/
+
+$(PROTO_STAMP): $(PROTO_SRC) $(INSTALLED)
+	$(PY) -m shared.proto.generate
+	@touch $@
+
+run: setup ## The demo: start the stack, train a root model, fine-tune it, watch it live
+	$(PY) -m services.cli.main demo
+
+up: setup ## Start infrastructure, both services and a worker in the background (logs in .data/logs)
+	$(PY) -m services.cli.main stack up
+
+down: ## Stop what `make up` started
+	@test -x $(PY) && $(PY) -m services.cli.main stack down || true
+
+status: ## Show what `make up` started
+	$(PY) -m services.cli.main stack status
+
+test: setup ## Run the whole test suite (unit, integration, end to end)
+	$(PY) -m pytest -q
+
+test-unit: setup ## Unit tests only (no infrastructure)
+	$(PY) -m pytest -q tests/unit
+
+test-integration: setup ## Integration tests (Postgres, NATS, gRPC)
+	$(PY) -m pytest -q tests/integration
+
+test-e2e: setup ## End-to-end tests with real MMDetection training on CPU
+	$(PY) -m pytest -q tests/e2e
+
+lint: setup ## ruff lint and format check
+	$(VENV)/bin/ruff check . && $(VENV)/bin/ruff format --check .
+
+fmt: setup ## Format the code
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+typecheck: setup ## mypy
+	$(VENV)/bin/mypy shared services trainer_worker
+
+clean: down ## Remove generated code and local data (keeps .venv)
+	rm -rf .data $(PROTO_OUT) shared/proto/raven

@@ -1,0 +1,1 @@
+"""What both services and the worker share: settings, database, messaging, errors, wire code."""
