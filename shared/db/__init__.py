@@ -1,0 +1,1 @@
+"""Postgres: the engine, the schema both services share, and its migrations."""

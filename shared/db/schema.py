@@ -1,0 +1,173 @@
+"""The tables both services share. Migrations in shared/db/migrations create them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    Uuid,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+metadata = MetaData(
+    naming_convention={
+        "ix": "ix_%(column_0_label)s",
+        "uq": "uq_%(table_name)s_%(column_0_name)s",
+        "ck": "ck_%(table_name)s_%(constraint_name)s",
+        "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+        "pk": "pk_%(table_name)s",
+    }
+)
+
+NOW = text("now()")
+EMPTY_OBJECT = text("'{}'::jsonb")
+EMPTY_ARRAY = text("'[]'::jsonb")
+
+
+def _time(name: str, *, nullable: bool = False) -> Column[object]:
+    return Column(
+        name, DateTime(timezone=True), nullable=nullable, server_default=None if nullable else NOW
+    )
+
+
+training_runs = Table(
+    "training_runs",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("display_name", Text, nullable=False),
+    Column("labels", JSONB, nullable=False, server_default=EMPTY_OBJECT),
+    Column("state", Text, nullable=False),
+    # The exact spec, defaults filled in (proto JSON of TrainingSpec).
+    Column("spec", JSONB, nullable=False),
+    Column("architecture", Text, nullable=False),
+    Column("dataset_uri", Text, nullable=False),
+    Column("base_model_id", Uuid, ForeignKey("trained_models.id", use_alter=True), nullable=True),
+    Column("creator", Text, nullable=False),
+    Column("request_id", Uuid, nullable=True),
+    # sha256 of the create request: the same request_id with another body is refused.
+    Column("request_hash", Text, nullable=True),
+    Column("attempt", Integer, nullable=False, server_default=text("1")),
+    Column("progress", JSONB, nullable=True),
+    Column("latest_evaluation", JSONB, nullable=True),
+    Column("best_evaluation", JSONB, nullable=True),
+    Column("dataset", JSONB, nullable=True),
+    Column("failure_reason", Text, nullable=True),
+    Column("failure_message", Text, nullable=True),
+    Column("artifacts", JSONB, nullable=False, server_default=EMPTY_ARRAY),
+    Column("facts", JSONB, nullable=True),
+    Column("epoch_metrics", JSONB, nullable=False, server_default=EMPTY_ARRAY),
+    Column("worker_id", Text, nullable=True),
+    _time("heartbeat_time", nullable=True),
+    # Sequence of the newest row in training_run_events.
+    Column("last_sequence", BigInteger, nullable=False, server_default=text("0")),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    _time("create_time"),
+    _time("update_time"),
+    _time("start_time", nullable=True),
+    _time("end_time", nullable=True),
+    UniqueConstraint("creator", "request_id", name="uq_training_runs_creator_request_id"),
+    Index("ix_training_runs_create_time_id", "create_time", "id"),
+    Index("ix_training_runs_state_create_time_id", "state", "create_time", "id"),
+    Index("ix_training_runs_base_model_id", "base_model_id"),
+    Index("ix_training_runs_dataset_uri_create_time", "dataset_uri", "create_time", "id"),
+    Index("ix_training_runs_creator_create_time", "creator", "create_time", "id"),
+    # Finds active runs whose worker went quiet without scanning finished ones.
+    Index(
+        "ix_training_runs_active_heartbeat",
+        "heartbeat_time",
+        postgresql_where=text("state IN ('PREPARING', 'RUNNING', 'CANCELLING')"),
+    ),
+)
+
+training_run_events = Table(
+    "training_run_events",
+    metadata,
+    Column("run_id", Uuid, ForeignKey("training_runs.id", ondelete="CASCADE"), nullable=False),
+    Column("sequence", BigInteger, nullable=False),
+    _time("time"),
+    Column("attempt", Integer, nullable=False),
+    Column("actor", Text, nullable=False),
+    # The TrainingRunEvent payload oneof: "state_changed", "progress", ...
+    Column("kind", Text, nullable=False),
+    # Proto JSON of the payload message.
+    Column("payload", JSONB, nullable=False),
+    PrimaryKeyConstraint("run_id", "sequence", name="pk_training_run_events"),
+)
+
+trained_models = Table(
+    "trained_models",
+    metadata,
+    Column("id", Uuid, primary_key=True),
+    Column("display_name", Text, nullable=False),
+    Column("description", Text, nullable=False, server_default=""),
+    Column("labels", JSONB, nullable=False, server_default=EMPTY_OBJECT),
+    # Unique: a run registers at most one model, however often its result is delivered.
+    Column(
+        "training_run_id",
+        Uuid,
+        ForeignKey("training_runs.id", ondelete="SET NULL"),
+        nullable=True,
+        unique=True,
+    ),
+    Column("base_model_id", Uuid, ForeignKey("trained_models.id"), nullable=True),
+    Column("dataset_uri", Text, nullable=False, server_default=""),
+    Column("dataset_fingerprint", Text, nullable=False, server_default=""),
+    Column("architecture", Text, nullable=False),
+    Column("classes", JSONB, nullable=False),
+    Column("artifacts", JSONB, nullable=False),
+    Column("evaluation", JSONB, nullable=True),
+    Column("facts", JSONB, nullable=True),
+    # Headline metric, copied out of evaluation for ordering and filtering.
+    Column("bbox_map", Float, nullable=True),
+    Column("published", Boolean, nullable=False, server_default=text("false")),
+    Column("channel", Text, nullable=True),
+    _time("publish_time", nullable=True),
+    Column("published_by", Text, nullable=True),
+    Column("creator", Text, nullable=False),
+    Column("version", Integer, nullable=False, server_default=text("1")),
+    _time("create_time"),
+    _time("update_time"),
+    CheckConstraint("base_model_id IS NULL OR base_model_id <> id", name="not_own_base"),
+    Index("ix_trained_models_create_time_id", "create_time", "id"),
+    Index("ix_trained_models_base_model_id", "base_model_id"),
+    Index("ix_trained_models_published", "published", "create_time", "id"),
+)
+
+# Rows written in the same transaction as the change they announce; the relay
+# publishes them to JetStream (Nats-Msg-Id = msg_id) and deletes them.
+outbox = Table(
+    "outbox",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("subject", Text, nullable=False),
+    Column("msg_id", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    _time("create_time"),
+)
+
+# Messages a consumer has applied, written in the same transaction as their
+# effect: a redelivered message is recognised and skipped.
+processed_messages = Table(
+    "processed_messages",
+    metadata,
+    Column("consumer", Text, nullable=False),
+    Column("message_id", Text, nullable=False),
+    _time("processed_time"),
+    PrimaryKeyConstraint("consumer", "message_id", name="pk_processed_messages"),
+)
+
+OUTBOX_CHANNEL = "raven_outbox"
