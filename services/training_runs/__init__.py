@@ -1,0 +1,1 @@
+"""TrainingRunService: creates, queues, follows and cancels training runs."""

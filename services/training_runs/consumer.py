@@ -1,0 +1,48 @@
+"""Applies what trainer workers report (the worker events stream) to the runs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime
+
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+
+from services.training_runs.handlers import WorkerReport, apply_worker_report
+from services.training_runs.messages import to_dict
+from services.training_runs.unit_of_work import UnitOfWork
+from shared.consumer import Unprocessable
+from shared.errors import InvalidArgument
+from shared.names import TRAINING_RUNS, parse_name
+from shared.proto.raven.training.v1.worker_pb2 import WorkerEvent
+
+
+def to_report(event: WorkerEvent) -> WorkerReport:
+    kind = event.WhichOneof("payload")
+    if kind is None or not event.event_id:
+        raise Unprocessable(f"worker event without payload or id: {event.event_id!r}")
+    try:
+        run_id = parse_name(event.training_run, TRAINING_RUNS)
+    except InvalidArgument as error:
+        raise Unprocessable(error.message) from error
+    return WorkerReport(
+        event_id=event.event_id,
+        run_id=run_id,
+        attempt=event.attempt,
+        worker_id=event.worker_id,
+        time=event.time.ToDatetime(tzinfo=UTC) if event.HasField("time") else datetime.now(UTC),
+        kind=kind,
+        payload=to_dict(getattr(event, kind)),
+    )
+
+
+class WorkerEventHandler:
+    def __init__(self, uow_factory: Callable[[], UnitOfWork]) -> None:
+        self._uow_factory = uow_factory
+
+    async def __call__(self, msg: Msg) -> None:
+        try:
+            event = WorkerEvent.FromString(msg.data)
+        except DecodeError as error:
+            raise Unprocessable(f"not a WorkerEvent: {error}") from error
+        await apply_worker_report(self._uow_factory(), to_report(event))

@@ -1,0 +1,330 @@
+"""The TrainingRun aggregate and its state machine. Pure Python.
+
+Every state change goes through a method here that checks the current state,
+refuses an illegal transition (the run is left unchanged) and appends an event
+to the run's history. Nothing else assigns `state`.
+
+Payloads (progress, evaluation, dataset summary, artifacts) are plain mappings
+in the shape of their wire messages: the domain decides when they apply, not
+how they look.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from shared.errors import FailedPrecondition
+
+Payload = Mapping[str, Any]
+
+
+class RunState(StrEnum):
+    QUEUED = "QUEUED"
+    PREPARING = "PREPARING"
+    RUNNING = "RUNNING"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    CANCELLING = "CANCELLING"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+    @property
+    def is_active(self) -> bool:
+        """A worker holds (or is about to hold) the run."""
+        return self in (RunState.PREPARING, RunState.RUNNING, RunState.CANCELLING)
+
+
+TERMINAL = frozenset({RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLED})
+
+_ALLOWED: dict[RunState, frozenset[RunState]] = {
+    RunState.QUEUED: frozenset({RunState.PREPARING, RunState.CANCELLED, RunState.FAILED}),
+    RunState.PREPARING: frozenset(
+        {RunState.RUNNING, RunState.FAILED, RunState.CANCELLING, RunState.QUEUED}
+    ),
+    RunState.RUNNING: frozenset(
+        {RunState.SUCCEEDED, RunState.FAILED, RunState.CANCELLING, RunState.QUEUED}
+    ),
+    # A job that finished before it saw the cancel request keeps its result.
+    RunState.CANCELLING: frozenset({RunState.CANCELLED, RunState.FAILED, RunState.SUCCEEDED}),
+    RunState.SUCCEEDED: frozenset(),
+    RunState.FAILED: frozenset(),
+    RunState.CANCELLED: frozenset(),
+}
+
+
+class IllegalTransition(FailedPrecondition):
+    def __init__(self, run_id: uuid.UUID, current: RunState, target: RunState) -> None:
+        super().__init__(
+            f"training run {run_id} is {current}; it cannot become {target}"
+        )
+        self.current = current
+        self.target = target
+
+
+class EventKind(StrEnum):
+    """The TrainingRunEvent payload a history entry carries."""
+
+    STATE_CHANGED = "state_changed"
+    PROGRESS = "progress"
+    EVALUATION = "evaluation"
+    DATASET_PREPARED = "dataset_prepared"
+    NOTICE = "notice"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunEvent:
+    """One entry of a run's history; sequences are per run, from 1, without gaps."""
+
+    run_id: uuid.UUID
+    sequence: int
+    time: datetime
+    attempt: int
+    actor: str
+    kind: EventKind
+    payload: Payload
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.kind is EventKind.STATE_CHANGED and RunState(self.payload["to_state"]).is_terminal
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Failure:
+    reason: str
+    message: str
+
+
+@dataclass(slots=True, kw_only=True)
+class TrainingRun:
+    id: uuid.UUID
+    display_name: str
+    labels: dict[str, str]
+    state: RunState
+    # The exact spec (proto JSON of TrainingSpec), defaults filled in.
+    spec: dict[str, Any]
+    base_model_id: uuid.UUID | None
+    creator: str
+    create_time: datetime
+    update_time: datetime
+    request_id: uuid.UUID | None = None
+    request_hash: str | None = None
+    attempt: int = 1
+    progress: dict[str, Any] | None = None
+    latest_evaluation: dict[str, Any] | None = None
+    best_evaluation: dict[str, Any] | None = None
+    dataset: dict[str, Any] | None = None
+    failure: Failure | None = None
+    artifacts: list[dict[str, Any]] = field(default_factory=list)
+    facts: dict[str, Any] | None = None
+    epoch_metrics: list[dict[str, Any]] = field(default_factory=list)
+    worker_id: str | None = None
+    heartbeat_time: datetime | None = None
+    start_time: datetime | None = None
+    end_time: datetime | None = None
+    last_sequence: int = 0
+    version: int = 1
+    # The model this run produced, once the registry has it (read-only here).
+    trained_model_id: uuid.UUID | None = None
+    # History entries added since the run was loaded; the unit of work stores them.
+    new_events: list[RunEvent] = field(default_factory=list)
+
+    @property
+    def architecture(self) -> str:
+        return str(self.spec["architecture"])
+
+    @property
+    def dataset_uri(self) -> str:
+        return str(self.spec["dataset_uri"])
+
+    @property
+    def etag(self) -> str:
+        return f'"{self.version}"'
+
+    # Construction.
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        display_name: str,
+        labels: Mapping[str, str],
+        spec: Mapping[str, Any],
+        base_model_id: uuid.UUID | None,
+        creator: str,
+        request_id: uuid.UUID | None,
+        request_hash: str | None,
+        now: datetime,
+    ) -> TrainingRun:
+        run = cls(
+            id=uuid.uuid4(),
+            display_name=display_name,
+            labels=dict(labels),
+            state=RunState.QUEUED,
+            spec=dict(spec),
+            base_model_id=base_model_id,
+            creator=creator,
+            request_id=request_id,
+            request_hash=request_hash,
+            create_time=now,
+            update_time=now,
+        )
+        run._record_state(None, RunState.QUEUED, "created", "queued for training", creator, now)
+        return run
+
+    # Worker-driven transitions.
+
+    def start_preparing(self, *, worker_id: str, actor: str, now: datetime) -> None:
+        self._transition(RunState.PREPARING, "started", f"worker {worker_id} took the job", actor, now)
+        self.worker_id = worker_id
+        self.heartbeat_time = now
+        if self.start_time is None:
+            self.start_time = now
+
+    def record_dataset(self, summary: Payload, *, actor: str, now: datetime) -> None:
+        self._require_active("record a prepared dataset")
+        self.dataset = dict(summary)
+        self._append(EventKind.DATASET_PREPARED, summary, actor, now)
+
+    def start_running(self, *, device: str, actor: str, now: datetime) -> None:
+        self._transition(RunState.RUNNING, "training", f"training on {device}", actor, now)
+
+    def report_progress(self, progress: Payload, *, actor: str, now: datetime) -> bool:
+        """Records progress; a report not newer than the last one is ignored (returns False)."""
+        self._require_active("report progress")
+        if self.progress is not None and int(progress.get("iteration", 0)) <= int(
+            self.progress.get("iteration", 0)
+        ):
+            return False
+        self.progress = dict(progress)
+        self._append(EventKind.PROGRESS, progress, actor, now)
+        return True
+
+    def report_evaluation(self, evaluation: Payload, *, actor: str, now: datetime) -> None:
+        self._require_active("report an evaluation")
+        self.latest_evaluation = dict(evaluation)
+        self._append(EventKind.EVALUATION, evaluation, actor, now)
+
+    def notify(self, *, code: str, message: str, actor: str, now: datetime) -> None:
+        self._append(EventKind.NOTICE, {"code": code, "message": message}, actor, now)
+
+    def heartbeat(self, *, now: datetime) -> None:
+        """Liveness only: no history entry, no new version."""
+        if self.state.is_active:
+            self.heartbeat_time = now
+
+    def succeed(
+        self,
+        *,
+        artifacts: list[dict[str, Any]],
+        facts: Payload,
+        best_evaluation: Payload | None,
+        epoch_metrics: list[dict[str, Any]],
+        actor: str,
+        now: datetime,
+    ) -> None:
+        self._transition(RunState.SUCCEEDED, "succeeded", "training finished", actor, now)
+        self.artifacts = artifacts
+        self.facts = dict(facts)
+        self.best_evaluation = dict(best_evaluation) if best_evaluation else None
+        self.epoch_metrics = epoch_metrics
+        self.end_time = now
+
+    def fail(self, *, reason: str, message: str, actor: str, now: datetime) -> None:
+        self._transition(RunState.FAILED, reason, message, actor, now)
+        self.failure = Failure(reason=reason, message=message)
+        self.end_time = now
+
+    # Caller-driven transitions.
+
+    def request_cancel(self, *, reason: str, actor: str, now: datetime) -> None:
+        """QUEUED ends at once; an active run stops at its worker's next iteration.
+        Cancelling twice is harmless; a finished run cannot be cancelled."""
+        message = reason or "cancelled by request"
+        if self.state in (RunState.CANCELLING, RunState.CANCELLED):
+            return
+        if self.state is RunState.QUEUED:
+            self._transition(RunState.CANCELLED, "cancelled", message, actor, now)
+            self.failure = Failure(reason="cancelled", message=message)
+            self.end_time = now
+            return
+        self._transition(RunState.CANCELLING, "cancel_requested", message, actor, now)
+
+    def cancelled(self, *, actor: str, now: datetime) -> None:
+        self._transition(RunState.CANCELLED, "cancelled", "training stopped", actor, now)
+        self.failure = self.failure or Failure(reason="cancelled", message="cancelled by request")
+        self.end_time = now
+
+    def rename(self, *, display_name: str | None, labels: Mapping[str, str] | None, now: datetime) -> None:
+        if display_name is not None:
+            self.display_name = display_name
+        if labels is not None:
+            self.labels = dict(labels)
+        self.update_time = now
+        self.version += 1
+
+    def ensure_deletable(self) -> None:
+        if self.state.is_active or self.state is RunState.QUEUED:
+            raise FailedPrecondition(
+                f"training run {self.id} is {self.state}; cancel it before deleting it"
+            )
+
+    # Internals.
+
+    def _require_active(self, what: str) -> None:
+        if not self.state.is_active:
+            raise FailedPrecondition(f"training run {self.id} is {self.state}: cannot {what}")
+
+    def _transition(
+        self, target: RunState, reason: str, message: str, actor: str, now: datetime
+    ) -> None:
+        if target not in _ALLOWED[self.state]:
+            raise IllegalTransition(self.id, self.state, target)
+        previous = self.state
+        self.state = target
+        self._record_state(previous, target, reason, message, actor, now)
+
+    def _record_state(
+        self,
+        previous: RunState | None,
+        target: RunState,
+        reason: str,
+        message: str,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        self._append(
+            EventKind.STATE_CHANGED,
+            {
+                "from_state": previous.value if previous else "STATE_UNSPECIFIED",
+                "to_state": target.value,
+                "reason": reason,
+                "message": message,
+            },
+            actor,
+            now,
+        )
+
+    def _append(self, kind: EventKind, payload: Payload, actor: str, now: datetime) -> None:
+        self.last_sequence += 1
+        self.new_events.append(
+            RunEvent(
+                run_id=self.id,
+                sequence=self.last_sequence,
+                time=now,
+                attempt=self.attempt,
+                actor=actor,
+                kind=kind,
+                payload=dict(payload),
+            )
+        )
+        self.update_time = now
+        if kind is not EventKind.PROGRESS:
+            self.version += 1

@@ -1,0 +1,310 @@
+"""Use cases of TrainingRunService: each takes a unit of work, asks the domain,
+and commits once."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from services.training_runs.domain import RunEvent, TrainingRun
+from services.training_runs.messages import job_message
+from services.training_runs.repository import BaseModel, RunFilter
+from services.training_runs.spec import SpecRequest, validate_spec
+from services.training_runs.unit_of_work import UnitOfWork
+from shared import catalog
+from shared.datasets import DatasetUriError, resolve_dataset_uri
+from shared.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, Violations
+from shared.names import TRAINED_MODELS, parse_name
+from shared.pagination import Cursor
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class CreateRun:
+    display_name: str
+    labels: Mapping[str, str]
+    spec: SpecRequest
+    base_model: str
+    request_id: str
+    creator: str
+    # Fingerprint of the request body: the same request_id must come with the same body.
+    request_hash: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerReport:
+    """A WorkerEvent, in domain terms."""
+
+    event_id: str
+    run_id: uuid.UUID
+    attempt: int
+    worker_id: str
+    time: datetime
+    kind: str
+    payload: dict[str, Any] = field(default_factory=dict)
+
+
+async def create_run(
+    uow: UnitOfWork, command: CreateRun, *, artifact_root: Path, clock: Clock = utcnow
+) -> TrainingRun:
+    violations = Violations()
+    request_id = _request_id(command.request_id, violations)
+    base_model_id = (
+        parse_name(command.base_model, TRAINED_MODELS, field="training_run.base_model")
+        if command.base_model
+        else None
+    )
+    name = command.display_name.strip()
+    violations.check(bool(name), "training_run.display_name", "required")
+    violations.check(
+        len(name) <= catalog.DISPLAY_NAME_MAX,
+        "training_run.display_name",
+        f"at most {catalog.DISPLAY_NAME_MAX} characters",
+    )
+    violations.check(
+        len(command.labels) <= catalog.LABELS_MAX,
+        "training_run.labels",
+        f"at most {catalog.LABELS_MAX} labels",
+    )
+    async with uow:
+        if request_id is not None:
+            existing = await uow.runs.get_by_request(command.creator, request_id)
+            if existing is not None:
+                if existing.request_hash != command.request_hash:
+                    raise AlreadyExists(
+                        f"request_id {request_id} was used for another request "
+                        f"(training run {existing.id})"
+                    )
+                return existing
+
+        base: BaseModel | None = None
+        if base_model_id is not None:
+            base = await uow.runs.base_model(base_model_id)
+            if base is None:
+                raise NotFound(f"base model {command.base_model} does not exist")
+            if not any(a.get("kind") == "checkpoint" for a in base.artifacts):
+                raise FailedPrecondition(f"base model {command.base_model} has no checkpoint")
+
+        spec = validate_spec(
+            command.spec, violations, base_architecture=base.architecture if base else None
+        )
+        _check_dataset_exists(command.spec.dataset_uri, artifact_root, violations)
+        violations.raise_if_any()
+        assert spec is not None
+
+        run = TrainingRun.create(
+            display_name=name,
+            labels=command.labels,
+            spec=spec,
+            base_model_id=base_model_id,
+            creator=command.creator,
+            request_id=request_id,
+            request_hash=command.request_hash,
+            now=clock(),
+        )
+        uow.add(run)
+        uow.publish(job_message(run, base, uow.subjects))
+        await uow.commit()
+    log.info("training run created", run_id=str(run.id), architecture=run.architecture)
+    return run
+
+
+def _request_id(raw: str, violations: Violations) -> uuid.UUID | None:
+    if not raw:
+        return None
+    try:
+        return uuid.UUID(raw)
+    except ValueError:
+        violations.add("request_id", "must be a UUID")
+        return None
+
+
+def _check_dataset_exists(uri: str, artifact_root: Path, violations: Violations) -> None:
+    if not uri:
+        return
+    try:
+        path = resolve_dataset_uri(uri, artifact_root)
+    except DatasetUriError:
+        return  # already reported by the spec validation
+    if not path.is_file():
+        violations.add("training_run.spec.dataset_uri", f"no annotation file at {path}")
+
+
+async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
+    async with uow:
+        run = await uow.runs.get(run_id)
+    if run is None:
+        raise NotFound(f"training run {run_id} does not exist")
+    return run
+
+
+async def list_runs(
+    uow: UnitOfWork, filter_: RunFilter, *, limit: int, after: Cursor | None
+) -> Sequence[TrainingRun]:
+    async with uow:
+        return await uow.runs.list(filter_, limit=limit, after=after)
+
+
+async def list_events(
+    uow: UnitOfWork, run_id: uuid.UUID, *, after_sequence: int, limit: int
+) -> Sequence[RunEvent]:
+    async with uow:
+        if await uow.runs.get(run_id) is None:
+            raise NotFound(f"training run {run_id} does not exist")
+        return await uow.runs.events(run_id, after_sequence=after_sequence, limit=limit)
+
+
+async def update_run(
+    uow: UnitOfWork,
+    run_id: uuid.UUID,
+    *,
+    etag: str,
+    display_name: str | None,
+    labels: Mapping[str, str] | None,
+    clock: Clock = utcnow,
+) -> TrainingRun:
+    violations = Violations()
+    if display_name is not None:
+        display_name = display_name.strip()
+        violations.check(bool(display_name), "training_run.display_name", "required")
+        violations.check(
+            len(display_name) <= catalog.DISPLAY_NAME_MAX,
+            "training_run.display_name",
+            f"at most {catalog.DISPLAY_NAME_MAX} characters",
+        )
+    violations.raise_if_any()
+    async with uow:
+        run = await _locked(uow, run_id)
+        _check_etag(run, etag)
+        run.rename(display_name=display_name, labels=labels, now=clock())
+        uow.changed(run)
+        await uow.commit()
+    return run
+
+
+async def cancel_run(
+    uow: UnitOfWork, run_id: uuid.UUID, *, reason: str, actor: str, clock: Clock = utcnow
+) -> TrainingRun:
+    async with uow:
+        run = await _locked(uow, run_id)
+        run.request_cancel(reason=reason, actor=actor, now=clock())
+        uow.changed(run)
+        await uow.commit()
+    return run
+
+
+async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str) -> None:
+    async with uow:
+        run = await _locked(uow, run_id)
+        _check_etag(run, etag)
+        run.ensure_deletable()
+        await uow.runs.delete(run_id)
+        await uow.commit()
+
+
+async def _locked(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
+    run = await uow.runs.get(run_id, for_update=True)
+    if run is None:
+        raise NotFound(f"training run {run_id} does not exist")
+    return run
+
+
+def _check_etag(run: TrainingRun, etag: str) -> None:
+    if etag and etag != run.etag:
+        raise Conflict(
+            f"training run {run.id} changed since it was read (etag {etag}, now {run.etag})"
+        )
+
+
+WORKER_EVENTS_CONSUMER = "training-runs.worker-events"
+
+
+async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
+    """Applies what a worker reported, once. Returns False when the report was
+    ignored: a duplicate, a stale attempt, or a run that no longer accepts it."""
+    async with uow:
+        run = await uow.runs.get(report.run_id, for_update=True)
+        if run is None:
+            log.warning("report for an unknown run", run_id=str(report.run_id), kind=report.kind)
+            return False
+        if report.attempt != run.attempt:
+            # A worker that lost its lease came back late: the newer attempt owns the run.
+            log.warning(
+                "stale attempt", run_id=str(run.id), attempt=report.attempt, current=run.attempt
+            )
+            return False
+        if report.kind == "heartbeat":
+            run.heartbeat(now=report.time)
+            uow.changed(run)
+            await uow.commit()
+            return True
+        if not await uow.runs.mark_processed(WORKER_EVENTS_CONSUMER, report.event_id):
+            return False
+        try:
+            applied = _apply(run, report)
+        except FailedPrecondition as error:
+            log.warning(
+                "report refused", run_id=str(run.id), kind=report.kind, error=error.message
+            )
+            return False
+        if applied:
+            uow.changed(run)
+        await uow.commit()
+        return applied
+
+
+def _apply(run: TrainingRun, report: WorkerReport) -> bool:
+    actor = f"worker:{report.worker_id}"
+    now = report.time
+    payload = report.payload
+    run.heartbeat(now=now)
+    match report.kind:
+        case "preparing":
+            run.start_preparing(worker_id=report.worker_id, actor=actor, now=now)
+        case "dataset_prepared":
+            run.record_dataset(payload, actor=actor, now=now)
+        case "running":
+            run.start_running(device=payload.get("device", "cpu"), actor=actor, now=now)
+        case "progress":
+            return run.report_progress(payload, actor=actor, now=now)
+        case "evaluation":
+            run.report_evaluation(payload, actor=actor, now=now)
+        case "notice":
+            run.notify(
+                code=payload.get("code", ""), message=payload.get("message", ""), actor=actor, now=now
+            )
+        case "succeeded":
+            run.succeed(
+                artifacts=payload.get("artifacts", []),
+                facts=payload.get("facts", {}),
+                best_evaluation=payload.get("evaluation"),
+                epoch_metrics=payload.get("epochs", []),
+                actor=actor,
+                now=now,
+            )
+        case "failed":
+            run.fail(
+                reason=payload.get("reason") or "training_failed",
+                message=payload.get("message", ""),
+                actor=actor,
+                now=now,
+            )
+        case "cancelled":
+            run.cancelled(actor=actor, now=now)
+        case _:
+            log.warning("unknown report kind", kind=report.kind)
+            return False
+    return True

@@ -1,0 +1,158 @@
+"""Translation between the domain and the wire: protobuf messages for gRPC
+responses, outbox events and training jobs."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+from google.protobuf.message import Message
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from services.training_runs.domain import RunEvent, RunState, TrainingRun
+from services.training_runs.repository import BaseModel
+from services.training_runs.spec import SpecRequest
+from shared.messaging import Subjects
+from shared.names import model_name, run_name
+from shared.outbox import OutboxMessage
+from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
+
+TERMINAL_SUBJECTS = {
+    RunState.SUCCEEDED: "succeeded",
+    RunState.FAILED: "failed",
+    RunState.CANCELLED: "cancelled",
+}
+
+
+def to_dict(message: Message) -> dict[str, Any]:
+    """Proto JSON with field names as in the .proto: the shape payloads are stored in."""
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
+
+
+def parse(data: Mapping[str, Any] | None, message: Message) -> Message:
+    if data:
+        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+    return message
+
+
+def timestamp(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
+    def opt(field: str) -> Any:
+        return getattr(spec, field) if spec.HasField(field) else None
+
+    return SpecRequest(
+        dataset_uri=spec.dataset_uri.strip(),
+        image_root=spec.image_root.strip(),
+        architecture=spec.architecture.strip(),
+        epochs=opt("epochs"),
+        batch_size=opt("batch_size"),
+        learning_rate=opt("learning_rate"),
+        frozen_stages=opt("frozen_stages"),
+        image_size=opt("image_size"),
+        val_fraction=opt("val_fraction"),
+        seed=opt("seed"),
+        device=training_run_pb2.TrainingSpec.Device.Name(spec.device),
+        gpu_count=opt("gpu_count"),
+    )
+
+
+def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
+    message = training_run_pb2.TrainingRun(
+        name=run_name(run.id),
+        display_name=run.display_name,
+        labels=run.labels,
+        state=training_run_pb2.TrainingRun.State.Value(run.state.value),
+        spec=parse(run.spec, training_run_pb2.TrainingSpec()),  # type: ignore[arg-type]
+        base_model=model_name(run.base_model_id) if run.base_model_id else "",
+        trained_model=model_name(run.trained_model_id) if run.trained_model_id else "",
+        attempt=run.attempt,
+        creator=run.creator,
+        create_time=timestamp(run.create_time),
+        update_time=timestamp(run.update_time),
+        start_time=timestamp(run.start_time),
+        end_time=timestamp(run.end_time),
+        etag=run.etag,
+        artifacts=[parse(a, common_pb2.Artifact()) for a in run.artifacts],  # type: ignore[misc]
+    )
+    if run.progress:
+        parse(run.progress, message.progress)
+    if run.latest_evaluation:
+        parse(run.latest_evaluation, message.latest_evaluation)
+    if run.best_evaluation:
+        parse(run.best_evaluation, message.best_evaluation)
+    if run.dataset:
+        parse(run.dataset, message.dataset)
+    if run.facts:
+        parse(run.facts, message.facts)
+    if run.failure:
+        message.failure.reason = run.failure.reason
+        message.failure.message = run.failure.message
+    return message
+
+
+def event_to_proto(event: RunEvent) -> training_run_pb2.TrainingRunEvent:
+    message = training_run_pb2.TrainingRunEvent(
+        training_run=run_name(event.run_id),
+        sequence=event.sequence,
+        time=timestamp(event.time),
+        attempt=event.attempt,
+        actor=event.actor,
+    )
+    payload = getattr(message, event.kind.value)
+    payload.SetInParent()
+    parse(event.payload, payload)
+    return message
+
+
+def job_message(
+    run: TrainingRun, base: BaseModel | None, subjects: Subjects
+) -> OutboxMessage:
+    job = worker_pb2.TrainingJob(
+        training_run=run_name(run.id),
+        attempt=run.attempt,
+        spec=parse(run.spec, training_run_pb2.TrainingSpec()),  # type: ignore[arg-type]
+    )
+    if base is not None:
+        job.base_model.name = model_name(base.id)
+        job.base_model.architecture = base.architecture
+        job.base_model.classes.extend(base.classes)
+        checkpoint = next((a for a in base.artifacts if a.get("kind") == "checkpoint"), None)
+        if checkpoint:
+            parse(checkpoint, job.base_model.checkpoint)
+    return OutboxMessage(
+        subject=subjects.job(str(run.id)),
+        payload=job.SerializeToString(),
+        msg_id=f"job.{run.id}.{run.attempt}",
+    )
+
+
+def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]:
+    """The run's new history entries, and the run itself when it ended."""
+    messages = [
+        OutboxMessage(
+            subject=subjects.run_event(str(run.id)),
+            payload=event_to_proto(event).SerializeToString(),
+            msg_id=f"run_event.{run.id}.{event.sequence}",
+        )
+        for event in run.new_events
+    ]
+    ended = any(e.is_terminal for e in run.new_events)
+    if ended:
+        what = TERMINAL_SUBJECTS[run.state]
+        messages.append(
+            OutboxMessage(
+                subject=subjects.run_lifecycle(what),
+                payload=run_to_proto(run).SerializeToString(),
+                msg_id=f"training_run.{what}.{run.id}",
+            )
+        )
+    return messages

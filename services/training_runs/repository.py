@@ -1,0 +1,248 @@
+"""Every SQL query of TrainingRunService."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import Row, and_, delete, insert, select, tuple_, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
+from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
+from shared.pagination import Cursor
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class RunFilter:
+    states: tuple[RunState, ...] = ()
+    base_model_id: uuid.UUID | None = None
+    dataset_uri: str = ""
+    creator: str = ""
+    created_after: datetime | None = None
+    created_before: datetime | None = None
+    newest_first: bool = True
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class BaseModel:
+    """What a run needs to know of the model it fine-tunes."""
+
+    id: uuid.UUID
+    architecture: str
+    classes: list[str]
+    artifacts: list[dict[str, Any]]
+
+
+def _select_runs() -> Any:
+    return select(
+        training_runs,
+        trained_models.c.id.label("trained_model_id"),
+    ).outerjoin(trained_models, trained_models.c.training_run_id == training_runs.c.id)
+
+
+def _to_run(row: Row[Any]) -> TrainingRun:
+    m = row._mapping
+    failure = (
+        Failure(reason=m["failure_reason"], message=m["failure_message"] or "")
+        if m["failure_reason"]
+        else None
+    )
+    return TrainingRun(
+        id=m["id"],
+        display_name=m["display_name"],
+        labels=m["labels"],
+        state=RunState(m["state"]),
+        spec=m["spec"],
+        base_model_id=m["base_model_id"],
+        creator=m["creator"],
+        request_id=m["request_id"],
+        request_hash=m["request_hash"],
+        attempt=m["attempt"],
+        progress=m["progress"],
+        latest_evaluation=m["latest_evaluation"],
+        best_evaluation=m["best_evaluation"],
+        dataset=m["dataset"],
+        failure=failure,
+        artifacts=m["artifacts"],
+        facts=m["facts"],
+        epoch_metrics=m["epoch_metrics"],
+        worker_id=m["worker_id"],
+        heartbeat_time=m["heartbeat_time"],
+        start_time=m["start_time"],
+        end_time=m["end_time"],
+        last_sequence=m["last_sequence"],
+        version=m["version"],
+        create_time=m["create_time"],
+        update_time=m["update_time"],
+        trained_model_id=m["trained_model_id"],
+    )
+
+
+def _values(run: TrainingRun) -> dict[str, Any]:
+    return {
+        "display_name": run.display_name,
+        "labels": run.labels,
+        "state": run.state.value,
+        "spec": run.spec,
+        "architecture": run.architecture,
+        "dataset_uri": run.dataset_uri,
+        "base_model_id": run.base_model_id,
+        "creator": run.creator,
+        "request_id": run.request_id,
+        "request_hash": run.request_hash,
+        "attempt": run.attempt,
+        "progress": run.progress,
+        "latest_evaluation": run.latest_evaluation,
+        "best_evaluation": run.best_evaluation,
+        "dataset": run.dataset,
+        "failure_reason": run.failure.reason if run.failure else None,
+        "failure_message": run.failure.message if run.failure else None,
+        "artifacts": run.artifacts,
+        "facts": run.facts,
+        "epoch_metrics": run.epoch_metrics,
+        "worker_id": run.worker_id,
+        "heartbeat_time": run.heartbeat_time,
+        "start_time": run.start_time,
+        "end_time": run.end_time,
+        "last_sequence": run.last_sequence,
+        "version": run.version,
+        "create_time": run.create_time,
+        "update_time": run.update_time,
+    }
+
+
+def _to_event(row: Row[Any]) -> RunEvent:
+    m = row._mapping
+    return RunEvent(
+        run_id=m["run_id"],
+        sequence=m["sequence"],
+        time=m["time"],
+        attempt=m["attempt"],
+        actor=m["actor"],
+        kind=EventKind(m["kind"]),
+        payload=m["payload"],
+    )
+
+
+class TrainingRunRepository:
+    def __init__(self, session: AsyncSession) -> None:
+        self._session = session
+
+    async def get(self, run_id: uuid.UUID, *, for_update: bool = False) -> TrainingRun | None:
+        query = _select_runs().where(training_runs.c.id == run_id)
+        if for_update:
+            query = query.with_for_update(of=training_runs)
+        row = (await self._session.execute(query)).first()
+        return _to_run(row) if row else None
+
+    async def get_by_request(self, creator: str, request_id: uuid.UUID) -> TrainingRun | None:
+        query = _select_runs().where(
+            training_runs.c.creator == creator, training_runs.c.request_id == request_id
+        )
+        row = (await self._session.execute(query)).first()
+        return _to_run(row) if row else None
+
+    async def add(self, run: TrainingRun) -> None:
+        await self._session.execute(insert(training_runs).values(id=run.id, **_values(run)))
+        await self._add_events(run)
+
+    async def save(self, run: TrainingRun) -> None:
+        await self._session.execute(
+            update(training_runs).where(training_runs.c.id == run.id).values(**_values(run))
+        )
+        await self._add_events(run)
+
+    async def _add_events(self, run: TrainingRun) -> None:
+        if not run.new_events:
+            return
+        await self._session.execute(
+            insert(training_run_events),
+            [
+                {
+                    "run_id": e.run_id,
+                    "sequence": e.sequence,
+                    "time": e.time,
+                    "attempt": e.attempt,
+                    "actor": e.actor,
+                    "kind": e.kind.value,
+                    "payload": dict(e.payload),
+                }
+                for e in run.new_events
+            ],
+        )
+
+    async def delete(self, run_id: uuid.UUID) -> None:
+        await self._session.execute(delete(training_runs).where(training_runs.c.id == run_id))
+
+    async def list(
+        self, filter_: RunFilter, *, limit: int, after: Cursor | None
+    ) -> Sequence[TrainingRun]:
+        query = _select_runs()
+        conditions = []
+        if filter_.states:
+            conditions.append(training_runs.c.state.in_([s.value for s in filter_.states]))
+        if filter_.base_model_id:
+            conditions.append(training_runs.c.base_model_id == filter_.base_model_id)
+        if filter_.dataset_uri:
+            conditions.append(training_runs.c.dataset_uri == filter_.dataset_uri)
+        if filter_.creator:
+            conditions.append(training_runs.c.creator == filter_.creator)
+        if filter_.created_after:
+            conditions.append(training_runs.c.create_time >= filter_.created_after)
+        if filter_.created_before:
+            conditions.append(training_runs.c.create_time < filter_.created_before)
+        key = tuple_(training_runs.c.create_time, training_runs.c.id)
+        if after is not None:
+            bound = tuple_(after.value, uuid.UUID(after.id))
+            conditions.append(key < bound if filter_.newest_first else key > bound)
+        if filter_.newest_first:
+            order = (training_runs.c.create_time.desc(), training_runs.c.id.desc())
+        else:
+            order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
+        query = query.where(and_(*conditions)).order_by(*order).limit(limit)
+        return [_to_run(row) for row in (await self._session.execute(query)).all()]
+
+    async def events(
+        self, run_id: uuid.UUID, *, after_sequence: int, limit: int
+    ) -> Sequence[RunEvent]:
+        query = (
+            select(training_run_events)
+            .where(
+                training_run_events.c.run_id == run_id,
+                training_run_events.c.sequence > after_sequence,
+            )
+            .order_by(training_run_events.c.sequence)
+            .limit(limit)
+        )
+        return [_to_event(row) for row in (await self._session.execute(query)).all()]
+
+    async def base_model(self, model_id: uuid.UUID) -> BaseModel | None:
+        row = (
+            await self._session.execute(
+                select(
+                    trained_models.c.id,
+                    trained_models.c.architecture,
+                    trained_models.c.classes,
+                    trained_models.c.artifacts,
+                ).where(trained_models.c.id == model_id)
+            )
+        ).first()
+        if row is None:
+            return None
+        return BaseModel(
+            id=row.id, architecture=row.architecture, classes=row.classes, artifacts=row.artifacts
+        )
+
+    async def mark_processed(self, consumer: str, message_id: str) -> bool:
+        """Records that a consumer applied a message; False if it already had."""
+        result = await self._session.execute(
+            pg_insert(processed_messages)
+            .values(consumer=consumer, message_id=message_id)
+            .on_conflict_do_nothing()
+            .returning(processed_messages.c.message_id)
+        )
+        return result.first() is not None

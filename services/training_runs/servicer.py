@@ -1,0 +1,201 @@
+"""TrainingRunService over gRPC: translation between protobuf and the use cases, nothing more."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import AsyncIterator, Callable
+from dataclasses import asdict
+from datetime import UTC
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from services.training_runs import handlers
+from services.training_runs.domain import RunState
+from services.training_runs.messages import event_to_proto, run_to_proto, spec_request
+from services.training_runs.repository import RunFilter
+from services.training_runs.unit_of_work import UnitOfWork
+from services.training_runs.watch import EventHub
+from shared import pagination
+from shared.errors import FieldViolation, InvalidArgument, grpc_errors
+from shared.identity import caller_identity
+from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
+from shared.proto.raven.training.v1 import training_run_pb2 as pb
+from shared.proto.raven.training.v1 import training_run_pb2_grpc
+
+_UPDATABLE = frozenset({"display_name", "labels"})
+_ORDERS = {"": True, "create_time desc": True, "create_time": False, "create_time asc": False}
+
+
+class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
+    def __init__(
+        self,
+        *,
+        uow_factory: Callable[[], UnitOfWork],
+        hub: EventHub,
+        artifact_root: Path,
+    ) -> None:
+        self._uow = uow_factory
+        self._hub = hub
+        self._artifact_root = artifact_root
+
+    @grpc_errors
+    async def CreateTrainingRun(
+        self, request: pb.CreateTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRun:
+        body = request.training_run
+        command = handlers.CreateRun(
+            display_name=body.display_name,
+            labels=dict(body.labels),
+            spec=spec_request(body.spec),
+            base_model=body.base_model,
+            request_id=request.request_id,
+            creator=caller_identity(context),
+            request_hash=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
+        )
+        run = await handlers.create_run(self._uow(), command, artifact_root=self._artifact_root)
+        return run_to_proto(run)
+
+    @grpc_errors
+    async def GetTrainingRun(
+        self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRun:
+        run = await handlers.get_run(self._uow(), parse_name(request.name, TRAINING_RUNS))
+        return run_to_proto(run)
+
+    @grpc_errors
+    async def ListTrainingRuns(
+        self, request: pb.ListTrainingRunsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTrainingRunsResponse:
+        if request.order_by not in _ORDERS:
+            raise InvalidArgument(
+                [FieldViolation("order_by", "one of: 'create_time desc', 'create_time'")]
+            )
+        filter_ = RunFilter(
+            states=tuple(RunState(pb.TrainingRun.State.Name(s)) for s in request.states if s),
+            base_model_id=parse_name(request.base_model, TRAINED_MODELS, field="base_model")
+            if request.base_model
+            else None,
+            dataset_uri=request.dataset_uri,
+            creator=request.creator,
+            created_after=request.created_after.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_after")
+            else None,
+            created_before=request.created_before.ToDatetime(tzinfo=UTC)
+            if request.HasField("created_before")
+            else None,
+            newest_first=_ORDERS[request.order_by],
+        )
+        size = pagination.page_size(request.page_size)
+        fingerprint = pagination.query_fingerprint(_filter_key(filter_))
+        after = pagination.decode(request.page_token, fingerprint)
+        runs = await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after)
+        token = ""
+        if len(runs) > size:
+            runs = runs[:size]
+            last = runs[-1]
+            token = pagination.encode(pagination.Cursor(last.create_time, str(last.id)), fingerprint)
+        return pb.ListTrainingRunsResponse(
+            training_runs=[run_to_proto(r) for r in runs], next_page_token=token
+        )
+
+    @grpc_errors
+    async def UpdateTrainingRun(
+        self, request: pb.UpdateTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRun:
+        body = request.training_run
+        paths = set(request.update_mask.paths)
+        unknown = paths - _UPDATABLE
+        if not paths or unknown:
+            raise InvalidArgument(
+                [
+                    FieldViolation(
+                        "update_mask",
+                        "name the fields to update, of: " + ", ".join(sorted(_UPDATABLE)),
+                    )
+                ]
+            )
+        run = await handlers.update_run(
+            self._uow(),
+            parse_name(body.name, TRAINING_RUNS, field="training_run.name"),
+            etag=body.etag,
+            display_name=body.display_name if "display_name" in paths else None,
+            labels=dict(body.labels) if "labels" in paths else None,
+        )
+        return run_to_proto(run)
+
+    @grpc_errors
+    async def CancelTrainingRun(
+        self, request: pb.CancelTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRun:
+        run = await handlers.cancel_run(
+            self._uow(),
+            parse_name(request.name, TRAINING_RUNS),
+            reason=request.reason,
+            actor=caller_identity(context),
+        )
+        return run_to_proto(run)
+
+    @grpc_errors
+    async def DeleteTrainingRun(
+        self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteTrainingRunResponse:
+        await handlers.delete_run(
+            self._uow(), parse_name(request.name, TRAINING_RUNS), etag=request.etag
+        )
+        return pb.DeleteTrainingRunResponse()
+
+    @grpc_errors
+    async def ListTrainingRunEvents(
+        self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListTrainingRunEventsResponse:
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        size = pagination.page_size(request.page_size)
+        fingerprint = pagination.query_fingerprint({"run": str(run_id)})
+        cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
+        after = int(cursor.value) if cursor else 0
+        events = await handlers.list_events(
+            self._uow(), run_id, after_sequence=after, limit=size + 1
+        )
+        token = ""
+        if len(events) > size:
+            events = events[:size]
+            token = pagination.encode(
+                pagination.Cursor(events[-1].sequence, str(run_id)), fingerprint
+            )
+        return pb.ListTrainingRunEventsResponse(
+            events=[event_to_proto(e) for e in events], next_page_token=token
+        )
+
+    @grpc_errors
+    async def GetTrainingRunMetrics(
+        self, request: pb.GetTrainingRunMetricsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRunMetrics:
+        run = await handlers.get_run(self._uow(), parse_name(request.name, TRAINING_RUNS))
+        metrics = pb.TrainingRunMetrics(
+            training_run=run_name(run.id), best_epoch=int((run.facts or {}).get("best_epoch", 0))
+        )
+        for epoch in run.epoch_metrics:
+            metrics.epochs.add(
+                epoch=int(epoch.get("epoch", 0)),
+                train=epoch.get("train", {}),
+                val=epoch.get("val", {}),
+            )
+        return metrics
+
+    @grpc_errors
+    async def WatchTrainingRun(
+        self, request: pb.WatchTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.TrainingRunEvent]:
+        if request.after_sequence < 0:
+            raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        async for event in self._hub.watch(
+            self._uow, run_id, after_sequence=request.after_sequence
+        ):
+            yield event
+
+
+def _filter_key(filter_: RunFilter) -> dict[str, Any]:
+    return {k: str(v) for k, v in asdict(filter_).items()}

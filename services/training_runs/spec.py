@@ -1,0 +1,117 @@
+"""Validation of a requested training spec, and the defaults that complete it. Pure."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from shared import catalog
+from shared.datasets import DatasetUriError, parse_dataset_uri
+from shared.errors import Violations
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SpecRequest:
+    """A spec as the caller sent it: None means "unset, use the default"."""
+
+    dataset_uri: str
+    image_root: str = ""
+    architecture: str = ""
+    epochs: int | None = None
+    batch_size: int | None = None
+    learning_rate: float | None = None
+    frozen_stages: int | None = None
+    image_size: int | None = None
+    val_fraction: float | None = None
+    seed: int | None = None
+    device: str = "AUTO"
+    gpu_count: int | None = None
+
+
+def _within(
+    violations: Violations, field: str, value: float | None, bounds: tuple[float, float]
+) -> None:
+    low, high = bounds
+    if value is not None and not low <= value <= high:
+        violations.add(field, f"must be between {low} and {high}, got {value}")
+
+
+def validate_spec(
+    spec: SpecRequest,
+    violations: Violations,
+    *,
+    base_architecture: str | None,
+    prefix: str = "training_run.spec.",
+) -> dict[str, Any] | None:
+    """Adds every violated field to `violations`; returns the completed spec when there is none.
+
+    `base_architecture` is the architecture of the base model when fine-tuning:
+    the run keeps it, and naming another one is a violation.
+    """
+    f = prefix
+    if not spec.dataset_uri:
+        violations.add(f"{f}dataset_uri", "required: the COCO annotation file of the dataset")
+    else:
+        try:
+            parse_dataset_uri(spec.dataset_uri)
+        except DatasetUriError as error:
+            violations.add(f"{f}dataset_uri", str(error))
+
+    architecture = spec.architecture or base_architecture or ""
+    if base_architecture and spec.architecture and spec.architecture != base_architecture:
+        violations.add(
+            f"{f}architecture",
+            f"the base model is a {base_architecture}; leave architecture empty or use that",
+        )
+    elif not architecture:
+        violations.add(
+            f"{f}architecture",
+            "required without a base model; one of: " + ", ".join(catalog.ARCHITECTURES),
+        )
+    elif architecture not in catalog.ARCHITECTURES:
+        violations.add(
+            f"{f}architecture",
+            f"unknown architecture {architecture!r}; one of: " + ", ".join(catalog.ARCHITECTURES),
+        )
+
+    _within(violations, f"{f}epochs", spec.epochs, catalog.EPOCHS)
+    _within(violations, f"{f}batch_size", spec.batch_size, catalog.BATCH_SIZE)
+    _within(violations, f"{f}frozen_stages", spec.frozen_stages, catalog.FROZEN_STAGES)
+    _within(violations, f"{f}image_size", spec.image_size, catalog.IMAGE_SIZE)
+    _within(violations, f"{f}val_fraction", spec.val_fraction, catalog.VAL_FRACTION)
+    _within(violations, f"{f}gpu_count", spec.gpu_count, catalog.GPU_COUNT)
+    if spec.learning_rate is not None and not (
+        math.isfinite(spec.learning_rate) and 0 < spec.learning_rate <= catalog.MAX_LEARNING_RATE
+    ):
+        violations.add(
+            f"{f}learning_rate",
+            f"must be greater than 0 and at most {catalog.MAX_LEARNING_RATE}, got {spec.learning_rate}",
+        )
+    if spec.seed is not None and spec.seed < 0:
+        violations.add(f"{f}seed", f"must be 0 or more, got {spec.seed}")
+    if spec.gpu_count is not None and spec.device != "GPU":
+        violations.add(f"{f}gpu_count", "only applies when device is GPU")
+
+    if violations or architecture not in catalog.ARCHITECTURES:
+        return None
+    batch_size = spec.batch_size or catalog.DEFAULT_BATCH_SIZE
+    return {
+        "dataset_uri": spec.dataset_uri,
+        "image_root": spec.image_root,
+        "architecture": architecture,
+        "epochs": spec.epochs or catalog.DEFAULT_EPOCHS,
+        "batch_size": batch_size,
+        "learning_rate": spec.learning_rate
+        or catalog.default_learning_rate(catalog.ARCHITECTURES[architecture], batch_size),
+        "frozen_stages": catalog.DEFAULT_FROZEN_STAGES
+        if spec.frozen_stages is None
+        else spec.frozen_stages,
+        "image_size": spec.image_size or catalog.DEFAULT_IMAGE_SIZE,
+        "val_fraction": spec.val_fraction or catalog.DEFAULT_VAL_FRACTION,
+        # Recorded so that the split, and the run, can be reproduced.
+        "seed": random.randrange(2**31) if spec.seed is None else spec.seed,
+        "device": spec.device if spec.device != "DEVICE_UNSPECIFIED" else "AUTO",
+        "gpu_count": spec.gpu_count or 1,
+    }

@@ -1,0 +1,48 @@
+"""What every gRPC server of the backbone has: health, reflection, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+_OPTIONS = [
+    ("grpc.max_receive_message_length", 16 * 1024 * 1024),
+    ("grpc.max_send_message_length", 16 * 1024 * 1024),
+    ("grpc.keepalive_time_ms", 30_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+class Server:
+    """A grpc.aio server with health checking and reflection for `service_names`."""
+
+    def __init__(self, service_names: Sequence[str]) -> None:
+        self.server = grpc.aio.server(options=_OPTIONS)
+        self.health = health.aio.HealthServicer()
+        self._service_names = tuple(service_names)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(
+            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
+        )
+
+    def listen(self, address: str) -> int:
+        """Binds `address` (port 0 picks a free one); returns the port."""
+        port = self.server.add_insecure_port(address)
+        if port == 0:
+            raise RuntimeError(f"cannot listen on {address}")
+        return port
+
+    async def start(self) -> None:
+        await self.server.start()
+        await self._set(health_pb2.HealthCheckResponse.SERVING)
+
+    async def stop(self, grace_s: float) -> None:
+        await self._set(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.stop(grace_s)
+
+    async def _set(self, status: health_pb2.HealthCheckResponse.ServingStatus.ValueType) -> None:
+        for name in ("", *self._service_names):
+            await self.health.set(name, status)
