@@ -9,11 +9,11 @@ from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
 from services.training_runs.handlers import WorkerReport, apply_worker_report
-from services.training_runs.messages import to_dict
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.consumer import Unprocessable
 from shared.errors import InvalidArgument
 from shared.names import TRAINING_RUNS, parse_name
+from shared.proto_json import to_dict
 from shared.proto.raven.training.v1.worker_pb2 import WorkerEvent
 
 

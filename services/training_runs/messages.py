@@ -3,13 +3,7 @@ responses, outbox events and training jobs."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from datetime import datetime
 from typing import Any
-
-from google.protobuf import json_format
-from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.repository import BaseModel
@@ -18,31 +12,13 @@ from shared.messaging import Subjects
 from shared.names import model_name, run_name
 from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
+from shared.proto_json import parse, timestamp
 
 TERMINAL_SUBJECTS = {
     RunState.SUCCEEDED: "succeeded",
     RunState.FAILED: "failed",
     RunState.CANCELLED: "cancelled",
 }
-
-
-def to_dict(message: Message) -> dict[str, Any]:
-    """Proto JSON with field names as in the .proto: the shape payloads are stored in."""
-    return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-def parse(data: Mapping[str, Any] | None, message: Message) -> Message:
-    if data:
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
-    return message
-
-
-def timestamp(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
 
 
 def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
@@ -71,7 +47,7 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         display_name=run.display_name,
         labels=run.labels,
         state=training_run_pb2.TrainingRun.State.Value(run.state.value),
-        spec=parse(run.spec, training_run_pb2.TrainingSpec()),  # type: ignore[arg-type]
+        spec=parse(run.spec, training_run_pb2.TrainingSpec()),
         base_model=model_name(run.base_model_id) if run.base_model_id else "",
         trained_model=model_name(run.trained_model_id) if run.trained_model_id else "",
         attempt=run.attempt,
@@ -81,7 +57,7 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         start_time=timestamp(run.start_time),
         end_time=timestamp(run.end_time),
         etag=run.etag,
-        artifacts=[parse(a, common_pb2.Artifact()) for a in run.artifacts],  # type: ignore[misc]
+        artifacts=[parse(a, common_pb2.Artifact()) for a in run.artifacts],
     )
     if run.progress:
         parse(run.progress, message.progress)
@@ -119,7 +95,7 @@ def job_message(
     job = worker_pb2.TrainingJob(
         training_run=run_name(run.id),
         attempt=run.attempt,
-        spec=parse(run.spec, training_run_pb2.TrainingSpec()),  # type: ignore[arg-type]
+        spec=parse(run.spec, training_run_pb2.TrainingSpec()),
     )
     if base is not None:
         job.base_model.name = model_name(base.id)

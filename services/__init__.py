@@ -1,0 +1,1 @@
+"""Services of the training backbone: one gRPC server per folder, and the CLI."""

@@ -1,0 +1,1 @@
+"""`raven`: a command-line client of the gRPC API, and the local development stack."""

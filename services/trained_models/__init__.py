@@ -1,0 +1,1 @@
+"""TrainedModelService: the registry of trained models, their lineage and publication."""

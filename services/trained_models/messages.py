@@ -1,0 +1,95 @@
+"""Translation between the model registry's domain and the wire."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+
+from services.trained_models.domain import Lineage, LineageNode, TrainedModel
+from shared.messaging import Subjects
+from shared.names import TRAINED_MODELS, TRAINING_RUNS, model_name, parse_name, run_name
+from shared.outbox import OutboxMessage
+from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, training_run_pb2
+from shared.proto_json import parse, timestamp, to_dict
+
+
+def model_to_proto(model: TrainedModel) -> trained_model_pb2.TrainedModel:
+    message = trained_model_pb2.TrainedModel(
+        name=model_name(model.id),
+        display_name=model.display_name,
+        description=model.description,
+        labels=model.labels,
+        training_run=run_name(model.training_run_id) if model.training_run_id else "",
+        base_model=model_name(model.base_model_id) if model.base_model_id else "",
+        dataset_uri=model.dataset_uri,
+        dataset_fingerprint=model.dataset_fingerprint,
+        architecture=model.architecture,
+        classes=model.classes,
+        artifacts=[parse(a, common_pb2.Artifact()) for a in model.artifacts],
+        creator=model.creator,
+        create_time=timestamp(model.create_time),
+        update_time=timestamp(model.update_time),
+        etag=model.etag,
+    )
+    if model.evaluation:
+        parse(model.evaluation, message.evaluation)
+    if model.facts:
+        parse(model.facts, message.facts)
+    message.publication.published = model.published
+    if model.published:
+        message.publication.channel = model.channel or ""
+        message.publication.published_by = model.published_by or ""
+        if model.publish_time:
+            message.publication.publish_time.CopyFrom(timestamp(model.publish_time))
+    return message
+
+
+def model_from_run(run: training_run_pb2.TrainingRun) -> TrainedModel:
+    """The model a succeeded run produced, as its completion event describes it."""
+    now = datetime.now(UTC)
+    return TrainedModel(
+        id=uuid.uuid4(),
+        display_name=run.display_name,
+        labels=dict(run.labels),
+        training_run_id=parse_name(run.name, TRAINING_RUNS),
+        base_model_id=parse_name(run.base_model, TRAINED_MODELS) if run.base_model else None,
+        dataset_uri=run.spec.dataset_uri,
+        dataset_fingerprint=run.dataset.fingerprint,
+        architecture=run.spec.architecture,
+        classes=list(run.dataset.classes),
+        artifacts=[to_dict(a) for a in run.artifacts],
+        evaluation=to_dict(run.best_evaluation) if run.HasField("best_evaluation") else None,
+        facts=to_dict(run.facts) if run.HasField("facts") else None,
+        creator=run.creator,
+        create_time=now,
+        update_time=now,
+    )
+
+
+def created_message(model: TrainedModel, subjects: Subjects) -> OutboxMessage:
+    return OutboxMessage(
+        subject=subjects.model_lifecycle("created"),
+        payload=model_to_proto(model).SerializeToString(),
+        msg_id=f"trained_model.created.{model.id}",
+    )
+
+
+def _node(node: LineageNode) -> trained_model_pb2.TrainedModelLineage.LineageNode:
+    message = trained_model_pb2.TrainedModelLineage.LineageNode(
+        trained_model=model_name(node.id),
+        display_name=node.display_name,
+        base_model=model_name(node.base_model_id) if node.base_model_id else "",
+        training_run=run_name(node.training_run_id) if node.training_run_id else "",
+        dataset_fingerprint=node.dataset_fingerprint,
+        depth=node.depth,
+    )
+    if node.bbox_map is not None:
+        message.bbox_map = node.bbox_map
+    return message
+
+
+def lineage_to_proto(lineage: Lineage) -> trained_model_pb2.TrainedModelLineage:
+    return trained_model_pb2.TrainedModelLineage(
+        ancestors=[_node(n) for n in lineage.ancestors],
+        descendants=[_node(n) for n in lineage.descendants],
+    )
