@@ -47,8 +47,9 @@ def connect(settings: Settings | None = None) -> Iterator[Clients]:
         grpc.insecure_channel(settings.trained_models_addr) as models_channel,
     ):
         yield Clients(
-            runs=training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),
-            models=trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),
+            # The generated stubs carry no annotations.
+            runs=training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),  # type: ignore[no-untyped-call]
+            models=trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),  # type: ignore[no-untyped-call]
             runs_addr=settings.training_runs_addr,
             models_addr=settings.trained_models_addr,
         )
@@ -92,9 +93,11 @@ def exit_on_rpc_error(command: Callable[P, R]) -> Callable[P, R]:
             return command(*args, **kwargs)
         except grpc.RpcError as error:
             first, *rest = describe_rpc_error(error)
-            err_console.print(Text.assemble(("error ", "bold red"), first), highlight=False)
+            err_console.print(
+                Text.assemble(("error ", "bold red"), first), highlight=False, soft_wrap=True
+            )
             for line in rest:
-                err_console.print(line, markup=False, highlight=False)
+                err_console.print(line, markup=False, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
+
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Group, RenderableType
@@ -15,7 +17,7 @@ State = training_run_pb2.TrainingRun.State
 TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
 MAP = "coco/bbox_mAP"
 
-_STATE_STYLES = {
+_STATE_STYLES: dict[int, str] = {
     State.QUEUED: "dim",
     State.PREPARING: "cyan",
     State.RUNNING: "blue",
@@ -33,11 +35,12 @@ def state_text(state: int) -> Text:
 def timestamp(value: Timestamp) -> str:
     if not value.seconds and not value.nanos:
         return ""
-    return value.ToDatetime().astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    moment: datetime = value.ToDatetime(tzinfo=UTC)
+    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def duration(value: Duration) -> str:
-    seconds = value.ToTimedelta().total_seconds()
+    seconds: float = value.ToTimedelta().total_seconds()
     return f"{seconds:.0f}s" if seconds < 120 else f"{seconds / 60:.1f}min"
 
 

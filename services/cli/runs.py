@@ -32,9 +32,6 @@ class RunState(StrEnum):
     cancelling = "cancelling"
     cancelled = "cancelled"
 
-    def proto(self) -> int:
-        return State.Value(self.value.upper())
-
 
 def dataset_uri(value: str) -> str:
     """A local file becomes a file:// URI; URIs and artifact-root paths pass unchanged."""
@@ -163,7 +160,8 @@ def list_runs(
     request = training_run_pb2.ListTrainingRunsRequest(
         page_size=page_size,
         page_token=page_token,
-        states=[s.proto() for s in state or []],
+        # Enum fields take their value names.
+        states=[s.value.upper() for s in state or []],
     )
     with connect() as clients:
         response = clients.runs.ListTrainingRuns(request, timeout=UNARY_TIMEOUT_S)

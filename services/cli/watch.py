@@ -55,7 +55,7 @@ def watch_run(
     sequence seen, so no event is shown twice or lost.
     """
     console = console or Console()
-    run = clients.runs.GetTrainingRun(
+    run: training_run_pb2.TrainingRun = clients.runs.GetTrainingRun(
         training_run_pb2.GetTrainingRunRequest(name=name), timeout=UNARY_TIMEOUT_S
     )
     console.print(f"watching [bold]{run.name}[/] ({run.display_name or run.spec.architecture})")
@@ -93,7 +93,7 @@ def watch_run(
                 reason = "stream ended before the run did"
             except grpc.RpcError as error:
                 code = error.code() if isinstance(error, grpc.Call) else None
-                if code not in RESUMABLE or resumes >= MAX_RESUMES:
+                if code is None or code not in RESUMABLE or resumes >= MAX_RESUMES:
                     raise
                 reason = f"stream dropped ({code.name})"
             delay = BACKOFF_S[min(resumes, len(BACKOFF_S) - 1)]

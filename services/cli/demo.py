@@ -1,0 +1,135 @@
+"""`raven demo` (`make run`): train a root model, fine-tune it, and show the lineage, live.
+
+Everything goes through the public gRPC API, as any client would.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.rule import Rule
+
+from services.cli import devstack
+from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from services.cli.models import lineage_view
+from services.cli.render import model_details, run_details
+from services.cli.runs import create_request
+from services.cli.watch import watch_run
+from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
+from shared.settings import DEFAULT_DATA_DIR, Settings
+
+ARCHITECTURE = "retinanet_r18_fpn"
+# The model is registered from the run's result event after the run ends.
+MODEL_WAIT_S = 120.0
+
+console = Console()
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+def _dataset(artifact_root: Path, name: str, *, seed: int) -> str:
+    # Imported here: the synthetic generator needs numpy and PIL, no other command does.
+    from trainer_worker.synthetic import make_dataset
+
+    annotations = make_dataset(artifact_root / "datasets" / name, images=16, size=128, seed=seed)
+    return annotations.resolve().as_uri()
+
+
+def _wait_for_model(clients: Clients, run_name: str) -> str:
+    deadline = time.monotonic() + MODEL_WAIT_S
+    while True:
+        run: training_run_pb2.TrainingRun = clients.runs.GetTrainingRun(
+            training_run_pb2.GetTrainingRunRequest(name=run_name), timeout=UNARY_TIMEOUT_S
+        )
+        if run.trained_model:
+            return run.trained_model
+        if time.monotonic() > deadline:
+            console.print(f"[red]{run_name} has no trained model after {MODEL_WAIT_S:.0f}s[/]")
+            raise typer.Exit(1)
+        time.sleep(0.5)
+
+
+def _train(
+    clients: Clients,
+    *,
+    title: str,
+    dataset_uri: str,
+    epochs: int,
+    architecture: str | None = None,
+    base_model: str | None = None,
+) -> str:
+    """Creates a run, follows it to its end, and returns its trained model's name."""
+    console.print(Rule(title))
+    request = create_request(
+        display_name=title,
+        dataset=dataset_uri,
+        epochs=epochs,
+        batch_size=4,
+        image_size=128,
+        architecture=architecture,
+        base_model=base_model,
+    )
+    run = clients.runs.CreateTrainingRun(request, timeout=UNARY_TIMEOUT_S)
+    console.print(run_details(run))
+    ended = watch_run(clients, run.name, console=console)
+    if ended.state != training_run_pb2.TrainingRun.State.SUCCEEDED:
+        console.print(run_details(ended))
+        raise typer.Exit(1)
+    model = _wait_for_model(clients, run.name)
+    console.print(f"[green]{run.name} produced {model}[/]")
+    return model
+
+
+@exit_on_rpc_error
+def demo(
+    data_dir: Annotated[
+        Path, typer.Option(help="Embedded databases, logs, pid files.", file_okay=False)
+    ] = DEFAULT_DATA_DIR,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 3,
+    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 2,
+) -> None:
+    """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""
+    settings = Settings()
+    began = time.monotonic()
+    with ExitStack() as stack:
+        if devstack.is_serving(settings.training_runs_addr) and devstack.is_serving(
+            settings.trained_models_addr
+        ):
+            _say("using the stack already running (make up)")
+        else:
+            _say(f"starting the stack; logs in {devstack.layout_for(data_dir).logs}")
+            try:
+                stack.enter_context(devstack.foreground(settings, data_dir, say=_say))
+            except devstack.StackError as error:
+                console.print(f"[bold red]error[/] {error}", highlight=False)
+                raise typer.Exit(1) from None
+        artifact_root = settings.resolved_artifact_root()
+        with connect(settings) as clients:
+            root = _train(
+                clients,
+                title="root model: retinanet_r18_fpn from scratch",
+                dataset_uri=_dataset(artifact_root, "demo-a", seed=0),
+                epochs=epochs,
+                architecture=ARCHITECTURE,
+            )
+            tuned = _train(
+                clients,
+                title=f"fine-tune of {root}",
+                dataset_uri=_dataset(artifact_root, "demo-b", seed=1),
+                epochs=fine_tune_epochs,
+                base_model=root,
+            )
+            console.print(Rule("result"))
+            model = clients.models.GetTrainedModel(
+                trained_model_pb2.GetTrainedModelRequest(name=tuned), timeout=UNARY_TIMEOUT_S
+            )
+            console.print(model_details(model))
+            console.print(lineage_view(clients, tuned))
+    _say(f"demo finished in {time.monotonic() - began:.0f}s")

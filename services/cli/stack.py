@@ -1,0 +1,85 @@
+"""`raven stack up|down|status`: the local stack in the background (`make up`, `make down`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from services.cli import devstack
+from shared.settings import DEFAULT_DATA_DIR, Settings
+
+app = typer.Typer(help="The local stack: infrastructure, both services and a worker.")
+console = Console()
+
+DataDir = Annotated[
+    Path, typer.Option(help="Embedded databases, logs, pid files.", file_okay=False)
+]
+
+
+def _say(message: str) -> None:
+    console.print(message, highlight=False)
+
+
+@app.command()
+def up(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Start what is not running yet, in the background."""
+    settings = Settings()
+    layout = devstack.layout_for(data_dir)
+    try:
+        _, started, found = devstack.start(settings, data_dir, detached=True, say=_say)
+    except devstack.StackError as error:
+        console.print(f"[bold red]error[/] {error}", highlight=False)
+        raise typer.Exit(1) from None
+    if not started:
+        console.print("already running", style="bold")
+    elif found:
+        console.print(f"was already running: {', '.join(c.name for c in found)}")
+    console.print(f"TrainingRunService   {settings.training_runs_addr}", highlight=False)
+    console.print(f"TrainedModelService  {settings.trained_models_addr}", highlight=False)
+    console.print(f"logs                 {layout.logs}", highlight=False)
+    console.print("stop with            make down   (or: raven stack down)", highlight=False)
+
+
+@app.command()
+def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """Stop the services, the worker and the embedded servers."""
+    stopped = devstack.down(data_dir)
+    console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
+
+
+@app.command()
+def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
+    """What runs, where."""
+    settings = Settings()
+    table = Table("component", "pid", "state", "address")
+    for row in devstack.status(settings, data_dir):
+        if row.pid is None:
+            state = "[dim]stopped[/]"
+        elif row.serving is None:
+            state = "[green]running[/]"
+        else:
+            state = "[green]SERVING[/]" if row.serving else "[yellow]not serving[/]"
+        table.add_row(
+            row.component.name,
+            str(row.pid or ""),
+            state,
+            row.component.address(settings) or "",
+        )
+    for name, pid in devstack.embedded_pids(data_dir).items():
+        table.add_row(
+            f"{name} (embedded)",
+            str(pid or ""),
+            "[green]running[/]" if pid else "[dim]stopped[/]",
+            "",
+        )
+    console.print(table)
+    recorded = devstack.recorded_state(data_dir)
+    if recorded:
+        console.print(f"database  {recorded.database_url}", highlight=False)
+        console.print(f"nats      {recorded.nats_url}", highlight=False)
+        console.print(f"artifacts {recorded.artifact_root}", highlight=False)
+    console.print(f"logs      {devstack.layout_for(data_dir).logs}", highlight=False)
