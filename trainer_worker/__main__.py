@@ -1,0 +1,5 @@
+from __future__ import annotations
+
+from trainer_worker.main import run
+
+run()

@@ -1,0 +1,70 @@
+"""Cancel requests: the service records them as run events; the worker follows them.
+
+While a job runs, the worker reads the run's event subject from the start (an
+ordered, ephemeral JetStream consumer), so a cancel requested before the job
+began is seen too. A CANCELLING (or CANCELLED) state change stops the job.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import structlog
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+from nats.js.api import DeliverPolicy
+from nats.js.errors import Error as JetStreamError
+
+from shared.messaging import Subjects
+from shared.proto.raven.training.v1 import training_run_pb2
+from trainer_worker.pipeline import JobControl, StopReason
+
+log = structlog.get_logger(__name__)
+
+State = training_run_pb2.TrainingRun.State
+_STOPPING = frozenset({State.CANCELLING, State.CANCELLED})
+
+
+def is_cancel_request(data: bytes) -> bool:
+    event = training_run_pb2.TrainingRunEvent()
+    try:
+        event.ParseFromString(data)
+    except DecodeError:
+        return False
+    return (
+        event.WhichOneof("payload") == "state_changed" and event.state_changed.to_state in _STOPPING
+    )
+
+
+@contextlib.asynccontextmanager
+async def cancel_watch(
+    js: JetStreamContext, subjects: Subjects, run_id: str, control: JobControl
+) -> AsyncIterator[None]:
+    """Requests `control` to stop when the run is cancelled, for the duration of the block.
+    Without the events stream the job runs uncancellable, and says so in the log."""
+
+    async def on_event(msg: Msg) -> None:
+        if is_cancel_request(msg.data):
+            log.info("cancel requested", run=run_id)
+            control.request(StopReason.CANCEL)
+
+    subscription = None
+    try:
+        subscription = await js.subscribe(
+            subjects.run_event(run_id),
+            stream=subjects.events_stream,
+            cb=on_event,
+            ordered_consumer=True,
+            deliver_policy=DeliverPolicy.ALL,
+        )
+    except (NatsError, JetStreamError) as error:
+        log.warning("cancel requests will not be seen", run=run_id, error=repr(error))
+    try:
+        yield
+    finally:
+        if subscription is not None:
+            with contextlib.suppress(NatsError, JetStreamError):
+                await subscription.unsubscribe()

@@ -1,0 +1,411 @@
+"""COCO dataset preparation: read, validate, fingerprint and split.
+
+Every problem a person can fix in their data becomes a `DatasetError` whose
+message says what is wrong, where, and how many times; the worker reports it
+as the run's failure and does not retry the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+# Boxes may overshoot the image by rounding in annotation tools.
+_EDGE_TOLERANCE_PX = 1.0
+_EXAMPLES = 3
+
+
+class DatasetError(Exception):
+    """A dataset the worker cannot train on. `reason` is a stable code."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+def _unreadable(message: str) -> DatasetError:
+    return DatasetError("dataset_unreadable", message)
+
+
+def _invalid(message: str) -> DatasetError:
+    return DatasetError("dataset_invalid", message)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PreparedDataset:
+    """A validated dataset split into the files the training config points to."""
+
+    annotation_path: Path
+    image_root: Path
+    train_path: Path
+    val_path: Path
+    split_path: Path
+    # Ordered by COCO category id: label i of the model is classes[i].
+    classes: tuple[str, ...]
+    image_count: int
+    annotation_count: int
+    instances_per_class: Mapping[str, int]
+    train_image_count: int
+    val_image_count: int
+    split_seed: int
+    fingerprint: str
+
+
+def resolve_location(uri: str, *, artifact_root: Path) -> Path:
+    """`file:///abs`, `/abs` or a path relative to the artifact root, as an absolute path."""
+    if not uri:
+        raise _unreadable("the training spec names no dataset (dataset_uri is empty)")
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        if parsed.netloc not in ("", "localhost"):
+            raise _unreadable(f"{uri!r}: file URIs must be local (file:///path)")
+        return Path(unquote(parsed.path))
+    if parsed.scheme and len(parsed.scheme) > 1:
+        raise _unreadable(
+            f"{uri!r}: this worker reads datasets from local files only "
+            f"(file:///..., an absolute path, or a path under {artifact_root})"
+        )
+    path = Path(uri)
+    return path if path.is_absolute() else artifact_root / path
+
+
+def prepare_dataset(
+    *,
+    annotation_path: Path,
+    image_root: Path | None,
+    out_dir: Path,
+    val_fraction: float,
+    seed: int,
+) -> PreparedDataset:
+    """Validates a COCO annotation file and writes train.json, val.json and split.json
+    into `out_dir`. Images are resolved against `image_root` (default: the annotation
+    file's folder)."""
+    if not 0.0 < val_fraction < 1.0:
+        raise _invalid(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    raw = _read(annotation_path)
+    document = _parse(raw, annotation_path)
+    root = image_root if image_root is not None else annotation_path.parent
+
+    categories = _validated_categories(document["categories"])
+    images = _validated_images(document["images"])
+    image_sizes = _image_files(images, root)
+    annotations = document["annotations"]
+    per_image_classes, instances = _validated_annotations(annotations, images, categories)
+
+    empty = [categories[cid] for cid in sorted(categories) if instances[cid] == 0]
+    if empty:
+        raise _invalid(
+            f"{len(empty)} categories have no annotations ({_sample(empty)}): a model cannot "
+            "learn a class it never sees; annotate them or remove them from `categories`"
+        )
+    if len(images) < 2:
+        raise _invalid(
+            f"{len(images)} image(s): at least 2 are needed (one to train on, one to validate)"
+        )
+
+    fingerprint = _fingerprint(raw, image_sizes)
+    del raw
+    train_ids, val_ids = stratified_split(
+        per_image_classes, image_ids=sorted(images), val_fraction=val_fraction, seed=seed
+    )
+
+    ordered_ids = sorted(categories)
+    classes = tuple(categories[cid] for cid in ordered_ids)
+    # Contiguous ids in category-id order: mmdet derives label order from the file's order.
+    new_id = {cid: i + 1 for i, cid in enumerate(ordered_ids)}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for image in document["images"]:
+        image["file_name"] = str((root / image["file_name"]).resolve())
+    for annotation in annotations:
+        annotation["category_id"] = new_id[annotation["category_id"]]
+    new_categories = [
+        {"id": new_id[cid], "name": categories[cid], "supercategory": ""} for cid in ordered_ids
+    ]
+    train_path = out_dir / "train.json"
+    val_path = out_dir / "val.json"
+    _write_subset(train_path, document, set(train_ids), new_categories)
+    _write_subset(val_path, document, set(val_ids), new_categories)
+    split_path = out_dir / "split.json"
+    split_path.write_text(
+        json.dumps(
+            {"seed": seed, "val_fraction": val_fraction, "train": train_ids, "val": val_ids},
+            indent=None,
+        )
+    )
+    return PreparedDataset(
+        annotation_path=annotation_path,
+        image_root=root,
+        train_path=train_path,
+        val_path=val_path,
+        split_path=split_path,
+        classes=classes,
+        image_count=len(images),
+        annotation_count=len(annotations),
+        instances_per_class={categories[cid]: instances[cid] for cid in ordered_ids},
+        train_image_count=len(train_ids),
+        val_image_count=len(val_ids),
+        split_seed=seed,
+        fingerprint=fingerprint,
+    )
+
+
+def stratified_split(
+    classes_by_image: Mapping[int, frozenset[int]],
+    *,
+    image_ids: Sequence[int],
+    val_fraction: float,
+    seed: int,
+) -> tuple[list[int], list[int]]:
+    """Deterministic train/val split of `image_ids` (sorted) for a seed.
+
+    Every class keeps at least one image in train. Rare classes are placed first so
+    that they reach val too when they have images to spare; images without
+    annotations are split by the same fraction.
+    """
+    rng = random.Random(seed)
+    order = list(image_ids)
+    rng.shuffle(order)
+    n_val = min(len(order) - 1, max(1, round(len(order) * val_fraction)))
+
+    images_with: Counter[int] = Counter()
+    for image_id in order:
+        images_with.update(classes_by_image.get(image_id, ()))
+    in_val: set[int] = set()
+    val_with: Counter[int] = Counter()
+
+    def keeps_train_covered(image_id: int) -> bool:
+        return all(val_with[c] + 1 < images_with[c] for c in classes_by_image.get(image_id, ()))
+
+    def move(image_id: int) -> None:
+        in_val.add(image_id)
+        val_with.update(classes_by_image.get(image_id, ()))
+
+    for cls in sorted(images_with, key=lambda c: (images_with[c], c)):
+        target = min(images_with[cls] - 1, math.ceil(images_with[cls] * val_fraction))
+        for image_id in order:
+            if len(in_val) >= n_val or val_with[cls] >= target:
+                break
+            if (
+                image_id not in in_val
+                and cls in classes_by_image.get(image_id, ())
+                and keeps_train_covered(image_id)
+            ):
+                move(image_id)
+
+    negatives = [i for i in order if not classes_by_image.get(i)]
+    for image_id in negatives[: round(len(negatives) * val_fraction)]:
+        if len(in_val) < n_val:
+            move(image_id)
+    for image_id in order:
+        if len(in_val) >= n_val:
+            break
+        if image_id not in in_val and keeps_train_covered(image_id):
+            move(image_id)
+
+    train = sorted(i for i in order if i not in in_val)
+    return train, sorted(in_val)
+
+
+def _read(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise _unreadable(f"annotation file {path} does not exist") from None
+    except OSError as error:
+        raise _unreadable(f"cannot read annotation file {path}: {error.strerror}") from None
+
+
+def _parse(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        document = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _unreadable(f"{path} is not valid JSON: {error}") from None
+    if not isinstance(document, dict):
+        raise _invalid(f"{path}: a COCO file is a JSON object, found {type(document).__name__}")
+    missing = [k for k in ("images", "annotations", "categories") if k not in document]
+    if missing:
+        raise _invalid(f"{path}: missing COCO key(s) {', '.join(missing)}")
+    for key in ("images", "annotations", "categories"):
+        if not isinstance(document[key], list):
+            raise _invalid(f"{path}: `{key}` must be a list")
+    return document
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sample(items: Iterable[Any]) -> str:
+    items = list(items)
+    shown = ", ".join(str(i) for i in items[:_EXAMPLES])
+    return shown + (", ..." if len(items) > _EXAMPLES else "")
+
+
+def _check(problems: list[str], what: str, hint: str) -> None:
+    if problems:
+        raise _invalid(f"{len(problems)} {what} ({_sample(problems)}){hint}")
+
+
+def _validated_categories(raw: list[Any]) -> dict[int, str]:
+    if not raw:
+        raise _invalid("no categories: the dataset declares no classes to learn")
+    categories: dict[int, str] = {}
+    malformed, duplicate_ids = [], []
+    for i, category in enumerate(raw):
+        if not (
+            isinstance(category, dict)
+            and _is_int(category.get("id"))
+            and isinstance(category.get("name"), str)
+            and category["name"].strip()
+        ):
+            malformed.append(f"#{i}")
+        elif category["id"] in categories:
+            duplicate_ids.append(category["id"])
+        else:
+            categories[category["id"]] = category["name"]
+    _check(malformed, "categories lack an integer `id` or a non-empty `name`", "")
+    _check(duplicate_ids, "duplicate category ids", "")
+    names = Counter(categories.values())
+    _check([n for n, c in names.items() if c > 1], "category names are used twice", "")
+    return categories
+
+
+def _validated_images(raw: list[Any]) -> dict[int, tuple[str, float, float]]:
+    images: dict[int, tuple[str, float, float]] = {}
+    malformed, duplicate_ids = [], []
+    for i, image in enumerate(raw):
+        if not (
+            isinstance(image, dict)
+            and _is_int(image.get("id"))
+            and isinstance(image.get("file_name"), str)
+            and image["file_name"]
+            and _is_number(image.get("width"))
+            and _is_number(image.get("height"))
+            and image["width"] > 0
+            and image["height"] > 0
+        ):
+            malformed.append(f"#{i}")
+        elif image["id"] in images:
+            duplicate_ids.append(image["id"])
+        else:
+            images[image["id"]] = (image["file_name"], image["width"], image["height"])
+    _check(
+        malformed,
+        "images lack an integer `id`, a `file_name` or a positive `width`/`height`",
+        "",
+    )
+    _check(duplicate_ids, "duplicate image ids", "")
+    return images
+
+
+def _image_files(images: Mapping[int, tuple[str, float, float]], root: Path) -> dict[str, int]:
+    """File sizes by file name; every image must exist."""
+    sizes: dict[str, int] = {}
+    missing = []
+    for file_name, _, _ in images.values():
+        try:
+            sizes[file_name] = (root / file_name).stat().st_size
+        except OSError:
+            missing.append(file_name)
+    _check(missing, f"images are missing under {root}", ": copy them there or set image_root")
+    return sizes
+
+
+def _validated_annotations(
+    raw: list[Any],
+    images: Mapping[int, tuple[str, float, float]],
+    categories: Mapping[int, str],
+) -> tuple[dict[int, frozenset[int]], Counter[int]]:
+    if not raw:
+        raise _invalid("no annotations: there is nothing to learn from")
+    seen: set[int] = set()
+    malformed, duplicates, unknown_image, unknown_category, empty_box, outside = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
+    classes_by_image: dict[int, set[int]] = {}
+    instances: Counter[int] = Counter({cid: 0 for cid in categories})
+    for i, annotation in enumerate(raw):
+        bbox = annotation.get("bbox") if isinstance(annotation, dict) else None
+        if not (
+            isinstance(annotation, dict)
+            and _is_int(annotation.get("id"))
+            and isinstance(bbox, list)
+            and len(bbox) == 4
+            and all(_is_number(v) for v in bbox)
+        ):
+            malformed.append(f"#{i}")
+            continue
+        ann_id, image_id, category_id = (
+            annotation["id"],
+            annotation.get("image_id"),
+            annotation.get("category_id"),
+        )
+        if ann_id in seen:
+            duplicates.append(ann_id)
+            continue
+        seen.add(ann_id)
+        if image_id not in images:
+            unknown_image.append(f"{ann_id} -> image {image_id}")
+            continue
+        if category_id not in categories:
+            unknown_category.append(f"{ann_id} -> category {category_id}")
+            continue
+        x, y, w, h = bbox
+        _, width, height = images[image_id]
+        if w <= 0 or h <= 0:
+            empty_box.append(f"{ann_id}: {bbox}")
+            continue
+        if (
+            x < -_EDGE_TOLERANCE_PX
+            or y < -_EDGE_TOLERANCE_PX
+            or x + w > width + _EDGE_TOLERANCE_PX
+            or y + h > height + _EDGE_TOLERANCE_PX
+        ):
+            outside.append(f"{ann_id}: {bbox} in {width}x{height}")
+            continue
+        classes_by_image.setdefault(image_id, set()).add(category_id)
+        instances[category_id] += 1
+    _check(malformed, "annotations lack an integer `id` or a `bbox` of 4 numbers", "")
+    _check(duplicates, "duplicate annotation ids", "")
+    _check(unknown_image, "annotations refer to images that are not in `images`", "")
+    _check(unknown_category, "annotations refer to unknown categories", "")
+    _check(empty_box, "boxes have a non-positive width or height", " (bbox is [x, y, w, h])")
+    _check(outside, "boxes lie outside their image", " (bbox is [x, y, w, h] in pixels)")
+    return {k: frozenset(v) for k, v in classes_by_image.items()}, instances
+
+
+def _fingerprint(raw: bytes, image_sizes: Mapping[str, int]) -> str:
+    digest = hashlib.sha256(raw)
+    for name in sorted(image_sizes):
+        digest.update(f"\0{name}\0{image_sizes[name]}".encode())
+    return digest.hexdigest()
+
+
+def _write_subset(
+    path: Path, document: Mapping[str, Any], image_ids: set[int], categories: list[Any]
+) -> None:
+    subset = {
+        "images": [i for i in document["images"] if i["id"] in image_ids],
+        "annotations": [a for a in document["annotations"] if a["image_id"] in image_ids],
+        "categories": categories,
+    }
+    with path.open("w") as out:
+        json.dump(subset, out)

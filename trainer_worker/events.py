@@ -1,0 +1,162 @@
+"""WorkerEvents: built from what the worker observed, published to JetStream.
+
+Each event has a fresh id, sent as `Nats-Msg-Id`, so a retried publish is stored
+once. Progress and heartbeats are best effort; terminal events are retried until
+JetStream acknowledges them, because the job message is acked only after that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+from google.protobuf.duration_pb2 import Duration
+from nats.errors import Error as NatsError
+from nats.js import JetStreamContext
+
+from shared.messaging import Subjects
+from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
+from trainer_worker.dataset import PreparedDataset
+from trainer_worker.protocol import Evaluated, ProgressReported
+from trainer_worker.training import TrainingSucceeded
+
+log = structlog.get_logger(__name__)
+
+_CRITICAL_ATTEMPTS = 10
+_PUBLISH_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class JobIdentity:
+    training_run: str  # trainingRuns/{id}
+    run_id: str
+    attempt: int
+    worker_id: str
+
+
+class EventPublisher:
+    """Publishes the WorkerEvents of one job attempt."""
+
+    def __init__(self, *, js: JetStreamContext, subjects: Subjects, job: JobIdentity) -> None:
+        self._js = js
+        self._subject = subjects.worker_event(job.run_id)
+        self._job = job
+
+    async def publish(self, *, critical: bool = False, **payload: Any) -> None:
+        """Publishes one event whose payload is the single keyword argument, e.g.
+        `publish(progress=Progress(...))`. A critical event is retried until stored."""
+        (field_name, message), *rest = payload.items()
+        if rest:
+            raise TypeError("one payload per event")
+        event = worker_pb2.WorkerEvent(
+            event_id=uuid.uuid4().hex,
+            training_run=self._job.training_run,
+            attempt=self._job.attempt,
+            worker_id=self._job.worker_id,
+        )
+        event.time.GetCurrentTime()
+        getattr(event, field_name).CopyFrom(message)
+        data = event.SerializeToString()
+        headers = {"Nats-Msg-Id": event.event_id}
+        attempts = _CRITICAL_ATTEMPTS if critical else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                await self._js.publish(
+                    self._subject, data, headers=headers, timeout=_PUBLISH_TIMEOUT_S
+                )
+                return
+            except (NatsError, TimeoutError) as error:
+                log.warning(
+                    "event not published",
+                    kind=field_name,
+                    attempt=attempt,
+                    error=repr(error),
+                    run=self._job.run_id,
+                )
+                if attempt == attempts:
+                    if critical:
+                        raise
+                    return
+                await asyncio.sleep(min(30.0, 0.5 * 2**attempt))
+
+
+def dataset_summary(prepared: PreparedDataset) -> common_pb2.DatasetSummary:
+    return common_pb2.DatasetSummary(
+        fingerprint=prepared.fingerprint,
+        image_count=prepared.image_count,
+        annotation_count=prepared.annotation_count,
+        classes=list(prepared.classes),
+        instances_per_class=dict(prepared.instances_per_class),
+        train_image_count=prepared.train_image_count,
+        val_image_count=prepared.val_image_count,
+        test_image_count=0,
+        split_seed=prepared.split_seed,
+    )
+
+
+def progress(event: ProgressReported) -> training_run_pb2.Progress:
+    message = training_run_pb2.Progress(
+        epoch=event.epoch,
+        max_epochs=event.max_epochs,
+        iteration=event.iter,
+        max_iterations=event.max_iters,
+        losses=dict(event.losses),
+    )
+    if event.loss is not None:
+        message.loss = event.loss
+    if event.lr is not None:
+        message.learning_rate = event.lr
+    if event.eta_s is not None:
+        message.eta.CopyFrom(_duration(event.eta_s))
+    return message
+
+
+def evaluation(event: Evaluated) -> common_pb2.Evaluation:
+    return _evaluation(event.metrics, epoch=event.epoch)
+
+
+def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
+    return worker_pb2.WorkerEvent.Succeeded(
+        artifacts=[
+            common_pb2.Artifact(
+                kind=a.kind, uri=a.path.as_uri(), size_bytes=a.size_bytes, sha256=a.sha256
+            )
+            for a in outcome.artifacts
+        ],
+        facts=common_pb2.TrainingFacts(
+            duration=_duration(outcome.duration_s),
+            epochs_trained=outcome.epochs_trained,
+            best_epoch=outcome.best_epoch,
+            parameter_count=outcome.parameter_count,
+            device=outcome.device,
+        ),
+        evaluation=_evaluation(outcome.best_metrics, epoch=outcome.best_epoch),
+        epochs=[
+            training_run_pb2.TrainingRunMetrics.EpochMetrics(
+                epoch=r.epoch, train=dict(r.train), val=dict(r.val)
+            )
+            for r in outcome.epochs
+        ],
+    )
+
+
+def failure(reason: str, message: str) -> training_run_pb2.Failure:
+    return training_run_pb2.Failure(reason=reason, message=message)
+
+
+def notice(code: str, message: str) -> training_run_pb2.TrainingRunEvent.Notice:
+    return training_run_pb2.TrainingRunEvent.Notice(code=code, message=message)
+
+
+def _evaluation(metrics: Mapping[str, float], *, epoch: int) -> common_pb2.Evaluation:
+    return common_pb2.Evaluation(metrics=dict(metrics), epoch=epoch, split="val")
+
+
+def _duration(seconds: float) -> Duration:
+    duration = Duration()
+    duration.FromMilliseconds(round(seconds * 1000))
+    return duration

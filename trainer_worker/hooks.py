@@ -1,0 +1,187 @@
+"""mmengine hooks of the training child: progress reporting, cancellation, checkpoint pruning.
+
+Imported only inside the child process (it imports mmengine and torch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import threading
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from mmengine.hooks import Hook
+
+from trainer_worker.metrics import best_epoch
+from trainer_worker.protocol import (
+    ChildEvent,
+    EpochTrained,
+    Evaluated,
+    ProgressReported,
+    TrainingStarted,
+    encode,
+)
+
+_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
+
+
+class EventWriter:
+    """Writes protocol lines to the parent's pipe; a no-op without one (a manual run)."""
+
+    def __init__(self, fd: int | None) -> None:
+        self._fd = fd
+        self._lock = threading.Lock()
+
+    def send(self, event: ChildEvent) -> None:
+        if self._fd is None:
+            return
+        data = encode(event)
+        with self._lock:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(self._fd, view) :]
+
+
+class TrainingCancelled(Exception):
+    """Raised from a hook to leave `Runner.train()` at the next iteration."""
+
+
+class CancelHook(Hook):
+    """Stops training at the next iteration once `request()` was called (from a signal)."""
+
+    priority = "HIGHEST"
+
+    def __init__(self) -> None:
+        self._requested = threading.Event()
+
+    def request(self) -> None:
+        self._requested.set()
+
+    def _check(self) -> None:
+        if self._requested.is_set():
+            raise TrainingCancelled
+
+    def before_train_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        self._check()
+
+    def after_train_iter(
+        self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None
+    ) -> None:
+        self._check()
+
+    def before_val_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        self._check()
+
+
+class ProgressHook(Hook):
+    """Reports progress (throttled), per-epoch mean losses and each validation's metrics."""
+
+    priority = "LOW"
+
+    def __init__(self, writer: EventWriter, *, min_interval_s: float = 0.5) -> None:
+        self._writer = writer
+        self._min_interval_s = min_interval_s
+        self._started = 0.0
+        self._last_sent = 0.0
+        self._sums: dict[str, float] = {}
+        self._count = 0
+        self._last: ProgressReported | None = None
+
+    def before_train(self, runner: Any) -> None:
+        self._started = time.monotonic()
+        parameters = list(runner.model.parameters())
+        device = str(parameters[0].device) if parameters else "cpu"
+        self._writer.send(
+            TrainingStarted(
+                max_epochs=runner.max_epochs,
+                max_iters=runner.max_iters,
+                device=device,
+                parameter_count=sum(p.numel() for p in parameters),
+            )
+        )
+
+    def before_train_epoch(self, runner: Any) -> None:
+        self._sums, self._count = {}, 0
+
+    def after_train_iter(
+        self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None
+    ) -> None:
+        values = _floats(outputs or {})
+        for key, value in values.items():
+            self._sums[key] = self._sums.get(key, 0.0) + value
+        self._count += 1
+        done = runner.iter + 1
+        elapsed = time.monotonic() - self._started
+        self._last = ProgressReported(
+            epoch=runner.epoch + 1,
+            max_epochs=runner.max_epochs,
+            iter=done,
+            max_iters=runner.max_iters,
+            loss=values.get("loss"),
+            losses={k: v for k, v in values.items() if k.startswith("loss") and k != "loss"},
+            lr=_learning_rate(runner),
+            eta_s=elapsed / done * max(0, runner.max_iters - done),
+        )
+        now = time.monotonic()
+        if now - self._last_sent >= self._min_interval_s:
+            self._last_sent = now
+            self._writer.send(self._last)
+
+    def after_train_epoch(self, runner: Any) -> None:
+        if self._last is not None:
+            self._writer.send(self._last)
+            self._last_sent = time.monotonic()
+        if self._count:
+            means = {k: v / self._count for k, v in self._sums.items()}
+            self._writer.send(EpochTrained(epoch=runner.epoch + 1, losses=means))
+
+    def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
+        # After the train loop counted the epoch: runner.epoch is the finished epoch's number.
+        self._writer.send(Evaluated(epoch=runner.epoch, metrics=_floats(metrics or {})))
+
+
+class PruneCheckpointsHook(Hook):
+    """Keeps only the best epoch's and the latest checkpoint (for resume) on disk."""
+
+    priority = "VERY_LOW"
+
+    def __init__(self) -> None:
+        self._evaluations: dict[int, dict[str, float]] = {}
+
+    def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
+        epoch = runner.epoch
+        self._evaluations[epoch] = _floats(metrics or {})
+        best = best_epoch(self._evaluations, last_epoch=epoch)
+        keep = {best, epoch}
+        for path in Path(runner.work_dir).glob("epoch_*.pth"):
+            match = _CHECKPOINT.match(path.name)
+            if match and int(match.group(1)) not in keep:
+                path.unlink(missing_ok=True)
+
+
+def _floats(values: Mapping[str, Any]) -> dict[str, float]:
+    """Finite numbers only: NaN and infinity cannot travel as JSON, and mean nothing."""
+    out: dict[str, float] = {}
+    for key, value in values.items():
+        try:
+            number = float(value)
+        except (TypeError, ValueError, RuntimeError):
+            continue
+        if math.isfinite(number):
+            out[key] = number
+    return out
+
+
+def _learning_rate(runner: Any) -> float | None:
+    try:
+        rates = runner.optim_wrapper.get_lr()
+    except Exception:
+        return None
+    for values in rates.values():
+        if values:
+            return float(values[0])
+    return None

@@ -1,0 +1,79 @@
+"""Composition root of the trainer worker: settings, logging, NATS, the job consumer, signals."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import socket
+
+import structlog
+
+from shared.messaging import Subjects, connect, ensure_streams
+from shared.settings import Settings
+from trainer_worker.consumer import ConsumerOptions, JobConsumer
+from trainer_worker.pipeline import WorkerEnvironment
+
+log = structlog.get_logger(__name__)
+
+
+def configure_logging(settings: Settings) -> None:
+    level = logging.getLevelNamesMapping().get(settings.log_level.upper(), logging.INFO)
+    logging.basicConfig(level=level, format="%(message)s")
+    renderer = (
+        structlog.processors.JSONRenderer()
+        if settings.log_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+    )
+
+
+async def main(settings: Settings | None = None) -> None:
+    """Serves training jobs until SIGTERM or SIGINT, then stops running jobs (they are
+    queued again) and drains the NATS connection."""
+    settings = settings or Settings()
+    configure_logging(settings)
+    worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
+    subjects = Subjects(namespace=settings.nats_namespace)
+    shutdown = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, shutdown.set)
+
+    nc = await connect(settings.nats_url, name=f"raven-trainer-worker-{worker_id}")
+    try:
+        js = nc.jetstream()
+        await ensure_streams(js, subjects)
+        consumer = JobConsumer(
+            js=js,
+            subjects=subjects,
+            environment=WorkerEnvironment(
+                artifact_root=settings.resolved_artifact_root(), device=settings.worker_device
+            ),
+            options=ConsumerOptions(
+                worker_id=worker_id,
+                concurrency=settings.worker_concurrency,
+                ack_wait_s=settings.job_ack_wait_s,
+                max_deliver=settings.job_max_deliver,
+            ),
+        )
+        log.info("trainer worker ready", worker=worker_id, namespace=subjects.namespace)
+        await consumer.run(shutdown)
+    finally:
+        await nc.drain()
+        log.info("trainer worker stopped", worker=worker_id)
+
+
+def run() -> None:
+    """Console script `raven-trainer-worker`."""
+    asyncio.run(main())

@@ -1,0 +1,300 @@
+"""One job attempt from start to its terminal event: what the worker does, not how it is fed.
+
+preparing -> dataset_prepared -> (notices) -> running -> progress/evaluation ->
+succeeded | failed | cancelled. A shutdown of the worker stops the training
+without a terminal event, so the job is redelivered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import shutil
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from urllib.parse import unquote, urlparse
+
+import structlog
+
+from shared import catalog
+from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from trainer_worker import events
+from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
+from trainer_worker.config import (
+    BaseCheckpoint,
+    ConfigError,
+    DatasetFiles,
+    TrainingPlan,
+    generate_config,
+)
+from trainer_worker.dataset import DatasetError, PreparedDataset, prepare_dataset, resolve_location
+from trainer_worker.events import EventPublisher
+from trainer_worker.protocol import ChildEvent, Evaluated, ProgressReported, TrainingStarted
+from trainer_worker.training import (
+    TrainingCancelled,
+    TrainingFailed,
+    TrainingSucceeded,
+    run_training,
+    sha256_file,
+)
+
+log = structlog.get_logger(__name__)
+
+RUN_PREFIX = "trainingRuns/"
+Device = training_run_pb2.TrainingSpec.Device
+
+
+class InvalidJob(ValueError):
+    """A job message no worker can act on (it is terminated, not retried)."""
+
+
+class JobOutcome(StrEnum):
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+    # Stopped by a worker shutdown: no terminal event, the job goes back to the queue.
+    INTERRUPTED = "interrupted"
+
+
+class StopReason(StrEnum):
+    CANCEL = "cancel"
+    SHUTDOWN = "shutdown"
+
+
+@dataclass(slots=True)
+class JobControl:
+    """How the worker asks a running job to stop, and why."""
+
+    stop: asyncio.Event = field(default_factory=asyncio.Event)
+    reason: StopReason | None = None
+
+    def request(self, reason: StopReason) -> None:
+        if self.reason is None:
+            self.reason = reason
+        self.stop.set()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class WorkerEnvironment:
+    artifact_root: Path
+    # "auto", "cpu" or "cuda": what this worker may use, whatever a spec asks.
+    device: str = "auto"
+    dataloader_workers: int = 0
+
+
+def run_id_of(job: worker_pb2.TrainingJob) -> str:
+    name = job.training_run
+    run_id = name.removeprefix(RUN_PREFIX)
+    if not name.startswith(RUN_PREFIX) or not run_id or "/" in run_id or "." in run_id:
+        raise InvalidJob(f"training_run {name!r} is not trainingRuns/{{id}}")
+    if job.attempt < 1:
+        raise InvalidJob(f"attempt {job.attempt} of {name} is not positive")
+    return run_id
+
+
+def attempt_dir(artifact_root: Path, run_id: str, attempt: int) -> Path:
+    return artifact_root / "runs" / run_id / f"attempt-{attempt}"
+
+
+def model_dir(artifact_root: Path, run_id: str) -> Path:
+    return artifact_root / "models" / run_id
+
+
+def plan_of(spec: training_run_pb2.TrainingSpec) -> TrainingPlan:
+    """The spec's values, with the catalog defaults where a field is unset (the service
+    normally fills them; a job from elsewhere still trains the same way)."""
+    try:
+        arch = catalog.ARCHITECTURES[spec.architecture]
+    except KeyError:
+        raise ConfigError(f"unknown architecture {spec.architecture!r}") from None
+    batch_size = spec.batch_size if spec.HasField("batch_size") else catalog.DEFAULT_BATCH_SIZE
+    return TrainingPlan(
+        architecture=arch.key,
+        epochs=spec.epochs if spec.HasField("epochs") else catalog.DEFAULT_EPOCHS,
+        batch_size=batch_size,
+        learning_rate=(
+            spec.learning_rate
+            if spec.HasField("learning_rate")
+            else catalog.default_learning_rate(arch, batch_size)
+        ),
+        frozen_stages=(
+            spec.frozen_stages if spec.HasField("frozen_stages") else catalog.DEFAULT_FROZEN_STAGES
+        ),
+        image_size=spec.image_size if spec.HasField("image_size") else catalog.DEFAULT_IMAGE_SIZE,
+        seed=spec.seed if spec.HasField("seed") else 0,
+    )
+
+
+class _Failed(Exception):
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+        self.message = message
+
+
+async def execute_job(
+    job: worker_pb2.TrainingJob,
+    *,
+    publisher: EventPublisher,
+    environment: WorkerEnvironment,
+    control: JobControl,
+) -> JobOutcome:
+    """Runs one attempt of a job and publishes its events, the terminal one included
+    (except when interrupted by a shutdown)."""
+    run_id = run_id_of(job)
+    await publisher.publish(preparing=worker_pb2.WorkerEvent.Preparing())
+    folder = attempt_dir(environment.artifact_root, run_id, job.attempt)
+    try:
+        outcome = await _train(job, run_id, folder, publisher, environment, control)
+    except (_Failed, DatasetError) as failure:
+        log.info("job failed", run=run_id, reason=failure.reason, message=failure.message)
+        await publisher.publish(
+            critical=True, failed=events.failure(failure.reason, failure.message)
+        )
+        return JobOutcome.FAILED
+    if isinstance(outcome, TrainingSucceeded):
+        await publisher.publish(critical=True, succeeded=events.succeeded(outcome))
+        return JobOutcome.SUCCEEDED
+    if isinstance(outcome, TrainingFailed):
+        await publisher.publish(
+            critical=True, failed=events.failure(outcome.reason, outcome.message)
+        )
+        return JobOutcome.FAILED
+    if control.reason is StopReason.CANCEL:
+        await publisher.publish(critical=True, cancelled=worker_pb2.WorkerEvent.Cancelled())
+        return JobOutcome.CANCELLED
+    await publisher.publish(
+        notice=events.notice("worker_stopping", "the worker stopped; the job is queued again")
+    )
+    return JobOutcome.INTERRUPTED
+
+
+async def _train(
+    job: worker_pb2.TrainingJob,
+    run_id: str,
+    folder: Path,
+    publisher: EventPublisher,
+    environment: WorkerEnvironment,
+    control: JobControl,
+) -> TrainingSucceeded | TrainingFailed | TrainingCancelled:
+    spec = job.spec
+    try:
+        plan = plan_of(spec)
+    except ConfigError as error:
+        raise _Failed("invalid_spec", str(error)) from None
+    # A redelivered attempt starts over; resuming from its checkpoints is future work.
+    await asyncio.to_thread(_fresh_dir, folder)
+
+    prepared = await asyncio.to_thread(_prepare, spec, folder / "dataset", environment)
+    await publisher.publish(dataset_prepared=events.dataset_summary(prepared))
+    if control.stop.is_set():
+        return TrainingCancelled()
+
+    base = await _verified_base(job, environment) if job.HasField("base_model") else None
+    try:
+        generated = generate_config(
+            plan=dataclasses.replace(plan, num_workers=environment.dataloader_workers),
+            dataset=DatasetFiles(
+                train_path=prepared.train_path,
+                val_path=prepared.val_path,
+                classes=prepared.classes,
+                train_image_count=prepared.train_image_count,
+            ),
+            work_dir=folder / "work",
+            configs_root=mmdet_configs_root(),
+            base=base,
+        )
+    except (ConfigError, UnknownArchitecture) as error:
+        raise _Failed("invalid_spec", str(error)) from None
+    config_path = folder / "config.py"
+    config_path.write_text(generated.text)
+    for item in generated.notices:
+        await publisher.publish(notice=events.notice(item.code, item.message))
+    env, device_notice = _device_env(spec, environment)
+    if device_notice:
+        await publisher.publish(notice=events.notice("device", device_notice))
+
+    async def relay(event: ChildEvent) -> None:
+        if isinstance(event, TrainingStarted):
+            await publisher.publish(running=worker_pb2.WorkerEvent.Running(device=event.device))
+        elif isinstance(event, ProgressReported):
+            await publisher.publish(progress=events.progress(event))
+        elif isinstance(event, Evaluated):
+            await publisher.publish(evaluation=events.evaluation(event))
+
+    return await run_training(
+        config_path=config_path,
+        work_dir=folder / "work",
+        artifact_dir=model_dir(environment.artifact_root, run_id),
+        split_path=prepared.split_path,
+        log_path=folder / "train.log",
+        on_event=relay,
+        stop=control.stop,
+        env=env,
+    )
+
+
+def _prepare(
+    spec: training_run_pb2.TrainingSpec, out_dir: Path, environment: WorkerEnvironment
+) -> PreparedDataset:
+    root = environment.artifact_root
+    annotation_path = resolve_location(spec.dataset_uri, artifact_root=root)
+    image_root = resolve_location(spec.image_root, artifact_root=root) if spec.image_root else None
+    val_fraction = (
+        spec.val_fraction if spec.HasField("val_fraction") else catalog.DEFAULT_VAL_FRACTION
+    )
+    return prepare_dataset(
+        annotation_path=annotation_path,
+        image_root=image_root,
+        out_dir=out_dir,
+        val_fraction=val_fraction,
+        seed=spec.seed if spec.HasField("seed") else 0,
+    )
+
+
+async def _verified_base(
+    job: worker_pb2.TrainingJob, environment: WorkerEnvironment
+) -> BaseCheckpoint:
+    """The base model's checkpoint, only if its bytes are the ones the registry recorded:
+    the child unpickles it."""
+    base = job.base_model
+    uri = base.checkpoint.uri
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        raise _Failed(
+            "base_model_unavailable",
+            f"base model {base.name}: this worker reads checkpoints from file:// URIs, got {uri!r}",
+        )
+    path = Path(unquote(parsed.path))
+    digest = await asyncio.to_thread(_digest_if_present, path)
+    if digest is None:
+        raise _Failed("base_model_unavailable", f"base model {base.name}: {path} does not exist")
+    if not base.checkpoint.sha256 or digest != base.checkpoint.sha256.lower():
+        raise _Failed(
+            "base_model_corrupt",
+            f"base model {base.name}: {path} has sha256 {digest}, "
+            f"the registry recorded {base.checkpoint.sha256 or 'none'}",
+        )
+    return BaseCheckpoint(path=path, architecture=base.architecture, classes=tuple(base.classes))
+
+
+def _device_env(
+    spec: training_run_pb2.TrainingSpec, environment: WorkerEnvironment
+) -> tuple[dict[str, str], str]:
+    """Environment that pins the child's device, and a notice when the spec is not met."""
+    if environment.device == "cpu" or spec.device == Device.CPU:
+        note = "this worker trains on CPU only" if spec.device == Device.GPU else ""
+        return {"CUDA_VISIBLE_DEVICES": ""}, note
+    if spec.HasField("gpu_count") and spec.gpu_count > 1:
+        return {}, f"{spec.gpu_count} GPUs requested: this worker trains on one device"
+    return {}, ""
+
+
+def _fresh_dir(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True, exist_ok=True)
+
+
+def _digest_if_present(path: Path) -> str | None:
+    return sha256_file(path) if path.is_file() else None

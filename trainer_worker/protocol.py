@@ -1,0 +1,91 @@
+"""What the training child process tells its parent: one JSON object per line.
+
+The child writes to the file descriptor named by `RAVEN_EVENT_FD`; the parent
+decodes each line into one of these events. Torch-free on purpose: the parent
+never imports the training stack.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+EVENT_FD_ENV = "RAVEN_EVENT_FD"
+# Exit status of a child that stopped on a cancel signal (SIGTERM/SIGUSR1).
+EXIT_CANCELLED = 3
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingStarted:
+    max_epochs: int
+    max_iters: int
+    device: str
+    parameter_count: int
+    kind: str = "started"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ProgressReported:
+    epoch: int  # 1-based, the epoch in progress
+    max_epochs: int
+    iter: int  # iterations done since the start of training
+    max_iters: int
+    loss: float | None
+    losses: Mapping[str, float] = field(default_factory=dict)
+    lr: float | None = None
+    eta_s: float | None = None
+    kind: str = "progress"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpochTrained:
+    epoch: int
+    # Mean of each logged loss over the epoch's iterations.
+    losses: Mapping[str, float] = field(default_factory=dict)
+    kind: str = "epoch"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Evaluated:
+    epoch: int
+    # Empty when the model detected nothing yet: no mAP is a value, not an error.
+    metrics: Mapping[str, float] = field(default_factory=dict)
+    kind: str = "evaluation"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingStopped:
+    """The child stopped on a cancel signal, at `iter`."""
+
+    epoch: int
+    iter: int
+    kind: str = "stopped"
+
+
+ChildEvent = TrainingStarted | ProgressReported | EpochTrained | Evaluated | TrainingStopped
+
+_KINDS: dict[str, type[ChildEvent]] = {
+    "started": TrainingStarted,
+    "progress": ProgressReported,
+    "epoch": EpochTrained,
+    "evaluation": Evaluated,
+    "stopped": TrainingStopped,
+}
+
+
+class ProtocolError(ValueError):
+    pass
+
+
+def encode(event: ChildEvent) -> bytes:
+    return (json.dumps(asdict(event), allow_nan=False) + "\n").encode()
+
+
+def decode(line: bytes) -> ChildEvent:
+    try:
+        data: dict[str, Any] = json.loads(line)
+        return _KINDS[data["kind"]](**data)
+    except (ValueError, KeyError, TypeError) as error:
+        raise ProtocolError(f"bad event line {line[:200]!r}: {error}") from None

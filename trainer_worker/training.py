@@ -1,0 +1,307 @@
+"""Runs one training in a child process and turns its end into an outcome.
+
+The parent never imports torch: it spawns `trainer_worker.train_process`, reads
+its event lines from a pipe, and on a clean exit collects the best epoch's
+checkpoint, the resolved config, the metrics and the split into the run's
+artifact folder.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import structlog
+
+from trainer_worker.metrics import best_epoch
+from trainer_worker.protocol import (
+    EVENT_FD_ENV,
+    EXIT_CANCELLED,
+    ChildEvent,
+    EpochTrained,
+    Evaluated,
+    ProtocolError,
+    TrainingStarted,
+    decode,
+)
+
+log = structlog.get_logger(__name__)
+
+# A child that ignores SIGTERM this long is killed.
+_STOP_GRACE_S = 60.0
+_LOG_TAIL_BYTES = 4000
+_LINE_LIMIT = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArtifactFile:
+    kind: str  # "config" | "checkpoint" | "metrics" | "split"
+    path: Path
+    size_bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpochRecord:
+    epoch: int
+    train: Mapping[str, float] = field(default_factory=dict)
+    val: Mapping[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingSucceeded:
+    artifacts: tuple[ArtifactFile, ...]
+    best_epoch: int
+    # Empty when no epoch produced metrics.
+    best_metrics: Mapping[str, float]
+    epochs: tuple[EpochRecord, ...]
+    epochs_trained: int
+    duration_s: float
+    parameter_count: int
+    device: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingFailed:
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class TrainingCancelled:
+    pass
+
+
+TrainingOutcome = TrainingSucceeded | TrainingFailed | TrainingCancelled
+EventCallback = Callable[[ChildEvent], Awaitable[None]]
+
+
+@dataclass(slots=True)
+class _Observed:
+    device: str = ""
+    parameter_count: int = 0
+    train: dict[int, Mapping[str, float]] = field(default_factory=dict)
+    val: dict[int, Mapping[str, float]] = field(default_factory=dict)
+
+    def record(self, event: ChildEvent) -> None:
+        if isinstance(event, TrainingStarted):
+            self.device, self.parameter_count = event.device, event.parameter_count
+        elif isinstance(event, EpochTrained):
+            self.train[event.epoch] = event.losses
+        elif isinstance(event, Evaluated):
+            self.val[event.epoch] = event.metrics
+
+
+async def run_training(
+    *,
+    config_path: Path,
+    work_dir: Path,
+    artifact_dir: Path,
+    split_path: Path,
+    log_path: Path,
+    on_event: EventCallback,
+    stop: asyncio.Event | None = None,
+    env: Mapping[str, str] | None = None,
+) -> TrainingOutcome:
+    """Trains with the mmengine config at `config_path` (whose work_dir is `work_dir`).
+
+    `on_event` sees every child event as it arrives. Setting `stop` asks the child
+    to stop at its next iteration; a child that finished first still succeeds.
+    Cancelling the calling task kills the child.
+    """
+    started = time.monotonic()
+    await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+    read_fd, write_fd = os.pipe()
+    child_env = {
+        **os.environ,
+        **(env or {}),
+        EVENT_FD_ENV: str(write_fd),
+        # mmengine checkpoints hold pickled objects; the only checkpoints a child loads are
+        # the ones this system wrote or verified by sha256 before the run.
+        "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
+    observed = _Observed()
+    try:
+        with log_path.open("ab") as log_file:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "trainer_worker.train_process",
+                str(config_path),
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=asyncio.subprocess.STDOUT,
+                env=child_env,
+                pass_fds=(write_fd,),
+            )
+    except BaseException:
+        os.close(read_fd)
+        raise
+    finally:
+        os.close(write_fd)
+    log.info("training started", pid=process.pid, config=str(config_path))
+
+    async def relay() -> None:
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(limit=_LINE_LIMIT)
+        transport, _ = await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(reader), os.fdopen(read_fd, "rb", 0)
+        )
+        try:
+            while line := await reader.readline():
+                try:
+                    event = decode(line)
+                except ProtocolError as error:
+                    log.warning("ignored a bad event line", error=str(error))
+                    continue
+                observed.record(event)
+                await on_event(event)
+        finally:
+            transport.close()
+
+    async def stop_on_request() -> None:
+        if stop is None:
+            return
+        await stop.wait()
+        _signal(process, signal.SIGTERM)
+        await asyncio.sleep(_STOP_GRACE_S)
+        _signal(process, signal.SIGKILL)
+
+    stopper = asyncio.create_task(stop_on_request())
+    try:
+        await relay()
+        returncode = await process.wait()
+    except BaseException:
+        _signal(process, signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.shield(process.wait()), _STOP_GRACE_S)
+        _signal(process, signal.SIGKILL)
+        raise
+    finally:
+        stopper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await stopper
+    duration = time.monotonic() - started
+    log.info("training ended", pid=process.pid, returncode=returncode, seconds=round(duration, 1))
+
+    if returncode == EXIT_CANCELLED or (stop is not None and stop.is_set() and returncode != 0):
+        return TrainingCancelled()
+    if returncode != 0:
+        return TrainingFailed(
+            reason="training_crashed",
+            message=f"training exited with status {returncode}; log tail:\n{_tail(log_path)}",
+        )
+    return await asyncio.to_thread(
+        _collect,
+        observed=observed,
+        work_dir=work_dir,
+        config_path=config_path,
+        artifact_dir=artifact_dir,
+        split_path=split_path,
+        duration_s=duration,
+    )
+
+
+def _collect(
+    *,
+    observed: _Observed,
+    work_dir: Path,
+    config_path: Path,
+    artifact_dir: Path,
+    split_path: Path,
+    duration_s: float,
+) -> TrainingOutcome:
+    last_epoch = max(observed.train, default=0)
+    best = best_epoch(observed.val, last_epoch=last_epoch)
+    checkpoint = work_dir / f"epoch_{best}.pth"
+    if best is None or not checkpoint.is_file():
+        return TrainingFailed(
+            reason="training_incomplete",
+            message=f"training exited cleanly without a checkpoint for epoch {best} in {work_dir}",
+        )
+    epochs = tuple(
+        EpochRecord(epoch=e, train=observed.train.get(e, {}), val=observed.val.get(e, {}))
+        for e in sorted(set(observed.train) | set(observed.val))
+    )
+    artifact_dir.mkdir(parents=True, exist_ok=True)
+    # mmengine dumps the config it ran, `_base_` resolved: it loads without our files.
+    resolved = work_dir / config_path.name
+    shutil.copyfile(resolved if resolved.is_file() else config_path, artifact_dir / "config.py")
+    os.replace(checkpoint, artifact_dir / "checkpoint.pth")
+    for stale in work_dir.glob("epoch_*.pth"):
+        stale.unlink(missing_ok=True)
+    shutil.copyfile(split_path, artifact_dir / "split.json")
+    (artifact_dir / "metrics.json").write_text(
+        json.dumps(
+            {
+                "best_epoch": best,
+                "epochs": [
+                    {"epoch": r.epoch, "train": dict(r.train), "val": dict(r.val)} for r in epochs
+                ],
+                "parameter_count": observed.parameter_count,
+                "device": observed.device,
+                "duration_s": round(duration_s, 3),
+            },
+            indent=2,
+        )
+    )
+    artifacts = tuple(
+        _artifact(kind, artifact_dir / name)
+        for kind, name in (
+            ("config", "config.py"),
+            ("checkpoint", "checkpoint.pth"),
+            ("metrics", "metrics.json"),
+            ("split", "split.json"),
+        )
+    )
+    return TrainingSucceeded(
+        artifacts=artifacts,
+        best_epoch=best,
+        best_metrics=observed.val.get(best, {}),
+        epochs=epochs,
+        epochs_trained=last_epoch,
+        duration_s=duration_s,
+        parameter_count=observed.parameter_count,
+        device=observed.device,
+    )
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _artifact(kind: str, path: Path) -> ArtifactFile:
+    return ArtifactFile(
+        kind=kind, path=path, size_bytes=path.stat().st_size, sha256=sha256_file(path)
+    )
+
+
+def _signal(process: asyncio.subprocess.Process, signum: int) -> None:
+    if process.returncode is None:
+        with contextlib.suppress(ProcessLookupError):
+            process.send_signal(signum)
+
+
+def _tail(path: Path) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
+            return f.read().decode(errors="replace")
+    except OSError as error:
+        return f"(log unreadable: {error})"
