@@ -25,7 +25,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture(key="retinanet_r101_fpn", family="retinanet", depth=101, learning_rate=0.01),
         Architecture(key="faster_rcnn_r18_fpn", family="faster_rcnn", depth=18, learning_rate=0.02),
         Architecture(key="faster_rcnn_r50_fpn", family="faster_rcnn", depth=50, learning_rate=0.02),
-        Architecture(key="faster_rcnn_r101_fpn", family="faster_rcnn", depth=101, learning_rate=0.02),
+        Architecture(
+            key="faster_rcnn_r101_fpn", family="faster_rcnn", depth=101, learning_rate=0.02
+        ),
     )
 }
 

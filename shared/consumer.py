@@ -8,6 +8,7 @@ any other error naks it for a later retry.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -50,13 +51,18 @@ async def consume(
             subscription = await js.pull_subscribe(
                 subject, durable=durable, stream=stream, config=config
             )
-            while True:
-                try:
-                    messages = await subscription.fetch(batch, timeout=1.0)
-                except TimeoutError:
-                    continue
-                for msg in messages:
-                    await _handle_one(msg, handle, retry_delay_s)
+            try:
+                while True:
+                    try:
+                        messages = await subscription.fetch(batch, timeout=1.0)
+                    except TimeoutError:
+                        continue
+                    for msg in messages:
+                        await _handle_one(msg, handle, retry_delay_s)
+            finally:
+                # Leaves nothing for a drain of the connection to wait on.
+                with contextlib.suppress(Exception):
+                    await subscription.unsubscribe()
         except asyncio.CancelledError:
             raise
         except Exception:

@@ -19,7 +19,9 @@ def parse_dataset_uri(uri: str) -> Path:
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path if parsed.scheme else uri))
-        if parsed.scheme == "file" and (parsed.netloc not in ("", "localhost") or not path.is_absolute()):
+        if parsed.scheme == "file" and (
+            parsed.netloc not in ("", "localhost") or not path.is_absolute()
+        ):
             raise DatasetUriError(f"{uri!r}: a file URI needs an absolute path (file:///...)")
         if ".." in path.parts:
             raise DatasetUriError(f"{uri!r}: '..' is not allowed in a dataset path")

@@ -100,7 +100,9 @@ def to_status(error: DomainError) -> grpc.Status:
     if isinstance(error, InvalidArgument):
         details = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field, description=v.description
+                )
                 for v in error.violations
             ]
         )

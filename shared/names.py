@@ -22,9 +22,7 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> uuid.UUID:
             return uuid.UUID(name.removeprefix(prefix))
         except ValueError:
             pass
-    raise InvalidArgument(
-        [FieldViolation(field, f"expected {collection}/{{uuid}}, got {name!r}")]
-    )
+    raise InvalidArgument([FieldViolation(field, f"expected {collection}/{{uuid}}, got {name!r}")])
 
 
 def run_name(id_: uuid.UUID | str) -> str:

@@ -56,8 +56,10 @@ def decode(token: str, fingerprint: str, *, time_value: bool = True) -> Cursor |
             value = datetime.fromisoformat(value)
         cursor = Cursor(value, str(data["id"]))
         matches = data["q"] == fingerprint
-    except (ValueError, KeyError, TypeError):
-        raise InvalidArgument([FieldViolation("page_token", "not a token this server issued")])
+    except (ValueError, KeyError, TypeError) as error:
+        raise InvalidArgument(
+            [FieldViolation("page_token", "not a token this server issued")]
+        ) from error
     if not matches:
         raise InvalidArgument(
             [FieldViolation("page_token", "belongs to a request with other filters or order")]

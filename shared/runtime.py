@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import structlog
@@ -17,11 +17,12 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from shared import messaging
+from shared import logs, messaging
 from shared.db.engine import create_engine, session_factory
 from shared.db.migrate import upgrade
 from shared.grpc_server import Server
 from shared.outbox import OutboxRelay
+from shared.process import serve_until_signalled
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -68,7 +69,9 @@ class ServiceApp:
         self._tasks = [asyncio.create_task(loop) for loop in loops]
         self.port = self._server.listen(self.address())
         await self._server.start()
-        log.info("serving", services=list(self.service_names), address=self.address(), port=self.port)
+        log.info(
+            "serving", services=list(self.service_names), address=self.address(), port=self.port
+        )
 
     async def stop(self, grace_s: float = 5.0) -> None:
         if self._server is not None:
@@ -84,3 +87,14 @@ class ServiceApp:
                 await self._nc.drain()
         if self._engine is not None:
             await self._engine.dispose()
+
+
+def run_service(app: Callable[[Settings], ServiceApp]) -> None:
+    """Entry point of a service process: settings from the environment, serve until SIGTERM."""
+
+    async def main() -> None:
+        settings = Settings()
+        logs.configure(settings.log_level, json=settings.log_json)
+        await serve_until_signalled(app(settings))
+
+    asyncio.run(main())

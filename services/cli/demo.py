@@ -108,7 +108,7 @@ def demo(
             try:
                 stack.enter_context(devstack.foreground(settings, data_dir, say=_say))
             except devstack.StackError as error:
-                console.print(f"[bold red]error[/] {error}", highlight=False)
+                console.print(f"[bold red]error[/] {error}", highlight=False, soft_wrap=True)
                 raise typer.Exit(1) from None
         artifact_root = settings.resolved_artifact_root()
         with connect(settings) as clients:

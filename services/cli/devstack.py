@@ -243,11 +243,10 @@ def start(
                 )
             process = _spawn(component, layout, env)
             started.append((component, process))
+            began = time.monotonic()
             _wait_started(component, process, settings, layout)
-            say(
-                f"{component.name}: started, pid {process.pid}"
-                + (f", {address}" if address else "")
-            )
+            where = f", {address}" if address else ""
+            say(f"{component.name}: pid {process.pid}{where} ({time.monotonic() - began:.1f}s)")
     except BaseException:
         stop_started(layout, started)
         raise

@@ -6,8 +6,9 @@ from datetime import UTC, datetime
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
+from rich import box
 from rich.console import Group, RenderableType
-from rich.table import Table
+from rich.table import Column, Table
 from rich.text import Text
 from rich.tree import Tree
 
@@ -32,11 +33,11 @@ def state_text(state: int) -> Text:
     return Text(State.Name(state), style=_STATE_STYLES.get(state, ""))
 
 
-def timestamp(value: Timestamp) -> str:
+def timestamp(value: Timestamp, *, short: bool = False) -> str:
     if not value.seconds and not value.nanos:
         return ""
     moment: datetime = value.ToDatetime(tzinfo=UTC)
-    return moment.astimezone().strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone().strftime("%m-%d %H:%M" if short else "%Y-%m-%d %H:%M:%S")
 
 
 def duration(value: Duration) -> str:
@@ -92,7 +93,7 @@ def _evaluation(run: training_run_pb2.TrainingRun, field: str) -> str:
 def run_details(run: training_run_pb2.TrainingRun) -> Table:
     spec = run.spec
     settings = ", ".join(
-        f"{field.name}={value}"
+        f"{field.name}={field.enum_type.values_by_number[value].name if field.enum_type else value}"
         for field, value in spec.ListFields()
         if field.name not in ("dataset_uri", "image_root", "architecture")
     )
@@ -120,18 +121,25 @@ def run_details(run: training_run_pb2.TrainingRun) -> Table:
 
 
 def runs_table(runs: list[training_run_pb2.TrainingRun]) -> Table:
-    table = Table("name", "display name", "state", "architecture", "progress", "mAP", "created")
+    # The id is what users copy into the next command: never truncated or wrapped.
+    table = Table(
+        Column("id", no_wrap=True),
+        Column("display name", min_width=12),
+        Column("state", no_wrap=True),
+        Column("mAP", no_wrap=True),
+        Column("created", min_width=5),
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
     for run in runs:
         table.add_row(
-            run.name,
+            run.name.removeprefix("trainingRuns/"),
             run.display_name,
             state_text(run.state),
-            run.spec.architecture,
-            progress_text(run.progress),
             map_value(
                 run.best_evaluation if run.HasField("best_evaluation") else run.latest_evaluation
             ),
-            timestamp(run.create_time),
+            timestamp(run.create_time, short=True),
         )
     return table
 
@@ -143,7 +151,8 @@ def event_text(event: training_run_pb2.TrainingRunEvent) -> Text:
     if kind == "state_changed":
         change = event.state_changed
         body = Text.assemble(
-            state_text(change.from_state), " → ", state_text(change.to_state),
+            *((state_text(change.from_state), " → ") if change.from_state else ()),
+            state_text(change.to_state),
             f"  {change.reason}" if change.reason else "",
             f": {change.message}" if change.message else "",
         )  # fmt: skip
@@ -201,13 +210,22 @@ def model_details(model: trained_model_pb2.TrainedModel) -> Table:
 
 
 def models_table(models: list[trained_model_pb2.TrainedModel]) -> Table:
-    table = Table("name", "display name", "architecture", "base model", "mAP", "published")
+    table = Table(
+        Column("id", no_wrap=True),
+        "display name",
+        "architecture",
+        box=box.SIMPLE_HEAD,
+        padding=(0, 1),
+    )
+    table.add_column("base model")
+    table.add_column("mAP", no_wrap=True)
+    table.add_column("published")
     for model in models:
         table.add_row(
-            model.name,
+            model.name.removeprefix("trainedModels/"),
             model.display_name,
             model.architecture,
-            model.base_model,
+            model.base_model.removeprefix("trainedModels/"),
             map_value(model.evaluation),
             model.publication.channel if model.publication.published else "",
         )

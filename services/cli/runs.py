@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
 from services.cli.client import model_name as to_model_name
@@ -195,7 +196,7 @@ def cancel(
             training_run_pb2.CancelTrainingRunRequest(name=to_run_name(name), reason=reason),
             timeout=UNARY_TIMEOUT_S,
         )
-    console.print(f"{run.name}: ", state_text(run.state))
+    console.print(Text.assemble(f"{run.name} ", state_text(run.state)))
 
 
 @app.command()

@@ -32,7 +32,7 @@ def up(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     try:
         _, started, found = devstack.start(settings, data_dir, detached=True, say=_say)
     except devstack.StackError as error:
-        console.print(f"[bold red]error[/] {error}", highlight=False)
+        console.print(f"[bold red]error[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
     if not started:
         console.print("already running", style="bold")

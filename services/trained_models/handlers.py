@@ -25,7 +25,9 @@ async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
     assert model.training_run_id is not None
     async with uow:
         if not await uow.models.run_exists(model.training_run_id):
-            log.warning("run deleted before its model was registered", run_id=str(model.training_run_id))
+            log.warning(
+                "run deleted before its model was registered", run_id=str(model.training_run_id)
+            )
             return False
         if not await uow.models.add_if_absent(model):
             return False

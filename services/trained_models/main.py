@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -13,17 +12,16 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.trained_models.consumer import RunSucceededHandler
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
-from shared import logs
 from shared.consumer import consume
 from shared.grpc_server import Server
-from shared.process import serve_until_signalled
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
-from shared.runtime import ServiceApp
-from shared.settings import Settings
+from shared.runtime import ServiceApp, run_service
 
 
 class TrainedModelsApp(ServiceApp):
-    service_names = (trained_model_pb2.DESCRIPTOR.services_by_name["TrainedModelService"].full_name,)
+    service_names = (
+        trained_model_pb2.DESCRIPTOR.services_by_name["TrainedModelService"].full_name,
+    )
     client_name = "raven-trained-models"
 
     def address(self) -> str:
@@ -53,14 +51,8 @@ class TrainedModelsApp(ServiceApp):
         ]
 
 
-async def main() -> None:
-    settings = Settings()
-    logs.configure(settings.log_level, json=settings.log_json)
-    await serve_until_signalled(TrainedModelsApp(settings))
-
-
 def run() -> None:
-    asyncio.run(main())
+    run_service(TrainedModelsApp)
 
 
 if __name__ == "__main__":

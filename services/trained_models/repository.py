@@ -129,7 +129,9 @@ class TrainedModelRepository:
 
     async def get(self, model_id: uuid.UUID) -> TrainedModel | None:
         row = (
-            await self._session.execute(select(trained_models).where(trained_models.c.id == model_id))
+            await self._session.execute(
+                select(trained_models).where(trained_models.c.id == model_id)
+            )
         ).first()
         return _to_model(row) if row else None
 

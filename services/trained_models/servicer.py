@@ -79,7 +79,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         if len(models) > size:
             models = models[:size]
             last = models[-1]
-            value = last.create_time if by_time else (last.bbox_map if last.bbox_map is not None else -1.0)
+            value = (
+                last.create_time
+                if by_time
+                else (last.bbox_map if last.bbox_map is not None else -1.0)
+            )
             token = pagination.encode(pagination.Cursor(value, str(last.id)), fingerprint)
         return pb.ListTrainedModelsResponse(
             trained_models=[model_to_proto(m) for m in models], next_page_token=token

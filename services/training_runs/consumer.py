@@ -13,8 +13,8 @@ from services.training_runs.unit_of_work import UnitOfWork
 from shared.consumer import Unprocessable
 from shared.errors import InvalidArgument
 from shared.names import TRAINING_RUNS, parse_name
-from shared.proto_json import to_dict
 from shared.proto.raven.training.v1.worker_pb2 import WorkerEvent
+from shared.proto_json import to_dict
 
 
 def to_report(event: WorkerEvent) -> WorkerReport:

@@ -62,9 +62,7 @@ _ALLOWED: dict[RunState, frozenset[RunState]] = {
 
 class IllegalTransition(FailedPrecondition):
     def __init__(self, run_id: uuid.UUID, current: RunState, target: RunState) -> None:
-        super().__init__(
-            f"training run {run_id} is {current}; it cannot become {target}"
-        )
+        super().__init__(f"training run {run_id} is {current}; it cannot become {target}")
         self.current = current
         self.target = target
 
@@ -93,7 +91,9 @@ class RunEvent:
 
     @property
     def is_terminal(self) -> bool:
-        return self.kind is EventKind.STATE_CHANGED and RunState(self.payload["to_state"]).is_terminal
+        return (
+            self.kind is EventKind.STATE_CHANGED and RunState(self.payload["to_state"]).is_terminal
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +182,9 @@ class TrainingRun:
     # Worker-driven transitions.
 
     def start_preparing(self, *, worker_id: str, actor: str, now: datetime) -> None:
-        self._transition(RunState.PREPARING, "started", f"worker {worker_id} took the job", actor, now)
+        self._transition(
+            RunState.PREPARING, "started", f"worker {worker_id} took the job", actor, now
+        )
         self.worker_id = worker_id
         self.heartbeat_time = now
         if self.start_time is None:
@@ -262,7 +264,9 @@ class TrainingRun:
         self.failure = self.failure or Failure(reason="cancelled", message="cancelled by request")
         self.end_time = now
 
-    def rename(self, *, display_name: str | None, labels: Mapping[str, str] | None, now: datetime) -> None:
+    def rename(
+        self, *, display_name: str | None, labels: Mapping[str, str] | None, now: datetime
+    ) -> None:
         if display_name is not None:
             self.display_name = display_name
         if labels is not None:

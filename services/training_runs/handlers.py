@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import structlog
+from sqlalchemy.exc import IntegrityError
 
 from services.training_runs.domain import RunEvent, TrainingRun
 from services.training_runs.messages import job_message
@@ -81,13 +82,8 @@ async def create_run(
     )
     async with uow:
         if request_id is not None:
-            existing = await uow.runs.get_by_request(command.creator, request_id)
+            existing = await _repeated(uow, command, request_id)
             if existing is not None:
-                if existing.request_hash != command.request_hash:
-                    raise AlreadyExists(
-                        f"request_id {request_id} was used for another request "
-                        f"(training run {existing.id})"
-                    )
                 return existing
 
         base: BaseModel | None = None
@@ -117,9 +113,31 @@ async def create_run(
         )
         uow.add(run)
         uow.publish(job_message(run, base, uow.subjects))
-        await uow.commit()
+        try:
+            await uow.commit()
+        except IntegrityError:
+            # The same request raced this one and committed first.
+            if request_id is None:
+                raise
+            await uow.session.rollback()
+            existing = await _repeated(uow, command, request_id)
+            if existing is None:
+                raise
+            return existing
     log.info("training run created", run_id=str(run.id), architecture=run.architecture)
     return run
+
+
+async def _repeated(
+    uow: UnitOfWork, command: CreateRun, request_id: uuid.UUID
+) -> TrainingRun | None:
+    """The run an earlier request with this request_id created, if the bodies match."""
+    existing = await uow.runs.get_by_request(command.creator, request_id)
+    if existing is not None and existing.request_hash != command.request_hash:
+        raise AlreadyExists(
+            f"request_id {request_id} was used for another request (training run {existing.id})"
+        )
+    return existing
 
 
 def _request_id(raw: str, violations: Violations) -> uuid.UUID | None:
@@ -256,9 +274,7 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
         try:
             applied = _apply(run, report)
         except FailedPrecondition as error:
-            log.warning(
-                "report refused", run_id=str(run.id), kind=report.kind, error=error.message
-            )
+            log.warning("report refused", run_id=str(run.id), kind=report.kind, error=error.message)
             return False
         if applied:
             uow.changed(run)
@@ -284,7 +300,10 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
             run.report_evaluation(payload, actor=actor, now=now)
         case "notice":
             run.notify(
-                code=payload.get("code", ""), message=payload.get("message", ""), actor=actor, now=now
+                code=payload.get("code", ""),
+                message=payload.get("message", ""),
+                actor=actor,
+                now=now,
             )
         case "succeeded":
             run.succeed(

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Coroutine
 from typing import Any
 
@@ -14,13 +13,10 @@ from services.training_runs.consumer import WorkerEventHandler
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
-from shared import logs
 from shared.consumer import consume
 from shared.grpc_server import Server
-from shared.process import serve_until_signalled
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
-from shared.runtime import ServiceApp
-from shared.settings import Settings
+from shared.runtime import ServiceApp, run_service
 
 
 class TrainingRunsApp(ServiceApp):
@@ -64,14 +60,8 @@ class TrainingRunsApp(ServiceApp):
         await self.hub.stop()
 
 
-async def main() -> None:
-    settings = Settings()
-    logs.configure(settings.log_level, json=settings.log_json)
-    await serve_until_signalled(TrainingRunsApp(settings))
-
-
 def run() -> None:
-    asyncio.run(main())
+    run_service(TrainingRunsApp)
 
 
 if __name__ == "__main__":

@@ -89,9 +89,7 @@ def event_to_proto(event: RunEvent) -> training_run_pb2.TrainingRunEvent:
     return message
 
 
-def job_message(
-    run: TrainingRun, base: BaseModel | None, subjects: Subjects
-) -> OutboxMessage:
+def job_message(run: TrainingRun, base: BaseModel | None, subjects: Subjects) -> OutboxMessage:
     job = worker_pb2.TrainingJob(
         training_run=run_name(run.id),
         attempt=run.attempt,

@@ -16,6 +16,7 @@ from services.training_runs.domain import EventKind, Failure, RunEvent, RunState
 from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
 from shared.pagination import Cursor
 
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class RunFilter:
     states: tuple[RunState, ...] = ()

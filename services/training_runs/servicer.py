@@ -95,7 +95,9 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if len(runs) > size:
             runs = runs[:size]
             last = runs[-1]
-            token = pagination.encode(pagination.Cursor(last.create_time, str(last.id)), fingerprint)
+            token = pagination.encode(
+                pagination.Cursor(last.create_time, str(last.id)), fingerprint
+            )
         return pb.ListTrainingRunsResponse(
             training_runs=[run_to_proto(r) for r in runs], next_page_token=token
         )

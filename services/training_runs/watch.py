@@ -35,7 +35,9 @@ _REPLAY_PAGE = 500
 
 
 def is_terminal(event: TrainingRunEvent) -> bool:
-    return event.WhichOneof("payload") == "state_changed" and event.state_changed.to_state in _TERMINAL
+    return (
+        event.WhichOneof("payload") == "state_changed" and event.state_changed.to_state in _TERMINAL
+    )
 
 
 class _Watcher:

@@ -1,0 +1,94 @@
+"""Fixtures for the whole suite: real Postgres and NATS (the configured ones, or
+embedded ones when none answers), a fresh database and NATS namespace per
+session, and both gRPC services running in-process on free ports."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from services.trained_models.main import TrainedModelsApp
+from services.training_runs.main import TrainingRunsApp
+from shared.infra import Infrastructure, create_database, drop_database, ensure_infrastructure
+from shared.messaging import Subjects
+from shared.settings import Settings
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def infrastructure(tmp_path_factory: pytest.TempPathFactory) -> Infrastructure:
+    data_dir = Path(os.environ.get("RAVEN_TEST_DATA_DIR") or tmp_path_factory.mktemp("infra"))
+    return ensure_infrastructure(Settings(), data_dir, keep_running=False)
+
+
+@pytest.fixture(scope="session")
+def settings(
+    infrastructure: Infrastructure, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Settings]:
+    """Settings of this test session: its own database, NATS namespace and artifact root."""
+    suffix = uuid.uuid4().hex[:10]
+    database = f"raven_test_{suffix}"
+    url = create_database(infrastructure.database_url, database)
+    yield Settings(
+        database_url=url,
+        nats_url=infrastructure.nats_url,
+        nats_namespace=f"test{suffix}",
+        artifact_root=tmp_path_factory.mktemp("artifacts"),
+        training_runs_addr="127.0.0.1:0",
+        trained_models_addr="127.0.0.1:0",
+        job_ack_wait_s=20,
+    )
+    drop_database(infrastructure.database_url, database)
+
+
+@pytest.fixture(scope="session")
+def subjects(settings: Settings) -> Subjects:
+    return Subjects(settings.nats_namespace)
+
+
+@pytest.fixture(scope="session")
+async def nc(settings: Settings, subjects: Subjects) -> AsyncIterator[nats.NATS]:
+    connection = await nats.connect(settings.nats_url)
+    yield connection
+    js = connection.jetstream()
+    for stream in (subjects.jobs_stream, subjects.worker_events_stream, subjects.events_stream):
+        try:
+            await js.delete_stream(stream)
+        except Exception:
+            pass
+    await connection.close()
+
+
+@pytest.fixture(scope="session")
+async def training_runs(settings: Settings, nc: nats.NATS) -> AsyncIterator[TrainingRunsApp]:
+    app = TrainingRunsApp(settings)
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def trained_models(settings: Settings, nc: nats.NATS) -> AsyncIterator[TrainedModelsApp]:
+    app = TrainedModelsApp(settings)
+    await app.start()
+    yield app
+    await app.stop(grace_s=1)
+
+
+@pytest.fixture(scope="session")
+async def runs_channel(training_runs: TrainingRunsApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{training_runs.port}") as channel:
+        yield channel
+
+
+@pytest.fixture(scope="session")
+async def models_channel(trained_models: TrainedModelsApp) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{trained_models.port}") as channel:
+        yield channel
