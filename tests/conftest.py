@@ -16,7 +16,7 @@ import pytest
 from services.trained_models.main import TrainedModelsApp
 from services.training_runs.main import TrainingRunsApp
 from shared.infra import Infrastructure, create_database, drop_database, ensure_infrastructure
-from shared.messaging import Subjects
+from shared.messaging import Subjects, ensure_streams
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -56,6 +56,7 @@ def subjects(settings: Settings) -> Subjects:
 @pytest.fixture(scope="session")
 async def nc(settings: Settings, subjects: Subjects) -> AsyncIterator[nats.NATS]:
     connection = await nats.connect(settings.nats_url)
+    await ensure_streams(connection.jetstream(), subjects)
     yield connection
     js = connection.jetstream()
     for stream in (subjects.jobs_stream, subjects.worker_events_stream, subjects.events_stream):

@@ -11,7 +11,10 @@ T = TypeVar("T")
 
 
 async def eventually(
-    probe: Callable[[], Awaitable[T | None]], *, timeout: float = 10.0, interval: float = 0.05
+    probe: Callable[[], Awaitable[T | None]],
+    *,
+    timeout: float = 10.0,  # noqa: ASYNC109 (a deadline for the probing, not for one await)
+    interval: float = 0.05,
 ) -> T:
     """Awaits `probe` until it returns something truthy; fails the test after `timeout`."""
     deadline = time.monotonic() + timeout
