@@ -8,6 +8,7 @@ RAVEN_* variables, which is all the children read.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -185,7 +186,7 @@ def _wait_started(
             return
         time.sleep(0.2)
     if address:
-        stop_pid(process.pid)
+        stop_pids([process.pid])
         layout.pid_file(component).unlink(missing_ok=True)
         raise StackError(
             f"{component.name} did not report SERVING on {address} within {START_TIMEOUT_S:.0f}s; "
@@ -193,18 +194,23 @@ def _wait_started(
         )
 
 
-def stop_pid(pid: int, *, grace: float = STOP_GRACE_S) -> None:
-    """SIGTERM (the processes shut down gracefully on it), SIGKILL after `grace` seconds."""
-    try:
-        process = psutil.Process(pid)
-        process.send_signal(signal.SIGTERM)
+def stop_pids(pids: list[int], *, grace: float = STOP_GRACE_S) -> list[int]:
+    """SIGTERM to all at once (each shuts down gracefully on it), SIGKILL to those still
+    running after `grace` seconds; returns the pids that had to be killed."""
+    processes = []
+    for pid in pids:
         try:
-            process.wait(grace)
-        except psutil.TimeoutExpired:
+            process = psutil.Process(pid)
+            process.send_signal(signal.SIGTERM)
+            processes.append(process)
+        except psutil.NoSuchProcess:
+            pass
+    _, alive = psutil.wait_procs(processes, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
             process.kill()
-            process.wait(5)
-    except psutil.NoSuchProcess:
-        pass
+    psutil.wait_procs(alive, timeout=5)
+    return [process.pid for process in alive]
 
 
 def start(
@@ -265,18 +271,18 @@ def start(
 def stop_started(
     layout: Layout, started: list[tuple[Component, subprocess.Popen[bytes]]]
 ) -> list[str]:
-    """Stops children this process started, the worker first."""
-    stopped = []
-    for component, process in reversed(started):
-        if process.poll() is None:
-            try:
-                stop_pid(process.pid)
-            except KeyboardInterrupt:
-                process.kill()
-            process.wait()
-            stopped.append(component.name)
+    """Stops the children this process started; returns their names."""
+    running = [(c, p) for c, p in started if p.poll() is None]
+    try:
+        stop_pids([p.pid for _, p in running])
+    except KeyboardInterrupt:
+        # A second Ctrl-C while they shut down: no more waiting.
+        for _, process in running:
+            process.kill()
+    for component, process in started:
+        process.wait()
         layout.pid_file(component).unlink(missing_ok=True)
-    return stopped
+    return [c.name for c, _ in running]
 
 
 @contextmanager
@@ -295,14 +301,15 @@ def foreground(
 
 
 def down(data_dir: Path) -> list[str]:
-    """Stops every component with a live pid file, then the embedded servers."""
+    """Stops every component with a live pid file, then the embedded servers.
+
+    Returns what was stopped; one that ignored SIGTERM for STOP_GRACE_S is marked killed.
+    """
     layout = layout_for(data_dir)
-    stopped = []
-    for component in reversed(COMPONENTS):
-        pid = running_pid(layout, component)
-        if pid is not None:
-            stop_pid(pid)
-            stopped.append(component.name)
+    pids = {c: pid for c in COMPONENTS if (pid := running_pid(layout, c)) is not None}
+    killed = set(stop_pids(list(pids.values())))
+    stopped = [f"{c.name} (killed)" if pid in killed else c.name for c, pid in pids.items()]
+    for component in COMPONENTS:
         layout.pid_file(component).unlink(missing_ok=True)
     stopped += [f"{name} (embedded)" for name in stop_embedded(layout.data_dir)]
     layout.state_file.unlink(missing_ok=True)
