@@ -260,6 +260,9 @@ class TrainingRun:
         self._transition(RunState.CANCELLING, "cancel_requested", message, actor, now)
 
     def cancelled(self, *, actor: str, now: datetime) -> None:
+        """The worker stopped on a cancel request; partial progress and metrics are kept."""
+        if self.state is not RunState.CANCELLING:
+            raise IllegalTransition(self.id, self.state, RunState.CANCELLED)
         self._transition(RunState.CANCELLED, "cancelled", "training stopped", actor, now)
         self.failure = self.failure or Failure(reason="cancelled", message="cancelled by request")
         self.end_time = now

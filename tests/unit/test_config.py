@@ -1,0 +1,182 @@
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from shared.catalog import ARCHITECTURES
+from trainer_worker.architectures import MMDET_ARCHITECTURES, mmdet_configs_root
+from trainer_worker.config import (
+    BaseCheckpoint,
+    ConfigError,
+    DatasetFiles,
+    TrainingPlan,
+    generate_config,
+)
+
+mmengine_config = pytest.importorskip("mmengine.config")
+try:
+    CONFIGS = mmdet_configs_root()
+except RuntimeError as missing:
+    pytest.skip(f"needs the mmdet wheel: {missing}", allow_module_level=True)
+
+CLASSES = ("dump", "tire", "bottle")
+
+
+def plan(**changes: Any) -> TrainingPlan:
+    values: dict[str, Any] = {
+        "architecture": "retinanet_r18_fpn",
+        "epochs": 7,
+        "batch_size": 3,
+        "learning_rate": 0.004,
+        "frozen_stages": 2,
+        "image_size": 256,
+        "seed": 2**40 + 5,
+    }
+    return TrainingPlan(**{**values, **changes})
+
+
+def files(tmp_path: Path, classes: tuple[str, ...] = CLASSES) -> DatasetFiles:
+    return DatasetFiles(
+        train_path=tmp_path / "train.json",
+        val_path=tmp_path / "val.json",
+        classes=classes,
+        train_image_count=30,
+    )
+
+
+def load(tmp_path: Path, text: str) -> Any:
+    path = tmp_path / "config.py"
+    path.write_text(text)
+    return mmengine_config.Config.fromfile(str(path))
+
+
+def test_retinanet_config(tmp_path: Path) -> None:
+    generated = generate_config(
+        plan=plan(), dataset=files(tmp_path), work_dir=tmp_path / "work", configs_root=CONFIGS
+    )
+    cfg = load(tmp_path, generated.text)
+
+    assert generated.notices == ()
+    assert cfg.model.bbox_head.num_classes == 3
+    assert cfg.model.backbone.depth == 18
+    assert cfg.model.backbone.init_cfg is None
+    assert cfg.model.backbone.frozen_stages == 2
+    for loader in (cfg.train_dataloader, cfg.val_dataloader, cfg.test_dataloader):
+        assert tuple(loader.dataset.metainfo.classes) == CLASSES
+        assert loader.num_workers == 0 and loader.persistent_workers is False
+    assert cfg.train_dataloader.batch_size == 3
+    assert cfg.train_dataloader.dataset.ann_file == str(tmp_path / "train.json")
+    assert cfg.val_dataloader.dataset.ann_file == str(tmp_path / "val.json")
+    assert cfg.val_evaluator.type == "CocoMetric"
+    assert cfg.val_evaluator.ann_file == str(tmp_path / "val.json")
+    assert cfg.train_cfg.max_epochs == 7 and cfg.train_cfg.val_interval == 1
+    assert cfg.optim_wrapper.optimizer.lr == 0.004
+    resize = [step for step in cfg.train_dataloader.dataset.pipeline if step.type == "Resize"]
+    assert resize[0].scale == (256, 256)
+    warmup, steps = cfg.param_scheduler
+    # 30 images in batches of 3 for 7 epochs: 70 iterations, a tenth of them warm up.
+    assert (warmup.type, warmup.end) == ("LinearLR", 7)
+    assert steps.milestones == [5, 6]
+    assert cfg.default_hooks.checkpoint.interval == 1
+    assert cfg.randomness.seed == (2**40 + 5) % 2**31
+    assert cfg.work_dir == str(tmp_path / "work")
+    assert cfg.load_from is None
+    # Nothing in the config may fetch weights.
+    assert "Pretrained" not in cfg.pretty_text and "torchvision://" not in cfg.pretty_text
+
+
+def test_faster_rcnn_r18_is_derived_from_r50(tmp_path: Path) -> None:
+    generated = generate_config(
+        plan=plan(architecture="faster_rcnn_r18_fpn", epochs=2),
+        dataset=files(tmp_path),
+        work_dir=tmp_path,
+        configs_root=CONFIGS,
+    )
+    cfg = load(tmp_path, generated.text)
+
+    assert cfg.model.backbone.depth == 18
+    assert cfg.model.neck.in_channels == [64, 128, 256, 512]
+    assert cfg.model.roi_head.bbox_head.num_classes == 3
+    assert cfg.model.backbone.init_cfg is None
+    # Too short for the 1x schedule's steps.
+    assert [s.type for s in cfg.param_scheduler] == ["LinearLR"]
+
+
+@pytest.mark.parametrize("key", sorted(MMDET_ARCHITECTURES))
+def test_every_architecture_loads(tmp_path: Path, key: str) -> None:
+    generated = generate_config(
+        plan=plan(architecture=key),
+        dataset=files(tmp_path),
+        work_dir=tmp_path,
+        configs_root=CONFIGS,
+    )
+    cfg = load(tmp_path, generated.text)
+    assert cfg.model.backbone.depth == ARCHITECTURES[key].depth
+    assert cfg.model.backbone.init_cfg is None
+    assert "Pretrained" not in cfg.pretty_text
+
+
+def test_catalog_and_mmdet_mapping_agree() -> None:
+    assert set(MMDET_ARCHITECTURES) == set(ARCHITECTURES)
+
+
+def test_fine_tune_with_the_same_classes_keeps_the_head(tmp_path: Path) -> None:
+    checkpoint = tmp_path / "base.pth"
+    generated = generate_config(
+        plan=plan(),
+        dataset=files(tmp_path),
+        work_dir=tmp_path,
+        configs_root=CONFIGS,
+        base=BaseCheckpoint(path=checkpoint, architecture="retinanet_r18_fpn", classes=CLASSES),
+    )
+    cfg = load(tmp_path, generated.text)
+    assert cfg.load_from == str(checkpoint)
+    assert tuple(cfg.raven.reset_weights) == ()
+    assert generated.notices == ()
+
+
+def test_fine_tune_with_other_classes_resets_the_head(tmp_path: Path) -> None:
+    generated = generate_config(
+        plan=plan(architecture="faster_rcnn_r50_fpn"),
+        dataset=files(tmp_path),
+        work_dir=tmp_path,
+        configs_root=CONFIGS,
+        base=BaseCheckpoint(
+            path=tmp_path / "base.pth", architecture="faster_rcnn_r50_fpn", classes=("dump",)
+        ),
+    )
+    cfg = load(tmp_path, generated.text)
+    assert cfg.load_from == str(tmp_path / "base.pth")
+    assert tuple(cfg.raven.reset_weights) == (
+        "roi_head.bbox_head.fc_cls.",
+        "roi_head.bbox_head.fc_reg.",
+    )
+    (notice,) = generated.notices
+    assert notice.code == "head_reinitialised"
+    assert "[dump]" in notice.message and "[dump, tire, bottle]" in notice.message
+
+
+def test_refuses_what_cannot_train(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="base model is a faster_rcnn_r50_fpn"):
+        generate_config(
+            plan=plan(),
+            dataset=files(tmp_path),
+            work_dir=tmp_path,
+            configs_root=CONFIGS,
+            base=BaseCheckpoint(
+                path=tmp_path / "b.pth", architecture="faster_rcnn_r50_fpn", classes=CLASSES
+            ),
+        )
+    with pytest.raises(ConfigError, match="frozen_stages"):
+        generate_config(
+            plan=plan(frozen_stages=5),
+            dataset=files(tmp_path),
+            work_dir=tmp_path,
+            configs_root=CONFIGS,
+        )
+    with pytest.raises(ConfigError, match="no classes"):
+        generate_config(
+            plan=plan(), dataset=files(tmp_path, ()), work_dir=tmp_path, configs_root=CONFIGS
+        )

@@ -1,0 +1,123 @@
+"""The TrainingRun state machine: every transition, legal or not."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from services.training_runs.domain import EventKind, RunState, TrainingRun
+from shared.errors import FailedPrecondition
+
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def queued() -> TrainingRun:
+    return TrainingRun.create(
+        display_name="run",
+        labels={},
+        spec={"architecture": "retinanet_r18_fpn", "dataset_uri": "d.json"},
+        base_model_id=None,
+        creator="user",
+        request_id=None,
+        request_hash=None,
+        now=NOW,
+    )
+
+
+def running() -> TrainingRun:
+    run = queued()
+    run.start_preparing(worker_id="w", actor="worker:w", now=NOW)
+    run.start_running(device="cpu", actor="worker:w", now=NOW)
+    return run
+
+
+def states(run: TrainingRun) -> list[str]:
+    return [e.payload["to_state"] for e in run.new_events if e.kind is EventKind.STATE_CHANGED]
+
+
+def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
+    run = running()
+    run.report_progress({"iteration": 1}, actor="worker:w", now=NOW)
+    run.succeed(
+        artifacts=[{"kind": "checkpoint"}],
+        facts={"best_epoch": 1},
+        best_evaluation=None,
+        epoch_metrics=[],
+        actor="worker:w",
+        now=NOW,
+    )
+    assert run.state is RunState.SUCCEEDED and run.end_time == NOW
+    assert states(run) == ["QUEUED", "PREPARING", "RUNNING", "SUCCEEDED"]
+    assert [e.sequence for e in run.new_events] == list(range(1, 6))
+    assert run.new_events[-1].is_terminal
+
+
+@pytest.mark.parametrize(
+    "act",
+    [
+        lambda r: r.start_running(device="cpu", actor="a", now=NOW),
+        lambda r: r.succeed(
+            artifacts=[], facts={}, best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+        ),
+        lambda r: r.cancelled(actor="a", now=NOW),
+        lambda r: r.report_progress({"iteration": 1}, actor="a", now=NOW),
+    ],
+)
+def test_illegal_transitions_from_queued_leave_the_run_unchanged(act):
+    run = queued()
+    before = (run.state, run.version, len(run.new_events))
+    with pytest.raises(FailedPrecondition):
+        act(run)
+    assert (run.state, run.version, len(run.new_events)) == before
+
+
+def test_nothing_changes_a_finished_run():
+    run = running()
+    run.fail(reason="training_crashed", message="exit code 1", actor="worker:w", now=NOW)
+    for act in (
+        lambda: run.start_preparing(worker_id="w2", actor="w", now=NOW),
+        lambda: run.request_cancel(reason="", actor="u", now=NOW),
+        lambda: run.succeed(
+            artifacts=[], facts={}, best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+        ),
+    ):
+        with pytest.raises(FailedPrecondition):
+            act()
+    assert run.state is RunState.FAILED
+    assert run.failure is not None and run.failure.reason == "training_crashed"
+
+
+def test_cancelling_a_queued_run_ends_it_at_once_and_twice_is_harmless():
+    run = queued()
+    run.request_cancel(reason="", actor="user", now=NOW)
+    assert run.state is RunState.CANCELLED
+    events = len(run.new_events)
+    run.request_cancel(reason="", actor="user", now=NOW)
+    assert len(run.new_events) == events
+
+
+def test_cancelling_an_active_run_waits_for_the_worker():
+    run = running()
+    run.request_cancel(reason="wrong data", actor="user", now=NOW)
+    assert run.state is RunState.CANCELLING
+    run.report_progress({"iteration": 5}, actor="worker:w", now=NOW)  # still reporting
+    run.cancelled(actor="worker:w", now=NOW)
+    assert run.state is RunState.CANCELLED
+    assert states(run)[-2:] == ["CANCELLING", "CANCELLED"]
+
+
+def test_progress_that_is_not_newer_is_ignored():
+    run = running()
+    assert run.report_progress({"iteration": 3}, actor="w", now=NOW)
+    assert not run.report_progress({"iteration": 3}, actor="w", now=NOW)
+    assert not run.report_progress({"iteration": 2}, actor="w", now=NOW)
+    assert run.progress == {"iteration": 3}
+
+
+def test_active_runs_cannot_be_deleted():
+    run = running()
+    with pytest.raises(FailedPrecondition, match="cancel it"):
+        run.ensure_deletable()
+    run.fail(reason="x", message="y", actor="w", now=NOW)
+    run.ensure_deletable()

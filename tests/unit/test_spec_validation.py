@@ -1,0 +1,73 @@
+"""Validation and defaults of a requested training spec."""
+
+from __future__ import annotations
+
+import pytest
+
+from services.training_runs.spec import SpecRequest, validate_spec
+from shared.errors import InvalidArgument, Violations
+
+
+def check(spec: SpecRequest, base: str | None = None) -> tuple[dict | None, dict[str, str]]:
+    violations = Violations()
+    filled = validate_spec(spec, violations, base_architecture=base, prefix="")
+    try:
+        violations.raise_if_any()
+    except InvalidArgument as error:
+        return filled, {v.field: v.description for v in error.violations}
+    return filled, {}
+
+
+def test_defaults_are_filled_and_recorded():
+    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    assert problems == {}
+    assert filled is not None
+    assert filled["epochs"] == 12 and filled["batch_size"] == 2
+    assert filled["learning_rate"] == pytest.approx(0.01 * 2 / 16)
+    assert isinstance(filled["seed"], int) and filled["seed"] >= 0
+
+
+def test_every_bad_field_is_reported_at_once():
+    _, problems = check(
+        SpecRequest(
+            dataset_uri="s3://bucket/a.json",
+            architecture="",
+            epochs=0,
+            batch_size=65,
+            learning_rate=-1.0,
+            frozen_stages=5,
+            image_size=8,
+            val_fraction=0.9,
+            seed=-1,
+        )
+    )
+    assert set(problems) == {
+        "dataset_uri",
+        "architecture",
+        "epochs",
+        "batch_size",
+        "learning_rate",
+        "frozen_stages",
+        "image_size",
+        "val_fraction",
+        "seed",
+    }
+
+
+def test_a_fine_tune_keeps_the_base_architecture():
+    filled, problems = check(SpecRequest(dataset_uri="a.json"), base="faster_rcnn_r50_fpn")
+    assert problems == {} and filled is not None
+    assert filled["architecture"] == "faster_rcnn_r50_fpn"
+    _, problems = check(
+        SpecRequest(dataset_uri="a.json", architecture="retinanet_r18_fpn"),
+        base="faster_rcnn_r50_fpn",
+    )
+    assert "architecture" in problems
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, 1.5])
+def test_learning_rate_must_be_a_sane_positive_number(lr):
+    _, problems = check(
+        SpecRequest(dataset_uri="a.json", architecture="retinanet_r18_fpn", learning_rate=lr)
+    )
+    assert "learning_rate" in problems
