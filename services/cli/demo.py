@@ -96,13 +96,27 @@ def demo(
     fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 2,
 ) -> None:
     """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""
-    settings = Settings()
     began = time.monotonic()
+    try:
+        _demo(Settings(), data_dir, epochs=epochs, fine_tune_epochs=fine_tune_epochs)
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted; the stack this demo started is stopped[/]")
+        raise typer.Exit(130) from None
+    _say(f"demo finished in {time.monotonic() - began:.0f}s")
+
+
+def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: int) -> None:
     with ExitStack() as stack:
         if devstack.is_serving(settings.training_runs_addr) and devstack.is_serving(
             settings.trained_models_addr
         ):
             _say("using the stack already running (make up)")
+            recorded = devstack.recorded_state(data_dir)
+            if recorded:
+                # The datasets must land where that stack's worker reads.
+                settings = settings.model_copy(
+                    update={"artifact_root": Path(recorded.artifact_root)}
+                )
         else:
             _say(f"starting the stack; logs in {devstack.layout_for(data_dir).logs}")
             try:
@@ -132,4 +146,3 @@ def demo(
             )
             console.print(model_details(model))
             console.print(lineage_view(clients, tuned))
-    _say(f"demo finished in {time.monotonic() - began:.0f}s")

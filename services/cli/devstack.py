@@ -291,13 +291,22 @@ def foreground(
 ) -> Iterator[Infrastructure]:
     """The stack for the length of a `with` block (the demo): stopped at its end, Ctrl-C too."""
     layout = layout_for(data_dir)
-    infra, started, _ = start(settings, data_dir, detached=False, say=say)
+    # SIGTERM (a CI timeout, `kill`) must clean up like Ctrl-C does, not leave orphans.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
     try:
-        yield infra
+        infra, started, _ = start(settings, data_dir, detached=False, say=say)
+        try:
+            yield infra
+        finally:
+            stopped = stop_started(layout, started)
+            if stopped:
+                say(f"stopped {', '.join(stopped)}")
     finally:
-        stopped = stop_started(layout, started)
-        if stopped:
-            say(f"stopped {', '.join(stopped)}")
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def down(data_dir: Path) -> list[str]:
