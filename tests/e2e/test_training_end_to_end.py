@@ -1,0 +1,188 @@
+"""The whole system: both gRPC services, a trainer worker process, real MMDetection
+training on CPU (RetinaNet R18, 128 px, 16 images), a root model and a model
+fine-tuned from it."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import grpc
+import nats
+import pytest
+
+from shared.proto.raven.training.v1 import (
+    trained_model_pb2,
+    trained_model_pb2_grpc,
+    training_run_pb2,
+    training_run_pb2_grpc,
+)
+from shared.settings import Settings
+from tests.support import eventually
+from trainer_worker.synthetic import make_dataset
+
+TrainingRun = training_run_pb2.TrainingRun
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
+
+
+@pytest.fixture(scope="module")
+async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
+    """`python -m trainer_worker` as its own process, as it runs in production."""
+    # Jobs queued by other tests name datasets that exist only for the service's checks.
+    await nc.jetstream().purge_stream(subjects.jobs_stream)
+    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
+    env = {
+        **os.environ,
+        "RAVEN_DATABASE_URL": settings.database_url,
+        "RAVEN_NATS_URL": settings.nats_url,
+        "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
+        "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
+        "RAVEN_JOB_ACK_WAIT_S": str(settings.job_ack_wait_s),
+        "RAVEN_WORKER_ID": "e2e-worker",
+    }
+    with log_path.open("wb") as log:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
+        )
+        yield process
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+    print(log_path.read_text()[-4000:])
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(settings: Settings) -> str:
+    make_dataset(Path(settings.artifact_root) / "datasets" / "e2e", images=16, size=128)
+    return "datasets/e2e/annotations.json"
+
+
+@pytest.fixture
+def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
+    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
+
+
+@pytest.fixture
+def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
+    return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
+
+
+def request(
+    name: str, dataset_uri: str, *, architecture: str = "", base_model: str = "", epochs: int = 2
+) -> training_run_pb2.CreateTrainingRunRequest:
+    return training_run_pb2.CreateTrainingRunRequest(
+        training_run=TrainingRun(
+            display_name=name,
+            base_model=base_model,
+            spec=training_run_pb2.TrainingSpec(
+                dataset_uri=dataset_uri,
+                architecture=architecture,
+                epochs=epochs,
+                batch_size=4,
+                image_size=128,
+                seed=3,
+                device=training_run_pb2.TrainingSpec.CPU,
+            ),
+        ),
+    )
+
+
+async def watch_to_the_end(runs, name: str) -> list[training_run_pb2.TrainingRunEvent]:
+    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=name))
+    return [event async for event in stream]
+
+
+def kinds(events, kind: str) -> list:
+    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
+
+
+async def model_of(runs, name: str) -> str:
+    async def registered() -> str | None:
+        run = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=name))
+        return run.trained_model or None
+
+    return await eventually(registered, timeout=15)
+
+
+async def test_an_unreadable_dataset_fails_the_run_and_the_worker_goes_on(
+    runs, worker, settings: Settings
+):
+    broken = Path(settings.artifact_root) / "datasets" / "broken" / "annotations.json"
+    broken.parent.mkdir(parents=True, exist_ok=True)
+    broken.write_text('{"images": [')
+    run = await runs.CreateTrainingRun(
+        request("broken", "datasets/broken/annotations.json", architecture="retinanet_r18_fpn")
+    )
+    events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 60)
+    last = kinds(events, "state_changed")[-1]
+    assert last.to_state == TrainingRun.FAILED
+    finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
+    assert finished.failure.reason.startswith("dataset_"), finished.failure
+    assert "annotations.json" in finished.failure.message
+    assert worker.returncode is None, "the worker survives a bad job"
+
+
+async def test_train_a_root_model_then_fine_tune_it(runs, models, worker, dataset_uri):
+    # A root model: an architecture from the catalog, randomly initialised.
+    root_run = await runs.CreateTrainingRun(
+        request("root", dataset_uri, architecture="retinanet_r18_fpn")
+    )
+    events = await asyncio.wait_for(watch_to_the_end(runs, root_run.name), 180)
+
+    assert [e.sequence for e in events] == list(range(1, len(events) + 1))
+    states = [s.to_state for s in kinds(events, "state_changed")]
+    assert states == [
+        TrainingRun.QUEUED,
+        TrainingRun.PREPARING,
+        TrainingRun.RUNNING,
+        TrainingRun.SUCCEEDED,
+    ]
+    (dataset,) = kinds(events, "dataset_prepared")
+    assert list(dataset.classes) == ["dump", "tire"] and dataset.image_count == 16
+    assert dataset.split_seed == 3 and len(dataset.fingerprint) == 64
+    progress = kinds(events, "progress")
+    assert progress, "progress is streamed while training"
+    iterations = [p.iteration for p in progress]
+    assert iterations == sorted(set(iterations)), "progress only moves forward"
+    assert progress[-1].max_iterations == progress[-1].iteration
+    assert {e.epoch for e in kinds(events, "evaluation")} == {1, 2}
+
+    root_model_name = await model_of(runs, root_run.name)
+    root_model = await models.GetTrainedModel(
+        trained_model_pb2.GetTrainedModelRequest(name=root_model_name)
+    )
+    assert root_model.base_model == "" and root_model.training_run == root_run.name
+    assert list(root_model.classes) == ["dump", "tire"]
+    checkpoint = next(a for a in root_model.artifacts if a.kind == "checkpoint")
+    assert checkpoint.size_bytes > 0 and len(checkpoint.sha256) == 64
+
+    # The lineage the mission is about: base model -> fine-tuned model.
+    tuned_run = await runs.CreateTrainingRun(
+        request("fine-tuned", dataset_uri, base_model=root_model_name, epochs=1)
+    )
+    assert tuned_run.spec.architecture == "retinanet_r18_fpn", "inherited from the base model"
+    events = await asyncio.wait_for(watch_to_the_end(runs, tuned_run.name), 180)
+    assert kinds(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
+
+    tuned_model_name = await model_of(runs, tuned_run.name)
+    tuned_model = await models.GetTrainedModel(
+        trained_model_pb2.GetTrainedModelRequest(name=tuned_model_name)
+    )
+    assert tuned_model.base_model == root_model_name
+    assert tuned_model.dataset_fingerprint == root_model.dataset_fingerprint
+
+    lineage = await models.GetTrainedModelLineage(
+        trained_model_pb2.GetTrainedModelLineageRequest(name=tuned_model_name)
+    )
+    assert [n.trained_model for n in lineage.ancestors] == [tuned_model_name, root_model_name]
+    children = await models.ListTrainedModels(
+        trained_model_pb2.ListTrainedModelsRequest(base_model=root_model_name)
+    )
+    assert [m.name for m in children.trained_models] == [tuned_model_name]
