@@ -1,0 +1,206 @@
+"""Real MMDetection training in a child process, on a tiny synthetic dataset (CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer_worker.architectures import mmdet_configs_root
+from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
+from trainer_worker.dataset import PreparedDataset, prepare_dataset
+from trainer_worker.protocol import (
+    ChildEvent,
+    EpochTrained,
+    Evaluated,
+    ProgressReported,
+    TrainingStarted,
+)
+from trainer_worker.training import (
+    TrainingCancelled,
+    TrainingFailed,
+    TrainingOutcome,
+    TrainingSucceeded,
+    run_training,
+)
+
+pytest.importorskip("mmdet")
+pytest.importorskip("PIL")
+from trainer_worker.synthetic import make_dataset
+
+pytestmark = pytest.mark.timeout(240)
+
+
+def prepared(folder: Path, classes: tuple[str, ...], *, seed: int = 0) -> PreparedDataset:
+    annotation = make_dataset(folder / "data", images=16, size=128, classes=classes, seed=seed)
+    return prepare_dataset(
+        annotation_path=annotation,
+        image_root=None,
+        out_dir=folder / "dataset",
+        val_fraction=0.25,
+        seed=seed,
+    )
+
+
+async def train(
+    folder: Path,
+    dataset: PreparedDataset,
+    *,
+    epochs: int,
+    base: BaseCheckpoint | None = None,
+    stop: asyncio.Event | None = None,
+    stop_after_progress: bool = False,
+) -> tuple[TrainingOutcome, list[ChildEvent]]:
+    generated = generate_config(
+        plan=TrainingPlan(
+            architecture="retinanet_r18_fpn",
+            epochs=epochs,
+            batch_size=4,
+            learning_rate=0.01,
+            frozen_stages=-1,
+            image_size=128,
+            seed=0,
+        ),
+        dataset=DatasetFiles(
+            train_path=dataset.train_path,
+            val_path=dataset.val_path,
+            classes=dataset.classes,
+            train_image_count=dataset.train_image_count,
+        ),
+        work_dir=folder / "work",
+        configs_root=mmdet_configs_root(),
+        base=base,
+    )
+    config = folder / "config.py"
+    config.write_text(generated.text)
+    seen: list[ChildEvent] = []
+
+    async def on_event(event: ChildEvent) -> None:
+        seen.append(event)
+        if stop is not None and stop_after_progress and isinstance(event, ProgressReported):
+            stop.set()
+
+    outcome = await run_training(
+        config_path=config,
+        work_dir=folder / "work",
+        artifact_dir=folder / "model",
+        split_path=dataset.split_path,
+        log_path=folder / "train.log",
+        on_event=on_event,
+        stop=stop,
+        env={"CUDA_VISIBLE_DEVICES": ""},
+    )
+    return outcome, seen
+
+
+@pytest.fixture(scope="module")
+async def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, TrainingOutcome, list]:
+    folder = tmp_path_factory.mktemp("root")
+    outcome, seen = await train(folder, prepared(folder, ("dump", "tire")), epochs=2)
+    return folder, outcome, seen
+
+
+async def test_training_reports_and_produces_verified_artifacts(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+) -> None:
+    folder, outcome, seen = trained
+    assert isinstance(outcome, TrainingSucceeded), outcome
+
+    started = [e for e in seen if isinstance(e, TrainingStarted)]
+    assert len(started) == 1 and started[0].device == "cpu"
+    assert started[0].parameter_count > 1_000_000
+    progress = [e for e in seen if isinstance(e, ProgressReported)]
+    iters = [p.iter for p in progress]
+    assert iters == sorted(iters) and iters[-1] == progress[-1].max_iters
+    assert {p.epoch for p in progress} == {1, 2}
+    assert all(p.loss is not None and p.loss > 0 for p in progress)
+    assert all("loss_cls" in p.losses and "loss_bbox" in p.losses for p in progress)
+    assert progress[-1].eta_s == 0
+    assert [e.epoch for e in seen if isinstance(e, EpochTrained)] == [1, 2]
+    evaluations = [e for e in seen if isinstance(e, Evaluated)]
+    assert [e.epoch for e in evaluations] == [1, 2]
+
+    assert outcome.epochs_trained == 2
+    assert outcome.best_epoch in (1, 2)
+    assert outcome.best_metrics == evaluations[outcome.best_epoch - 1].metrics
+    if not any("coco/bbox_mAP" in e.metrics for e in evaluations):
+        # No detections yet: no mAP is a value, and the last epoch is the best.
+        assert outcome.best_epoch == 2
+    assert [r.epoch for r in outcome.epochs] == [1, 2]
+    assert all("loss" in r.train for r in outcome.epochs)
+
+    kinds = {a.kind: a for a in outcome.artifacts}
+    assert set(kinds) == {"config", "checkpoint", "metrics", "split"}
+    for artifact in outcome.artifacts:
+        data = artifact.path.read_bytes()
+        assert artifact.path.parent == folder / "model"
+        assert artifact.size_bytes == len(data)
+        assert artifact.sha256 == hashlib.sha256(data).hexdigest()
+    metrics = json.loads(kinds["metrics"].path.read_text())
+    assert metrics["best_epoch"] == outcome.best_epoch
+    # The resolved config stands alone: no `_base_` into the mmdet wheel.
+    assert "\n_base_ = " not in "\n" + kinds["config"].path.read_text()
+    # Only the artifact keeps a checkpoint.
+    assert not list((folder / "work").glob("epoch_*.pth"))
+
+
+async def test_fine_tune_with_new_classes_loads_the_checkpoint(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+    tmp_path: Path,
+) -> None:
+    _, root, _ = trained
+    assert isinstance(root, TrainingSucceeded)
+    checkpoint = next(a.path for a in root.artifacts if a.kind == "checkpoint")
+    dataset = prepared(tmp_path, ("dump", "tire", "bottle"), seed=1)
+
+    outcome, seen = await train(
+        tmp_path,
+        dataset,
+        epochs=1,
+        base=BaseCheckpoint(
+            path=checkpoint, architecture="retinanet_r18_fpn", classes=("dump", "tire")
+        ),
+    )
+
+    assert isinstance(outcome, TrainingSucceeded), outcome
+    assert [e.epoch for e in seen if isinstance(e, Evaluated)] == [1]
+    log = (tmp_path / "train.log").read_text()
+    stripped = tmp_path / "work" / "base_model.pth"
+    assert f"Load checkpoint from {stripped}" in log
+    # Only the class-dependent weights start fresh; the rest came from the base model.
+    assert "bbox_head.retina_cls.weight" in log
+    assert "backbone.conv1.weight" not in log
+
+
+async def test_stop_request_stops_training_at_the_next_iteration(tmp_path: Path) -> None:
+    stop = asyncio.Event()
+    outcome, seen = await train(
+        tmp_path, prepared(tmp_path, ("dump",)), epochs=50, stop=stop, stop_after_progress=True
+    )
+    assert isinstance(outcome, TrainingCancelled), outcome
+    progress = [e for e in seen if isinstance(e, ProgressReported)]
+    assert progress[-1].iter < progress[-1].max_iters
+    assert not (tmp_path / "model").exists()
+
+
+async def test_a_crashing_child_fails_with_the_log_tail(tmp_path: Path) -> None:
+    config = tmp_path / "config.py"
+    config.write_text("raise RuntimeError('this config is broken on purpose')\n")
+
+    async def ignore(event: ChildEvent) -> None:
+        pass
+
+    outcome = await run_training(
+        config_path=config,
+        work_dir=tmp_path / "work",
+        artifact_dir=tmp_path / "model",
+        split_path=tmp_path / "split.json",
+        log_path=tmp_path / "train.log",
+        on_event=ignore,
+    )
+    assert isinstance(outcome, TrainingFailed)
+    assert outcome.reason == "training_crashed"
+    assert "broken on purpose" in outcome.message
