@@ -57,6 +57,8 @@ training_runs = Table(
     Column("dataset_uri", Text, nullable=False),
     Column("base_model_id", Uuid, ForeignKey("trained_models.id", use_alter=True), nullable=True),
     Column("creator", Text, nullable=False),
+    # The FAILED or CANCELLED run this one retries.
+    Column("retry_of_id", Uuid, ForeignKey("training_runs.id", ondelete="SET NULL"), nullable=True),
     Column("request_id", Uuid, nullable=True),
     # sha256 of the create request: the same request_id with another body is refused.
     Column("request_hash", Text, nullable=True),
