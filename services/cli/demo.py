@@ -60,6 +60,7 @@ def _train(
     clients: Clients,
     *,
     title: str,
+    display_name: str,
     dataset_uri: str,
     epochs: int,
     architecture: str | None = None,
@@ -68,7 +69,7 @@ def _train(
     """Creates a run, follows it to its end, and returns its trained model's name."""
     console.print(Rule(title))
     request = create_request(
-        display_name=title,
+        display_name=display_name,
         dataset=dataset_uri,
         epochs=epochs,
         batch_size=4,
@@ -129,6 +130,7 @@ def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: 
             root = _train(
                 clients,
                 title="root model: retinanet_r18_fpn from scratch",
+                display_name="demo root",
                 dataset_uri=_dataset(artifact_root, "demo-a", seed=0),
                 epochs=epochs,
                 architecture=ARCHITECTURE,
@@ -136,6 +138,7 @@ def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: 
             tuned = _train(
                 clients,
                 title=f"fine-tune of {root}",
+                display_name="demo fine-tune",
                 dataset_uri=_dataset(artifact_root, "demo-b", seed=1),
                 epochs=fine_tune_epochs,
                 base_model=root,
