@@ -29,6 +29,10 @@ class Settings(BaseSettings):
     # Seconds a worker may go silent before its job is redelivered.
     job_ack_wait_s: float = Field(default=60.0, gt=0)
     job_max_deliver: int = Field(default=3, ge=1)
+    # An active run whose worker is silent this long is queued again (or FAILED
+    # with worker_lost after max_attempts).
+    worker_lost_timeout_s: float = Field(default=120.0, gt=0)
+    max_attempts: int = Field(default=3, ge=1)
     # Jobs one worker trains at once.
     worker_concurrency: int = Field(default=1, ge=1)
     worker_id: str = ""

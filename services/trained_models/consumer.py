@@ -12,7 +12,7 @@ from services.trained_models.messages import model_from_run
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.consumer import Unprocessable
 from shared.errors import InvalidArgument
-from shared.proto.raven.training.v1.training_run_pb2 import TrainingRun
+from shared.proto.raven.training.v1.training_run_pb2 import TrainingRun, TrainingRunStateChanged
 
 
 class RunSucceededHandler:
@@ -21,7 +21,7 @@ class RunSucceededHandler:
 
     async def __call__(self, msg: Msg) -> None:
         try:
-            run = TrainingRun.FromString(msg.data)
+            run = TrainingRunStateChanged.FromString(msg.data).training_run
             model = model_from_run(run)
         except (DecodeError, InvalidArgument) as error:
             raise Unprocessable(f"not a succeeded TrainingRun: {error}") from error

@@ -21,6 +21,9 @@ from typing import Any
 from shared.errors import FailedPrecondition
 
 Payload = Mapping[str, Any]
+HEADLINE_METRIC = "coco/bbox_mAP"
+# The actor of changes nobody asked for, such as a lost worker detected.
+SYSTEM = "system"
 
 
 class RunState(StrEnum):
@@ -116,6 +119,7 @@ class TrainingRun:
     update_time: datetime
     request_id: uuid.UUID | None = None
     request_hash: str | None = None
+    retry_of_id: uuid.UUID | None = None
     attempt: int = 1
     progress: dict[str, Any] | None = None
     latest_evaluation: dict[str, Any] | None = None
@@ -148,6 +152,16 @@ class TrainingRun:
     def etag(self) -> str:
         return f'"{self.version}"'
 
+    @property
+    def best_epoch(self) -> int | None:
+        """The epoch with the highest coco/bbox_mAP, earliest on ties; None when no epoch has one."""
+        scored = [
+            (float(e["val"][HEADLINE_METRIC]), -int(e["epoch"]))
+            for e in self.epoch_metrics
+            if HEADLINE_METRIC in e.get("val", {})
+        ]
+        return -max(scored)[1] if scored else None
+
     # Construction.
 
     @classmethod
@@ -179,6 +193,32 @@ class TrainingRun:
         run._record_state(None, RunState.QUEUED, "created", "queued for training", creator, now)
         return run
 
+    def retried(
+        self,
+        *,
+        creator: str,
+        request_id: uuid.UUID | None,
+        request_hash: str | None,
+        now: datetime,
+    ) -> TrainingRun:
+        """A new run of this run's recorded spec (the same seed, so the same split)."""
+        if self.state not in (RunState.FAILED, RunState.CANCELLED):
+            raise FailedPrecondition(
+                f"training run {self.id} is {self.state}; only a FAILED or CANCELLED run is retried"
+            )
+        run = TrainingRun.create(
+            display_name=self.display_name,
+            labels=self.labels,
+            spec=self.spec,
+            base_model_id=self.base_model_id,
+            creator=creator,
+            request_id=request_id,
+            request_hash=request_hash,
+            now=now,
+        )
+        run.retry_of_id = self.id
+        return run
+
     # Worker-driven transitions.
 
     def start_preparing(self, *, worker_id: str, actor: str, now: datetime) -> None:
@@ -206,13 +246,28 @@ class TrainingRun:
         ):
             return False
         self.progress = dict(progress)
+        train = {f"train/{k}": float(v) for k, v in progress.get("losses", {}).items()}
+        train["train/loss"] = float(progress.get("loss", 0.0))
+        if "learning_rate" in progress:
+            train["train/lr"] = float(progress["learning_rate"])
+        self._epoch(int(progress.get("epoch", 0)))["train"] = train
         self._append(EventKind.PROGRESS, progress, actor, now)
         return True
 
     def report_evaluation(self, evaluation: Payload, *, actor: str, now: datetime) -> None:
         self._require_active("report an evaluation")
         self.latest_evaluation = dict(evaluation)
+        self._epoch(int(evaluation.get("epoch", 0)))["val"] = dict(evaluation.get("metrics", {}))
         self._append(EventKind.EVALUATION, evaluation, actor, now)
+
+    def _epoch(self, epoch: int) -> dict[str, Any]:
+        """The per-epoch series entry of `epoch`, kept as metrics arrive."""
+        for entry in self.epoch_metrics:
+            if entry["epoch"] == epoch:
+                return entry
+        entry: dict[str, Any] = {"epoch": epoch, "train": {}, "val": {}}
+        self.epoch_metrics = sorted([*self.epoch_metrics, entry], key=lambda e: e["epoch"])
+        return entry
 
     def notify(self, *, code: str, message: str, actor: str, now: datetime) -> None:
         self._append(EventKind.NOTICE, {"code": code, "message": message}, actor, now)
@@ -236,7 +291,9 @@ class TrainingRun:
         self.artifacts = artifacts
         self.facts = dict(facts)
         self.best_evaluation = dict(best_evaluation) if best_evaluation else None
-        self.epoch_metrics = epoch_metrics
+        if epoch_metrics:
+            # The worker's complete series (epoch means) supersedes the live one.
+            self.epoch_metrics = sorted(epoch_metrics, key=lambda e: int(e.get("epoch", 0)))
         self.end_time = now
 
     def fail(self, *, reason: str, message: str, actor: str, now: datetime) -> None:
@@ -266,6 +323,33 @@ class TrainingRun:
         self._transition(RunState.CANCELLED, "cancelled", "training stopped", actor, now)
         self.failure = self.failure or Failure(reason="cancelled", message="cancelled by request")
         self.end_time = now
+
+    def lose_worker(self, *, max_attempts: int, silent_s: float, now: datetime) -> None:
+        """The worker stopped heart-beating: the run is queued for another attempt, or
+        FAILED with `worker_lost` once its attempts are spent. Never left active."""
+        message = f"worker {self.worker_id or '?'} sent no heartbeat for {silent_s:.0f}s"
+        if self.state is RunState.CANCELLING:
+            self.cancelled(actor=SYSTEM, now=now)
+            return
+        if self.attempt >= max_attempts:
+            self.fail(
+                reason="worker_lost",
+                message=f"{message}; attempt {self.attempt} of {max_attempts}, none left",
+                actor=SYSTEM,
+                now=now,
+            )
+            return
+        self._transition(
+            RunState.QUEUED,
+            "worker_lost",
+            f"{message}; queued for attempt {self.attempt + 1} of {max_attempts}",
+            SYSTEM,
+            now,
+        )
+        self.attempt += 1
+        self.worker_id = None
+        self.heartbeat_time = None
+        self.progress = None
 
     def rename(
         self, *, display_name: str | None, labels: Mapping[str, str] | None, now: datetime

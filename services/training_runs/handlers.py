@@ -3,17 +3,19 @@ and commits once."""
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from services.training_runs.domain import RunEvent, TrainingRun
+from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.messages import job_message
 from services.training_runs.repository import BaseModel, RunFilter
 from services.training_runs.spec import SpecRequest, validate_spec
@@ -224,13 +226,96 @@ async def cancel_run(
     return run
 
 
-async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str) -> None:
+async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str, artifact_root: Path) -> None:
+    """Deletes the run's rows, then (after they are gone) its working files. Its model,
+    if any, stays in the registry with its own artifacts."""
     async with uow:
         run = await _locked(uow, run_id)
         _check_etag(run, etag)
         run.ensure_deletable()
         await uow.runs.delete(run_id)
         await uow.commit()
+    work_dir = artifact_root / "runs" / str(run_id)
+    await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
+
+
+async def retry_run(
+    uow: UnitOfWork,
+    run_id: uuid.UUID,
+    *,
+    request_id: str,
+    creator: str,
+    clock: Clock = utcnow,
+) -> TrainingRun:
+    violations = Violations()
+    parsed_request_id = _request_id(request_id, violations)
+    violations.raise_if_any()
+    request_hash = f"retry:{run_id}"
+    async with uow:
+        if parsed_request_id is not None:
+            existing = await uow.runs.get_by_request(creator, parsed_request_id)
+            if existing is not None:
+                if existing.request_hash != request_hash:
+                    raise AlreadyExists(f"request_id {request_id} was used for another request")
+                return existing
+        original = await uow.runs.get(run_id)
+        if original is None:
+            raise NotFound(f"training run {run_id} does not exist")
+        base = None
+        if original.base_model_id is not None:
+            base = await uow.runs.base_model(original.base_model_id)
+            if base is None:
+                raise FailedPrecondition(
+                    f"the base model of training run {run_id} was deleted; create a new run"
+                )
+        run = original.retried(
+            creator=creator, request_id=parsed_request_id, request_hash=request_hash, now=clock()
+        )
+        uow.add(run)
+        uow.publish(job_message(run, base, uow.subjects))
+        await uow.commit()
+    return run
+
+
+async def recover_lost_runs(
+    uow: UnitOfWork,
+    *,
+    timeout_s: float,
+    max_attempts: int,
+    clock: Clock = utcnow,
+    batch: int = 100,
+) -> list[TrainingRun]:
+    """Requeues (or fails) active runs whose worker went silent. Returns the changed runs."""
+    now = clock()
+    async with uow:
+        silent = await uow.runs.silent_runs(since=now - timedelta(seconds=timeout_s), limit=batch)
+        for run in silent:
+            assert run.heartbeat_time is not None
+            silent_s = (now - run.heartbeat_time).total_seconds()
+            run.lose_worker(max_attempts=max_attempts, silent_s=silent_s, now=now)
+            uow.changed(run)
+            if run.state is RunState.QUEUED:
+                base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
+                uow.publish(job_message(run, base, uow.subjects))
+            log.warning(
+                "worker lost", run_id=str(run.id), state=run.state.value, attempt=run.attempt
+            )
+        await uow.commit()
+    return list(silent)
+
+
+async def recover_lost_runs_forever(
+    uow_factory: Callable[[], UnitOfWork], *, timeout_s: float, max_attempts: int
+) -> None:
+    """Checks a few times per timeout; cheap: an index holds only active runs."""
+    while True:
+        try:
+            await recover_lost_runs(uow_factory(), timeout_s=timeout_s, max_attempts=max_attempts)
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            log.exception("recovering lost runs failed")
+        await asyncio.sleep(max(timeout_s / 4, 0.2))
 
 
 async def _locked(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:

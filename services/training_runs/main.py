@@ -9,6 +9,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from services.training_runs import handlers
 from services.training_runs.consumer import WorkerEventHandler
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
@@ -47,13 +48,18 @@ class TrainingRunsApp(ServiceApp):
             server.server,
         )
         return [
+            handlers.recover_lost_runs_forever(
+                uow_factory,
+                timeout_s=self.settings.worker_lost_timeout_s,
+                max_attempts=self.settings.max_attempts,
+            ),
             consume(
                 js,
                 stream=self.subjects.worker_events_stream,
                 subject=self.subjects.worker_events,
                 durable=self.subjects.worker_events_consumer,
                 handle=WorkerEventHandler(uow_factory),
-            )
+            ),
         ]
 
     async def teardown(self) -> None:

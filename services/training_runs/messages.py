@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.training_runs.domain import RunEvent, RunState, TrainingRun
+from services.training_runs.domain import EventKind, RunEvent, RunState, TrainingRun
 from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
 from shared.messaging import Subjects
@@ -14,7 +14,12 @@ from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.proto_json import parse, timestamp
 
-TERMINAL_SUBJECTS = {
+# The subject of each state: `training_run.<verb>`.
+LIFECYCLE_SUBJECTS = {
+    RunState.QUEUED: "queued",
+    RunState.PREPARING: "started",
+    RunState.RUNNING: "running",
+    RunState.CANCELLING: "cancelling",
     RunState.SUCCEEDED: "succeeded",
     RunState.FAILED: "failed",
     RunState.CANCELLED: "cancelled",
@@ -57,6 +62,7 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         start_time=timestamp(run.start_time),
         end_time=timestamp(run.end_time),
         etag=run.etag,
+        retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
         artifacts=[parse(a, common_pb2.Artifact()) for a in run.artifacts],
     )
     if run.progress:
@@ -110,23 +116,31 @@ def job_message(run: TrainingRun, base: BaseModel | None, subjects: Subjects) ->
 
 
 def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]:
-    """The run's new history entries, and the run itself when it ended."""
-    messages = [
-        OutboxMessage(
-            subject=subjects.run_event(str(run.id)),
-            payload=event_to_proto(event).SerializeToString(),
-            msg_id=f"run_event.{run.id}.{event.sequence}",
-        )
-        for event in run.new_events
-    ]
-    ended = any(e.is_terminal for e in run.new_events)
-    if ended:
-        what = TERMINAL_SUBJECTS[run.state]
+    """Each new history entry on the run's subject, and each state change on its
+    lifecycle subject with the run as it is now."""
+    messages: list[OutboxMessage] = []
+    snapshot: training_run_pb2.TrainingRun | None = None
+    for event in run.new_events:
+        proto = event_to_proto(event)
         messages.append(
             OutboxMessage(
-                subject=subjects.run_lifecycle(what),
-                payload=run_to_proto(run).SerializeToString(),
-                msg_id=f"training_run.{what}.{run.id}",
+                subject=subjects.run_event(str(run.id)),
+                payload=proto.SerializeToString(),
+                msg_id=f"run_event.{run.id}.{event.sequence}",
             )
         )
+        if event.kind is EventKind.STATE_CHANGED:
+            snapshot = snapshot or run_to_proto(run)
+            event_id = f"{run.id}.{event.sequence}"
+            changed = training_run_pb2.TrainingRunStateChanged(
+                event_id=event_id, event=proto, training_run=snapshot
+            )
+            verb = LIFECYCLE_SUBJECTS[RunState(event.payload["to_state"])]
+            messages.append(
+                OutboxMessage(
+                    subject=subjects.run_lifecycle(verb),
+                    payload=changed.SerializeToString(),
+                    msg_id=f"training_run.{verb}.{event_id}",
+                )
+            )
     return messages

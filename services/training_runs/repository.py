@@ -62,6 +62,7 @@ def _to_run(row: Row[Any]) -> TrainingRun:
         creator=m["creator"],
         request_id=m["request_id"],
         request_hash=m["request_hash"],
+        retry_of_id=m["retry_of_id"],
         attempt=m["attempt"],
         progress=m["progress"],
         latest_evaluation=m["latest_evaluation"],
@@ -95,6 +96,7 @@ def _values(run: TrainingRun) -> dict[str, Any]:
         "creator": run.creator,
         "request_id": run.request_id,
         "request_hash": run.request_hash,
+        "retry_of_id": run.retry_of_id,
         "attempt": run.attempt,
         "progress": run.progress,
         "latest_evaluation": run.latest_evaluation,
@@ -127,6 +129,10 @@ def _to_event(row: Row[Any]) -> RunEvent:
         kind=EventKind(m["kind"]),
         payload=m["payload"],
     )
+
+
+# The states of the partial index ix_training_runs_active_heartbeat.
+ACTIVE_STATES = (RunState.PREPARING.value, RunState.RUNNING.value, RunState.CANCELLING.value)
 
 
 class TrainingRunRepository:
@@ -220,6 +226,21 @@ class TrainingRunRepository:
             .limit(limit)
         )
         return [_to_event(row) for row in (await self._session.execute(query)).all()]
+
+    async def silent_runs(self, *, since: datetime, limit: int) -> Sequence[TrainingRun]:
+        """Active runs without a heartbeat since `since`, locked; runs another process
+        is already handling are skipped."""
+        query = (
+            _select_runs()
+            .where(
+                training_runs.c.state.in_(ACTIVE_STATES),
+                training_runs.c.heartbeat_time < since,
+            )
+            .order_by(training_runs.c.heartbeat_time)
+            .limit(limit)
+            .with_for_update(of=training_runs, skip_locked=True)
+        )
+        return [_to_run(row) for row in (await self._session.execute(query)).all()]
 
     async def base_model(self, model_id: uuid.UUID) -> BaseModel | None:
         row = (

@@ -144,9 +144,24 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainingRunResponse:
         await handlers.delete_run(
-            self._uow(), parse_name(request.name, TRAINING_RUNS), etag=request.etag
+            self._uow(),
+            parse_name(request.name, TRAINING_RUNS),
+            etag=request.etag,
+            artifact_root=self._artifact_root,
         )
         return pb.DeleteTrainingRunResponse()
+
+    @grpc_errors
+    async def RetryTrainingRun(
+        self, request: pb.RetryTrainingRunRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainingRun:
+        run = await handlers.retry_run(
+            self._uow(),
+            parse_name(request.name, TRAINING_RUNS),
+            request_id=request.request_id,
+            creator=caller_identity(context),
+        )
+        return run_to_proto(run)
 
     @grpc_errors
     async def ListTrainingRunEvents(
@@ -176,7 +191,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     ) -> pb.TrainingRunMetrics:
         run = await handlers.get_run(self._uow(), parse_name(request.name, TRAINING_RUNS))
         metrics = pb.TrainingRunMetrics(
-            training_run=run_name(run.id), best_epoch=int((run.facts or {}).get("best_epoch", 0))
+            training_run=run_name(run.id), best_epoch=run.best_epoch or 0
         )
         for epoch in run.epoch_metrics:
             metrics.epochs.add(
