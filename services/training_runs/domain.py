@@ -291,6 +291,7 @@ class TrainingRun:
         self.artifacts = artifacts
         self.facts = dict(facts)
         self.best_evaluation = dict(best_evaluation) if best_evaluation else None
+        self.failure = None
         if epoch_metrics:
             # The worker's complete series (epoch means) supersedes the live one.
             self.epoch_metrics = sorted(epoch_metrics, key=lambda e: int(e.get("epoch", 0)))
@@ -315,6 +316,8 @@ class TrainingRun:
             self.end_time = now
             return
         self._transition(RunState.CANCELLING, "cancel_requested", message, actor, now)
+        # Kept for when the worker confirms; dropped if the job finishes first.
+        self.failure = Failure(reason="cancelled", message=message)
 
     def cancelled(self, *, actor: str, now: datetime) -> None:
         """The worker stopped on a cancel request; partial progress and metrics are kept."""

@@ -15,10 +15,7 @@ import grpc
 import nats
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
-from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import (
     common_pb2,
     trained_model_pb2,
@@ -28,7 +25,7 @@ from shared.proto.raven.training.v1 import (
     worker_pb2,
 )
 from shared.settings import Settings
-from tests.support import eventually
+from tests.support import WorkerDriver, create_request, eventually, violations
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(60)
@@ -51,58 +48,6 @@ def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunSer
 @pytest.fixture
 def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
     return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
-
-
-def create_request(dataset_uri: str, **spec: object) -> training_run_pb2.CreateTrainingRunRequest:
-    spec = {"architecture": "retinanet_r18_fpn", "epochs": 2, "batch_size": 4, **spec}
-    return training_run_pb2.CreateTrainingRunRequest(
-        training_run=TrainingRun(
-            display_name="tiny run",
-            spec=training_run_pb2.TrainingSpec(dataset_uri=dataset_uri, **spec),  # type: ignore[arg-type]
-        ),
-        request_id=str(uuid.uuid4()),
-    )
-
-
-def violations(error: grpc.aio.AioRpcError) -> dict[str, str]:
-    status = rpc_status.from_call(error)  # type: ignore[arg-type]
-    assert status is not None, "no rich status in the error"
-    found: dict[str, str] = {}
-    for detail in status.details:
-        bad_request = error_details_pb2.BadRequest()
-        if detail.Unpack(bad_request):
-            found.update({v.field: v.description for v in bad_request.field_violations})
-    return found
-
-
-class WorkerDriver:
-    """Publishes WorkerEvents for one run on the real stream, like a trainer worker."""
-
-    def __init__(self, js: nats.js.JetStreamContext, subjects: Subjects, run: TrainingRun) -> None:
-        self._js = js
-        self._subjects = subjects
-        self.run = run
-        self.attempt = run.attempt
-
-    async def send(
-        self, event_id: str | None = None, *, attempt: int | None = None, **payload: object
-    ) -> str:
-        event = worker_pb2.WorkerEvent(
-            event_id=event_id or uuid.uuid4().hex,
-            training_run=self.run.name,
-            attempt=attempt or self.attempt,
-            worker_id="test-worker",
-            **payload,  # type: ignore[arg-type]
-        )
-        event.time.GetCurrentTime()
-        # A fresh Nats-Msg-Id each time: a repeated event_id models a redelivery,
-        # which JetStream's own deduplication would not catch.
-        await self._js.publish(
-            self._subjects.worker_event(self.run.name.split("/")[1]),
-            event.SerializeToString(),
-            headers={"Nats-Msg-Id": uuid.uuid4().hex},
-        )
-        return event.event_id
 
 
 @pytest.fixture
