@@ -17,6 +17,7 @@ from services.trained_models.main import TrainedModelsApp
 from services.training_runs.main import TrainingRunsApp
 from shared.infra import Infrastructure, create_database, drop_database, ensure_infrastructure
 from shared.messaging import Subjects, ensure_streams
+from shared.proto.raven.training.v1 import trained_model_pb2_grpc, training_run_pb2_grpc
 from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -93,3 +94,18 @@ async def runs_channel(training_runs: TrainingRunsApp) -> AsyncIterator[grpc.aio
 async def models_channel(trained_models: TrainedModelsApp) -> AsyncIterator[grpc.aio.Channel]:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{trained_models.port}") as channel:
         yield channel
+
+
+@pytest.fixture
+def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
+    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
+
+
+@pytest.fixture
+def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
+    return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
+
+
+@pytest.fixture
+def js(nc: nats.NATS) -> nats.js.JetStreamContext:
+    return nc.jetstream()

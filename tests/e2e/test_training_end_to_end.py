@@ -10,15 +10,12 @@ import signal
 import sys
 from pathlib import Path
 
-import grpc
 import nats
 import pytest
 
 from shared.proto.raven.training.v1 import (
     trained_model_pb2,
-    trained_model_pb2_grpc,
     training_run_pb2,
-    training_run_pb2_grpc,
 )
 from shared.settings import Settings
 from tests.support import eventually
@@ -62,16 +59,6 @@ async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
 def dataset_uri(settings: Settings) -> str:
     make_dataset(Path(settings.artifact_root) / "datasets" / "e2e", images=16, size=128)
     return "datasets/e2e/annotations.json"
-
-
-@pytest.fixture
-def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
-    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
-
-
-@pytest.fixture
-def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
-    return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
 
 
 def request(

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import nats
@@ -21,7 +19,6 @@ from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import (
     common_pb2,
     training_run_pb2,
-    training_run_pb2_grpc,
     worker_pb2,
 )
 from shared.settings import Settings
@@ -29,24 +26,6 @@ from tests.support import WorkerDriver, create_request, eventually
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(90)
-
-
-@pytest.fixture(scope="module")
-def dataset_uri(settings: Settings) -> str:
-    path = Path(settings.artifact_root) / "datasets" / "lifecycle" / "annotations.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    return "datasets/lifecycle/annotations.json"
-
-
-@pytest.fixture
-def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
-    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
-
-
-@pytest.fixture
-async def js(nc: nats.NATS) -> nats.js.JetStreamContext:
-    return nc.jetstream()
 
 
 @pytest.fixture(scope="module")

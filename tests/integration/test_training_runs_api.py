@@ -7,7 +7,6 @@ trainer worker publishes them; the real worker is exercised end to end in tests/
 from __future__ import annotations
 
 import asyncio
-import json
 import uuid
 from pathlib import Path
 
@@ -19,40 +18,13 @@ from google.protobuf.field_mask_pb2 import FieldMask
 from shared.proto.raven.training.v1 import (
     common_pb2,
     trained_model_pb2,
-    trained_model_pb2_grpc,
     training_run_pb2,
-    training_run_pb2_grpc,
     worker_pb2,
 )
-from shared.settings import Settings
 from tests.support import WorkerDriver, create_request, eventually, violations
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(60)
-
-
-@pytest.fixture(scope="module")
-def dataset_uri(settings: Settings) -> str:
-    """An annotation file that exists: the service checks existence, the worker the content."""
-    path = Path(settings.artifact_root) / "datasets" / "api" / "annotations.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
-    return "datasets/api/annotations.json"
-
-
-@pytest.fixture
-def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
-    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
-
-
-@pytest.fixture
-def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
-    return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
-
-
-@pytest.fixture
-async def js(nc: nats.NATS) -> nats.js.JetStreamContext:
-    return nc.jetstream()
 
 
 async def test_create_validates_every_field_at_once(runs, dataset_uri):
