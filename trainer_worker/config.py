@@ -102,7 +102,9 @@ def generate_config(
 
     iters_per_epoch = max(1, math.ceil(dataset.train_image_count / plan.batch_size))
     total_iters = iters_per_epoch * plan.epochs
-    warmup_iters = min(_MAX_WARMUP_ITERS, max(1, total_iters // 10))
+    # mmengine's LinearLR reaches the full rate at iteration end - 1: with end=1 it would
+    # keep the start factor for the whole run.
+    warmup_iters = min(_MAX_WARMUP_ITERS, max(2, total_iters // 10))
     # The 1x schedule's steps at epochs 8 and 11 of 12, scaled; none for very short runs.
     milestones = sorted({round(plan.epochs * 8 / 12), round(plan.epochs * 11 / 12)})
     milestones = [m for m in milestones if 0 < m < plan.epochs] if plan.epochs >= 4 else []
@@ -121,7 +123,13 @@ classes = {classes!r}
 metainfo = dict(classes=classes)
 
 model = dict(
-    backbone=dict({_backbone(arch)}frozen_stages={plan.frozen_stages}, init_cfg=None),
+    backbone=dict(
+        {_backbone(arch)}frozen_stages={plan.frozen_stages},
+        init_cfg=None,
+        # The upstream configs freeze BatchNorm statistics of a pretrained backbone; a
+        # randomly initialised one has no statistics worth keeping.
+        norm_eval={base is not None},
+    ),
 {_neck(arch)}    {arch.head_overrides(len(classes))},
 )
 

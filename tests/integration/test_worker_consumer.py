@@ -1,0 +1,201 @@
+"""The worker against real JetStream: jobs in, WorkerEvents out, acks only at the end."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from urllib.parse import urlparse
+
+import nats
+import pytest
+from nats.js import JetStreamContext
+
+from shared.infra import Infrastructure
+from shared.messaging import Subjects, ensure_streams
+from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from trainer_worker.consumer import ConsumerOptions, JobConsumer
+from trainer_worker.pipeline import WorkerEnvironment
+
+pytest.importorskip("mmdet")
+pytest.importorskip("PIL")
+from trainer_worker.synthetic import make_dataset
+
+pytestmark = pytest.mark.timeout(240)
+
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+@pytest.fixture
+async def worker(
+    infrastructure: Infrastructure, tmp_path: Path
+) -> AsyncIterator[tuple[JetStreamContext, Subjects]]:
+    subjects = Subjects(namespace=f"worker{uuid.uuid4().hex[:10]}")
+    nc = await nats.connect(infrastructure.nats_url)
+    js = nc.jetstream()
+    await ensure_streams(js, subjects)
+    consumer = JobConsumer(
+        js=js,
+        subjects=subjects,
+        environment=WorkerEnvironment(artifact_root=tmp_path, device="cpu"),
+        options=ConsumerOptions(
+            worker_id="test-worker", ack_wait_s=8, max_deliver=2, fetch_timeout_s=0.5
+        ),
+    )
+    shutdown = asyncio.Event()
+    task = asyncio.create_task(consumer.run(shutdown))
+    try:
+        yield js, subjects
+    finally:
+        shutdown.set()
+        await asyncio.wait_for(task, 60)
+        for stream in (subjects.jobs_stream, subjects.worker_events_stream, subjects.events_stream):
+            await js.delete_stream(stream)
+        await nc.close()
+
+
+def job(run_id: str, dataset_uri: str, *, epochs: int = 1) -> worker_pb2.TrainingJob:
+    return worker_pb2.TrainingJob(
+        training_run=f"trainingRuns/{run_id}",
+        attempt=1,
+        spec=training_run_pb2.TrainingSpec(
+            dataset_uri=dataset_uri,
+            architecture="retinanet_r18_fpn",
+            epochs=epochs,
+            batch_size=4,
+            learning_rate=0.01,
+            frozen_stages=-1,
+            image_size=128,
+            val_fraction=0.25,
+            seed=3,
+            device=training_run_pb2.TrainingSpec.Device.CPU,
+        ),
+    )
+
+
+async def submit(
+    js: JetStreamContext, subjects: Subjects, training_job: worker_pb2.TrainingJob
+) -> str:
+    run_id = training_job.training_run.removeprefix("trainingRuns/")
+    await js.publish(subjects.job(run_id), training_job.SerializeToString())
+    return run_id
+
+
+async def events_until_terminal(
+    js: JetStreamContext,
+    subjects: Subjects,
+    run_id: str,
+    *,
+    timeout_s: float = 150,
+    stop_at: str | None = None,
+) -> list[worker_pb2.WorkerEvent]:
+    """Reads the run's WorkerEvents (a work queue: each is read once) up to the terminal
+    one, or up to the first `stop_at` event."""
+    subscription = await js.pull_subscribe(
+        subjects.worker_event(run_id), stream=subjects.worker_events_stream
+    )
+    seen: list[worker_pb2.WorkerEvent] = []
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    try:
+        while asyncio.get_running_loop().time() < deadline:
+            try:
+                messages = await subscription.fetch(20, timeout=1)
+            except TimeoutError:
+                continue
+            for message in messages:
+                await message.ack()
+                event = worker_pb2.WorkerEvent.FromString(message.data)
+                assert message.headers and message.headers["Nats-Msg-Id"] == event.event_id
+                seen.append(event)
+                if event.WhichOneof("payload") in TERMINAL | {stop_at}:
+                    return seen
+    finally:
+        # A work-queue stream allows one consumer per subject: make room for the next read.
+        info = await subscription.consumer_info()
+        await subscription.unsubscribe()
+        await js.delete_consumer(subjects.worker_events_stream, info.name)
+    raise AssertionError(f"no terminal event for {run_id}; saw {[kinds(seen)]}")
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def kinds(events: list[worker_pb2.WorkerEvent]) -> list[str]:
+    return [e.WhichOneof("payload") or "" for e in events]
+
+
+async def test_a_bad_dataset_fails_and_the_worker_trains_the_next_job(
+    worker: tuple[JetStreamContext, Subjects], tmp_path: Path
+) -> None:
+    js, subjects = worker
+    bad = await submit(js, subjects, job(uuid.uuid4().hex, "file:///nowhere/annotations.json"))
+    make_dataset(tmp_path / "datasets" / "tiny", images=16, size=128)
+    # Relative to the artifact root.
+    good = await submit(js, subjects, job(uuid.uuid4().hex, "datasets/tiny/annotations.json"))
+
+    failed = await events_until_terminal(js, subjects, bad)
+    assert kinds(failed) == ["preparing", "failed"]
+    assert failed[-1].failed.reason == "dataset_unreadable"
+    assert "/nowhere/annotations.json" in failed[-1].failed.message
+    assert {(e.training_run, e.attempt, e.worker_id) for e in failed} == {
+        (f"trainingRuns/{bad}", 1, "test-worker")
+    }
+    assert len({e.event_id for e in failed}) == len(failed)
+
+    succeeded = await events_until_terminal(js, subjects, good)
+    # Heartbeats come every ack_wait / 4, wherever the job is.
+    succeeded = [e for e in succeeded if e.WhichOneof("payload") != "heartbeat"]
+    order = kinds(succeeded)
+    assert order[:3] == ["preparing", "dataset_prepared", "running"]
+    assert order[-1] == "succeeded"
+    assert {"progress", "evaluation"} <= set(order)
+    summary = succeeded[1].dataset_prepared
+    assert (summary.image_count, list(summary.classes), summary.split_seed) == (
+        16,
+        ["dump", "tire"],
+        3,
+    )
+    assert summary.train_image_count + summary.val_image_count == 16
+    assert succeeded[2].running.device == "cpu"
+    result = succeeded[-1].succeeded
+    assert result.facts.epochs_trained == 1 and result.facts.best_epoch == 1
+    assert result.facts.parameter_count > 0
+    assert [e.epoch for e in result.epochs] == [1]
+    for artifact in result.artifacts:
+        path = Path(urlparse(artifact.uri).path)
+        assert path.parent == tmp_path / "models" / good
+        assert sha256_of(path) == artifact.sha256
+
+    # Both jobs were acked: the work queue is empty.
+    info = await js.stream_info(subjects.jobs_stream)
+    assert info.state.messages == 0
+
+
+async def test_a_cancel_request_stops_the_running_job(
+    worker: tuple[JetStreamContext, Subjects], tmp_path: Path
+) -> None:
+    js, subjects = worker
+    make_dataset(tmp_path / "tiny", images=16, size=128)
+    run_id = await submit(
+        js, subjects, job(uuid.uuid4().hex, str(tmp_path / "tiny" / "annotations.json"), epochs=50)
+    )
+    first = await events_until_terminal(js, subjects, run_id, stop_at="progress")
+    assert kinds(first)[-1] == "progress"
+
+    cancel = training_run_pb2.TrainingRunEvent(
+        training_run=f"trainingRuns/{run_id}",
+        sequence=5,
+        state_changed=training_run_pb2.TrainingRunEvent.StateChanged(
+            from_state=training_run_pb2.TrainingRun.State.RUNNING,
+            to_state=training_run_pb2.TrainingRun.State.CANCELLING,
+            reason="cancel_requested",
+        ),
+    )
+    await js.publish(subjects.run_event(run_id), cancel.SerializeToString())
+
+    rest = await events_until_terminal(js, subjects, run_id, timeout_s=60)
+    assert kinds(rest)[-1] == "cancelled"
+    assert not (tmp_path / "models" / run_id).exists()

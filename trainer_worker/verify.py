@@ -1,0 +1,157 @@
+"""Checks that a config and a checkpoint make an MMDetection model: run as a child process.
+
+    python -m trainer_worker.verify CONFIG CHECKPOINT
+
+Prints one JSON line: {"ok": true, "num_classes": N, "parameter_count": P} or
+{"ok": false, "errors": {"config" | "checkpoint": "what is wrong"}}. The services
+call it in a child so that they never import torch or mmdet themselves.
+
+Checkpoints are loaded with `weights_only=True`: an uploaded file is untrusted and a
+full unpickle runs arbitrary code. mmengine's own checkpoints carry a few non-tensor
+objects (its message hub's HistoryBuffer, numpy scalars, and `getattr` to fetch
+HistoryBuffer's statistic methods); exactly those are allowed, `getattr` only on
+HistoryBuffer's public attributes, so such checkpoints load without trusting them.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+# How many missing or unexpected keys an error names before it summarises.
+_SHOWN_KEYS = 5
+
+
+def _history_buffer_getattr(obj: object, name: str) -> object:
+    from mmengine.logging.history_buffer import HistoryBuffer
+
+    if obj is HistoryBuffer and not name.startswith("_"):
+        return getattr(obj, name)
+    raise ValueError(f"getattr({obj!r}, {name!r}) is not allowed in a checkpoint")
+
+
+def _safe_globals() -> list[Any]:
+    import numpy
+    from mmengine.logging.history_buffer import HistoryBuffer
+    from numpy._core.multiarray import _reconstruct, scalar
+
+    return [
+        numpy.ndarray,
+        numpy.dtype,
+        scalar,
+        _reconstruct,
+        HistoryBuffer,
+        (_history_buffer_getattr, "builtins.getattr"),
+        *{type(numpy.dtype(code)) for code in "?bBhHiIlLqQefdgFDG"},
+    ]
+
+
+def load_state_dict(path: str) -> Mapping[str, Any]:
+    import torch
+
+    with torch.serialization.safe_globals(_safe_globals()):
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        loaded = loaded["state_dict"]
+    if not isinstance(loaded, Mapping) or not all(
+        isinstance(v, torch.Tensor) for v in loaded.values()
+    ):
+        raise ValueError("holds no state dict (a mapping of parameter names to tensors)")
+    return loaded
+
+
+def _num_classes(model_cfg: Mapping[str, Any]) -> int | None:
+    for path in (("bbox_head",), ("roi_head", "bbox_head")):
+        node: Any = model_cfg
+        for key in path:
+            node = node.get(key) if isinstance(node, Mapping) else None
+        if isinstance(node, Mapping) and isinstance(node.get("num_classes"), int):
+            return int(node["num_classes"])
+    return None
+
+
+def _strip_init_cfg(node: Any) -> None:
+    """No pretrained weights are fetched while building the model to compare keys with."""
+    if isinstance(node, dict):
+        if "init_cfg" in node:
+            node["init_cfg"] = None
+        for value in node.values():
+            _strip_init_cfg(value)
+    elif isinstance(node, list):
+        for value in node:
+            _strip_init_cfg(value)
+
+
+def _listed(keys: list[str]) -> str:
+    shown = ", ".join(keys[:_SHOWN_KEYS])
+    more = len(keys) - _SHOWN_KEYS
+    return f"{shown} and {more} more" if more > 0 else shown
+
+
+def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
+    from mmengine.config import Config
+
+    try:
+        cfg = Config.fromfile(config_path)
+        model_cfg = cfg.get("model")
+        if not isinstance(model_cfg, Mapping) or "type" not in model_cfg:
+            raise ValueError("defines no `model` with a `type`")
+    except Exception as error:
+        return {"ok": False, "errors": {"config": f"not an MMDetection config: {error}"}}
+
+    try:
+        state = load_state_dict(checkpoint_path)
+    except Exception as error:
+        message = str(error).strip().splitlines()
+        return {
+            "ok": False,
+            "errors": {"checkpoint": f"cannot be loaded: {message[-1] if message else error}"},
+        }
+
+    from mmdet.registry import MODELS
+    from mmdet.utils import register_all_modules
+
+    register_all_modules(init_default_scope=True)
+    model_dict = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
+    _strip_init_cfg(model_dict)
+    try:
+        model = MODELS.build(model_dict)
+    except Exception as error:
+        return {"ok": False, "errors": {"config": f"its model cannot be built: {error}"}}
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {k: tuple(v.shape) for k, v in state.items()}
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    problems = []
+    if missing:
+        problems.append(f"{len(missing)} keys of the model are missing: {_listed(missing)}")
+    if unexpected:
+        problems.append(f"{len(unexpected)} keys are not in the model: {_listed(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} {found[k]} != {expected[k]}" for k in mismatched]
+        problems.append(f"{len(mismatched)} tensors have other shapes: {_listed(shapes)}")
+    if problems:
+        return {
+            "ok": False,
+            "errors": {"checkpoint": "does not fit the config's model: " + "; ".join(problems)},
+        }
+    return {
+        "ok": True,
+        "num_classes": _num_classes(model_dict),
+        "parameter_count": int(sum(v.numel() for v in state.values())),
+    }
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2:
+        print("usage: python -m trainer_worker.verify CONFIG CHECKPOINT", file=sys.stderr)
+        return 2
+    print(json.dumps(verify(argv[0], argv[1])), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
