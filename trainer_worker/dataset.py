@@ -254,7 +254,7 @@ def _sample(items: Iterable[Any]) -> str:
     return shown + (", ..." if len(items) > _EXAMPLES else "")
 
 
-def _check(problems: list[str], what: str, hint: str) -> None:
+def _check(problems: Sequence[object], what: str, hint: str) -> None:
     if problems:
         raise _invalid(f"{len(problems)} {what} ({_sample(problems)}){hint}")
 
@@ -353,11 +353,10 @@ def _validated_annotations(
         ):
             malformed.append(f"#{i}")
             continue
-        ann_id, image_id, category_id = (
-            annotation["id"],
-            annotation.get("image_id"),
-            annotation.get("category_id"),
-        )
+        ann_id: int = annotation["id"]
+        # Checked against the known ids below before use as keys.
+        image_id: Any = annotation.get("image_id")
+        category_id: Any = annotation.get("category_id")
         if ann_id in seen:
             duplicates.append(ann_id)
             continue

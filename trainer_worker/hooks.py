@@ -50,7 +50,7 @@ class TrainingCancelled(Exception):
     """Raised from a hook to leave `Runner.train()` at the next iteration."""
 
 
-class CancelHook(Hook):
+class CancelHook(Hook):  # type: ignore[misc]
     """Stops training at the next iteration once `request()` was called (from a signal)."""
 
     priority = "HIGHEST"
@@ -77,7 +77,7 @@ class CancelHook(Hook):
         self._check()
 
 
-class ProgressHook(Hook):
+class ProgressHook(Hook):  # type: ignore[misc]
     """Reports progress (throttled), per-epoch mean losses and each validation's metrics."""
 
     priority = "LOW"
@@ -144,7 +144,7 @@ class ProgressHook(Hook):
         self._writer.send(Evaluated(epoch=runner.epoch, metrics=_floats(metrics or {})))
 
 
-class PruneCheckpointsHook(Hook):
+class PruneCheckpointsHook(Hook):  # type: ignore[misc]
     """Keeps only the best epoch's and the latest checkpoint (for resume) on disk."""
 
     priority = "VERY_LOW"

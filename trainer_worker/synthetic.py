@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import random
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -45,7 +46,8 @@ def make_dataset(
     (folder / "images").mkdir(exist_ok=True)
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
-    coco_images, annotations = [], []
+    coco_images: list[dict[str, Any]] = []
+    annotations: list[dict[str, Any]] = []
     for index in range(images):
         pixels = noise.normal(120, 18, size=(size, size, 3)).clip(0, 255).astype(np.uint8)
         canvas = Image.fromarray(pixels)
