@@ -173,3 +173,26 @@ async def test_train_a_root_model_then_fine_tune_it(runs, models, worker, datase
         trained_model_pb2.ListTrainedModelsRequest(base_model=root_model_name)
     )
     assert [m.name for m in children.trained_models] == [tuned_model_name]
+
+
+async def test_cancelling_a_training_run_stops_it_and_keeps_its_progress(runs, worker, dataset_uri):
+    run = await runs.CreateTrainingRun(
+        request("to cancel", dataset_uri, architecture="retinanet_r18_fpn", epochs=50)
+    )
+    events: list[training_run_pb2.TrainingRunEvent] = []
+    cancelled_at: int | None = None
+    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=run.name))
+    async with asyncio.timeout(180):
+        async for event in stream:
+            events.append(event)
+            if cancelled_at is None and event.WhichOneof("payload") == "progress":
+                cancelled_at = event.progress.iteration
+                await runs.CancelTrainingRun(
+                    training_run_pb2.CancelTrainingRunRequest(name=run.name, reason="e2e")
+                )
+    states = [s.to_state for s in kinds(events, "state_changed")]
+    assert states[-2:] == [TrainingRun.CANCELLING, TrainingRun.CANCELLED]
+    finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
+    assert finished.progress.iteration >= (cancelled_at or 0) > 0, "partial progress is kept"
+    assert finished.progress.iteration < finished.progress.max_iterations, "it stopped early"
+    assert finished.trained_model == ""
