@@ -20,7 +20,7 @@ def to_dict(message: Message) -> dict[str, Any]:
 
 def parse(data: Mapping[str, Any] | None, message: M) -> M:
     if data:
-        json_format.ParseDict(data, message, ignore_unknown_fields=True)
+        json_format.ParseDict(dict(data), message, ignore_unknown_fields=True)
     return message
 
 

@@ -262,9 +262,9 @@ class TrainingRun:
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
         """The per-epoch series entry of `epoch`, kept as metrics arrive."""
-        for entry in self.epoch_metrics:
-            if entry["epoch"] == epoch:
-                return entry
+        for existing in self.epoch_metrics:
+            if existing["epoch"] == epoch:
+                return existing
         entry: dict[str, Any] = {"epoch": epoch, "train": {}, "val": {}}
         self.epoch_metrics = sorted([*self.epoch_metrics, entry], key=lambda e: e["epoch"])
         return entry

@@ -51,7 +51,7 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         name=run_name(run.id),
         display_name=run.display_name,
         labels=run.labels,
-        state=training_run_pb2.TrainingRun.State.Value(run.state.value),
+        state=run.state.value,
         spec=parse(run.spec, training_run_pb2.TrainingSpec()),
         base_model=model_name(run.base_model_id) if run.base_model_id else "",
         trained_model=model_name(run.trained_model_id) if run.trained_model_id else "",

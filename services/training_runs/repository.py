@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, and_, delete, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -189,7 +189,7 @@ class TrainingRunRepository:
         self, filter_: RunFilter, *, limit: int, after: Cursor | None
     ) -> Sequence[TrainingRun]:
         query = _select_runs()
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if filter_.states:
             conditions.append(training_runs.c.state.in_([s.value for s in filter_.states]))
         if filter_.base_model_id:

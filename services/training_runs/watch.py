@@ -104,19 +104,19 @@ class EventHub:
             if run is None:
                 raise NotFound(f"training run {run_id} does not exist")
             last = after_sequence
-            async for event in self._replay(uow_factory, run_id, last):
-                yield event
-                last = event.sequence
-                if is_terminal(event):
+            async for replayed in self._replay(uow_factory, run_id, last):
+                yield replayed
+                last = replayed.sequence
+                if is_terminal(replayed):
                     return
             if run.state.is_terminal:
                 return  # ended, and the caller has seen everything up to its end
             while True:
+                event: TrainingRunEvent | None = None
                 try:
                     event = await asyncio.wait_for(watcher.queue.get(), idle_check_s)
                 except TimeoutError:
-                    # Safety net for a missed message when nothing else arrives.
-                    event = None
+                    pass  # a safety net for a missed message when nothing else arrives
                 if event is not None and event.sequence <= last:
                     continue
                 if event is None or watcher.overflowed or event.sequence > last + 1:

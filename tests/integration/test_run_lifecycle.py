@@ -81,10 +81,13 @@ async def test_a_silent_worker_gets_its_run_requeued_then_failed(
     assert run_id in {r.id for r in changed}
     requeued = await get(runs, run.name)
     assert requeued.state == TrainingRun.QUEUED and requeued.attempt == 2
-    job = worker_pb2.TrainingJob.FromString(
-        (await js.get_last_msg(subjects.jobs_stream, subjects.job(str(run_id)))).data
-    )
-    assert job.attempt == 2
+
+    async def second_job() -> worker_pb2.TrainingJob | None:
+        msg = await js.get_last_msg(subjects.jobs_stream, subjects.job(str(run_id)))
+        job = worker_pb2.TrainingJob.FromString(msg.data)
+        return job if job.attempt == 2 else None
+
+    assert (await eventually(second_job)).training_run == run.name
 
     # The worker of attempt 1 comes back late: fenced off.
     await worker.send(failed=training_run_pb2.Failure(reason="late", message="attempt 1"))
