@@ -12,7 +12,8 @@ import hashlib
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from shared.errors import FieldViolation, InvalidArgument
 
@@ -37,6 +38,19 @@ def page_size(requested: int, field: str = "page_size") -> int:
 def query_fingerprint(query: dict[str, Any]) -> str:
     canonical = json.dumps(query, sort_keys=True, default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+T = TypeVar("T")
+
+
+def page(
+    rows: Sequence[T], size: int, cursor: Callable[[T], Cursor], fingerprint: str
+) -> tuple[Sequence[T], str]:
+    """Cuts `size + 1` fetched rows to a page; the extra row only says another page exists."""
+    if len(rows) <= size:
+        return rows, ""
+    rows = rows[:size]
+    return rows, encode(cursor(rows[-1]), fingerprint)
 
 
 def encode(cursor: Cursor, fingerprint: str) -> str:

@@ -90,14 +90,12 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint(_filter_key(filter_))
         after = pagination.decode(request.page_token, fingerprint)
-        runs = await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after)
-        token = ""
-        if len(runs) > size:
-            runs = runs[:size]
-            last = runs[-1]
-            token = pagination.encode(
-                pagination.Cursor(last.create_time, str(last.id)), fingerprint
-            )
+        runs, token = pagination.page(
+            await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
+            size,
+            lambda run: pagination.Cursor(run.create_time, str(run.id)),
+            fingerprint,
+        )
         return pb.ListTrainingRunsResponse(
             training_runs=[run_to_proto(r) for r in runs], next_page_token=token
         )
@@ -172,15 +170,12 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
         after = int(cursor.value) if cursor else 0
-        events = await handlers.list_events(
-            self._uow(), run_id, after_sequence=after, limit=size + 1
+        events, token = pagination.page(
+            await handlers.list_events(self._uow(), run_id, after_sequence=after, limit=size + 1),
+            size,
+            lambda event: pagination.Cursor(event.sequence, str(run_id)),
+            fingerprint,
         )
-        token = ""
-        if len(events) > size:
-            events = events[:size]
-            token = pagination.encode(
-                pagination.Cursor(events[-1].sequence, str(run_id)), fingerprint
-            )
         return pb.ListTrainingRunEventsResponse(
             events=[event_to_proto(e) for e in events], next_page_token=token
         )
