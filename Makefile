@@ -74,3 +74,9 @@ typecheck: setup ## mypy
 
 clean: down ## Remove generated code and local data (keeps .venv)
 	rm -rf .data $(PROTO_OUT) shared/proto/raven
+
+bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench, report in docs/benchmarks.md
+	$(PY) -m benchmarks
+
+bench-smoke: setup ## The benchmark harness in seconds, to keep it working (no figure is meaningful)
+	$(PY) -m benchmarks --smoke

@@ -1,0 +1,347 @@
+"""Figure 2: event latency from a worker publishing a progress event to WatchTrainingRun
+clients receiving it, against a bare NATS publish -> subscribe with the same fan-out.
+
+Also figure 6's second half: the services' resident memory with 1,000 open watchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+import uuid
+from collections import defaultdict
+from collections.abc import AsyncIterator, Hashable
+
+import grpc
+import nats
+from nats.aio.client import Client as NATS
+from nats.aio.msg import Msg
+
+from benchmarks.plan import Plan
+from benchmarks.stack import Stack
+from benchmarks.stats import Results, percentile
+from benchmarks.unary import create_request
+from shared.proto.raven.training.v1 import training_run_pb2 as pb
+from shared.proto.raven.training.v1 import training_run_pb2_grpc, worker_pb2
+
+_WATCHERS_PER_CHANNEL = 100
+_DRAIN_TIMEOUT_S = 120.0
+
+
+class Tracker:
+    """Publish times of expected events and the latencies of their arrivals."""
+
+    def __init__(self) -> None:
+        self._sent: dict[Hashable, float] = {}
+        self._pending: dict[Hashable, int] = defaultdict(int)
+        self._outstanding = 0
+        self._drained = asyncio.Event()
+        self._drained.set()
+        self.latencies: list[float] = []
+
+    def expect(self, key: Hashable, receivers: int) -> None:
+        self._pending[key] += receivers
+        self._outstanding += receivers
+        self._drained.clear()
+        self._sent[key] = time.perf_counter()
+
+    def received(self, key: Hashable) -> None:
+        now = time.perf_counter()
+        if self._pending.get(key, 0) <= 0:
+            return  # replayed history or a duplicate, not a measured delivery
+        self.latencies.append(now - self._sent[key])
+        self._pending[key] -= 1
+        self._outstanding -= 1
+        if self._outstanding == 0:
+            self._drained.set()
+
+    async def drained(self) -> None:
+        await asyncio.wait_for(self._drained.wait(), _DRAIN_TIMEOUT_S)
+
+    def take(self) -> list[float]:
+        taken, self.latencies = self.latencies, []
+        return taken
+
+
+class WorkerSide:
+    """Publishes WorkerEvents like a trainer worker (tests/support.py's WorkerDriver)."""
+
+    def __init__(self, stack: Stack) -> None:
+        self._js = stack.nc.jetstream()
+        self._subjects = stack.subjects
+        self._iterations: dict[str, itertools.count[int]] = defaultdict(lambda: itertools.count(1))
+
+    async def send(self, run: pb.TrainingRun, **payload: object) -> None:
+        event = worker_pb2.WorkerEvent(
+            event_id=uuid.uuid4().hex,
+            training_run=run.name,
+            attempt=run.attempt,
+            worker_id="bench-worker",
+            **payload,  # type: ignore[arg-type]
+        )
+        event.time.GetCurrentTime()
+        await self._js.publish(
+            self._subjects.worker_event(run.name.split("/")[1]),
+            event.SerializeToString(),
+            headers={"Nats-Msg-Id": uuid.uuid4().hex},
+        )
+
+    def next_iteration(self, run: pb.TrainingRun) -> int:
+        return next(self._iterations[run.name])
+
+    async def progress(self, run: pb.TrainingRun, iteration: int) -> None:
+        await self.send(
+            run,
+            progress=pb.Progress(epoch=1, iteration=iteration, max_iterations=10**9, loss=0.5),
+        )
+
+
+async def running_runs(
+    stack: Stack, runs: training_run_pb2_grpc.TrainingRunServiceStub, worker: WorkerSide, n: int
+) -> list[pb.TrainingRun]:
+    created = await asyncio.gather(*(runs.CreateTrainingRun(create_request()) for _ in range(n)))
+    for run in created:
+        await worker.send(run, preparing=worker_pb2.WorkerEvent.Preparing())
+        await worker.send(run, running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    deadline = time.monotonic() + 60
+    while True:
+        states = await asyncio.gather(
+            *(runs.GetTrainingRun(pb.GetTrainingRunRequest(name=r.name)) for r in created)
+        )
+        if all(s.state == pb.TrainingRun.RUNNING for s in states):
+            return list(states)
+        if time.monotonic() > deadline:
+            raise RuntimeError("runs did not reach RUNNING")
+        await asyncio.sleep(0.1)
+
+
+class Watchers:
+    """WatchTrainingRun streams, a channel per hundred, reporting progress to a tracker."""
+
+    def __init__(self, stack: Stack, tracker: Tracker) -> None:
+        self._stack = stack
+        self._tracker = tracker
+        self._channels: list[grpc.aio.Channel] = []
+        self._tasks: list[asyncio.Task[None]] = []
+        self.per_run: dict[str, int] = defaultdict(int)
+
+    def open(self, run: pb.TrainingRun, count: int) -> None:
+        for _ in range(count):
+            if len(self._tasks) % _WATCHERS_PER_CHANNEL == 0:
+                self._channels.append(self._stack.runs_channel())
+            stub = training_run_pb2_grpc.TrainingRunServiceStub(self._channels[-1])
+            self._tasks.append(asyncio.create_task(self._watch(stub, run.name)))
+            self.per_run[run.name] += 1
+
+    async def _watch(self, stub: training_run_pb2_grpc.TrainingRunServiceStub, name: str) -> None:
+        async for event in stub.WatchTrainingRun(pb.WatchTrainingRunRequest(name=name)):
+            if event.WhichOneof("payload") == "progress":
+                self._tracker.received((name, event.progress.iteration))
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, grpc.aio.AioRpcError):
+                await task
+        for channel in self._channels:
+            await channel.close()
+
+
+class Subscribers:
+    """The baseline: plain NATS subscriptions with the same fan-out as the watchers."""
+
+    def __init__(self, nc: NATS, namespace: str, tracker: Tracker) -> None:
+        self._nc = nc
+        self._namespace = namespace
+        self._tracker = tracker
+        self.per_run: dict[str, int] = defaultdict(int)
+
+    def subject(self, run: str) -> str:
+        return f"{self._namespace}.bench.rtt.{run.split('/')[-1]}"
+
+    async def open(self, run: pb.TrainingRun, count: int) -> None:
+        async def on_message(msg: Msg) -> None:
+            self._tracker.received((run.name, int(msg.data)))
+
+        for _ in range(count):
+            await self._nc.subscribe(self.subject(run.name), cb=on_message)
+            self.per_run[run.name] += 1
+        await self._nc.flush()
+
+    async def publish(self, run: pb.TrainingRun, iteration: int, publisher: NATS) -> None:
+        await publisher.publish(self.subject(run.name), str(iteration).encode())
+
+
+async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: bool) -> None:
+    worker = WorkerSide(stack)
+    async with stack.runs_channel() as channel, _connection(stack) as sub_nc:
+        runs = training_run_pb2_grpc.TrainingRunServiceStub(channel)
+        system, base = Tracker(), Tracker()
+        # One run, more and more watchers.
+        (run,) = await running_runs(stack, runs, worker, 1)
+        watchers, subscribers = (
+            Watchers(stack, system),
+            Subscribers(sub_nc, stack.subjects.namespace, base),
+        )
+        try:
+            for count in plan.watcher_counts:
+                watchers.open(run, count - watchers.per_run[run.name])
+                await subscribers.open(run, count - subscribers.per_run[run.name])
+                await _one_run_rounds(
+                    stack, plan, results, worker, run, count, system, base, watchers, subscribers
+                )
+                if memory and count >= 1000:
+                    for name in ("training_runs", "trained_models"):
+                        results.add(
+                            f"memory.{name}.w{count}",
+                            stack.children[name].rss_bytes() / 2**20,
+                            unit="MiB",
+                            description=f"RSS of the {name} service process with {count} open "
+                            "WatchTrainingRun streams",
+                            baseline=f"memory.{name}.idle",
+                        )
+        finally:
+            await watchers.close()
+        # Many runs, a few watchers each, events paced like training runs reporting.
+        fleet = await running_runs(stack, runs, worker, plan.fanout_runs)
+        system, base = Tracker(), Tracker()
+        watchers, subscribers = (
+            Watchers(stack, system),
+            Subscribers(sub_nc, stack.subjects.namespace, base),
+        )
+        try:
+            for r in fleet:
+                watchers.open(r, plan.watchers_per_run)
+                await subscribers.open(r, plan.watchers_per_run)
+            await _fleet_rounds(stack, plan, results, worker, fleet, system, base, subscribers)
+        finally:
+            await watchers.close()
+
+
+@contextlib.asynccontextmanager
+async def _connection(stack: Stack) -> AsyncIterator[NATS]:
+    nc = await nats.connect(stack.settings.nats_url, name="raven-bench-subscribers")
+    try:
+        yield nc
+    finally:
+        await nc.close()
+
+
+async def _one_run_rounds(
+    stack: Stack,
+    plan: Plan,
+    results: Results,
+    worker: WorkerSide,
+    run: pb.TrainingRun,
+    count: int,
+    system: Tracker,
+    base: Tracker,
+    watchers: Watchers,
+    subscribers: Subscribers,
+) -> None:
+    # Warm-up, and proof that every watcher is subscribed.
+    for _ in range(2):
+        it = worker.next_iteration(run)
+        system.expect((run.name, it), count)
+        await worker.progress(run, it)
+        await system.drained()
+    system.take()
+    for _ in range(plan.rounds):
+        for _ in range(plan.events_per_round):
+            it = worker.next_iteration(run)
+            base.expect((run.name, it), count)
+            await subscribers.publish(run, it, stack.nc)
+            await base.drained()
+        _record(
+            results,
+            f"events.nats.w{count}",
+            base.take(),
+            f"bare NATS publish -> {count} subscriber(s) of one subject (baseline)",
+            None,
+        )
+        for _ in range(plan.events_per_round):
+            it = worker.next_iteration(run)
+            system.expect((run.name, it), count)
+            await worker.progress(run, it)
+            await system.drained()
+        _record(
+            results,
+            f"events.run1.w{count}",
+            system.take(),
+            f"worker progress event -> {count} WatchTrainingRun client(s) of one run",
+            f"events.nats.w{count}",
+        )
+
+
+async def _fleet_rounds(
+    stack: Stack,
+    plan: Plan,
+    results: Results,
+    worker: WorkerSide,
+    fleet: list[pb.TrainingRun],
+    system: Tracker,
+    base: Tracker,
+    subscribers: Subscribers,
+) -> None:
+    per_run = plan.watchers_per_run
+    n = len(fleet)
+    for r in fleet:  # Warm-up, and proof that every watcher is subscribed.
+        it = worker.next_iteration(r)
+        system.expect((r.name, it), per_run)
+        await worker.progress(r, it)
+    await system.drained()
+    system.take()
+    interval = 1 / plan.fanout_rate_per_s
+    label = f"{n} runs x {per_run} watchers, {plan.fanout_rate_per_s:g} events/s"
+    for _ in range(plan.rounds):
+        start = time.perf_counter()
+        for i in range(n * plan.fanout_events_per_run):
+            r = fleet[i % n]
+            it = worker.next_iteration(r)
+            base.expect((r.name, it), per_run)
+            await subscribers.publish(r, it, stack.nc)
+            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+        await base.drained()
+        _record(
+            results,
+            "events.nats.fleet",
+            base.take(),
+            f"bare NATS publish -> subscribers, {label} (baseline)",
+            None,
+        )
+        start = time.perf_counter()
+        for i in range(n * plan.fanout_events_per_run):
+            r = fleet[i % n]
+            it = worker.next_iteration(r)
+            system.expect((r.name, it), per_run)
+            await worker.progress(r, it)
+            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+        await system.drained()
+        _record(
+            results,
+            "events.fleet",
+            system.take(),
+            f"worker progress event -> WatchTrainingRun clients, {label}",
+            "events.nats.fleet",
+        )
+
+
+def _record(
+    results: Results, prefix: str, latencies: list[float], what: str, baseline: str | None
+) -> None:
+    values = {
+        "p50": percentile(latencies, 50),
+        "p99": percentile(latencies, 99),
+        "max": max(latencies, default=float("nan")),
+    }
+    for key, value in values.items():
+        results.add(
+            f"{prefix}.{key}",
+            value * 1000,
+            unit="ms",
+            description=f"{what}: {key} latency",
+            baseline=baseline and f"{baseline}.{key}",
+        )
