@@ -193,6 +193,10 @@ async def _train(
 
     base = await _verified_base(job, environment) if job.HasField("base_model") else None
     try:
+        configs_root = mmdet_configs_root()
+    except RuntimeError as error:
+        raise _Failed("worker_misconfigured", str(error)) from None
+    try:
         generated = generate_config(
             plan=dataclasses.replace(plan, num_workers=environment.dataloader_workers),
             dataset=DatasetFiles(
@@ -202,7 +206,7 @@ async def _train(
                 train_image_count=prepared.train_image_count,
             ),
             work_dir=folder / "work",
-            configs_root=mmdet_configs_root(),
+            configs_root=configs_root,
             base=base,
         )
     except (ConfigError, UnknownArchitecture) as error:

@@ -1,0 +1,55 @@
+from __future__ import annotations
+
+import pytest
+
+from shared.proto.raven.training.v1 import training_run_pb2
+from trainer_worker.cancellation import is_cancel_request
+from trainer_worker.metrics import best_epoch
+from trainer_worker.protocol import (
+    Evaluated,
+    ProgressReported,
+    ProtocolError,
+    decode,
+    encode,
+)
+
+State = training_run_pb2.TrainingRun.State
+
+
+def test_best_epoch_is_the_highest_map_and_the_earliest_on_ties() -> None:
+    evaluations = {
+        1: {"coco/bbox_mAP": 0.2},
+        2: {"coco/bbox_mAP": 0.5, "coco/bbox_mAP_l": -1.0},
+        3: {},
+        4: {"coco/bbox_mAP": 0.5},
+    }
+    assert best_epoch(evaluations, last_epoch=4) == 2
+
+
+def test_without_any_map_the_last_epoch_is_best_and_nothing_is_picked_from_nothing() -> None:
+    assert best_epoch({1: {}, 2: {}}, last_epoch=2) == 2
+    assert best_epoch({}, last_epoch=0) is None
+
+
+def test_child_events_round_trip() -> None:
+    progress = ProgressReported(
+        epoch=1, max_epochs=2, iter=3, max_iters=8, loss=1.5, losses={"loss_cls": 1.0}, eta_s=2.0
+    )
+    assert decode(encode(progress)) == progress
+    assert decode(encode(Evaluated(epoch=2, metrics={}))) == Evaluated(epoch=2, metrics={})
+    with pytest.raises(ProtocolError):
+        decode(b'{"kind": "nonsense"}')
+    with pytest.raises(ProtocolError):
+        decode(b"not json")
+
+
+@pytest.mark.parametrize(
+    ("to_state", "expected"),
+    [(State.CANCELLING, True), (State.CANCELLED, True), (State.RUNNING, False)],
+)
+def test_cancel_requests_are_state_changes_to_cancelling(to_state: int, expected: bool) -> None:
+    event = training_run_pb2.TrainingRunEvent(
+        state_changed=training_run_pb2.TrainingRunEvent.StateChanged(to_state=to_state)
+    )
+    assert is_cancel_request(event.SerializeToString()) is expected
+    assert not is_cancel_request(b"\xff\xff not a protobuf")
