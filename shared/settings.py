@@ -39,5 +39,15 @@ class Settings(BaseSettings):
     # "auto", "cpu" or "cuda".
     worker_device: str = "auto"
 
+    # Publication policy: a model needs at least this coco/bbox_mAP to be published
+    # (a request may ask for more, never less); None leaves it to the request.
+    publish_min_bbox_map: float | None = Field(default=None, ge=0, le=1)
+    # The channel a publish request without one goes to.
+    default_publish_channel: str = "production"
+    # Seconds the child process that checks an imported config and checkpoint may take.
+    import_verify_timeout_s: float = Field(default=180.0, gt=0)
+    # Largest config plus checkpoint an import may upload.
+    import_max_bytes: int = Field(default=4 * 1024**3, gt=0)
+
     def resolved_artifact_root(self) -> Path:
         return self.artifact_root.expanduser().resolve()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import enum
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+from shared.errors import FailedPrecondition
+
 HEADLINE_METRIC = "coco/bbox_mAP"
+
+
+class Origin(enum.StrEnum):
+    RUN = "run"
+    IMPORT = "import"
 
 
 @dataclass(slots=True, kw_only=True)
@@ -33,6 +41,8 @@ class TrainedModel:
     channel: str | None = None
     publish_time: datetime | None = None
     published_by: str | None = None
+    origin: Origin = Origin.RUN
+    request_id: uuid.UUID | None = None
     version: int = 1
 
     @property
@@ -44,6 +54,64 @@ class TrainedModel:
         """The headline metric; None when the model has none yet (never 0 in its place)."""
         value = (self.evaluation or {}).get("metrics", {}).get(HEADLINE_METRIC)
         return float(value) if value is not None else None
+
+    def artifact(self, kind: str) -> dict[str, Any] | None:
+        return next((a for a in self.artifacts if a.get("kind") == kind), None)
+
+    def edit(
+        self,
+        *,
+        now: datetime,
+        display_name: str | None = None,
+        description: str | None = None,
+        labels: dict[str, str] | None = None,
+    ) -> None:
+        if display_name is not None:
+            self.display_name = display_name
+        if description is not None:
+            self.description = description
+        if labels is not None:
+            self.labels = dict(labels)
+        self._changed(now)
+
+    def publish(self, *, channel: str, actor: str, now: datetime) -> bool:
+        """Puts the model in `channel`; False when it already is there (nothing changes)."""
+        if self.published:
+            if self.channel == channel:
+                return False
+            raise FailedPrecondition(
+                f"trained model {self.id} is published in channel {self.channel!r}; "
+                f"unpublish it before publishing it to {channel!r}"
+            )
+        self.published = True
+        self.channel = channel
+        self.publish_time = now
+        self.published_by = actor
+        self._changed(now)
+        return True
+
+    def unpublish(self, *, now: datetime) -> str:
+        """Takes the model out of its channel; returns the channel."""
+        if not self.published or self.channel is None:
+            raise FailedPrecondition(f"trained model {self.id} is not published")
+        channel = self.channel
+        self.published = False
+        self.channel = None
+        self.publish_time = None
+        self.published_by = None
+        self._changed(now)
+        return channel
+
+    def ensure_deletable(self) -> None:
+        if self.published:
+            raise FailedPrecondition(
+                f"trained model {self.id} is published in channel {self.channel!r}; "
+                "unpublish it first"
+            )
+
+    def _changed(self, now: datetime) -> None:
+        self.update_time = now
+        self.version += 1
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -63,3 +131,23 @@ class Lineage:
     ancestors: list[LineageNode]
     # Breadth first, depth 1 = direct children.
     descendants: list[LineageNode]
+
+
+class PublicationAction(enum.StrEnum):
+    PUBLISHED = "published"
+    UNPUBLISHED = "unpublished"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublicationEvent:
+    """One line of the publication history: who put which model in or out of a channel."""
+
+    trained_model_id: uuid.UUID
+    action: PublicationAction
+    channel: str
+    actor: str
+    reason: str
+    time: datetime
+    replaced_model_id: uuid.UUID | None = None
+    bbox_map: float | None = None
+    id: int | None = None

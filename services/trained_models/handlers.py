@@ -2,21 +2,40 @@
 
 from __future__ import annotations
 
+import asyncio
+import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
 import structlog
 
+from services.trained_models import artifacts
 from services.trained_models.domain import Lineage, TrainedModel
-from services.trained_models.messages import created_message
+from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
-from shared.errors import NotFound
+from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
 from shared.pagination import Cursor
 
 log = structlog.get_logger(__name__)
 
 MAX_LINEAGE_DEPTH = 50
+MAX_DISPLAY_NAME = 200
+MAX_DESCRIPTION = 10_000
+MAX_LABELS = 64
+# A run that ended in one of these no longer reads its base model's files.
+FINISHED_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
+EDITABLE_FIELDS = ("display_name", "description", "labels")
+
+Clock = Callable[[], datetime]
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
 
 
 async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
@@ -24,9 +43,13 @@ async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
     completion is delivered. Returns False when it was already registered."""
     assert model.training_run_id is not None
     async with uow:
-        if not await uow.models.run_exists(model.training_run_id):
+        state = await uow.models.run_state(model.training_run_id)
+        if state != "SUCCEEDED":
+            # A stale or forged completion: the database, not the event, says how the run ended.
             log.warning(
-                "run deleted before its model was registered", run_id=str(model.training_run_id)
+                "completion of a run that did not succeed ignored",
+                run_id=str(model.training_run_id),
+                state=state or "deleted",
             )
             return False
         if not await uow.models.add_if_absent(model):
@@ -58,3 +81,160 @@ async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineag
     if not result.ancestors:
         raise NotFound(f"trained model {model_id} does not exist")
     return result
+
+
+def check_etag(model: TrainedModel, etag: str) -> None:
+    if etag and etag != model.etag:
+        raise Conflict(
+            f"trained model {model.id} was changed (etag {model.etag}, the request has {etag})"
+        )
+
+
+def validate_edit(
+    violations: Violations,
+    prefix: str,
+    *,
+    display_name: str | None = None,
+    description: str | None = None,
+    labels: Mapping[str, str] | None = None,
+) -> None:
+    """The rules of the editable fields, shared by update and import."""
+    if display_name is not None:
+        violations.check(bool(display_name.strip()), f"{prefix}display_name", "must not be empty")
+        violations.check(
+            len(display_name) <= MAX_DISPLAY_NAME,
+            f"{prefix}display_name",
+            f"at most {MAX_DISPLAY_NAME} characters",
+        )
+    if description is not None:
+        violations.check(
+            len(description) <= MAX_DESCRIPTION,
+            f"{prefix}description",
+            f"at most {MAX_DESCRIPTION} characters",
+        )
+    if labels is not None:
+        violations.check(
+            len(labels) <= MAX_LABELS, f"{prefix}labels", f"at most {MAX_LABELS} labels"
+        )
+        for key, value in labels.items():
+            violations.check(
+                0 < len(key) <= 63 and key.isascii() and key.isprintable(),
+                f"{prefix}labels",
+                f"key {key!r}: 1 to 63 printable ASCII characters",
+            )
+            violations.check(
+                len(value) <= 256, f"{prefix}labels", f"value of {key!r}: at most 256 characters"
+            )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Edit:
+    display_name: str
+    description: str
+    labels: dict[str, str]
+    # Which of the fields above to change.
+    fields: frozenset[str]
+    etag: str = ""
+
+
+async def update_model(
+    uow: UnitOfWork, model_id: uuid.UUID, edit: Edit, *, clock: Clock = utcnow
+) -> TrainedModel:
+    violations = Violations()
+    if not edit.fields:
+        violations.add("update_mask", "name the fields to change: " + ", ".join(EDITABLE_FIELDS))
+    for field in sorted(edit.fields - set(EDITABLE_FIELDS)):
+        violations.add("update_mask", f"{field!r} cannot be changed; only {EDITABLE_FIELDS}")
+    changes: dict[str, Any] = {f: getattr(edit, f) for f in edit.fields & set(EDITABLE_FIELDS)}
+    validate_edit(violations, "trained_model.", **changes)
+    violations.raise_if_any()
+    async with uow:
+        model = await uow.models.get(model_id, for_update=True)
+        if model is None:
+            raise NotFound(f"trained model {model_id} does not exist")
+        check_etag(model, edit.etag)
+        version = model.version
+        model.edit(now=clock(), **changes)
+        if not await uow.models.save(model, expected_version=version):
+            raise Conflict(f"trained model {model_id} was changed concurrently")
+        uow.publish(lifecycle_message("updated", model, uow.subjects))
+        await uow.commit()
+    return model
+
+
+async def delete_model(
+    uow: UnitOfWork, model_id: uuid.UUID, *, etag: str, actor: str, artifact_root: Path
+) -> None:
+    """Deletes the row, then (after the commit) the files: a crash in between leaves
+    files without a row, never a row pointing at missing files."""
+    async with uow:
+        model = await uow.models.get(model_id, for_update=True)
+        if model is None:
+            raise NotFound(f"trained model {model_id} does not exist")
+        check_etag(model, etag)
+        model.ensure_deletable()
+        child = await uow.models.a_child(model_id)
+        if child is not None:
+            raise FailedPrecondition(
+                f"trained model {model_id} is the base model of trainedModels/{child}; "
+                "delete that model first"
+            )
+        run = await uow.models.an_unfinished_run_of(model_id, finished=FINISHED_RUN_STATES)
+        if run is not None:
+            run_id, state = run
+            what = "has not finished" if state != "SUCCEEDED" else "has no registered model yet"
+            raise FailedPrecondition(
+                f"trained model {model_id} is the base model of trainingRuns/{run_id}, "
+                f"which is {state} and {what}"
+            )
+        await uow.models.delete(model, actor=actor)
+        uow.publish(lifecycle_message("deleted", model, uow.subjects))
+        await uow.commit()
+    log.info("trained model deleted", model_id=str(model_id))
+    await remove_deleted_files(uow, artifact_root, model_id=model_id)
+
+
+async def remove_deleted_files(
+    uow: UnitOfWork, artifact_root: Path, *, model_id: uuid.UUID | None = None
+) -> int:
+    """Removes the files of deleted models (one, or all still pending); returns how many
+    models' files went. Safe to run from several processes: each row is taken by one."""
+    removed = 0
+    while True:
+        async with uow:
+            pending = await uow.models.deletions_with_files(model_id=model_id)
+            for deleted_id, files in pending:
+                await asyncio.to_thread(artifacts.remove, files, artifact_root)
+                await uow.models.files_removed(deleted_id)
+            await uow.commit()
+        removed += len(pending)
+        if model_id is not None or not pending:
+            return removed
+
+
+async def download(
+    uow: UnitOfWork, model_id: uuid.UUID, *, kind: str, artifact_root: Path
+) -> AsyncIterator[dict[str, Any] | bytes]:
+    """The artifact's record, then its bytes. The bytes are hashed on the way: a file
+    that changed since it was recorded ends the stream with an error, not silently."""
+    model = await get_model(uow, model_id)
+    artifact = model.artifact(kind)
+    if artifact is None:
+        raise FailedPrecondition(f"trained model {model_id} has no {kind} artifact")
+    path = artifacts.resolve(artifact.get("uri", ""), artifact_root)
+    if path is None or not path.is_file():
+        raise FailedPrecondition(f"the {kind} file of trained model {model_id} is missing")
+    size = int(artifact.get("size_bytes", 0))
+    if path.stat().st_size != size:
+        raise FailedPrecondition(
+            f"the {kind} file of trained model {model_id} no longer has its recorded size"
+        )
+    yield artifact
+    digest = hashlib.sha256()
+    async for chunk in artifacts.read_chunks(path, offset_limit=size):
+        digest.update(chunk)
+        yield chunk
+    if digest.hexdigest() != str(artifact.get("sha256", "")).lower():
+        raise FailedPrecondition(
+            f"the {kind} file of trained model {model_id} no longer has its recorded sha256"
+        )

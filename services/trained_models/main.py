@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
+from pathlib import Path
 from typing import Any
 
+import structlog
 from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.trained_models.consumer import RunSucceededHandler
+from services.trained_models.handlers import remove_deleted_files
+from services.trained_models.importing import ImportPolicy
+from services.trained_models.publication import Policy
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.consumer import consume
 from shared.grpc_server import Server
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
 from shared.runtime import ServiceApp, run_service
+
+log = structlog.get_logger(__name__)
 
 
 class TrainedModelsApp(ServiceApp):
@@ -37,18 +44,38 @@ class TrainedModelsApp(ServiceApp):
         def uow_factory() -> UnitOfWork:
             return UnitOfWork(sessions, self.subjects)
 
-        trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(
-            TrainedModelServicer(uow_factory=uow_factory), server.server
+        root = self.settings.resolved_artifact_root()
+        servicer = TrainedModelServicer(
+            uow_factory=uow_factory,
+            artifact_root=root,
+            publish_policy=Policy(
+                artifact_root=root,
+                default_channel=self.settings.default_publish_channel,
+                min_bbox_map=self.settings.publish_min_bbox_map,
+            ),
+            import_policy=ImportPolicy(
+                artifact_root=root,
+                verify_timeout_s=self.settings.import_verify_timeout_s,
+                max_bytes=self.settings.import_max_bytes,
+            ),
         )
+        trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(servicer, server.server)
         return [
+            self._sweep(uow_factory(), root),
             consume(
                 js,
                 stream=self.subjects.events_stream,
                 subject=self.subjects.run_lifecycle("succeeded"),
                 durable=self.subjects.model_registry_consumer,
                 handle=RunSucceededHandler(uow_factory),
-            )
+            ),
         ]
+
+    async def _sweep(self, uow: UnitOfWork, root: Path) -> None:
+        """Finishes deletions a crash interrupted between the commit and the files."""
+        removed = await remove_deleted_files(uow, root)
+        if removed:
+            log.info("files of deleted trained models removed", models=removed)
 
 
 def run() -> None:

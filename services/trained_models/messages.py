@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from datetime import UTC, datetime
 
-from services.trained_models.domain import Lineage, LineageNode, TrainedModel
+from services.trained_models.domain import Lineage, LineageNode, PublicationEvent, TrainedModel
 from shared.messaging import Subjects
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, model_name, parse_name, run_name
 from shared.outbox import OutboxMessage
@@ -72,6 +72,30 @@ def created_message(model: TrainedModel, subjects: Subjects) -> OutboxMessage:
         payload=model_to_proto(model).SerializeToString(),
         msg_id=f"trained_model.created.{model.id}",
     )
+
+
+def lifecycle_message(what: str, model: TrainedModel, subjects: Subjects) -> OutboxMessage:
+    """`trained_model.<what>` with the model as it is after the change."""
+    return OutboxMessage(
+        subject=subjects.model_lifecycle(what),
+        payload=model_to_proto(model).SerializeToString(),
+        msg_id=f"trained_model.{what}.{model.id}.{model.version}",
+    )
+
+
+def publication_event_to_proto(event: PublicationEvent) -> trained_model_pb2.PublicationEvent:
+    message = trained_model_pb2.PublicationEvent(
+        trained_model=model_name(event.trained_model_id),
+        action=event.action.value,
+        channel=event.channel,
+        actor=event.actor,
+        reason=event.reason,
+        time=timestamp(event.time),
+        replaced_model=model_name(event.replaced_model_id) if event.replaced_model_id else "",
+    )
+    if event.bbox_map is not None:
+        message.bbox_map = event.bbox_map
+    return message
 
 
 def _node(node: LineageNode) -> trained_model_pb2.TrainedModelLineage.LineageNode:

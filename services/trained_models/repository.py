@@ -8,13 +8,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, func, literal, select, text, tuple_
+from sqlalchemy import Row, and_, delete, func, literal, or_, select, text, true, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.trained_models.domain import Lineage, LineageNode, TrainedModel
-from shared.db.schema import trained_models, training_runs
+from services.trained_models.domain import Lineage, LineageNode, Origin, TrainedModel
+from shared.db.schema import trained_model_deletions, trained_models, training_runs
 from shared.pagination import Cursor
 
 
@@ -54,6 +54,8 @@ def _to_model(row: Row[Any]) -> TrainedModel:
         publish_time=m["publish_time"],
         published_by=m["published_by"],
         creator=m["creator"],
+        origin=Origin(m["origin"]),
+        request_id=m["request_id"],
         version=m["version"],
         create_time=m["create_time"],
         update_time=m["update_time"],
@@ -81,6 +83,8 @@ def _values(model: TrainedModel) -> dict[str, Any]:
         "publish_time": model.publish_time,
         "published_by": model.published_by,
         "creator": model.creator,
+        "origin": model.origin.value,
+        "request_id": model.request_id,
         "version": model.version,
         "create_time": model.create_time,
         "update_time": model.update_time,
@@ -127,13 +131,116 @@ class TrainedModelRepository:
     def __init__(self, session: AsyncSession) -> None:
         self._session = session
 
-    async def get(self, model_id: uuid.UUID) -> TrainedModel | None:
-        row = (
-            await self._session.execute(
-                select(trained_models).where(trained_models.c.id == model_id)
-            )
-        ).first()
+    async def get(self, model_id: uuid.UUID, *, for_update: bool = False) -> TrainedModel | None:
+        query = select(trained_models).where(trained_models.c.id == model_id)
+        if for_update:
+            query = query.with_for_update()
+        row = (await self._session.execute(query)).first()
         return _to_model(row) if row else None
+
+    async def get_by_request(self, creator: str, request_id: uuid.UUID) -> TrainedModel | None:
+        query = select(trained_models).where(
+            trained_models.c.creator == creator, trained_models.c.request_id == request_id
+        )
+        row = (await self._session.execute(query)).first()
+        return _to_model(row) if row else None
+
+    async def add(self, model: TrainedModel) -> None:
+        await self._session.execute(trained_models.insert().values(**_values(model)))
+
+    async def save(self, model: TrainedModel, *, expected_version: int) -> bool:
+        """Writes the model unless someone else changed it since `expected_version`."""
+        values = _values(model)
+        del values["id"], values["create_time"]
+        result = await self._session.execute(
+            update(trained_models)
+            .where(trained_models.c.id == model.id, trained_models.c.version == expected_version)
+            .values(**values)
+        )
+        return bool(result.rowcount)  # type: ignore[attr-defined]
+
+    async def delete(self, model: TrainedModel, *, actor: str) -> None:
+        """Deletes the row and records its files for removal after the commit."""
+        await self._session.execute(delete(trained_models).where(trained_models.c.id == model.id))
+        await self._session.execute(
+            trained_model_deletions.insert().values(
+                trained_model_id=model.id,
+                training_run_id=model.training_run_id,
+                artifacts=model.artifacts,
+                actor=actor,
+            )
+        )
+
+    async def deletions_with_files(
+        self, *, model_id: uuid.UUID | None = None, limit: int = 100
+    ) -> Sequence[tuple[uuid.UUID, list[dict[str, Any]]]]:
+        """Deleted models whose files were not removed yet, locked for the caller."""
+        d = trained_model_deletions.c
+        query = select(d.trained_model_id, d.artifacts).where(d.files_removed_time.is_(None))
+        if model_id is not None:
+            query = query.where(d.trained_model_id == model_id)
+        query = query.order_by(d.delete_time).limit(limit).with_for_update(skip_locked=True)
+        return [(r.trained_model_id, r.artifacts) for r in await self._session.execute(query)]
+
+    async def files_removed(self, model_id: uuid.UUID) -> None:
+        d = trained_model_deletions.c
+        await self._session.execute(
+            update(trained_model_deletions)
+            .where(d.trained_model_id == model_id)
+            .values(files_removed_time=func.now())
+        )
+
+    async def lock_channel(self, channel: str) -> None:
+        """Serialises publications to one channel until the transaction ends."""
+        await self._session.execute(
+            select(func.pg_advisory_xact_lock(func.hashtextextended("channel:" + channel, 0)))
+        )
+
+    async def published_in(self, channel: str) -> TrainedModel | None:
+        query = (
+            select(trained_models)
+            .where(trained_models.c.published.is_(True), trained_models.c.channel == channel)
+            .with_for_update()
+        )
+        row = (await self._session.execute(query)).first()
+        return _to_model(row) if row else None
+
+    async def run_state(self, run_id: uuid.UUID) -> str | None:
+        """The state of a training run; None when the run does not exist (any more)."""
+        query = select(training_runs.c.state).where(training_runs.c.id == run_id)
+        return (await self._session.execute(query)).scalar_one_or_none()
+
+    async def a_child(self, model_id: uuid.UUID) -> uuid.UUID | None:
+        """A model fine-tuned from this one, if any."""
+        query = (
+            select(trained_models.c.id)
+            .where(trained_models.c.base_model_id == model_id)
+            .order_by(trained_models.c.create_time)
+            .limit(1)
+        )
+        return (await self._session.execute(query)).scalar_one_or_none()
+
+    async def an_unfinished_run_of(
+        self, model_id: uuid.UUID, *, finished: frozenset[str]
+    ) -> tuple[uuid.UUID, str] | None:
+        """A run training from this model that has not finished (or succeeded and its model
+        is not registered yet: registering it needs the base), with its state."""
+        r = training_runs.c
+        registered = or_(
+            select(literal(1)).where(trained_models.c.training_run_id == r.id).exists(),
+            select(literal(1)).where(trained_model_deletions.c.training_run_id == r.id).exists(),
+        )
+        query = (
+            select(r.id, r.state)
+            .where(
+                r.base_model_id == model_id,
+                or_(r.state.not_in(sorted(finished)), and_(r.state == "SUCCEEDED", ~registered)),
+            )
+            .order_by(training_runs.c.create_time)
+            .limit(1)
+        )
+        row = (await self._session.execute(query)).first()
+        return (row.id, row.state) if row else None
 
     async def add_if_absent(self, model: TrainedModel) -> bool:
         """Inserts unless a model of the same training run exists; True if inserted."""
@@ -144,10 +251,6 @@ class TrainedModelRepository:
             .returning(trained_models.c.id)
         )
         return result.first() is not None
-
-    async def run_exists(self, run_id: uuid.UUID) -> bool:
-        query = select(literal(1)).where(training_runs.c.id == run_id)
-        return (await self._session.execute(query)).first() is not None
 
     async def list(
         self, filter_: ModelFilter, *, limit: int, after: Cursor | None
@@ -189,7 +292,9 @@ class TrainedModelRepository:
         if after is not None:
             bound = tuple_(literal(after.value), literal(uuid.UUID(after.id)))
             conditions.append(key < bound if descending else key > bound)
-        query = select(trained_models).where(and_(*conditions)).order_by(*order).limit(limit)
+        query = (
+            select(trained_models).where(and_(true(), *conditions)).order_by(*order).limit(limit)
+        )
         return [_to_model(row) for row in (await self._session.execute(query)).all()]
 
     async def lineage(self, model_id: uuid.UUID, *, max_depth: int) -> Lineage:

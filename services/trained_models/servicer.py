@@ -1,25 +1,29 @@
-"""TrainedModelService over gRPC: translation between protobuf and the use cases, nothing more.
-
-RPCs not overridden here answer UNIMPLEMENTED (the generated base class).
-"""
+"""TrainedModelService over gRPC: translation between protobuf and the use cases, nothing more."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import UTC
+from pathlib import Path
 
 import grpc
 
-from services.trained_models import handlers
-from services.trained_models.messages import lineage_to_proto, model_to_proto
+from services.trained_models import handlers, importing, publication
+from services.trained_models.messages import (
+    lineage_to_proto,
+    model_to_proto,
+    publication_event_to_proto,
+)
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
 from shared.errors import FieldViolation, InvalidArgument, grpc_errors
+from shared.identity import caller_identity
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
+from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
-from shared.proto.raven.training.v1 import trained_model_pb2_grpc
+from shared.proto_json import parse
 
 _ORDERS = {
     "": "create_time desc",
@@ -32,8 +36,18 @@ DEFAULT_DESCENDANT_DEPTH = 3
 
 
 class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
-    def __init__(self, *, uow_factory: Callable[[], UnitOfWork]) -> None:
+    def __init__(
+        self,
+        *,
+        uow_factory: Callable[[], UnitOfWork],
+        artifact_root: Path,
+        publish_policy: publication.Policy,
+        import_policy: importing.ImportPolicy,
+    ) -> None:
         self._uow = uow_factory
+        self._artifact_root = artifact_root
+        self._publish_policy = publish_policy
+        self._import_policy = import_policy
 
     @grpc_errors
     async def GetTrainedModel(
@@ -101,3 +115,149 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             depth=request.descendant_depth or DEFAULT_DESCENDANT_DEPTH,
         )
         return lineage_to_proto(lineage)
+
+    @grpc_errors
+    async def UpdateTrainedModel(
+        self, request: pb.UpdateTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainedModel:
+        wanted = request.trained_model
+        edit = handlers.Edit(
+            display_name=wanted.display_name,
+            description=wanted.description,
+            labels=dict(wanted.labels),
+            fields=frozenset(request.update_mask.paths),
+            etag=wanted.etag,
+        )
+        model_id = parse_name(wanted.name, TRAINED_MODELS, field="trained_model.name")
+        return model_to_proto(await handlers.update_model(self._uow(), model_id, edit))
+
+    @grpc_errors
+    async def ImportTrainedModel(
+        self,
+        request_iterator: AsyncIterator[pb.ImportTrainedModelRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> pb.TrainedModel:
+        first = await anext(aiter(request_iterator), None)
+        if first is None or first.WhichOneof("part") != "metadata":
+            raise InvalidArgument([FieldViolation("metadata", "the first message must be it")])
+        metadata = first.metadata
+        command = importing.ImportCommand(
+            display_name=metadata.display_name,
+            description=metadata.description,
+            labels=dict(metadata.labels),
+            architecture=metadata.architecture,
+            classes=list(metadata.classes),
+            config_uri=metadata.config_uri,
+            checkpoint_uri=metadata.checkpoint_uri,
+            request_id=metadata.request_id,
+            creator=caller_identity(context),
+        )
+
+        async def parts() -> AsyncIterator[importing.Part]:
+            async for message in request_iterator:
+                kind = message.WhichOneof("part")
+                if kind == "config_chunk":
+                    yield "config", message.config_chunk
+                elif kind == "checkpoint_chunk":
+                    yield "checkpoint", message.checkpoint_chunk
+                else:
+                    raise InvalidArgument(
+                        [FieldViolation("metadata", "only the first message carries it")]
+                    )
+
+        model = await importing.import_model(self._uow, command, parts(), self._import_policy)
+        return model_to_proto(model)
+
+    @grpc_errors
+    async def PublishTrainedModel(
+        self, request: pb.PublishTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainedModel:
+        command = publication.PublishCommand(
+            model_id=parse_name(request.name, TRAINED_MODELS),
+            channel=request.channel,
+            reason=request.reason,
+            actor=caller_identity(context),
+            etag=request.etag,
+            min_bbox_map=request.min_bbox_map if request.HasField("min_bbox_map") else None,
+            evaluation_split=request.evaluation_split,
+            evaluation_epoch=request.evaluation_epoch
+            if request.HasField("evaluation_epoch")
+            else None,
+        )
+        model = await publication.publish(self._uow(), command, self._publish_policy)
+        return model_to_proto(model)
+
+    @grpc_errors
+    async def UnpublishTrainedModel(
+        self, request: pb.UnpublishTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.TrainedModel:
+        model = await publication.unpublish(
+            self._uow(),
+            parse_name(request.name, TRAINED_MODELS),
+            reason=request.reason,
+            actor=caller_identity(context),
+            etag=request.etag,
+        )
+        return model_to_proto(model)
+
+    @grpc_errors
+    async def ListPublicationEvents(
+        self, request: pb.ListPublicationEventsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListPublicationEventsResponse:
+        model_id = (
+            parse_name(request.trained_model, TRAINED_MODELS, field="trained_model")
+            if request.trained_model
+            else None
+        )
+        size = pagination.page_size(request.page_size)
+        fingerprint = pagination.query_fingerprint(
+            {"model": str(model_id), "channel": request.channel}
+        )
+        after = pagination.decode(request.page_token, fingerprint, time_value=False)
+        events = await publication.history(
+            self._uow(),
+            model_id=model_id,
+            channel=request.channel,
+            limit=size + 1,
+            before_id=int(after.value) if after else None,
+        )
+        token = ""
+        if len(events) > size:
+            events = events[:size]
+            last = events[-1]
+            token = pagination.encode(pagination.Cursor(last.id, str(last.id)), fingerprint)
+        return pb.ListPublicationEventsResponse(
+            events=[publication_event_to_proto(e) for e in events], next_page_token=token
+        )
+
+    @grpc_errors
+    async def DownloadTrainedModel(
+        self, request: pb.DownloadTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadTrainedModelResponse]:
+        kind = request.artifact_kind or "checkpoint"
+        if kind not in ("checkpoint", "config"):
+            raise InvalidArgument([FieldViolation("artifact_kind", "'checkpoint' or 'config'")])
+        parts = handlers.download(
+            self._uow(),
+            parse_name(request.name, TRAINED_MODELS),
+            kind=kind,
+            artifact_root=self._artifact_root,
+        )
+        async for part in parts:
+            if isinstance(part, bytes):
+                yield pb.DownloadTrainedModelResponse(chunk=part)
+            else:
+                yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
+
+    @grpc_errors
+    async def DeleteTrainedModel(
+        self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.DeleteTrainedModelResponse:
+        await handlers.delete_model(
+            self._uow(),
+            parse_name(request.name, TRAINED_MODELS),
+            etag=request.etag,
+            actor=caller_identity(context),
+            artifact_root=self._artifact_root,
+        )
+        return pb.DeleteTrainedModelResponse()

@@ -55,7 +55,9 @@ training_runs = Table(
     Column("spec", JSONB, nullable=False),
     Column("architecture", Text, nullable=False),
     Column("dataset_uri", Text, nullable=False),
-    Column("base_model_id", Uuid, ForeignKey("trained_models.id", use_alter=True), nullable=True),
+    # No foreign key: a finished run keeps naming the base model it trained from after
+    # that model is deleted (the registry refuses to delete the base of an unfinished run).
+    Column("base_model_id", Uuid, nullable=True),
     Column("creator", Text, nullable=False),
     # The FAILED or CANCELLED run this one retries.
     Column("retry_of_id", Uuid, ForeignKey("training_runs.id", ondelete="SET NULL"), nullable=True),
@@ -140,13 +142,68 @@ trained_models = Table(
     _time("publish_time", nullable=True),
     Column("published_by", Text, nullable=True),
     Column("creator", Text, nullable=False),
+    # "run" (registered from a succeeded run) or "import" (an uploaded root model).
+    Column("origin", Text, nullable=False, server_default="run"),
+    # Caller-chosen id of an import: repeating it returns the model it created.
+    Column("request_id", Uuid, nullable=True),
     Column("version", Integer, nullable=False, server_default=text("1")),
     _time("create_time"),
     _time("update_time"),
     CheckConstraint("base_model_id IS NULL OR base_model_id <> id", name="not_own_base"),
+    CheckConstraint("origin IN ('run', 'import')", name="origin"),
+    CheckConstraint("NOT published OR channel IS NOT NULL", name="published_in_a_channel"),
+    UniqueConstraint("creator", "request_id", name="uq_trained_models_creator_request_id"),
     Index("ix_trained_models_create_time_id", "create_time", "id"),
     Index("ix_trained_models_base_model_id", "base_model_id"),
     Index("ix_trained_models_published", "published", "create_time", "id"),
+    # At most one published model per channel, whatever races the service lets through.
+    Index(
+        "uq_trained_models_published_channel",
+        "channel",
+        unique=True,
+        postgresql_where=text("published"),
+    ),
+)
+
+# Every publication and unpublication, kept after the model is deleted: answers
+# "which model was published in this channel at time T".
+trained_model_publications = Table(
+    "trained_model_publications",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    Column("trained_model_id", Uuid, nullable=False),
+    # "published" or "unpublished".
+    Column("action", Text, nullable=False),
+    Column("channel", Text, nullable=False),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text, nullable=False, server_default=""),
+    _time("time"),
+    # The model this publication took the channel from.
+    Column("replaced_model_id", Uuid, nullable=True),
+    Column("bbox_map", Float, nullable=True),
+    CheckConstraint("action IN ('published', 'unpublished')", name="action"),
+    Index("ix_trained_model_publications_model", "trained_model_id", "id"),
+    Index("ix_trained_model_publications_channel", "channel", "id"),
+)
+
+# Models deleted from the registry, written in the deleting transaction: their files
+# are removed after the commit (a sweep at startup finishes what a crash interrupted),
+# and a run whose model was deleted is told apart from one whose model is not yet registered.
+trained_model_deletions = Table(
+    "trained_model_deletions",
+    metadata,
+    Column("trained_model_id", Uuid, primary_key=True),
+    Column("training_run_id", Uuid, nullable=True),
+    Column("artifacts", JSONB, nullable=False),
+    Column("actor", Text, nullable=False),
+    _time("delete_time"),
+    _time("files_removed_time", nullable=True),
+    Index("ix_trained_model_deletions_training_run_id", "training_run_id"),
+    Index(
+        "ix_trained_model_deletions_pending",
+        "delete_time",
+        postgresql_where=text("files_removed_time IS NULL"),
+    ),
 )
 
 # Rows written in the same transaction as the change they announce; the relay

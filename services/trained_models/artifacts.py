@@ -1,0 +1,159 @@
+"""The model files in the artifact store: where they are, whether they are intact,
+reading them in chunks, and the child process that checks an uploaded model.
+
+File reads and hashing run in threads: a checkpoint is hundreds of megabytes and
+the event loop serves every other call meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+from shared.errors import FailedPrecondition
+
+CHUNK_BYTES = 1024 * 1024
+# Kinds a model cannot be used without.
+REQUIRED_KINDS = ("config", "checkpoint")
+
+
+def resolve(uri: str, root: Path) -> Path | None:
+    """The local path of a file:// URI (or a path relative to the root) inside the
+    artifact root; None for anything else, so nothing outside the store is read or deleted."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "file":
+        path = Path(unquote(parsed.path))
+    elif parsed.scheme == "" and uri:
+        path = root / uri
+    else:
+        return None
+    path = path.resolve()
+    return path if path.is_relative_to(root) else None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        while chunk := file.read(CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _check(artifact: Mapping[str, Any], root: Path) -> str | None:
+    """What is wrong with one artifact's file, or None."""
+    kind, uri = artifact.get("kind", "?"), artifact.get("uri", "")
+    path = resolve(uri, root)
+    if path is None:
+        return f"{kind} artifact {uri} is not in the artifact store"
+    if not path.is_file():
+        return f"{kind} artifact {uri} is missing"
+    size = path.stat().st_size
+    if size != int(artifact.get("size_bytes", -1)):
+        return f"{kind} artifact {uri} has {size} bytes, {artifact.get('size_bytes')} were recorded"
+    digest = sha256_file(path)
+    if digest != str(artifact.get("sha256", "")).lower():
+        return (
+            f"{kind} artifact {uri} has sha256 {digest}, "
+            f"{artifact.get('sha256') or 'none'} was recorded"
+        )
+    return None
+
+
+async def verify_all(artifacts: Sequence[Mapping[str, Any]], root: Path) -> None:
+    """Re-reads every artifact; FailedPrecondition naming each one that is missing or changed."""
+    kinds = {a.get("kind") for a in artifacts}
+    problems = [f"no {kind} artifact" for kind in REQUIRED_KINDS if kind not in kinds]
+    results = await asyncio.gather(*(asyncio.to_thread(_check, a, root) for a in artifacts))
+    problems += [p for p in results if p]
+    if problems:
+        raise FailedPrecondition("; ".join(problems))
+
+
+async def read_chunks(path: Path, *, offset_limit: int) -> AsyncIterator[bytes]:
+    """The first `offset_limit` bytes of the file, CHUNK_BYTES at a time."""
+    file = await asyncio.to_thread(path.open, "rb")
+    try:
+        left = offset_limit
+        while left > 0:
+            chunk = await asyncio.to_thread(file.read, min(CHUNK_BYTES, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+    finally:
+        await asyncio.to_thread(file.close)
+
+
+def remove(artifacts: Sequence[Mapping[str, Any]], root: Path) -> None:
+    """Deletes the files (and their folders once empty) of a model whose row is gone."""
+    folders = set()
+    for artifact in artifacts:
+        path = resolve(artifact.get("uri", ""), root)
+        if path is None:
+            continue
+        path.unlink(missing_ok=True)
+        folders.add(path.parent)
+    for folder in folders:
+        if folder != root:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """What the verification child found: errors by file ("config", "checkpoint")."""
+
+    errors: Mapping[str, str]
+    num_classes: int | None = None
+    parameter_count: int = 0
+
+
+async def verify_model_files(config: Path, checkpoint: Path, *, timeout_s: float) -> Verdict:
+    """Runs `trainer_worker.verify` in a child: torch and mmdet stay out of this process."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "trainer_worker.verify",
+        str(config),
+        str(checkpoint),
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        return Verdict(errors={"checkpoint": f"could not be checked within {timeout_s:.0f} s"})
+    except asyncio.CancelledError:
+        process.kill()
+        await process.wait()
+        raise
+    lines = stdout.decode(errors="replace").strip().splitlines()
+    try:
+        verdict = json.loads(lines[-1])
+    except (IndexError, ValueError) as error:
+        raise RuntimeError(
+            f"model verification exited with {process.returncode}: "
+            f"{stderr.decode(errors='replace')[-2000:]}"
+        ) from error
+    if not verdict.get("ok"):
+        return Verdict(errors=dict(verdict.get("errors") or {"checkpoint": "refused"}))
+    return Verdict(
+        errors={},
+        num_classes=verdict.get("num_classes"),
+        parameter_count=int(verdict.get("parameter_count") or 0),
+    )

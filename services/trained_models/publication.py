@@ -1,0 +1,245 @@
+"""Governed publication: the gate a model passes to be published, channels, and the
+history of who published what, when and why."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import structlog
+from sqlalchemy.exc import IntegrityError
+
+from services.trained_models import artifacts
+from services.trained_models.domain import (
+    Origin,
+    PublicationAction,
+    PublicationEvent,
+    TrainedModel,
+)
+from services.trained_models.handlers import Clock, check_etag, get_model, utcnow
+from services.trained_models.messages import lifecycle_message
+from services.trained_models.unit_of_work import UnitOfWork
+from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
+
+log = structlog.get_logger(__name__)
+
+CHANNEL = re.compile(r"[a-z][a-z0-9-]{0,62}")
+MAX_REASON = 2000
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class PublishCommand:
+    model_id: uuid.UUID
+    channel: str
+    reason: str
+    actor: str
+    etag: str = ""
+    min_bbox_map: float | None = None
+    evaluation_split: str = ""
+    evaluation_epoch: int | None = None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Policy:
+    """What the server requires of every publication, whatever the request says."""
+
+    artifact_root: Path
+    default_channel: str
+    min_bbox_map: float | None = None
+
+
+def _validate(command: PublishCommand) -> None:
+    violations = Violations()
+    violations.check(
+        bool(CHANNEL.fullmatch(command.channel)),
+        "channel",
+        "lower-case letters, digits and '-', starting with a letter, at most 63",
+    )
+    violations.check(
+        len(command.reason) <= MAX_REASON, "reason", f"at most {MAX_REASON} characters"
+    )
+    if command.min_bbox_map is not None:
+        violations.check(0.0 <= command.min_bbox_map <= 1.0, "min_bbox_map", "between 0 and 1")
+    violations.check(
+        command.evaluation_split in ("", "val", "test"), "evaluation_split", "'val' or 'test'"
+    )
+    violations.raise_if_any()
+
+
+async def _check_origin(uow: UnitOfWork, model: TrainedModel) -> None:
+    if model.origin is Origin.IMPORT:
+        return
+    if model.training_run_id is None:
+        # Registered from a run that succeeded and was deleted since: registration
+        # checked the success, and the model keeps its own artifacts.
+        return
+    async with uow:
+        state = await uow.models.run_state(model.training_run_id)
+    if state is not None and state != "SUCCEEDED":
+        raise FailedPrecondition(
+            f"trained model {model.id} comes from trainingRuns/{model.training_run_id}, "
+            f"which is {state}, not SUCCEEDED"
+        )
+
+
+def _check_evaluation(model: TrainedModel, command: PublishCommand, policy: Policy) -> None:
+    evaluation = model.evaluation or {}
+    if command.evaluation_split and evaluation.get("split", "") != command.evaluation_split:
+        raise FailedPrecondition(
+            f"the request relies on a {command.evaluation_split} evaluation; trained model "
+            f"{model.id} has {evaluation.get('split') or 'no'} evaluation"
+        )
+    if command.evaluation_epoch is not None and evaluation.get("epoch", 0) != (
+        command.evaluation_epoch
+    ):
+        raise FailedPrecondition(
+            f"the request relies on the evaluation of epoch {command.evaluation_epoch}; "
+            f"trained model {model.id} was evaluated at epoch {evaluation.get('epoch', 0)}"
+        )
+    thresholds = [t for t in (command.min_bbox_map, policy.min_bbox_map) if t is not None]
+    if not thresholds:
+        return
+    required = max(thresholds)
+    if model.bbox_map is None:
+        raise FailedPrecondition(
+            f"trained model {model.id} has no coco/bbox_mAP; at least {required} is required"
+        )
+    if model.bbox_map < required:
+        raise FailedPrecondition(
+            f"trained model {model.id} has coco/bbox_mAP {model.bbox_map:.4f}, "
+            f"below the required {required}"
+        )
+
+
+async def publish(
+    uow: UnitOfWork, command: PublishCommand, policy: Policy, *, clock: Clock = utcnow
+) -> TrainedModel:
+    """Puts the model in its channel, replacing the model published there, in one
+    transaction; the gate is passed first."""
+    if not command.channel:
+        command = replace(command, channel=policy.default_channel)
+    _validate(command)
+    model = await get_model(uow, command.model_id)
+    check_etag(model, command.etag)
+    await _check_origin(uow, model)
+    _check_evaluation(model, command, policy)
+    # Files are re-read outside the transaction: hashing a checkpoint takes seconds and
+    # artifacts never change in place, so holding locks across it would buy nothing.
+    await artifacts.verify_all(model.artifacts, policy.artifact_root)
+
+    async with uow:
+        # Publications to one channel queue here: two concurrent ones end as one
+        # replacing the other, both recorded, never two models in the channel.
+        await uow.models.lock_channel(command.channel)
+        model = await uow.models.get(command.model_id, for_update=True)
+        if model is None:
+            raise NotFound(f"trained model {command.model_id} was deleted")
+        check_etag(model, command.etag)
+        now = clock()
+        version = model.version
+        if not model.publish(channel=command.channel, actor=command.actor, now=now):
+            return model
+        replaced = await uow.models.published_in(command.channel)
+        if replaced is not None:
+            replaced_version = replaced.version
+            replaced.unpublish(now=now)
+            await uow.models.save(replaced, expected_version=replaced_version)
+            await uow.publications.add(
+                PublicationEvent(
+                    trained_model_id=replaced.id,
+                    action=PublicationAction.UNPUBLISHED,
+                    channel=command.channel,
+                    actor=command.actor,
+                    reason=f"replaced by trainedModels/{model.id}",
+                    time=now,
+                    bbox_map=replaced.bbox_map,
+                )
+            )
+            uow.publish(lifecycle_message("unpublished", replaced, uow.subjects))
+        if not await uow.models.save(model, expected_version=version):
+            raise Conflict(f"trained model {model.id} was changed concurrently")
+        event_id = await uow.publications.add(
+            PublicationEvent(
+                trained_model_id=model.id,
+                action=PublicationAction.PUBLISHED,
+                channel=command.channel,
+                actor=command.actor,
+                reason=command.reason,
+                time=now,
+                replaced_model_id=replaced.id if replaced else None,
+                bbox_map=model.bbox_map,
+            )
+        )
+        uow.publish(lifecycle_message("published", model, uow.subjects))
+        try:
+            await uow.commit()
+        except IntegrityError as error:
+            # The unique index on published channels caught what the lock should have.
+            raise Conflict(f"channel {command.channel!r} changed concurrently; retry") from error
+    log.info(
+        "trained model published",
+        model_id=str(model.id),
+        channel=command.channel,
+        replaced=str(replaced.id) if replaced else None,
+        event_id=event_id,
+    )
+    return model
+
+
+async def unpublish(
+    uow: UnitOfWork,
+    model_id: uuid.UUID,
+    *,
+    reason: str,
+    actor: str,
+    etag: str = "",
+    clock: Clock = utcnow,
+) -> TrainedModel:
+    violations = Violations()
+    violations.check(len(reason) <= MAX_REASON, "reason", f"at most {MAX_REASON} characters")
+    violations.raise_if_any()
+    current = await get_model(uow, model_id)
+    async with uow:
+        # The same lock order as publish: channel, then rows.
+        if current.channel:
+            await uow.models.lock_channel(current.channel)
+        model = await uow.models.get(model_id, for_update=True)
+        if model is None:
+            raise NotFound(f"trained model {model_id} was deleted")
+        check_etag(model, etag)
+        now = clock()
+        version = model.version
+        channel = model.unpublish(now=now)
+        if not await uow.models.save(model, expected_version=version):
+            raise Conflict(f"trained model {model_id} was changed concurrently")
+        await uow.publications.add(
+            PublicationEvent(
+                trained_model_id=model.id,
+                action=PublicationAction.UNPUBLISHED,
+                channel=channel,
+                actor=actor,
+                reason=reason,
+                time=now,
+                bbox_map=model.bbox_map,
+            )
+        )
+        uow.publish(lifecycle_message("unpublished", model, uow.subjects))
+        await uow.commit()
+    return model
+
+
+async def history(
+    uow: UnitOfWork,
+    *,
+    model_id: uuid.UUID | None,
+    channel: str,
+    limit: int,
+    before_id: int | None,
+) -> Sequence[PublicationEvent]:
+    async with uow:
+        return await uow.publications.list(
+            model_id=model_id, channel=channel, limit=limit, before_id=before_id
+        )
