@@ -100,6 +100,20 @@ class RunEvent:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Claim:
+    """The answer to a worker that wants to start a job."""
+
+    granted: bool
+    attempt: int
+    # Why not, when not granted: finished, cancelled, superseded, attempts_exhausted.
+    refusal: str = ""
+
+
+# Kind of the artifact entry that holds the newest stored checkpoint of a running run.
+RESUME_CHECKPOINT = "resume_checkpoint"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Failure:
     reason: str
     message: str
@@ -229,6 +243,41 @@ class TrainingRun:
         self.heartbeat_time = now
         if self.start_time is None:
             self.start_time = now
+
+    def claim(self, *, attempt: int, worker_id: str, max_attempts: int, now: datetime) -> Claim:
+        """A worker asks to start the job of `attempt`. A job that comes back while
+        the run is active was redelivered because its holder stopped renewing it: the
+        holder is lost, and the claimant continues as the next attempt."""
+        actor = f"worker:{worker_id}"
+        if self.state is RunState.CANCELLING:
+            # The worker that was to stop is gone; nothing is left to stop.
+            self.cancelled(actor=SYSTEM, now=now)
+        if self.state.is_terminal:
+            refusal = "cancelled" if self.state is RunState.CANCELLED else "finished"
+            return Claim(granted=False, attempt=self.attempt, refusal=refusal)
+        if attempt < self.attempt:
+            return Claim(granted=False, attempt=self.attempt, refusal="superseded")
+        if self.state.is_active:
+            silent = (now - self.heartbeat_time).total_seconds() if self.heartbeat_time else 0.0
+            self.lose_worker(max_attempts=max_attempts, silent_s=silent, now=now)
+            if self.state is RunState.FAILED:
+                return Claim(granted=False, attempt=self.attempt, refusal="attempts_exhausted")
+        self.start_preparing(worker_id=worker_id, actor=actor, now=now)
+        return Claim(granted=True, attempt=self.attempt)
+
+    @property
+    def resume_checkpoint(self) -> dict[str, Any] | None:
+        return next((a for a in self.artifacts if a.get("kind") == RESUME_CHECKPOINT), None)
+
+    def record_checkpoint(self, checkpoint: Payload, *, epoch: int, now: datetime) -> None:
+        """Keeps the newest stored checkpoint, for a later attempt to resume from."""
+        self._require_active("record a checkpoint")
+        entry = {**checkpoint, "kind": RESUME_CHECKPOINT, "epoch": epoch}
+        self.artifacts = [
+            *(a for a in self.artifacts if a.get("kind") != RESUME_CHECKPOINT),
+            entry,
+        ]
+        self.update_time = now
 
     def record_dataset(self, summary: Payload, *, actor: str, now: datetime) -> None:
         self._require_active("record a prepared dataset")

@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 from sqlalchemy.exc import IntegrityError
 
-from services.training_runs.domain import RunEvent, RunState, TrainingRun
+from services.training_runs.domain import Claim, RunEvent, RunState, TrainingRun
 from services.training_runs.messages import job_message
 from services.training_runs.repository import BaseModel, RunFilter
 from services.training_runs.spec import SpecRequest, validate_spec
@@ -277,6 +277,35 @@ async def retry_run(
     return run
 
 
+async def claim_job(
+    uow: UnitOfWork,
+    run_id: uuid.UUID,
+    *,
+    attempt: int,
+    worker_id: str,
+    max_attempts: int,
+    clock: Clock = utcnow,
+) -> tuple[Claim, dict[str, Any] | None]:
+    """Answers a worker that wants to start a job; with the checkpoint to resume from."""
+    async with uow:
+        run = await uow.runs.get(run_id, for_update=True)
+        if run is None:
+            return Claim(granted=False, attempt=attempt, refusal="unknown_run"), None
+        claim = run.claim(
+            attempt=attempt, worker_id=worker_id, max_attempts=max_attempts, now=clock()
+        )
+        uow.changed(run)
+        await uow.commit()
+    log.info(
+        "job claimed" if claim.granted else "job claim refused",
+        run_id=str(run_id),
+        worker=worker_id,
+        attempt=claim.attempt,
+        refusal=claim.refusal,
+    )
+    return claim, run.resume_checkpoint if claim.granted else None
+
+
 async def recover_lost_runs(
     uow: UnitOfWork,
     *,
@@ -408,6 +437,10 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
             )
         case "cancelled":
             run.cancelled(actor=actor, now=now)
+        case "checkpoint_saved":
+            run.record_checkpoint(
+                payload.get("checkpoint", {}), epoch=int(payload.get("epoch", 0)), now=now
+            )
         case _:
             log.warning("unknown report kind", kind=report.kind)
             return False

@@ -10,6 +10,7 @@ from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.training_runs import handlers
+from services.training_runs.claims import ClaimResponder
 from services.training_runs.consumer import WorkerEventHandler
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
@@ -39,6 +40,12 @@ class TrainingRunsApp(ServiceApp):
 
         self.hub = EventHub()
         await self.hub.start(nc, self.subjects)
+        # A queue group: one replica answers each claim.
+        self._claims = await nc.subscribe(
+            self.subjects.claims,
+            queue="training-runs",
+            cb=ClaimResponder(uow_factory, max_attempts=self.settings.max_attempts).handle,
+        )
         training_run_pb2_grpc.add_TrainingRunServiceServicer_to_server(
             TrainingRunServicer(
                 uow_factory=uow_factory,
@@ -63,6 +70,7 @@ class TrainingRunsApp(ServiceApp):
         ]
 
     async def teardown(self) -> None:
+        await self._claims.unsubscribe()
         await self.hub.stop()
 
 

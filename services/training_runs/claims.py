@@ -1,0 +1,52 @@
+"""Answers workers' job claims (request-reply on the claims subject)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+from google.protobuf.message import DecodeError
+from nats.aio.msg import Msg
+
+from services.training_runs.handlers import claim_job
+from services.training_runs.unit_of_work import UnitOfWork
+from shared.errors import InvalidArgument
+from shared.names import TRAINING_RUNS, parse_name
+from shared.proto.raven.training.v1.worker_pb2 import ClaimJobRequest, ClaimJobResponse
+from shared.proto_json import parse
+
+log = structlog.get_logger(__name__)
+
+
+class ClaimResponder:
+    def __init__(self, uow_factory: Callable[[], UnitOfWork], *, max_attempts: int) -> None:
+        self._uow_factory = uow_factory
+        self._max_attempts = max_attempts
+
+    async def handle(self, msg: Msg) -> None:
+        try:
+            request = ClaimJobRequest.FromString(msg.data)
+            run_id = parse_name(request.training_run, TRAINING_RUNS)
+        except (DecodeError, InvalidArgument):
+            log.warning("unreadable job claim", subject=msg.subject)
+            await msg.respond(ClaimJobResponse(refusal="unknown_run").SerializeToString())
+            return
+        try:
+            claim, resume = await claim_job(
+                self._uow_factory(),
+                run_id,
+                attempt=request.attempt,
+                worker_id=request.worker_id,
+                max_attempts=self._max_attempts,
+            )
+        except Exception:
+            # No answer: the worker retries the job later.
+            log.exception("job claim failed", run_id=str(run_id))
+            return
+        response = ClaimJobResponse(
+            granted=claim.granted, attempt=claim.attempt, refusal=claim.refusal
+        )
+        if resume is not None:
+            parse(resume, response.resume_from)
+            response.resume_epoch = int(resume.get("epoch", 0))
+        await msg.respond(response.SerializeToString())
