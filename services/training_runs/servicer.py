@@ -17,7 +17,7 @@ from services.training_runs.messages import event_to_proto, run_to_proto, spec_r
 from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
-from shared import pagination
+from shared import catalog, pagination
 from shared.errors import FieldViolation, InvalidArgument, grpc_errors
 from shared.identity import caller_identity
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
@@ -197,6 +197,12 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         return metrics
 
     @grpc_errors
+    async def ListArchitectures(
+        self, request: pb.ListArchitecturesRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListArchitecturesResponse:
+        return _ARCHITECTURES
+
+    @grpc_errors
     async def WatchTrainingRun(
         self, request: pb.WatchTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TrainingRunEvent]:
@@ -207,6 +213,27 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             self._uow, run_id, after_sequence=request.after_sequence
         ):
             yield event
+
+
+_ARCHITECTURES = pb.ListArchitecturesResponse(
+    architectures=[
+        pb.Architecture(
+            key=a.key,
+            family=a.family,
+            backbone_depth=a.depth,
+            learning_rate_per_16=a.learning_rate,
+        )
+        for a in catalog.ARCHITECTURES.values()
+    ],
+    defaults=pb.TrainingSpec(
+        epochs=catalog.DEFAULT_EPOCHS,
+        batch_size=catalog.DEFAULT_BATCH_SIZE,
+        frozen_stages=catalog.DEFAULT_FROZEN_STAGES,
+        image_size=catalog.DEFAULT_IMAGE_SIZE,
+        val_fraction=catalog.DEFAULT_VAL_FRACTION,
+        device=pb.TrainingSpec.AUTO,
+    ),
+)
 
 
 def _filter_key(filter_: RunFilter) -> dict[str, Any]:

@@ -314,3 +314,10 @@ async def test_a_failed_run_keeps_its_reason(runs, dataset_uri, js, subjects):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_architecture_catalog_is_discoverable(runs):
+    catalog = await runs.ListArchitectures(training_run_pb2.ListArchitecturesRequest())
+    keys = {a.key for a in catalog.architectures}
+    assert {"retinanet_r18_fpn", "faster_rcnn_r50_fpn", "retinanet_r101_fpn"} <= keys
+    assert catalog.defaults.epochs == 12 and catalog.defaults.HasField("batch_size")
