@@ -39,8 +39,9 @@ def model_to_proto(model: TrainedModel) -> trained_model_pb2.TrainedModel:
     if model.published:
         message.publication.channel = model.channel or ""
         message.publication.published_by = model.published_by or ""
-        if model.publish_time:
-            message.publication.publish_time.CopyFrom(timestamp(model.publish_time))
+        publish_time = timestamp(model.publish_time)
+        if publish_time is not None:
+            message.publication.publish_time.CopyFrom(publish_time)
     return message
 
 

@@ -134,9 +134,10 @@ async def publish(
         # Publications to one channel queue here: two concurrent ones end as one
         # replacing the other, both recorded, never two models in the channel.
         await uow.models.lock_channel(command.channel)
-        model = await uow.models.get(command.model_id, for_update=True)
-        if model is None:
+        locked = await uow.models.get(command.model_id, for_update=True)
+        if locked is None:
             raise NotFound(f"trained model {command.model_id} was deleted")
+        model = locked
         check_etag(model, command.etag)
         now = clock()
         version = model.version

@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Sequence
 
-from sqlalchemy import and_, insert, select, true
+from sqlalchemy import ColumnElement, and_, insert, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.trained_models.domain import PublicationAction, PublicationEvent
@@ -44,7 +44,7 @@ class PublicationRepository:
         before_id: int | None,
     ) -> Sequence[PublicationEvent]:
         """Newest first."""
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if model_id is not None:
             conditions.append(_t.trained_model_id == model_id)
         if channel:

@@ -8,7 +8,20 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Row, and_, delete, func, literal, or_, select, text, true, tuple_, update
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    and_,
+    delete,
+    func,
+    literal,
+    or_,
+    select,
+    text,
+    true,
+    tuple_,
+    update,
+)
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -256,7 +269,7 @@ class TrainedModelRepository:
         self, filter_: ModelFilter, *, limit: int, after: Cursor | None
     ) -> Sequence[TrainedModel]:
         t = trained_models.c
-        conditions = []
+        conditions: list[ColumnElement[bool]] = []
         if filter_.published is not None:
             conditions.append(t.published.is_(filter_.published))
         if filter_.base_model_id:
@@ -268,7 +281,7 @@ class TrainedModelRepository:
         if filter_.architecture:
             conditions.append(t.architecture == filter_.architecture)
         if filter_.class_name:
-            conditions.append(t.classes.contains(func.cast([filter_.class_name], JSONB)))
+            conditions.append(t.classes.contains(literal([filter_.class_name], JSONB)))
         if filter_.creator:
             conditions.append(t.creator == filter_.creator)
         if filter_.created_after:

@@ -355,6 +355,10 @@ async def test_lineage_of_a_three_level_tree_with_a_sibling(models, registry):
         pb.GetTrainedModelLineageRequest(name=root.name, descendant_depth=1)
     )
     assert {n.trained_model for n in shallow.descendants} == {child.name, sibling.name}
+    children = await models.ListTrainedModels(
+        pb.ListTrainedModelsRequest(base_model=root.name, class_name="tire")
+    )
+    assert {m.name for m in children.trained_models} == {child.name, sibling.name}
 
 
 async def test_each_deletion_blocker_is_named(runs, models, registry, settings):
