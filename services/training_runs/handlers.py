@@ -90,7 +90,7 @@ async def create_run(
 
         base: BaseModel | None = None
         if base_model_id is not None:
-            base = await uow.runs.base_model(base_model_id)
+            base = await uow.runs.base_model(base_model_id, lock=True)
             if base is None:
                 raise NotFound(f"base model {command.base_model} does not exist")
             if not any(a.get("kind") == "checkpoint" for a in base.artifacts):
@@ -263,7 +263,7 @@ async def retry_run(
             raise NotFound(f"training run {run_id} does not exist")
         base = None
         if original.base_model_id is not None:
-            base = await uow.runs.base_model(original.base_model_id)
+            base = await uow.runs.base_model(original.base_model_id, lock=True)
             if base is None:
                 raise FailedPrecondition(
                     f"the base model of training run {run_id} was deleted; create a new run"

@@ -242,17 +242,18 @@ class TrainingRunRepository:
         )
         return [_to_run(row) for row in (await self._session.execute(query)).all()]
 
-    async def base_model(self, model_id: uuid.UUID) -> BaseModel | None:
-        row = (
-            await self._session.execute(
-                select(
-                    trained_models.c.id,
-                    trained_models.c.architecture,
-                    trained_models.c.classes,
-                    trained_models.c.artifacts,
-                ).where(trained_models.c.id == model_id)
-            )
-        ).first()
+    async def base_model(self, model_id: uuid.UUID, *, lock: bool = False) -> BaseModel | None:
+        """The model a run fine-tunes. `lock` holds it (FOR SHARE) until the transaction
+        ends, so that it cannot be deleted while a run that names it is being created."""
+        query = select(
+            trained_models.c.id,
+            trained_models.c.architecture,
+            trained_models.c.classes,
+            trained_models.c.artifacts,
+        ).where(trained_models.c.id == model_id)
+        if lock:
+            query = query.with_for_update(read=True)
+        row = (await self._session.execute(query)).first()
         if row is None:
             return None
         return BaseModel(
