@@ -18,6 +18,7 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.errors import BadRequestError
 from nats.js.errors import Error as JetStreamError
 
 from shared.messaging import Subjects
@@ -120,8 +121,12 @@ class JobConsumer:
             filter_subject=self._subjects.jobs,
         )
         try:
-            # Creates the durable consumer, or brings an existing one to these settings.
-            await self._js.add_consumer(self._subjects.jobs_stream, config)
+            try:
+                # Creates the durable consumer, or brings an existing one to these settings.
+                await self._js.add_consumer(self._subjects.jobs_stream, config)
+            except BadRequestError as error:
+                # The server refuses some changes to a durable consumer: serve with it as is.
+                log.warning("kept the existing jobs consumer", error=error.description)
             return await self._js.pull_subscribe_bind(
                 durable=self._subjects.trainer_consumer, stream=self._subjects.jobs_stream
             )
