@@ -19,8 +19,13 @@ _OPTIONS = [
 class Server:
     """A grpc.aio server with health checking and reflection for `service_names`."""
 
-    def __init__(self, service_names: Sequence[str]) -> None:
-        self.server = grpc.aio.server(options=_OPTIONS)
+    def __init__(
+        self,
+        service_names: Sequence[str],
+        *,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
+        self.server = grpc.aio.server(options=_OPTIONS, interceptors=tuple(interceptors))
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
@@ -28,9 +33,13 @@ class Server:
             (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
         )
 
-    def listen(self, address: str) -> int:
-        """Binds `address` (port 0 picks a free one); returns the port."""
-        port = self.server.add_insecure_port(address)
+    def listen(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """Binds `address` (port 0 picks a free one) with TLS `credentials`, or plaintext when
+        None (development mode: shared.auth.transport decides); returns the port."""
+        if credentials is None:
+            port: int = self.server.add_insecure_port(address)
+        else:
+            port = self.server.add_secure_port(address, credentials)
         if port == 0:
             raise RuntimeError(f"cannot listen on {address}")
         return port

@@ -17,12 +17,16 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from shared import logs, messaging
+from shared import auth, logs, messaging
+from shared.auth import transport
+from shared.auth.audit_service import SERVICE_NAME as AUDIT_SERVICE
+from shared.auth.audit_service import AuditServicer
 from shared.db.engine import create_engine, session_factory
 from shared.db.migrate import upgrade
 from shared.grpc_server import Server
 from shared.outbox import OutboxRelay
 from shared.process import serve_until_signalled
+from shared.proto.raven.training.v1 import audit_pb2_grpc
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -58,16 +62,28 @@ class ServiceApp:
         """Releases what `setup` acquired, after the server and loops stopped."""
 
     async def start(self) -> None:
+        # Refuse a bad transport configuration before touching anything else.
+        credentials = transport.server_credentials(self.settings, self.address())
         self._engine = create_engine(self.settings.database_url)
         await upgrade(self._engine)
-        self._nc = await messaging.connect(self.settings.nats_url, name=self.client_name)
+        self._nc = await messaging.connect(
+            self.settings.nats_url,
+            name=self.client_name,
+            security=messaging.NatsSecurity.from_settings(self.settings),
+        )
         js = self._nc.jetstream()
         await messaging.ensure_streams(js, self.subjects)
-        self._server = Server(self.service_names)
-        loops = await self.setup(self._server, session_factory(self._engine), self._nc, js)
+        sessions = session_factory(self._engine)
+        audit = auth.audit_log(sessions, self.subjects)
+        self._server = Server(
+            (*self.service_names, AUDIT_SERVICE),
+            interceptors=[auth.build_interceptor(self.settings, audit)],
+        )
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
+        loops = await self.setup(self._server, sessions, self._nc, js)
         loops.append(OutboxRelay(engine=self._engine, js=js).run())
         self._tasks = [asyncio.create_task(loop) for loop in loops]
-        self.port = self._server.listen(self.address())
+        self.port = self._server.listen(self.address(), credentials)
         await self._server.start()
         log.info(
             "serving", services=list(self.service_names), address=self.address(), port=self.port

@@ -49,5 +49,36 @@ class Settings(BaseSettings):
     # Largest config plus checkpoint an import may upload.
     import_max_bytes: int = Field(default=4 * 1024**3, gt=0)
 
+    # Transport security (shared/auth). The certificate and key of this process (the
+    # server certificate of a service, the client certificate of the CLI) and the CA
+    # bundle peers are verified against. The CLI falls back to `make certs`' files.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_ca_file: Path | None = None
+    # Clients: the name to check in the server certificate when the address is not it.
+    tls_server_name: str = ""
+    # Plaintext gRPC for local development: refused on a non-loopback address, warned at
+    # start; every caller is `dev_identity` (with `admin` unless a policy file says otherwise).
+    insecure_dev: bool = False
+    dev_identity: str = "spiffe://raven.local/ns/dev/sa/developer"
+    dev_certs_dir: Path = DEFAULT_DATA_DIR / "certs"
+    # SPIFFE ids of sidecars (Envoy, Istio) whose x-forwarded-client-cert header is believed
+    # (JSON list in the environment).
+    trusted_proxies: list[str] = Field(default_factory=list)
+    # End-user bearer JWTs: issuer and audience required, RS256/ES256 public keys (PEM).
+    jwt_issuer: str = ""
+    jwt_audience: str = ""
+    jwt_public_key_files: list[Path] = Field(default_factory=list)
+    jwt_leeway_s: float = Field(default=30.0, ge=0)
+    # Who may do what (TOML or JSON, shared/auth/policy.py); re-read when it changes,
+    # checked at most this often. Without one every RPC but health and reflection is denied.
+    auth_policy_file: Path | None = None
+    auth_policy_check_interval_s: float = Field(default=1.0, ge=0)
+    # NATS client TLS (tls:// URLs) and credentials (a .creds file: JWT + nkey seed).
+    nats_tls_ca_file: Path | None = None
+    nats_tls_cert_file: Path | None = None
+    nats_tls_key_file: Path | None = None
+    nats_creds_file: Path | None = None
+
     def resolved_artifact_root(self) -> Path:
         return self.artifact_root.expanduser().resolve()

@@ -19,6 +19,7 @@ from shared.infra import Infrastructure, create_database, drop_database, ensure_
 from shared.messaging import Subjects, ensure_streams
 from shared.proto.raven.training.v1 import trained_model_pb2_grpc, training_run_pb2_grpc
 from shared.settings import Settings
+from tests import pki as test_pki
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,8 +31,16 @@ def infrastructure(tmp_path_factory: pytest.TempPathFactory) -> Infrastructure:
 
 
 @pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> test_pki.Pki:
+    """The session's CA, server certificate, policy file and JWT keys (tests/pki.py)."""
+    return test_pki.Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
 def settings(
-    infrastructure: Infrastructure, tmp_path_factory: pytest.TempPathFactory
+    infrastructure: Infrastructure,
+    tmp_path_factory: pytest.TempPathFactory,
+    pki: test_pki.Pki,
 ) -> Iterator[Settings]:
     """Settings of this test session: its own database, NATS namespace and artifact root."""
     suffix = uuid.uuid4().hex[:10]
@@ -45,6 +54,16 @@ def settings(
         training_runs_addr="127.0.0.1:0",
         trained_models_addr="127.0.0.1:0",
         job_ack_wait_s=20,
+        # Both servers serve mTLS; the stubs below call as a client the policy makes `admin`.
+        tls_cert_file=pki.server_cert,
+        tls_key_file=pki.server_key,
+        tls_ca_file=pki.ca_file,
+        auth_policy_file=pki.policy_file,
+        auth_policy_check_interval_s=0,
+        trusted_proxies=[test_pki.PROXY],
+        jwt_issuer=test_pki.ISSUER,
+        jwt_audience=test_pki.AUDIENCE,
+        jwt_public_key_files=pki.jwt_key_files,
     )
     drop_database(infrastructure.database_url, database)
 
@@ -85,14 +104,18 @@ async def trained_models(settings: Settings, nc: nats.NATS) -> AsyncIterator[Tra
 
 
 @pytest.fixture(scope="session")
-async def runs_channel(training_runs: TrainingRunsApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{training_runs.port}") as channel:
+async def runs_channel(
+    training_runs: TrainingRunsApp, pki: test_pki.Pki
+) -> AsyncIterator[grpc.aio.Channel]:
+    async with pki.channel(training_runs.port, test_pki.ADMIN) as channel:
         yield channel
 
 
 @pytest.fixture(scope="session")
-async def models_channel(trained_models: TrainedModelsApp) -> AsyncIterator[grpc.aio.Channel]:
-    async with grpc.aio.insecure_channel(f"127.0.0.1:{trained_models.port}") as channel:
+async def models_channel(
+    trained_models: TrainedModelsApp, pki: test_pki.Pki
+) -> AsyncIterator[grpc.aio.Channel]:
+    async with pki.channel(trained_models.port, test_pki.ADMIN) as channel:
         yield channel
 
 

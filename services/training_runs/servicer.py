@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 from datetime import UTC
@@ -18,8 +19,8 @@ from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
 from shared import catalog, pagination
-from shared.errors import FieldViolation, InvalidArgument, grpc_errors
-from shared.identity import caller_identity
+from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.identity import caller_identity, owner_scope
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc
@@ -61,7 +62,9 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def GetTrainingRun(
         self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
-        run = await handlers.get_run(self._uow(), parse_name(request.name, TRAINING_RUNS))
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        run = await handlers.get_run(self._uow(), run_id)
+        _check_visible(run.creator, run_id, context)
         return run_to_proto(run)
 
     @grpc_errors
@@ -78,7 +81,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             if request.base_model
             else None,
             dataset_uri=request.dataset_uri,
-            creator=request.creator,
+            creator=owner_scope(context) or request.creator,
             created_after=request.created_after.ToDatetime(tzinfo=UTC)
             if request.HasField("created_after")
             else None,
@@ -90,6 +93,9 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint(_filter_key(filter_))
         after = pagination.decode(request.page_token, fingerprint)
+        if request.creator and request.creator != filter_.creator:
+            # Someone else's runs, asked by a caller that may only see its own.
+            return pb.ListTrainingRunsResponse()
         runs, token = pagination.page(
             await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
             size,
@@ -166,6 +172,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunEventsResponse:
         run_id = parse_name(request.name, TRAINING_RUNS)
+        await self._check_owner(run_id, context)
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
@@ -209,10 +216,24 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
         run_id = parse_name(request.name, TRAINING_RUNS)
+        await self._check_owner(run_id, context)
         async for event in self._hub.watch(
             self._uow, run_id, after_sequence=request.after_sequence
         ):
             yield event
+
+    async def _check_owner(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
+        if owner_scope(context) is not None:
+            run = await handlers.get_run(self._uow(), run_id)
+            _check_visible(run.creator, run_id, context)
+
+
+def _check_visible(creator: str, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
+    """A caller limited to its own runs is told another's run does not exist (the same
+    answer as for a missing run), so that names cannot be probed."""
+    owner = owner_scope(context)
+    if owner is not None and creator != owner:
+        raise NotFound(f"training run {run_id} does not exist")
 
 
 _ARCHITECTURES = pb.ListArchitecturesResponse(

@@ -229,4 +229,23 @@ processed_messages = Table(
     PrimaryKeyConstraint("consumer", "message_id", name="pk_processed_messages"),
 )
 
+# Every state-changing call and every refused call (shared/auth/audit.py). Append-only:
+# a trigger (migration 0004) refuses UPDATE and DELETE.
+audit_records = Table(
+    "audit_records",
+    metadata,
+    Column("id", BigInteger, primary_key=True, autoincrement=True),
+    _time("time"),
+    Column("identity", Text, nullable=False),
+    Column("on_behalf_of", Text, nullable=False, server_default=""),
+    Column("proxy", Text, nullable=False, server_default=""),
+    Column("rpc", Text, nullable=False),
+    Column("resource", Text, nullable=False, server_default=""),
+    Column("outcome", Text, nullable=False),
+    Column("detail", Text, nullable=False, server_default=""),
+    Column("peer", Text, nullable=False, server_default=""),
+    Index("ix_audit_records_identity_id", "identity", "id"),
+    Index("ix_audit_records_outcome_id", "outcome", "id"),
+)
+
 OUTBOX_CHANNEL = "raven_outbox"

@@ -21,6 +21,7 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2,
     worker_pb2,
 )
+from tests.pki import ADMIN
 from tests.support import WorkerDriver, create_request, eventually, violations
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -68,7 +69,7 @@ async def test_create_fills_and_records_the_spec(runs, dataset_uri):
     # Defaults are recorded, so the run can be reproduced.
     assert run.spec.HasField("learning_rate") and run.spec.learning_rate > 0
     assert run.spec.HasField("seed") and run.spec.HasField("image_size")
-    assert run.attempt == 1 and run.creator == "anonymous"
+    assert run.attempt == 1 and run.creator == ADMIN
     fetched = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert fetched == run
 

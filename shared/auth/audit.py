@@ -1,0 +1,117 @@
+"""The audit trail: one append-only row per state-changing call and per refused call,
+written with its `audit.recorded` event through the outbox (same transaction)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from shared import outbox
+from shared.db.schema import audit_records
+from shared.messaging import Subjects
+from shared.pagination import Cursor
+from shared.proto.raven.training.v1 import audit_pb2
+
+log = structlog.get_logger(__name__)
+
+UNAUTHENTICATED_IDENTITY = "unauthenticated"
+AUDIT_RECORDS = "auditRecords/"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Entry:
+    identity: str
+    on_behalf_of: str = ""
+    proxy: str = ""
+    rpc: str
+    resource: str = ""
+    outcome: str
+    detail: str = ""
+    peer: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class AuditFilter:
+    identity: str = ""
+    rpc: str = ""
+    outcome: str = ""
+    resource: str = ""
+
+
+class AuditLog:
+    def __init__(self, sessions: async_sessionmaker[AsyncSession], subjects: Subjects) -> None:
+        self._sessions = sessions
+        self._subjects = subjects
+
+    async def record(self, entry: Entry) -> None:
+        """Writes the row and its event. Failing to audit is logged, never raised: the call
+        it describes has already happened (or been refused)."""
+        try:
+            async with self._sessions() as session, session.begin():
+                row = (
+                    await session.execute(
+                        insert(audit_records)
+                        .values(**_values(entry))
+                        .returning(audit_records.c.id, audit_records.c.time)
+                    )
+                ).one()
+                message = to_proto(entry, row.id, row.time)
+                await outbox.add(
+                    session,
+                    [
+                        outbox.OutboxMessage(
+                            subject=self._subjects.audit_recorded,
+                            payload=message.SerializeToString(),
+                            msg_id=f"audit-{row.id}",
+                        )
+                    ],
+                )
+        except Exception:
+            log.exception("audit record not written", **_values(entry))
+
+    async def list(
+        self, filter_: AuditFilter, *, limit: int, after: Cursor | None
+    ) -> Sequence[audit_pb2.AuditRecord]:
+        query = select(audit_records).order_by(audit_records.c.id.desc()).limit(limit)
+        for column in ("identity", "rpc", "outcome", "resource"):
+            value = getattr(filter_, column)
+            if value:
+                query = query.where(audit_records.c[column] == value)
+        if after is not None:
+            query = query.where(audit_records.c.id < int(after.value))
+        async with self._sessions() as session:
+            rows = (await session.execute(query)).mappings().all()
+        return [
+            to_proto(
+                Entry(**{k: v for k, v in row.items() if k not in ("id", "time")}),
+                row["id"],
+                row["time"],
+            )
+            for row in rows
+        ]
+
+
+def _values(entry: Entry) -> dict[str, str]:
+    return {
+        "identity": entry.identity,
+        "on_behalf_of": entry.on_behalf_of,
+        "proxy": entry.proxy,
+        "rpc": entry.rpc,
+        "resource": entry.resource,
+        "outcome": entry.outcome,
+        "detail": entry.detail,
+        "peer": entry.peer,
+    }
+
+
+def to_proto(entry: Entry, record_id: int, time: datetime) -> audit_pb2.AuditRecord:
+    record = audit_pb2.AuditRecord(name=f"{AUDIT_RECORDS}{record_id}")
+    for key, value in _values(entry).items():
+        setattr(record, key, value)
+    record.time.FromDatetime(time)
+    return record
