@@ -24,6 +24,7 @@ from nats.js.errors import Error as JetStreamError
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from trainer_worker.cancellation import cancel_watch
+from trainer_worker.claims import ClaimClient
 from trainer_worker.events import EventPublisher, JobIdentity
 from trainer_worker.pipeline import (
     InvalidJob,
@@ -38,6 +39,8 @@ from trainer_worker.pipeline import (
 log = structlog.get_logger(__name__)
 
 _RESUBSCRIBE_DELAY_S = 1.0
+# How long an unclaimed job waits before it is offered again.
+_UNCLAIMED_RETRY_S = 10.0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -60,8 +63,12 @@ class JobConsumer:
         subjects: Subjects,
         environment: WorkerEnvironment,
         options: ConsumerOptions,
+        claims: ClaimClient | None = None,
     ) -> None:
+        """Without `claims` the worker trusts the attempt in the job message (a worker with
+        no TrainingRunService to answer claims, as in tests of the worker alone)."""
         self._js = js
+        self._claims = claims
         self._subjects = subjects
         self._environment = environment
         self._options = options
@@ -157,6 +164,21 @@ class JobConsumer:
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         log.info("job received", run=run_id, attempt=job.attempt, delivery=delivered)
+        if self._claims is not None:
+            claim = await self._claims.claim(
+                training_run=job.training_run,
+                attempt=job.attempt,
+                worker_id=self._options.worker_id,
+                delivery=delivered,
+            )
+            if claim is None:
+                await msg.nak(delay=_UNCLAIMED_RETRY_S)
+                return
+            if not claim.granted:
+                log.info("job not granted", run=run_id, refusal=claim.refusal)
+                await msg.ack()
+                return
+            job.attempt = claim.attempt
         identity = JobIdentity(
             training_run=job.training_run,
             run_id=run_id,

@@ -10,8 +10,9 @@ import socket
 
 import structlog
 
-from shared.messaging import Subjects, connect, ensure_streams
+from shared.messaging import NatsSecurity, Subjects, connect, ensure_streams
 from shared.settings import Settings
+from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.pipeline import WorkerEnvironment
 
@@ -50,7 +51,11 @@ async def main(settings: Settings | None = None) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, shutdown.set)
 
-    nc = await connect(settings.nats_url, name=f"raven-trainer-worker-{worker_id}")
+    nc = await connect(
+        settings.nats_url,
+        name=f"raven-trainer-worker-{worker_id}",
+        security=NatsSecurity.from_settings(settings),
+    )
     try:
         js = nc.jetstream()
         await ensure_streams(js, subjects)
@@ -66,6 +71,7 @@ async def main(settings: Settings | None = None) -> None:
                 ack_wait_s=settings.job_ack_wait_s,
                 max_deliver=settings.job_max_deliver,
             ),
+            claims=ClaimClient(nc=nc, subjects=subjects),
         )
         log.info("trainer worker ready", worker=worker_id, namespace=subjects.namespace)
         await consumer.run(shutdown)

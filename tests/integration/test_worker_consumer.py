@@ -11,11 +11,14 @@ from urllib.parse import urlparse
 
 import nats
 import pytest
+from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared.infra import Infrastructure
 from shared.messaging import Subjects, ensure_streams
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from tests.support import eventually
+from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.pipeline import WorkerEnvironment
 
@@ -29,14 +32,32 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
+def claims() -> dict[str, worker_pb2.ClaimJobResponse] | None:
+    """Answers of a stand-in TrainingRunService by run id; None: the worker claims nothing."""
+    return None
+
+
+@pytest.fixture
 async def worker(
-    infrastructure: Infrastructure, tmp_path: Path
+    infrastructure: Infrastructure,
+    tmp_path: Path,
+    claims: dict[str, worker_pb2.ClaimJobResponse] | None,
 ) -> AsyncIterator[tuple[JetStreamContext, Subjects]]:
     subjects = Subjects(namespace=f"worker{uuid.uuid4().hex[:10]}")
     nc = await nats.connect(infrastructure.nats_url)
     js = nc.jetstream()
     await ensure_streams(js, subjects)
+
+    async def answer(msg: Msg) -> None:
+        request = worker_pb2.ClaimJobRequest.FromString(msg.data)
+        assert claims is not None
+        response = claims[request.training_run.removeprefix("trainingRuns/")]
+        await msg.respond(response.SerializeToString())
+
+    if claims is not None:
+        await nc.subscribe(subjects.claims, cb=answer)
     consumer = JobConsumer(
+        claims=ClaimClient(nc=nc, subjects=subjects, timeout_s=2) if claims is not None else None,
         js=js,
         subjects=subjects,
         environment=WorkerEnvironment(artifact_root=tmp_path, device="cpu"),
@@ -119,6 +140,11 @@ async def events_until_terminal(
     raise AssertionError(f"no terminal event for {run_id}; saw {[kinds(seen)]}")
 
 
+async def queue_empty(js: JetStreamContext, subjects: Subjects) -> bool:
+    info = await js.stream_info(subjects.jobs_stream)
+    return info.state.messages == 0
+
+
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -169,9 +195,8 @@ async def test_a_bad_dataset_fails_and_the_worker_trains_the_next_job(
         assert path.parent == tmp_path / "models" / good
         assert sha256_of(path) == artifact.sha256
 
-    # Both jobs were acked: the work queue is empty.
-    info = await js.stream_info(subjects.jobs_stream)
-    assert info.state.messages == 0
+    # Both jobs were acked (right after their terminal event): the work queue empties.
+    await eventually(lambda: queue_empty(js, subjects))
 
 
 async def test_a_cancel_request_stops_the_running_job(
@@ -199,3 +224,33 @@ async def test_a_cancel_request_stops_the_running_job(
     rest = await events_until_terminal(js, subjects, run_id, timeout_s=60)
     assert kinds(rest)[-1] == "cancelled"
     assert not (tmp_path / "models" / run_id).exists()
+
+
+GRANTED_AS_ATTEMPT_2 = "0" * 32
+REFUSED = "1" * 32
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        {
+            GRANTED_AS_ATTEMPT_2: worker_pb2.ClaimJobResponse(granted=True, attempt=2),
+            REFUSED: worker_pb2.ClaimJobResponse(granted=False, attempt=1, refusal="cancelled"),
+        }
+    ],
+)
+async def test_claims_fence_the_attempt_and_drop_refused_jobs(
+    worker: tuple[JetStreamContext, Subjects],
+) -> None:
+    js, subjects = worker
+    await submit(js, subjects, job(REFUSED, "file:///nowhere/refused.json"))
+    await submit(js, subjects, job(GRANTED_AS_ATTEMPT_2, "file:///nowhere/granted.json"))
+
+    events = await events_until_terminal(js, subjects, GRANTED_AS_ATTEMPT_2, timeout_s=30)
+    assert kinds(events) == ["preparing", "failed"]
+    # Redelivered as attempt 1, granted as attempt 2: every report says 2.
+    assert {e.attempt for e in events} == {2}
+    # The refused job was acked without a single event.
+    await eventually(lambda: queue_empty(js, subjects))
+    events_info = await js.stream_info(subjects.worker_events_stream)
+    assert events_info.state.messages == 0
