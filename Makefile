@@ -16,7 +16,7 @@ PROTO_SRC := $(wildcard protos/raven/training/v1/*.proto)
 PROTO_OUT := shared/proto/raven/training/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 
-.PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean
+.PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -80,3 +80,6 @@ bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench
 
 bench-smoke: setup ## The benchmark harness in seconds, to keep it working (no figure is meaningful)
 	$(PY) -m benchmarks --smoke
+
+certs: setup ## Create the development CA, server and CLI certificates (SPIFFE ids) and policy in .data/certs
+	$(PY) -m services.cli.main certs

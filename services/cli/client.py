@@ -15,7 +15,14 @@ from grpc_status import rpc_status
 from rich.console import Console
 from rich.text import Text
 
-from shared.proto.raven.training.v1 import trained_model_pb2_grpc, training_run_pb2_grpc
+from shared.auth import transport
+from shared.auth.certs import ensure_dev_certs
+from shared.auth.transport import ClientTls
+from shared.proto.raven.training.v1 import (
+    audit_pb2_grpc,
+    trained_model_pb2_grpc,
+    training_run_pb2_grpc,
+)
 from shared.settings import Settings
 
 # Unary calls answer in milliseconds; a deadline turns a hung server into an error.
@@ -34,22 +41,36 @@ err_console = Console(stderr=True)
 class Clients:
     runs: training_run_pb2_grpc.TrainingRunServiceStub
     models: trained_model_pb2_grpc.TrainedModelServiceStub
+    audit: audit_pb2_grpc.AuditServiceStub
     runs_addr: str
     models_addr: str
 
 
+def client_tls(settings: Settings) -> ClientTls | None:
+    """The CLI's mTLS credentials: RAVEN_TLS_* when set, else the development certificates
+    under RAVEN_DEV_CERTS_DIR (created on first use, like `make certs`); None only in
+    development plaintext mode (RAVEN_INSECURE_DEV)."""
+    if settings.insecure_dev or settings.tls_cert_file or settings.tls_ca_file:
+        return transport.client_tls(settings)
+    dev, _ = ensure_dev_certs(settings.dev_certs_dir)
+    return ClientTls.from_files(
+        ca=dev.ca, cert=dev.cli.cert, key=dev.cli.key, server_name=settings.tls_server_name
+    )
+
+
 @contextmanager
 def connect(settings: Settings | None = None) -> Iterator[Clients]:
-    """Stubs for both services at the addresses in Settings (RAVEN_*_ADDR)."""
+    """Stubs for both services at the addresses in Settings (RAVEN_*_ADDR), over mTLS."""
     settings = settings or Settings()
+    tls = client_tls(settings)
     with (
-        grpc.insecure_channel(settings.training_runs_addr) as runs_channel,
-        grpc.insecure_channel(settings.trained_models_addr) as models_channel,
+        transport.channel(settings.training_runs_addr, tls) as runs_channel,
+        transport.channel(settings.trained_models_addr, tls) as models_channel,
     ):
         yield Clients(
-            # The generated stubs carry no annotations.
-            runs=training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),  # type: ignore[no-untyped-call]
-            models=trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),  # type: ignore[no-untyped-call]
+            runs=training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),
+            models=trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),
+            audit=audit_pb2_grpc.AuditServiceStub(runs_channel),
             runs_addr=settings.training_runs_addr,
             models_addr=settings.trained_models_addr,
         )
@@ -81,6 +102,9 @@ def describe_rpc_error(error: grpc.RpcError) -> list[str]:
             lines += [f"  {v.field}: {v.description}" for v in bad_request.field_violations]
     if code == grpc.StatusCode.UNAVAILABLE:
         lines.append("  Is the stack running? `make up` starts it; `raven stack status` shows it.")
+        lines.append("  A refused TLS handshake reads the same: check RAVEN_TLS_* (`make certs`).")
+    elif code == grpc.StatusCode.PERMISSION_DENIED:
+        lines.append("  The policy file (RAVEN_AUTH_POLICY_FILE) does not grant this to you.")
     return lines
 
 

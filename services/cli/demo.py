@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.rule import Rule
 
 from services.cli import devstack
-from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from services.cli.client import UNARY_TIMEOUT_S, Clients, client_tls, connect, exit_on_rpc_error
 from services.cli.models import lineage_view
 from services.cli.render import model_details, run_details
 from services.cli.runs import create_request
@@ -108,8 +108,9 @@ def demo(
 
 def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: int) -> None:
     with ExitStack() as stack:
-        if devstack.is_serving(settings.training_runs_addr) and devstack.is_serving(
-            settings.trained_models_addr
+        tls = client_tls(settings)
+        if devstack.is_serving(settings.training_runs_addr, tls) and devstack.is_serving(
+            settings.trained_models_addr, tls
         ):
             _say("using the stack already running (make up)")
             recorded = devstack.recorded_state(data_dir)

@@ -25,6 +25,10 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.cli.client import client_tls
+from shared.auth import transport
+from shared.auth.certs import ensure_dev_certs
+from shared.auth.transport import ClientTls
 from shared.infra import Infrastructure, embedded_status, ensure_infrastructure, stop_embedded
 from shared.settings import Settings
 
@@ -107,6 +111,7 @@ def layout_for(data_dir: Path) -> Layout:
 def child_environment(settings: Settings, infra: Infrastructure) -> dict[str, str]:
     return {
         **os.environ,
+        **_server_tls_environment(settings),
         "RAVEN_DATABASE_URL": infra.database_url,
         "RAVEN_NATS_URL": infra.nats_url,
         "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
@@ -114,6 +119,20 @@ def child_environment(settings: Settings, infra: Infrastructure) -> dict[str, st
         "RAVEN_TRAINING_RUNS_ADDR": settings.training_runs_addr,
         "RAVEN_TRAINED_MODELS_ADDR": settings.trained_models_addr,
         "PYTHONUNBUFFERED": "1",
+    }
+
+
+def _server_tls_environment(settings: Settings) -> dict[str, str]:
+    """The servers serve mTLS with the development certificates (`make certs`) and a policy
+    that makes the CLI `admin`; nothing in development plaintext mode."""
+    if settings.insecure_dev:
+        return {}
+    dev, _ = ensure_dev_certs(settings.dev_certs_dir)
+    return {
+        "RAVEN_TLS_CERT_FILE": str(dev.server.cert),
+        "RAVEN_TLS_KEY_FILE": str(dev.server.key),
+        "RAVEN_TLS_CA_FILE": str(dev.ca),
+        "RAVEN_AUTH_POLICY_FILE": str(settings.auth_policy_file or dev.policy),
     }
 
 
@@ -131,9 +150,9 @@ def running_pid(layout: Layout, component: Component) -> int | None:
     return None
 
 
-def is_serving(address: str, *, timeout: float = 1.0) -> bool:
+def is_serving(address: str, tls: ClientTls | None, *, timeout: float = 1.0) -> bool:
     """True when grpc.health.v1.Health/Check at `address` answers SERVING."""
-    with grpc.insecure_channel(address) as channel:
+    with transport.channel(address, tls) as channel:
         try:
             response = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=timeout
@@ -182,7 +201,7 @@ def _wait_started(
                 f"{component.name} exited with {process.returncode}; "
                 f"{layout.log_file(component)} ends with:\n{log_tail(layout.log_file(component))}"
             )
-        if address and is_serving(address):
+        if address and is_serving(address, client_tls(settings)):
             return
         time.sleep(0.2)
     if address:
@@ -242,7 +261,7 @@ def start(
                 found.append(component)
                 continue
             address = component.address(settings)
-            if address and is_serving(address):
+            if address and is_serving(address, client_tls(settings)):
                 raise StackError(
                     f"something else already serves {address}; stop it or set "
                     f"RAVEN_{(component.address_setting or '').upper()}"
@@ -331,7 +350,7 @@ def status(settings: Settings, data_dir: Path) -> list[ComponentStatus]:
     for component in COMPONENTS:
         pid = running_pid(layout, component)
         address = component.address(settings)
-        serving = is_serving(address) if address and pid is not None else None
+        serving = is_serving(address, client_tls(settings)) if address and pid is not None else None
         rows.append(ComponentStatus(component, pid, serving if address else None))
     return rows
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from services.cli import demo, models, runs, stack
+from services.cli import audit, demo, models, runs, stack
 
 app = typer.Typer(
     name="raven",
@@ -15,7 +15,9 @@ app = typer.Typer(
 app.add_typer(runs.app, name="runs")
 app.add_typer(models.app, name="models")
 app.add_typer(stack.app, name="stack")
+app.add_typer(audit.app, name="audit")
 app.command()(demo.demo)
+app.command()(audit.certs)
 
 if __name__ == "__main__":
     app()

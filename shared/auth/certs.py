@@ -216,7 +216,9 @@ def ensure_dev_certs(directory: Path, *, force: bool = False) -> tuple[DevCerts,
         ca_cert,
         ca_key,
         uris=[certs.server_id],
-        dns_names=["localhost"],
+        # Compose service names too (deploy/docker-compose.yml), and NATS's: the one dev
+        # server certificate serves every server of the local stack.
+        dns_names=["localhost", "training-runs", "trained-models", "nats"],
         ip_addresses=["127.0.0.1", "::1"],
         server=True,
     )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 import pytest
@@ -49,8 +50,12 @@ def refusing_server() -> Iterator[str]:
     server.stop(0)
 
 
-def test_nothing_listening_is_a_clean_error(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_nothing_listening_is_a_clean_error(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setenv("RAVEN_TRAINING_RUNS_ADDR", "127.0.0.1:1")
+    # The CLI makes its development certificates on first use: not in the checkout.
+    monkeypatch.setenv("RAVEN_DEV_CERTS_DIR", str(tmp_path / "certs"))
     result = CliRunner().invoke(app, ["runs", "get", "abc"])
     assert result.exit_code == 1
     assert "UNAVAILABLE" in result.output
@@ -63,6 +68,8 @@ def test_field_violations_are_printed(
     monkeypatch: pytest.MonkeyPatch, refusing_server: str
 ) -> None:
     monkeypatch.setenv("RAVEN_TRAINING_RUNS_ADDR", refusing_server)
+    # The stand-in server is plaintext on loopback, what development mode allows.
+    monkeypatch.setenv("RAVEN_INSECURE_DEV", "true")
     result = CliRunner().invoke(app, ["runs", "get", "nope"])
     assert result.exit_code == 1
     assert "INVALID_ARGUMENT: invalid request" in result.output
