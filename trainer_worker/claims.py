@@ -26,7 +26,7 @@ class Claim:
     # The attempt to report under.
     attempt: int
     refusal: str = ""
-    # The newest checkpoint an earlier attempt stored (not yet used: runs start over).
+    # The newest checkpoint an earlier attempt stored, to resume from.
     resume_from: common_pb2.Artifact | None = None
     resume_epoch: int = 0
 

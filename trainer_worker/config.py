@@ -76,8 +76,11 @@ def generate_config(
     work_dir: Path,
     configs_root: Path,
     base: BaseCheckpoint | None = None,
+    resume_from: Path | None = None,
 ) -> GeneratedConfig:
-    """The config text for `plan` on `dataset`, writing under `work_dir`."""
+    """The config text for `plan` on `dataset`, writing under `work_dir`. `resume_from`, a
+    verified checkpoint of an earlier attempt of the same run, continues its training
+    (weights, optimizer, schedule and epoch) instead of starting over."""
     arch = architecture(plan.architecture)
     _check_plan(plan, dataset)
     notices: list[Notice] = []
@@ -100,6 +103,10 @@ def generate_config(
                 )
             )
 
+    if resume_from is not None:
+        # The checkpoint already holds this run's head, for this run's classes.
+        reset_prefixes, notices = (), []
+    load_from = resume_from or (base.path if base else None)
     iters_per_epoch = max(1, math.ceil(dataset.train_image_count / plan.batch_size))
     total_iters = iters_per_epoch * plan.epochs
     # mmengine's LinearLR reaches the full rate at iteration end - 1: with end=1 it would
@@ -203,8 +210,8 @@ default_hooks = dict(
 )
 randomness = dict(seed={plan.seed % _SEED_MODULUS}, deterministic=False)
 work_dir = {str(work_dir)!r}
-load_from = {str(base.path) if base else None!r}
-resume = False
+load_from = {str(load_from) if load_from else None!r}
+resume = {resume_from is not None}
 
 # Read by trainer_worker.train_process, ignored by mmengine.
 raven = dict(reset_weights={reset_prefixes!r})

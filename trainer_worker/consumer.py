@@ -30,6 +30,7 @@ from trainer_worker.pipeline import (
     InvalidJob,
     JobControl,
     JobOutcome,
+    ResumePoint,
     StopReason,
     WorkerEnvironment,
     execute_job,
@@ -164,6 +165,7 @@ class JobConsumer:
             return
         delivered = msg.metadata.num_delivered if msg.metadata else 1
         log.info("job received", run=run_id, attempt=job.attempt, delivery=delivered)
+        resume: ResumePoint | None = None
         if self._claims is not None:
             claim = await self._claims.claim(
                 training_run=job.training_run,
@@ -179,6 +181,8 @@ class JobConsumer:
                 await msg.ack()
                 return
             job.attempt = claim.attempt
+            if claim.resume_from is not None:
+                resume = ResumePoint(checkpoint=claim.resume_from, epoch=claim.resume_epoch)
         identity = JobIdentity(
             training_run=job.training_run,
             run_id=run_id,
@@ -196,7 +200,11 @@ class JobConsumer:
             async with cancel_watch(self._js, self._subjects, run_id, control):
                 try:
                     outcome = await execute_job(
-                        job, publisher=publisher, environment=self._environment, control=control
+                        job,
+                        publisher=publisher,
+                        environment=self._environment,
+                        control=control,
+                        resume=resume,
                     )
                 except (NatsError, JetStreamError, TimeoutError):
                     raise

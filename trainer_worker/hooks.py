@@ -18,6 +18,7 @@ from mmengine.hooks import Hook
 
 from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
+    CheckpointWritten,
     ChildEvent,
     EpochTrained,
     Evaluated,
@@ -142,6 +143,21 @@ class ProgressHook(Hook):  # type: ignore[misc]
     def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
         # After the train loop counted the epoch: runner.epoch is the finished epoch's number.
         self._writer.send(Evaluated(epoch=runner.epoch, metrics=_floats(metrics or {})))
+
+
+class CheckpointReportHook(Hook):  # type: ignore[misc]
+    """Reports each epoch's checkpoint once mmengine's CheckpointHook has written it."""
+
+    priority = "LOWEST"
+
+    def __init__(self, writer: EventWriter) -> None:
+        self._writer = writer
+
+    def after_train_epoch(self, runner: Any) -> None:
+        epoch = runner.epoch + 1
+        path = Path(runner.work_dir) / f"epoch_{epoch}.pth"
+        if path.is_file():
+            self._writer.send(CheckpointWritten(epoch=epoch, iter=runner.iter, path=str(path)))
 
 
 class PruneCheckpointsHook(Hook):  # type: ignore[misc]

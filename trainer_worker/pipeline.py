@@ -18,7 +18,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 
 from shared import catalog
-from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from trainer_worker import events
 from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
 from trainer_worker.config import (
@@ -30,7 +30,13 @@ from trainer_worker.config import (
 )
 from trainer_worker.dataset import DatasetError, PreparedDataset, prepare_dataset, resolve_location
 from trainer_worker.events import EventPublisher
-from trainer_worker.protocol import ChildEvent, Evaluated, ProgressReported, TrainingStarted
+from trainer_worker.protocol import (
+    CheckpointWritten,
+    ChildEvent,
+    Evaluated,
+    ProgressReported,
+    TrainingStarted,
+)
 from trainer_worker.training import (
     TrainingCancelled,
     TrainingFailed,
@@ -73,6 +79,14 @@ class JobControl:
         if self.reason is None:
             self.reason = reason
         self.stop.set()
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ResumePoint:
+    """A checkpoint an earlier attempt of the run stored, as the service recorded it."""
+
+    checkpoint: common_pb2.Artifact
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -139,14 +153,16 @@ async def execute_job(
     publisher: EventPublisher,
     environment: WorkerEnvironment,
     control: JobControl,
+    resume: ResumePoint | None = None,
 ) -> JobOutcome:
     """Runs one attempt of a job and publishes its events, the terminal one included
-    (except when interrupted by a shutdown)."""
+    (except when interrupted by a shutdown). With `resume`, training continues from an
+    earlier attempt's checkpoint."""
     run_id = run_id_of(job)
     await publisher.publish(preparing=worker_pb2.WorkerEvent.Preparing())
     folder = attempt_dir(environment.artifact_root, run_id, job.attempt)
     try:
-        outcome = await _train(job, run_id, folder, publisher, environment, control)
+        outcome = await _train(job, run_id, folder, publisher, environment, control, resume)
     except (_Failed, DatasetError) as failure:
         log.info("job failed", run=run_id, reason=failure.reason, message=failure.message)
         await publisher.publish(
@@ -177,13 +193,14 @@ async def _train(
     publisher: EventPublisher,
     environment: WorkerEnvironment,
     control: JobControl,
+    resume: ResumePoint | None,
 ) -> TrainingSucceeded | TrainingFailed | TrainingCancelled:
     spec = job.spec
     try:
         plan = plan_of(spec)
     except ConfigError as error:
         raise _Failed("invalid_spec", str(error)) from None
-    # A redelivered attempt starts over; resuming from its checkpoints is future work.
+    # Each attempt has its own folder: an earlier one keeps the checkpoint resumed from.
     await asyncio.to_thread(_fresh_dir, folder)
 
     prepared = await asyncio.to_thread(_prepare, spec, folder / "dataset", environment)
@@ -192,6 +209,11 @@ async def _train(
         return TrainingCancelled()
 
     base = await _verified_base(job, environment) if job.HasField("base_model") else None
+    resume_from = (
+        await _verified_file(resume.checkpoint, what="the checkpoint to resume from")
+        if resume is not None
+        else None
+    )
     try:
         configs_root = mmdet_configs_root()
     except RuntimeError as error:
@@ -208,11 +230,18 @@ async def _train(
             work_dir=folder / "work",
             configs_root=configs_root,
             base=base,
+            resume_from=resume_from,
         )
     except (ConfigError, UnknownArchitecture) as error:
         raise _Failed("invalid_spec", str(error)) from None
     config_path = folder / "config.py"
     config_path.write_text(generated.text)
+    if resume is not None:
+        await publisher.publish(
+            notice=events.notice(
+                "resumed", f"training resumes after epoch {resume.epoch} of an earlier attempt"
+            )
+        )
     for item in generated.notices:
         await publisher.publish(notice=events.notice(item.code, item.message))
     env, device_notice = _device_env(spec, environment)
@@ -226,6 +255,18 @@ async def _train(
             await publisher.publish(progress=events.progress(event))
         elif isinstance(event, Evaluated):
             await publisher.publish(evaluation=events.evaluation(event))
+        elif isinstance(event, CheckpointWritten):
+            path = Path(event.path)
+            size, digest = await asyncio.to_thread(_size_and_digest, path)
+            await publisher.publish(
+                checkpoint_saved=worker_pb2.WorkerEvent.CheckpointSaved(
+                    epoch=event.epoch,
+                    iteration=event.iter,
+                    checkpoint=common_pb2.Artifact(
+                        kind="checkpoint", uri=path.as_uri(), size_bytes=size, sha256=digest
+                    ),
+                )
+            )
 
     return await run_training(
         config_path=config_path,
@@ -260,27 +301,31 @@ def _prepare(
 async def _verified_base(
     job: worker_pb2.TrainingJob, environment: WorkerEnvironment
 ) -> BaseCheckpoint:
-    """The base model's checkpoint, only if its bytes are the ones the registry recorded:
-    the child unpickles it."""
     base = job.base_model
-    uri = base.checkpoint.uri
+    path = await _verified_file(base.checkpoint, what=f"base model {base.name}")
+    return BaseCheckpoint(path=path, architecture=base.architecture, classes=tuple(base.classes))
+
+
+async def _verified_file(artifact: common_pb2.Artifact, *, what: str) -> Path:
+    """The artifact's local path, only if its bytes are the ones the system recorded:
+    the child unpickles checkpoints."""
+    uri = artifact.uri
     parsed = urlparse(uri)
     if parsed.scheme != "file":
         raise _Failed(
-            "base_model_unavailable",
-            f"base model {base.name}: this worker reads checkpoints from file:// URIs, got {uri!r}",
+            "checkpoint_unavailable",
+            f"{what}: this worker reads checkpoints from file:// URIs, got {uri!r}",
         )
     path = Path(unquote(parsed.path))
     digest = await asyncio.to_thread(_digest_if_present, path)
     if digest is None:
-        raise _Failed("base_model_unavailable", f"base model {base.name}: {path} does not exist")
-    if not base.checkpoint.sha256 or digest != base.checkpoint.sha256.lower():
+        raise _Failed("checkpoint_unavailable", f"{what}: {path} does not exist")
+    if not artifact.sha256 or digest != artifact.sha256.lower():
         raise _Failed(
-            "base_model_corrupt",
-            f"base model {base.name}: {path} has sha256 {digest}, "
-            f"the registry recorded {base.checkpoint.sha256 or 'none'}",
+            "checkpoint_corrupt",
+            f"{what}: {path} has sha256 {digest}, the system recorded {artifact.sha256 or 'none'}",
         )
-    return BaseCheckpoint(path=path, architecture=base.architecture, classes=tuple(base.classes))
+    return path
 
 
 def _device_env(
@@ -302,3 +347,7 @@ def _fresh_dir(folder: Path) -> None:
 
 def _digest_if_present(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
+
+
+def _size_and_digest(path: Path) -> tuple[int, str]:
+    return path.stat().st_size, sha256_file(path)

@@ -56,6 +56,16 @@ class Evaluated:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class CheckpointWritten:
+    """The checkpoint of a finished epoch is on disk: what a later attempt can resume from."""
+
+    epoch: int
+    iter: int
+    path: str
+    kind: str = "checkpoint"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingStopped:
     """The child stopped on a cancel signal, at `iter`."""
 
@@ -64,13 +74,21 @@ class TrainingStopped:
     kind: str = "stopped"
 
 
-ChildEvent = TrainingStarted | ProgressReported | EpochTrained | Evaluated | TrainingStopped
+ChildEvent = (
+    TrainingStarted
+    | ProgressReported
+    | EpochTrained
+    | Evaluated
+    | CheckpointWritten
+    | TrainingStopped
+)
 
 _KINDS: dict[str, type[ChildEvent]] = {
     "started": TrainingStarted,
     "progress": ProgressReported,
     "epoch": EpochTrained,
     "evaluation": Evaluated,
+    "checkpoint": CheckpointWritten,
     "stopped": TrainingStopped,
 }
 

@@ -29,6 +29,7 @@ def main(argv: list[str]) -> int:
     # Imported after the usage check: they take seconds (torch).
     from trainer_worker.hooks import (
         CancelHook,
+        CheckpointReportHook,
         EventWriter,
         ProgressHook,
         PruneCheckpointsHook,
@@ -56,6 +57,7 @@ def main(argv: list[str]) -> int:
     runner = Runner.from_cfg(cfg)
     runner.register_hook(cancel)
     runner.register_hook(ProgressHook(writer))
+    runner.register_hook(CheckpointReportHook(writer))
     runner.register_hook(PruneCheckpointsHook())
     try:
         runner.train()

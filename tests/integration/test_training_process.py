@@ -16,6 +16,7 @@ from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
 from trainer_worker.dataset import PreparedDataset, prepare_dataset
 from trainer_worker.protocol import (
+    CheckpointWritten,
     ChildEvent,
     EpochTrained,
     Evaluated,
@@ -53,6 +54,7 @@ async def train(
     *,
     epochs: int,
     base: BaseCheckpoint | None = None,
+    resume_from: Path | None = None,
     stop: asyncio.Event | None = None,
 ) -> tuple[TrainingOutcome, list[ChildEvent]]:
     generated = generate_config(
@@ -74,6 +76,7 @@ async def train(
         work_dir=folder / "work",
         configs_root=mmdet_configs_root(),
         base=base,
+        resume_from=resume_from,
     )
     config = folder / "config.py"
     config.write_text(generated.text)
@@ -172,6 +175,31 @@ async def test_fine_tune_with_new_classes_loads_the_checkpoint(
     # Only the class-dependent weights start fresh; the rest came from the base model.
     assert "bbox_head.retina_cls.weight" in log
     assert "backbone.conv1.weight" not in log
+
+
+async def test_resume_continues_after_the_checkpoint_epoch(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+    tmp_path: Path,
+) -> None:
+    root_folder, root, _ = trained
+    assert isinstance(root, TrainingSucceeded)
+    checkpoint = next(a.path for a in root.artifacts if a.kind == "checkpoint")
+    dataset = prepared(root_folder / "again", ("dump", "tire"))
+
+    outcome, seen = await train(
+        tmp_path, dataset, epochs=root.best_epoch + 1, resume_from=checkpoint
+    )
+
+    assert isinstance(outcome, TrainingSucceeded), outcome
+    # Only the epoch after the checkpoint's is trained and evaluated.
+    assert [e.epoch for e in seen if isinstance(e, EpochTrained)] == [root.best_epoch + 1]
+    assert [e.epoch for e in seen if isinstance(e, Evaluated)] == [root.best_epoch + 1]
+    written = [e for e in seen if isinstance(e, CheckpointWritten)]
+    assert [e.epoch for e in written] == [root.best_epoch + 1]
+    assert (
+        "Auto resumed from" in (tmp_path / "train.log").read_text()
+        or "resumed epoch" in (tmp_path / "train.log").read_text()
+    )
 
 
 async def test_a_crashing_child_fails_with_the_log_tail(tmp_path: Path) -> None:
