@@ -177,7 +177,11 @@ async def test_a_bad_dataset_fails_and_the_worker_trains_the_next_job(
     order = kinds(succeeded)
     assert order[:3] == ["preparing", "dataset_prepared", "running"]
     assert order[-1] == "succeeded"
-    assert {"progress", "evaluation"} <= set(order)
+    assert {"progress", "evaluation", "checkpoint_saved"} <= set(order)
+    saved = next(
+        e.checkpoint_saved for e in succeeded if e.WhichOneof("payload") == "checkpoint_saved"
+    )
+    assert saved.epoch == 1 and saved.checkpoint.uri.startswith("file://")
     summary = succeeded[1].dataset_prepared
     assert (summary.image_count, list(summary.classes), summary.split_seed) == (
         16,
