@@ -10,9 +10,9 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
-from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from shared.errors import FieldViolation, InvalidArgument

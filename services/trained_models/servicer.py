@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from datetime import UTC
 from pathlib import Path
 
 import grpc
@@ -23,7 +22,7 @@ from shared.identity import caller_identity
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
-from shared.proto_json import parse
+from shared.proto_json import optional_time, parse
 
 _ORDERS = {
     "": "create_time desc",
@@ -76,12 +75,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             architecture=request.architecture,
             class_name=request.class_name,
             creator=request.creator,
-            created_after=request.created_after.ToDatetime(tzinfo=UTC)
-            if request.HasField("created_after")
-            else None,
-            created_before=request.created_before.ToDatetime(tzinfo=UTC)
-            if request.HasField("created_before")
-            else None,
+            created_after=optional_time(request, "created_after"),
+            created_before=optional_time(request, "created_before"),
             order_by=_ORDERS[request.order_by],
         )
         by_time = filter_.order_by != "coco/bbox_mAP desc"

@@ -6,7 +6,6 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from datetime import UTC
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ from shared.identity import caller_identity, owner_scope
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc
+from shared.proto_json import optional_time
 
 _UPDATABLE = frozenset({"display_name", "labels"})
 _ORDERS = {"": True, "create_time desc": True, "create_time": False, "create_time asc": False}
@@ -82,12 +82,8 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             else None,
             dataset_uri=request.dataset_uri,
             creator=owner_scope(context) or request.creator,
-            created_after=request.created_after.ToDatetime(tzinfo=UTC)
-            if request.HasField("created_after")
-            else None,
-            created_before=request.created_before.ToDatetime(tzinfo=UTC)
-            if request.HasField("created_before")
-            else None,
+            created_after=optional_time(request, "created_after"),
+            created_before=optional_time(request, "created_before"),
             newest_first=_ORDERS[request.order_by],
         )
         size = pagination.page_size(request.page_size)

@@ -31,7 +31,9 @@ async def engine(infrastructure: Infrastructure):
 
 def _message(subjects: Subjects, run_id: str, n: int) -> OutboxMessage:
     return OutboxMessage(
-        subject=subjects.run_event(run_id), payload=f"event {n}".encode(), msg_id=f"test.{run_id}.{n}"
+        subject=subjects.run_event(run_id),
+        payload=f"event {n}".encode(),
+        msg_id=f"test.{run_id}.{n}",
     )
 
 
@@ -46,9 +48,7 @@ async def _stored(js: nats.js.JetStreamContext, subjects: Subjects, run_id: str)
     return data
 
 
-async def test_rows_committed_before_a_crash_are_published_by_the_next_relay(
-    engine, nc, subjects
-):
+async def test_rows_committed_before_a_crash_are_published_by_the_next_relay(engine, nc, subjects):
     js = nc.jetstream()
     run_id = uuid.uuid4().hex
     # The process commits and dies before any relay runs: only the rows remain.
