@@ -18,6 +18,7 @@ class Plan:
     page_size: int = 50
     # Event latency.
     watcher_counts: tuple[int, ...]
+    event_rounds: int
     events_per_round: int
     fanout_runs: int
     watchers_per_run: int
@@ -43,7 +44,8 @@ FULL = Plan(
     bulk_runs=100_000,
     deep_offset=90_000,
     watcher_counts=(1, 100, 1000),
-    events_per_round=20,
+    event_rounds=3,
+    events_per_round=10,
     fanout_runs=100,
     watchers_per_run=10,
     fanout_rate_per_s=100.0,
@@ -65,6 +67,7 @@ SMOKE = Plan(
     bulk_runs=2_000,
     deep_offset=1_500,
     watcher_counts=(1, 10),
+    event_rounds=2,
     events_per_round=3,
     fanout_runs=4,
     watchers_per_run=2,

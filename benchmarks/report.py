@@ -121,3 +121,65 @@ def table(document: Mapping[str, Any]) -> str:
         met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
         lines.append(f"| {g['goal']} | {_fmt(g['value'])} {g['unit']} | {g['target']} | {met} |")
     return "\n".join(lines)
+
+
+def _cell(f: Mapping[str, Any] | None, *, ratio: bool = True) -> str:
+    if f is None:
+        return "-"
+    text = f"{_fmt(f['median'])} ({_fmt(f['min'])}-{_fmt(f['max'])})"
+    if ratio and "ratio" in f:
+        text += f", **{_fmt(f['ratio']['median'])}x**"
+    return text
+
+
+def compact(document: Mapping[str, Any]) -> str:
+    """The tables of docs/benchmarks.md: median (min-max) over rounds, and the median of
+    the per-round ratios to the baseline in bold."""
+    figures = document["figures"]
+    lines: list[str] = []
+    if any(n.startswith("unary.") for n in figures):
+        lines += [
+            "### 1. Unary RPCs (calls/s and ms; ratio to the echo server at the same concurrency)",
+            "",
+            "| RPC | callers | throughput | p50 | p99 |",
+            "|---|---:|---|---|---|",
+        ]
+    for rpc in ("echo", "get", "list_first", "list_deep", "create"):
+        for c in document["plan"]["concurrencies"]:
+            p = f"unary.{rpc}.c{c}"
+            if p + ".throughput" in figures:
+                lines.append(
+                    f"| {rpc} | {c} | {_cell(figures.get(p + '.throughput'))} | "
+                    f"{_cell(figures.get(p + '.p50'))} | {_cell(figures.get(p + '.p99'))} |"
+                )
+    sections = [
+        ("2. Event latency, worker publish -> watcher (ms; ratio to bare NATS)", "events."),
+        ("3. Outbox", "outbox."),
+        ("4. Training overhead", "training."),
+        ("5. Dataset preparation", "dataset."),
+        ("6. Service memory (RSS)", "memory."),
+    ]
+    for title, prefix in sections:
+        names = [n for n in figures if n.startswith(prefix)]
+        if not names:
+            continue
+        lines += [
+            "",
+            f"### {title}",
+            "",
+            "| figure | unit | median (min-max), ratio |",
+            "|---|---|---|",
+        ]
+        lines += [f"| `{n}` | {figures[n]['unit']} | {_cell(figures[n])} |" for n in names]
+    lines += ["", "### Goals", "", "| goal | measured | target | met |", "|---|---:|---|---|"]
+    for g in document["goals"]:
+        met = {True: "yes", False: "**no**", None: "not measured"}[g["met"]]
+        lines.append(f"| {g['goal']} | {_fmt(g['value'])} {g['unit']} | {g['target']} | {met} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    import json
+    import sys
+
+    print(compact(json.loads(open(sys.argv[1]).read())))
