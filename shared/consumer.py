@@ -1,14 +1,17 @@
 """A durable JetStream pull consumer loop, shared by the services' consumers.
 
-Messages are handled one at a time, in order. The handler returns normally to
-ack; raising `Unprocessable` terminates the message (it can never succeed);
-any other error naks it for a later retry.
+Messages with the same ordering key (by default: all of them) are handled one
+at a time, in order; different keys in a fetched batch are handled
+concurrently, so one busy run does not hold up the others. The handler returns
+normally to ack; raising `Unprocessable` terminates the message (it can never
+succeed); any other error naks it for a later retry.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import defaultdict
 from collections.abc import Awaitable, Callable
 
 import structlog
@@ -36,6 +39,7 @@ async def consume(
     batch: int = 64,
     ack_wait_s: float = 30.0,
     retry_delay_s: float = 1.0,
+    ordering_key: Callable[[Msg], str] = lambda msg: "",
 ) -> None:
     """Runs until cancelled."""
     config = ConsumerConfig(
@@ -57,8 +61,12 @@ async def consume(
                         messages = await subscription.fetch(batch, timeout=1.0)
                     except TimeoutError:
                         continue
+                    lanes: dict[str, list[Msg]] = defaultdict(list)
                     for msg in messages:
-                        await _handle_one(msg, handle, retry_delay_s)
+                        lanes[ordering_key(msg)].append(msg)
+                    await asyncio.gather(
+                        *(_handle_in_order(lane, handle, retry_delay_s) for lane in lanes.values())
+                    )
             finally:
                 # Leaves nothing for a drain of the connection to wait on.
                 with contextlib.suppress(Exception):
@@ -69,6 +77,11 @@ async def consume(
             # A pull subscription can stop after a server restart: subscribe again.
             log.exception("consumer failed; subscribing again", durable=durable)
             await asyncio.sleep(retry_delay_s)
+
+
+async def _handle_in_order(messages: list[Msg], handle: Handler, retry_delay_s: float) -> None:
+    for msg in messages:
+        await _handle_one(msg, handle, retry_delay_s)
 
 
 async def _handle_one(msg: Msg, handle: Handler, retry_delay_s: float) -> None:

@@ -21,7 +21,7 @@ from shared import auth, logs, messaging
 from shared.auth import transport
 from shared.auth.audit_service import SERVICE_NAME as AUDIT_SERVICE
 from shared.auth.audit_service import AuditServicer
-from shared.db.engine import create_engine, session_factory
+from shared.db.engine import create_engine, read_session_factory, session_factory
 from shared.db.migrate import upgrade
 from shared.grpc_server import Server
 from shared.outbox import OutboxRelay
@@ -74,6 +74,7 @@ class ServiceApp:
         js = self._nc.jetstream()
         await messaging.ensure_streams(js, self.subjects)
         sessions = session_factory(self._engine)
+        self.read_sessions = read_session_factory(self._engine)
         audit = auth.audit_log(sessions, self.subjects)
         self._server = Server(
             (*self.service_names, AUDIT_SERVICE),

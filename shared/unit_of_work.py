@@ -17,13 +17,32 @@ from shared.outbox import OutboxMessage
 
 
 class SqlUnitOfWork:
-    def __init__(self, sessions: async_sessionmaker[AsyncSession], subjects: Subjects) -> None:
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        subjects: Subjects,
+        *,
+        read_sessions: async_sessionmaker[AsyncSession] | None = None,
+    ) -> None:
         self._sessions = sessions
+        self._read_sessions = read_sessions
+        self._reading = False
         self.subjects = subjects
 
+    def reading(self) -> Self:
+        """This unit of work, for the next `async with` block, for reads only: with
+        `read_sessions` it runs without a transaction (one round trip per query) and
+        refuses to commit."""
+        self._reading = self._read_sessions is not None
+        return self
+
     async def __aenter__(self) -> Self:
-        self.session = self._sessions()
-        await self.session.begin()
+        if self._reading:
+            assert self._read_sessions is not None
+            self.session = self._read_sessions()
+        else:
+            self.session = self._sessions()
+            await self.session.begin()
         self._messages: list[OutboxMessage] = []
         self.enter()
         return self
@@ -36,6 +55,7 @@ class SqlUnitOfWork:
     ) -> None:
         # Whatever was not committed is rolled back.
         await self.session.close()
+        self._reading = False
 
     def enter(self) -> None:
         """Builds the repositories on `self.session`."""
@@ -51,6 +71,8 @@ class SqlUnitOfWork:
         self._messages.append(message)
 
     async def commit(self) -> None:
+        if self._reading:
+            raise RuntimeError("a unit of work opened for reading cannot commit")
         messages = [*self._messages, *await self.flush()]
         await outbox.add(self.session, messages)
         await self.session.commit()

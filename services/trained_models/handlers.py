@@ -61,7 +61,7 @@ async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
 
 
 async def get_model(uow: UnitOfWork, model_id: uuid.UUID) -> TrainedModel:
-    async with uow:
+    async with uow.reading():
         model = await uow.models.get(model_id)
     if model is None:
         raise NotFound(f"trained model {model_id} does not exist")
@@ -71,12 +71,12 @@ async def get_model(uow: UnitOfWork, model_id: uuid.UUID) -> TrainedModel:
 async def list_models(
     uow: UnitOfWork, filter_: ModelFilter, *, limit: int, after: Cursor | None
 ) -> Sequence[TrainedModel]:
-    async with uow:
+    async with uow.reading():
         return await uow.models.list(filter_, limit=limit, after=after)
 
 
 async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineage:
-    async with uow:
+    async with uow.reading():
         result = await uow.models.lineage(model_id, max_depth=min(depth, MAX_LINEAGE_DEPTH))
     if not result.ancestors:
         raise NotFound(f"trained model {model_id} does not exist")

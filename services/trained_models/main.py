@@ -42,7 +42,7 @@ class TrainedModelsApp(ServiceApp):
         js: JetStreamContext,
     ) -> list[Coroutine[Any, Any, None]]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(sessions, self.subjects)
+            return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
 
         root = self.settings.resolved_artifact_root()
         servicer = TrainedModelServicer(

@@ -164,7 +164,7 @@ def _check_dataset_exists(uri: str, artifact_root: Path, violations: Violations)
 
 
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
-    async with uow:
+    async with uow.reading():
         run = await uow.runs.get(run_id)
     if run is None:
         raise NotFound(f"training run {run_id} does not exist")
@@ -174,14 +174,14 @@ async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
 async def list_runs(
     uow: UnitOfWork, filter_: RunFilter, *, limit: int, after: Cursor | None
 ) -> Sequence[TrainingRun]:
-    async with uow:
+    async with uow.reading():
         return await uow.runs.list(filter_, limit=limit, after=after)
 
 
 async def list_events(
     uow: UnitOfWork, run_id: uuid.UUID, *, after_sequence: int, limit: int
 ) -> Sequence[RunEvent]:
-    async with uow:
+    async with uow.reading():
         if await uow.runs.get(run_id) is None:
             raise NotFound(f"training run {run_id} does not exist")
         return await uow.runs.events(run_id, after_sequence=after_sequence, limit=limit)

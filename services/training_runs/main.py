@@ -36,7 +36,7 @@ class TrainingRunsApp(ServiceApp):
         js: JetStreamContext,
     ) -> list[Coroutine[Any, Any, None]]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(sessions, self.subjects)
+            return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
 
         self.hub = EventHub()
         await self.hub.start(nc, self.subjects)
@@ -66,6 +66,8 @@ class TrainingRunsApp(ServiceApp):
                 subject=self.subjects.worker_events,
                 durable=self.subjects.worker_events_consumer,
                 handle=WorkerEventHandler(uow_factory),
+                # The subject ends with the run id: each run's reports stay in order.
+                ordering_key=lambda msg: msg.subject,
             ),
         ]
 

@@ -99,7 +99,7 @@ class EventHub:
     ) -> AsyncIterator[TrainingRunEvent]:
         """Every event after `after_sequence`, in order, until the run has ended."""
         with self._subscribe(run_id) as watcher:
-            async with uow_factory() as uow:
+            async with uow_factory().reading() as uow:
                 run = await uow.runs.get(run_id)
             if run is None:
                 raise NotFound(f"training run {run_id} does not exist")
@@ -113,10 +113,10 @@ class EventHub:
                 return  # ended, and the caller has seen everything up to its end
             while True:
                 event: TrainingRunEvent | None = None
-                try:
-                    event = await asyncio.wait_for(watcher.queue.get(), idle_check_s)
-                except TimeoutError:
-                    pass  # a safety net for a missed message when nothing else arrives
+                # A timeout scope, not wait_for: no task per watcher per event.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(idle_check_s):
+                        event = await watcher.queue.get()
                 if event is not None and event.sequence <= last:
                     continue
                 if event is None or watcher.overflowed or event.sequence > last + 1:
@@ -139,7 +139,7 @@ class EventHub:
         after: int,
     ) -> AsyncIterator[TrainingRunEvent]:
         while True:
-            async with uow_factory() as uow:
+            async with uow_factory().reading() as uow:
                 page = await uow.runs.events(run_id, after_sequence=after, limit=_REPLAY_PAGE)
             for event in page:
                 yield event_to_proto(event)
