@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote, urlparse
 
 import structlog
 from sqlalchemy.exc import IntegrityError
@@ -93,8 +94,11 @@ async def create_run(
             base = await uow.runs.base_model(base_model_id, lock=True)
             if base is None:
                 raise NotFound(f"base model {command.base_model} does not exist")
-            if not any(a.get("kind") == "checkpoint" for a in base.artifacts):
-                raise FailedPrecondition(f"base model {command.base_model} has no checkpoint")
+            missing = await asyncio.to_thread(_missing_artifacts, base)
+            if missing:
+                raise NotFound(
+                    f"base model {command.base_model} has lost its {', '.join(missing)}"
+                )
 
         spec = validate_spec(
             command.spec, violations, base_architecture=base.architecture if base else None
@@ -140,6 +144,18 @@ async def _repeated(
             f"request_id {request_id} was used for another request (training run {existing.id})"
         )
     return existing
+
+
+def _missing_artifacts(base: BaseModel) -> list[str]:
+    """The kinds of the base model's weights and config that are not where its record says."""
+    by_kind = {a.get("kind"): a for a in base.artifacts}
+    missing = []
+    for kind in ("checkpoint", "config"):
+        uri = str(by_kind.get(kind, {}).get("uri", ""))
+        parsed = urlparse(uri)
+        if not uri or (parsed.scheme == "file" and not Path(unquote(parsed.path)).is_file()):
+            missing.append(kind)
+    return missing
 
 
 def _request_id(raw: str, violations: Violations) -> uuid.UUID | None:

@@ -322,3 +322,33 @@ async def test_the_architecture_catalog_is_discoverable(runs):
     keys = {a.key for a in catalog.architectures}
     assert {"retinanet_r18_fpn", "faster_rcnn_r50_fpn", "retinanet_r101_fpn"} <= keys
     assert catalog.defaults.epochs == 12 and catalog.defaults.HasField("batch_size")
+
+
+async def test_a_base_model_that_lost_its_files_is_not_found(
+    runs, dataset_uri, js, subjects, settings
+):
+    folder = Path(settings.artifact_root) / "models" / uuid.uuid4().hex
+    folder.mkdir(parents=True)
+    artifacts = []
+    for kind, name in (("checkpoint", "checkpoint.pth"), ("config", "config.py")):
+        (folder / name).write_bytes(b"x")
+        artifacts.append(
+            common_pb2.Artifact(kind=kind, uri=f"file://{folder / name}", size_bytes=1)
+        )
+    run = await runs.CreateTrainingRun(create_request(dataset_uri))
+    worker = WorkerDriver(js, subjects, run)
+    await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+    await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    await worker.send(succeeded=worker_pb2.WorkerEvent.Succeeded(artifacts=artifacts))
+    model = await eventually(lambda: _with_model(runs, run.name))
+
+    fine_tune = create_request(dataset_uri, architecture="")
+    fine_tune.training_run.base_model = model.trained_model
+    assert (await runs.CreateTrainingRun(fine_tune)).base_model == model.trained_model
+
+    (folder / "checkpoint.pth").unlink()
+    fine_tune.request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.CreateTrainingRun(fine_tune)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "lost its checkpoint" in caught.value.details()
