@@ -33,6 +33,15 @@ class TrainingPlan:
     image_size: int
     seed: int
     num_workers: int = 0
+    optimizer: str = "SGD"  # "SGD" | "ADAMW"
+    # None: a tenth of the run, at most _MAX_WARMUP_ITERS; 0: no warm-up.
+    warmup_iterations: int | None = None
+    augment: bool = True
+    val_interval: int = 1
+    # 0: never stop early.
+    early_stopping_patience: int = 0
+    # None: on when the child finds CUDA. Never on CPU, where mmengine's AMP gains nothing.
+    mixed_precision: bool | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,10 +120,11 @@ def generate_config(
     total_iters = iters_per_epoch * plan.epochs
     # mmengine's LinearLR reaches the full rate at iteration end - 1: with end=1 it would
     # keep the start factor for the whole run.
-    warmup_iters = min(_MAX_WARMUP_ITERS, max(2, total_iters // 10))
-    # The 1x schedule's steps at epochs 8 and 11 of 12, scaled; none for very short runs.
-    milestones = sorted({round(plan.epochs * 8 / 12), round(plan.epochs * 11 / 12)})
-    milestones = [m for m in milestones if 0 < m < plan.epochs] if plan.epochs >= 4 else []
+    if plan.warmup_iterations is None:
+        warmup_iters = min(_MAX_WARMUP_ITERS, max(2, total_iters // 10))
+    else:
+        warmup_iters = 0 if plan.warmup_iterations == 0 else max(2, plan.warmup_iterations)
+    milestones = lr_milestones(plan.epochs)
     size = plan.image_size
     persistent = plan.num_workers > 0
     classes = tuple(dataset.classes)
@@ -144,8 +154,7 @@ train_pipeline = [
     dict(type="LoadImageFromFile", backend_args=None),
     dict(type="LoadAnnotations", with_bbox=True),
     dict(type="Resize", scale=({size}, {size}), keep_ratio=True),
-    dict(type="RandomFlip", prob=0.5),
-    dict(type="PackDetInputs"),
+{_augmentation(plan)}    dict(type="PackDetInputs"),
 ]
 test_pipeline = [
     dict(type="LoadImageFromFile", backend_args=None),
@@ -192,29 +201,32 @@ val_evaluator = dict(
 )
 test_evaluator = val_evaluator
 
-train_cfg = dict(type="EpochBasedTrainLoop", max_epochs={plan.epochs}, val_interval=1)
+train_cfg = dict(
+    type="EpochBasedTrainLoop", max_epochs={plan.epochs}, val_interval={plan.val_interval}
+)
 optim_wrapper = dict(
+    # trainer_worker.train_process makes it an AmpOptimWrapper on CUDA (raven.mixed_precision).
     type="OptimWrapper",
-    optimizer=dict(type="SGD", lr={plan.learning_rate!r}, momentum=0.9, weight_decay=0.0001),
+    optimizer={_optimizer(plan)},
     # Random initialisation on small data diverges without it.
     clip_grad=dict(max_norm=35, norm_type=2),
 )
 param_scheduler = [
-    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end={warmup_iters}),
-{_steps(milestones, plan.epochs)}]
+{_warmup(warmup_iters)}{_steps(milestones, plan.epochs)}]
 auto_scale_lr = dict(enable=False, base_batch_size=16)
 
 default_hooks = dict(
     checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=-1),
     logger=dict(type="LoggerHook", interval={max(1, min(50, iters_per_epoch))}),
 )
+{_early_stopping(plan)}
 randomness = dict(seed={plan.seed % _SEED_MODULUS}, deterministic=False)
 work_dir = {str(work_dir)!r}
 load_from = {str(load_from) if load_from else None!r}
 resume = {resume_from is not None}
 
 # Read by trainer_worker.train_process, ignored by mmengine.
-raven = dict(reset_weights={reset_prefixes!r})
+raven = dict(reset_weights={reset_prefixes!r}, mixed_precision={plan.mixed_precision!r})
 """
     return GeneratedConfig(text=text, notices=tuple(notices))
 
@@ -231,6 +243,47 @@ def _check_plan(plan: TrainingPlan, dataset: DatasetFiles) -> None:
         raise ConfigError(f"learning_rate {plan.learning_rate} is outside (0, 1]")
     if not -1 <= plan.frozen_stages <= 4:
         raise ConfigError(f"frozen_stages {plan.frozen_stages} is outside -1..4")
+    if plan.optimizer not in ("SGD", "ADAMW"):
+        raise ConfigError(f"unknown optimizer {plan.optimizer!r}")
+    if not 1 <= plan.val_interval <= plan.epochs:
+        raise ConfigError(f"val_interval {plan.val_interval} is outside 1..{plan.epochs}")
+
+
+def lr_milestones(epochs: int) -> list[int]:
+    """The 1x schedule's steps (epochs 8 and 11 of 12) scaled to `epochs`; none for runs
+    too short to have a distinct step."""
+    if epochs < 4:
+        return []
+    steps = {round(epochs * 8 / 12), round(epochs * 11 / 12)}
+    return sorted(m for m in steps if 0 < m < epochs)
+
+
+def _optimizer(plan: TrainingPlan) -> str:
+    if plan.optimizer == "ADAMW":
+        return f'dict(type="AdamW", lr={plan.learning_rate!r}, weight_decay=0.05)'
+    return f'dict(type="SGD", lr={plan.learning_rate!r}, momentum=0.9, weight_decay=0.0001)'
+
+
+def _augmentation(plan: TrainingPlan) -> str:
+    return '    dict(type="RandomFlip", prob=0.5),\n' if plan.augment else ""
+
+
+def _warmup(iters: int) -> str:
+    if iters == 0:
+        return ""
+    return f'    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end={iters}),\n'
+
+
+def _early_stopping(plan: TrainingPlan) -> str:
+    if plan.early_stopping_patience == 0:
+        return ""
+    # A validation without detections has no mAP: the hook skips it, it is not a bad epoch.
+    return (
+        "custom_hooks = [\n"
+        '    dict(type="EarlyStoppingHook", monitor="coco/bbox_mAP", rule="greater", '
+        f"patience={plan.early_stopping_patience}),\n"
+        "]\n"
+    )
 
 
 def _backbone(arch: MMDetArchitecture) -> str:

@@ -1,7 +1,9 @@
 """The JetStream side of the worker: fetch jobs, keep them alive, ack them when done.
 
 A job is acked only after its terminal event is stored, so a worker that dies
-mid-job leaves it to be redelivered (after AckWait, up to MaxDeliver times).
+mid-job leaves it to be redelivered (after AckWait, up to MaxDeliver times). A
+worker that shuts down gives its job back (a `released` event) and the service
+queues it again at once.
 While a job runs, `in_progress()` resets AckWait and a heartbeat event tells the
 service the worker is alive.
 """
@@ -223,7 +225,16 @@ class JobConsumer:
                 await heartbeat
             self._active.pop(key, None)
         try:
-            if outcome is JobOutcome.INTERRUPTED:
+            if outcome is JobOutcome.INTERRUPTED and self._claims is not None:
+                # The redelivered message would name the attempt this one took over from,
+                # and the service would refuse it as superseded: the service queues a new
+                # job for the next attempt instead.
+                await publisher.publish(
+                    critical=True,
+                    released=worker_pb2.WorkerEvent.Released(reason="worker_shutdown"),
+                )
+                await msg.ack_sync()
+            elif outcome is JobOutcome.INTERRUPTED:
                 await msg.nak()
             else:
                 await msg.ack_sync()

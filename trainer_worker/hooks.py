@@ -20,6 +20,7 @@ from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,
+    EpochsRestored,
     EpochTrained,
     Evaluated,
     ProgressReported,
@@ -27,6 +28,8 @@ from trainer_worker.protocol import (
     encode,
 )
 
+# Where the per-epoch series travels inside an mmengine checkpoint.
+HISTORY_KEY = "raven_epochs"
 _CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 
 
@@ -78,8 +81,35 @@ class CancelHook(Hook):  # type: ignore[misc]
         self._check()
 
 
+class TrainingDiverged(Exception):
+    """Raised when a loss stops being a finite number: further training is noise."""
+
+
+class DivergenceHook(Hook):  # type: ignore[misc]
+    """Stops the run at the first iteration whose loss is NaN or infinite."""
+
+    priority = "HIGH"
+
+    def after_train_iter(
+        self, runner: Any, batch_idx: int, data_batch: Any = None, outputs: Any = None
+    ) -> None:
+        for key, value in (outputs or {}).items():
+            if not key.startswith("loss"):
+                continue
+            number = _number(value)
+            if number is not None and not math.isfinite(number):
+                raise TrainingDiverged(
+                    f"{key} is {number} at epoch {runner.epoch + 1}, iteration {runner.iter + 1}: "
+                    "lower the learning rate or check the dataset's boxes"
+                )
+
+
 class ProgressHook(Hook):  # type: ignore[misc]
-    """Reports progress (throttled), per-epoch mean losses and each validation's metrics."""
+    """Reports progress (throttled), per-epoch mean losses and each validation's metrics.
+
+    It also keeps the run's per-epoch series inside every checkpoint, so that an attempt
+    resuming from one reports the whole series and not only the epochs it trained.
+    """
 
     priority = "LOW"
 
@@ -91,11 +121,32 @@ class ProgressHook(Hook):  # type: ignore[misc]
         self._sums: dict[str, float] = {}
         self._count = 0
         self._last: ProgressReported | None = None
+        self._train_history: dict[int, dict[str, float]] = {}
+        self._val_history: dict[int, dict[str, float]] = {}
+
+    def before_save_checkpoint(self, runner: Any, checkpoint: dict[str, Any]) -> None:
+        checkpoint[HISTORY_KEY] = _series(self._train_history, self._val_history)
+
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict[str, Any]) -> None:
+        # A base model's checkpoint (load_from without resume) belongs to another run.
+        if not getattr(runner, "_resume", False):
+            return
+        restored = checkpoint.get(HISTORY_KEY) or []
+        for entry in restored:
+            epoch = int(entry["epoch"])
+            if entry.get("train"):
+                self._train_history[epoch] = _floats(entry["train"])
+            if entry.get("val"):
+                self._val_history[epoch] = _floats(entry["val"])
+        if restored:
+            self._writer.send(
+                EpochsRestored(epochs=_series(self._train_history, self._val_history))
+            )
 
     def before_train(self, runner: Any) -> None:
         self._started = time.monotonic()
         parameters = list(runner.model.parameters())
-        device = str(parameters[0].device) if parameters else "cpu"
+        device = _describe(parameters[0].device) if parameters else "cpu"
         self._writer.send(
             TrainingStarted(
                 max_epochs=runner.max_epochs,
@@ -138,11 +189,14 @@ class ProgressHook(Hook):  # type: ignore[misc]
             self._last_sent = time.monotonic()
         if self._count:
             means = {k: v / self._count for k, v in self._sums.items()}
+            self._train_history[runner.epoch + 1] = means
             self._writer.send(EpochTrained(epoch=runner.epoch + 1, losses=means))
 
     def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
         # After the train loop counted the epoch: runner.epoch is the finished epoch's number.
-        self._writer.send(Evaluated(epoch=runner.epoch, metrics=_floats(metrics or {})))
+        values = _floats(metrics or {})
+        self._val_history[runner.epoch] = values
+        self._writer.send(Evaluated(epoch=runner.epoch, metrics=values))
 
 
 class CheckpointReportHook(Hook):  # type: ignore[misc]
@@ -179,17 +233,44 @@ class PruneCheckpointsHook(Hook):  # type: ignore[misc]
                 path.unlink(missing_ok=True)
 
 
+def _describe(device: Any) -> str:
+    """ "cpu", or the CUDA device with its name and memory, as nvidia-smi would show them."""
+    if device.type != "cuda":
+        return str(device)
+    import torch
+
+    props = torch.cuda.get_device_properties(device)
+    count = torch.cuda.device_count()
+    return f"{device} ({props.name}, {props.total_memory / 2**30:.0f} GiB, {count} visible)"
+
+
+def _series(
+    train: Mapping[int, Mapping[str, float]], val: Mapping[int, Mapping[str, float]]
+) -> list[dict[str, Any]]:
+    return [
+        {"epoch": e, "train": dict(train.get(e, {})), "val": dict(val.get(e, {}))}
+        for e in sorted(set(train) | set(val))
+    ]
+
+
 def _floats(values: Mapping[str, Any]) -> dict[str, float]:
     """Finite numbers only: NaN and infinity cannot travel as JSON, and mean nothing."""
     out: dict[str, float] = {}
     for key, value in values.items():
-        try:
-            number = float(value)
-        except (TypeError, ValueError, RuntimeError):
-            continue
-        if math.isfinite(number):
+        number = _number(value)
+        if number is not None and math.isfinite(number):
             out[key] = number
     return out
+
+
+def _number(value: Any) -> float | None:
+    # The total loss still carries its graph: converting it directly makes torch warn.
+    if hasattr(value, "detach"):
+        value = value.detach()
+    try:
+        return float(value)
+    except (TypeError, ValueError, RuntimeError):
+        return None
 
 
 def _learning_rate(runner: Any) -> float | None:

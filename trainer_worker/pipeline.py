@@ -137,6 +137,22 @@ def plan_of(spec: training_run_pb2.TrainingSpec) -> TrainingPlan:
         ),
         image_size=spec.image_size if spec.HasField("image_size") else catalog.DEFAULT_IMAGE_SIZE,
         seed=spec.seed if spec.HasField("seed") else 0,
+        optimizer=(
+            training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer)
+            if spec.optimizer
+            else catalog.DEFAULT_OPTIMIZER
+        ),
+        warmup_iterations=(spec.warmup_iterations if spec.HasField("warmup_iterations") else None),
+        augment=spec.augment if spec.HasField("augment") else True,
+        val_interval=(
+            spec.val_interval if spec.HasField("val_interval") else catalog.DEFAULT_VAL_INTERVAL
+        ),
+        early_stopping_patience=(
+            spec.early_stopping_patience
+            if spec.HasField("early_stopping_patience")
+            else catalog.DEFAULT_EARLY_STOPPING_PATIENCE
+        ),
+        mixed_precision=spec.mixed_precision if spec.HasField("mixed_precision") else None,
     )
 
 

@@ -15,6 +15,8 @@ from typing import Any
 EVENT_FD_ENV = "RAVEN_EVENT_FD"
 # Exit status of a child that stopped on a cancel signal (SIGTERM/SIGUSR1).
 EXIT_CANCELLED = 3
+# Exit status of a child whose loss became NaN or infinite (after a LossDiverged event).
+EXIT_DIVERGED = 4
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -74,6 +76,24 @@ class TrainingStopped:
     kind: str = "stopped"
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EpochsRestored:
+    """The per-epoch series an earlier attempt stored in the checkpoint resumed from, so
+    that the run's series stays whole although this attempt trains only the rest."""
+
+    # [{"epoch": n, "train": {...}, "val": {...}}, ...]
+    epochs: list[dict[str, Any]] = field(default_factory=list)
+    kind: str = "restored"
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class LossDiverged:
+    """A loss became NaN or infinite; the child stops with EXIT_DIVERGED."""
+
+    message: str
+    kind: str = "diverged"
+
+
 ChildEvent = (
     TrainingStarted
     | ProgressReported
@@ -81,6 +101,8 @@ ChildEvent = (
     | Evaluated
     | CheckpointWritten
     | TrainingStopped
+    | EpochsRestored
+    | LossDiverged
 )
 
 _KINDS: dict[str, type[ChildEvent]] = {
@@ -90,6 +112,8 @@ _KINDS: dict[str, type[ChildEvent]] = {
     "evaluation": Evaluated,
     "checkpoint": CheckpointWritten,
     "stopped": TrainingStopped,
+    "restored": EpochsRestored,
+    "diverged": LossDiverged,
 }
 
 

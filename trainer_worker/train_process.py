@@ -3,7 +3,8 @@
 One process per run, so that a crash, an OOM kill or a hung CUDA call ends the
 run and not the worker. Events go to the file descriptor in `RAVEN_EVENT_FD`;
 mmengine's own logs go to stdout/stderr, which the parent sends to a file.
-SIGTERM or SIGUSR1 stops training at the next iteration (exit status 3).
+SIGTERM or SIGUSR1 stops training at the next iteration (exit status 3); a NaN
+or infinite loss ends it with exit status 4.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from trainer_worker.protocol import EVENT_FD_ENV, EXIT_CANCELLED, TrainingStopped
+from trainer_worker.protocol import (
+    EVENT_FD_ENV,
+    EXIT_CANCELLED,
+    EXIT_DIVERGED,
+    LossDiverged,
+    TrainingStopped,
+)
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,10 +37,12 @@ def main(argv: list[str]) -> int:
     from trainer_worker.hooks import (
         CancelHook,
         CheckpointReportHook,
+        DivergenceHook,
         EventWriter,
         ProgressHook,
         PruneCheckpointsHook,
         TrainingCancelled,
+        TrainingDiverged,
     )
 
     cancel = CancelHook()
@@ -54,8 +63,11 @@ def main(argv: list[str]) -> int:
             _without_weights(Path(cfg.load_from), reset, Path(cfg.work_dir) / "base_model.pth")
         )
 
+    _use_amp_on_cuda(cfg)
+
     runner = Runner.from_cfg(cfg)
     runner.register_hook(cancel)
+    runner.register_hook(DivergenceHook())
     runner.register_hook(ProgressHook(writer))
     runner.register_hook(CheckpointReportHook(writer))
     runner.register_hook(PruneCheckpointsHook())
@@ -64,7 +76,19 @@ def main(argv: list[str]) -> int:
     except TrainingCancelled:
         writer.send(TrainingStopped(epoch=runner.epoch + 1, iter=runner.iter))
         return EXIT_CANCELLED
+    except TrainingDiverged as error:
+        writer.send(LossDiverged(message=str(error)))
+        return EXIT_DIVERGED
     return 0
+
+
+def _use_amp_on_cuda(cfg: Any) -> None:
+    """Mixed precision on CUDA unless the run turned it off; CPU runs stay in float32."""
+    import torch
+
+    wanted = cfg.get("raven", {}).get("mixed_precision")
+    if wanted is not False and torch.cuda.is_available():
+        cfg.optim_wrapper.type = "AmpOptimWrapper"
 
 
 def _without_weights(source: Path, prefixes: tuple[str, ...], target: Path) -> Path:

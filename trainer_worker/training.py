@@ -27,9 +27,12 @@ from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_FD_ENV,
     EXIT_CANCELLED,
+    EXIT_DIVERGED,
     ChildEvent,
+    EpochsRestored,
     EpochTrained,
     Evaluated,
+    LossDiverged,
     ProtocolError,
     TrainingStarted,
     decode,
@@ -45,7 +48,7 @@ _LINE_LIMIT = 4 * 1024 * 1024
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArtifactFile:
-    kind: str  # "config" | "checkpoint" | "metrics" | "split"
+    kind: str  # "config" | "checkpoint" | "metrics" | "split" | "log"
     path: Path
     size_bytes: int
     sha256: str
@@ -92,6 +95,10 @@ class _Observed:
     parameter_count: int = 0
     train: dict[int, Mapping[str, float]] = field(default_factory=dict)
     val: dict[int, Mapping[str, float]] = field(default_factory=dict)
+    # Epochs an earlier attempt trained; this attempt's own records take precedence.
+    restored_train: dict[int, Mapping[str, float]] = field(default_factory=dict)
+    restored_val: dict[int, Mapping[str, float]] = field(default_factory=dict)
+    diverged: str = ""
 
     def record(self, event: ChildEvent) -> None:
         if isinstance(event, TrainingStarted):
@@ -100,6 +107,19 @@ class _Observed:
             self.train[event.epoch] = event.losses
         elif isinstance(event, Evaluated):
             self.val[event.epoch] = event.metrics
+        elif isinstance(event, EpochsRestored):
+            for entry in event.epochs:
+                epoch = int(entry["epoch"])
+                if entry.get("train"):
+                    self.restored_train[epoch] = entry["train"]
+                if entry.get("val"):
+                    self.restored_val[epoch] = entry["val"]
+        elif isinstance(event, LossDiverged):
+            self.diverged = event.message
+
+    def series(self) -> tuple[dict[int, Mapping[str, float]], dict[int, Mapping[str, float]]]:
+        """Train and val records of every epoch of the run, earlier attempts' included."""
+        return {**self.restored_train, **self.train}, {**self.restored_val, **self.val}
 
 
 async def run_training(
@@ -195,6 +215,11 @@ async def run_training(
     duration = time.monotonic() - started
     log.info("training ended", pid=process.pid, returncode=returncode, seconds=round(duration, 1))
 
+    if returncode == EXIT_DIVERGED:
+        return TrainingFailed(
+            reason="diverged",
+            message=f"{observed.diverged or 'the loss diverged'}; log tail:\n{_tail(log_path)}",
+        )
     if returncode == EXIT_CANCELLED or (stop is not None and stop.is_set() and returncode != 0):
         return TrainingCancelled()
     if returncode != 0:
@@ -209,6 +234,7 @@ async def run_training(
         config_path=config_path,
         artifact_dir=artifact_dir,
         split_path=split_path,
+        log_path=log_path,
         duration_s=duration,
     )
 
@@ -220,9 +246,12 @@ def _collect(
     config_path: Path,
     artifact_dir: Path,
     split_path: Path,
+    log_path: Path,
     duration_s: float,
 ) -> TrainingOutcome:
-    last_epoch = max(observed.train, default=0)
+    train, val = observed.series()
+    last_epoch = max(train, default=0)
+    # Chosen among this attempt's epochs: an earlier attempt's checkpoints stay with it.
     best = best_epoch(observed.val, last_epoch=last_epoch)
     checkpoint = work_dir / f"epoch_{best}.pth"
     if best is None or not checkpoint.is_file():
@@ -231,8 +260,8 @@ def _collect(
             message=f"training exited cleanly without a checkpoint for epoch {best} in {work_dir}",
         )
     epochs = tuple(
-        EpochRecord(epoch=e, train=observed.train.get(e, {}), val=observed.val.get(e, {}))
-        for e in sorted(set(observed.train) | set(observed.val))
+        EpochRecord(epoch=e, train=train.get(e, {}), val=val.get(e, {}))
+        for e in sorted(set(train) | set(val))
     )
     artifact_dir.mkdir(parents=True, exist_ok=True)
     # mmengine dumps the config it ran, `_base_` resolved: it loads without our files.
@@ -242,6 +271,7 @@ def _collect(
     for stale in work_dir.glob("epoch_*.pth"):
         stale.unlink(missing_ok=True)
     shutil.copyfile(split_path, artifact_dir / "split.json")
+    shutil.copyfile(log_path, artifact_dir / "train.log")
     (artifact_dir / "metrics.json").write_text(
         json.dumps(
             {
@@ -263,6 +293,7 @@ def _collect(
             ("checkpoint", "checkpoint.pth"),
             ("metrics", "metrics.json"),
             ("split", "split.json"),
+            ("log", "train.log"),
         )
     )
     return TrainingSucceeded(

@@ -342,8 +342,7 @@ class TrainingRun:
         self.best_evaluation = dict(best_evaluation) if best_evaluation else None
         self.failure = None
         if epoch_metrics:
-            # The worker's complete series (epoch means) supersedes the live one.
-            self.epoch_metrics = sorted(epoch_metrics, key=lambda e: int(e.get("epoch", 0)))
+            self.epoch_metrics = _merged_series(self.epoch_metrics, epoch_metrics)
         self.end_time = now
 
     def fail(self, *, reason: str, message: str, actor: str, now: datetime) -> None:
@@ -396,6 +395,25 @@ class TrainingRun:
             "worker_lost",
             f"{message}; queued for attempt {self.attempt + 1} of {max_attempts}",
             SYSTEM,
+            now,
+        )
+        self.attempt += 1
+        self.worker_id = None
+        self.heartbeat_time = None
+        self.progress = None
+
+    def release(self, *, actor: str, now: datetime) -> None:
+        """The worker stopped (shutdown) and gave the job back: queued for the next attempt
+        at once. Not a failure: it never uses up the run's attempts."""
+        if self.state is RunState.CANCELLING:
+            self.cancelled(actor=actor, now=now)
+            return
+        self._require_active("release the job")
+        self._transition(
+            RunState.QUEUED,
+            "worker_released",
+            f"worker {self.worker_id or '?'} stopped; queued for attempt {self.attempt + 1}",
+            actor,
             now,
         )
         self.attempt += 1
@@ -471,3 +489,19 @@ class TrainingRun:
         self.update_time = now
         if kind is not EventKind.PROGRESS:
             self.version += 1
+
+
+def _merged_series(live: list[dict[str, Any]], final: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The worker's series (epoch means) wins; the live one fills what it lacks: a resumed
+    attempt does not know the validation of the epoch it resumed from, which the earlier
+    attempt reported."""
+    merged = {int(e.get("epoch", 0)): dict(e) for e in live}
+    for entry in final:
+        epoch = int(entry.get("epoch", 0))
+        before = merged.get(epoch, {})
+        merged[epoch] = {
+            "epoch": epoch,
+            "train": entry.get("train") or before.get("train", {}),
+            "val": entry.get("val") or before.get("val", {}),
+        }
+    return [merged[e] for e in sorted(merged)]

@@ -408,6 +408,9 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
             return False
         if applied:
             uow.changed(run)
+            if report.kind == "released" and run.state is RunState.QUEUED:
+                base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
+                uow.publish(job_message(run, base, uow.subjects))
         await uow.commit()
         return applied
 
@@ -453,6 +456,8 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
             )
         case "cancelled":
             run.cancelled(actor=actor, now=now)
+        case "released":
+            run.release(actor=actor, now=now)
         case "checkpoint_saved":
             run.record_checkpoint(
                 payload.get("checkpoint", {}), epoch=int(payload.get("epoch", 0)), now=now

@@ -43,6 +43,12 @@ def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
         seed=opt("seed"),
         device=training_run_pb2.TrainingSpec.Device.Name(spec.device),
         gpu_count=opt("gpu_count"),
+        optimizer=training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer),
+        warmup_iterations=opt("warmup_iterations"),
+        augment=opt("augment"),
+        val_interval=opt("val_interval"),
+        early_stopping_patience=opt("early_stopping_patience"),
+        mixed_precision=opt("mixed_precision"),
     )
 
 

@@ -28,6 +28,12 @@ class SpecRequest:
     seed: int | None = None
     device: str = "AUTO"
     gpu_count: int | None = None
+    optimizer: str = "OPTIMIZER_UNSPECIFIED"
+    warmup_iterations: int | None = None
+    augment: bool | None = None
+    val_interval: int | None = None
+    early_stopping_patience: int | None = None
+    mixed_precision: bool | None = None
 
 
 def _within(
@@ -82,6 +88,21 @@ def validate_spec(
     _within(violations, f"{f}image_size", spec.image_size, catalog.IMAGE_SIZE)
     _within(violations, f"{f}val_fraction", spec.val_fraction, catalog.VAL_FRACTION)
     _within(violations, f"{f}gpu_count", spec.gpu_count, catalog.GPU_COUNT)
+    _within(violations, f"{f}warmup_iterations", spec.warmup_iterations, catalog.WARMUP_ITERATIONS)
+    _within(violations, f"{f}val_interval", spec.val_interval, catalog.VAL_INTERVAL)
+    _within(
+        violations,
+        f"{f}early_stopping_patience",
+        spec.early_stopping_patience,
+        catalog.EARLY_STOPPING_PATIENCE,
+    )
+    epochs = spec.epochs or catalog.DEFAULT_EPOCHS
+    if spec.val_interval is not None and spec.val_interval > epochs:
+        violations.add(
+            f"{f}val_interval", f"must be at most epochs ({epochs}), got {spec.val_interval}"
+        )
+    if spec.mixed_precision and spec.device == "CPU":
+        violations.add(f"{f}mixed_precision", "only applies on GPU")
     if spec.learning_rate is not None and not (
         math.isfinite(spec.learning_rate) and 0 < spec.learning_rate <= catalog.MAX_LEARNING_RATE
     ):
@@ -114,4 +135,16 @@ def validate_spec(
         "seed": random.randrange(2**31) if spec.seed is None else spec.seed,
         "device": spec.device if spec.device != "DEVICE_UNSPECIFIED" else "AUTO",
         "gpu_count": spec.gpu_count or 1,
+        "optimizer": spec.optimizer
+        if spec.optimizer in catalog.OPTIMIZERS
+        else catalog.DEFAULT_OPTIMIZER,
+        "augment": True if spec.augment is None else spec.augment,
+        "val_interval": spec.val_interval or catalog.DEFAULT_VAL_INTERVAL,
+        "early_stopping_patience": catalog.DEFAULT_EARLY_STOPPING_PATIENCE
+        if spec.early_stopping_patience is None
+        else spec.early_stopping_patience,
+        # Unset warm-up and mixed precision stay unset: they depend on the run's length and
+        # on the device the worker finds, which the service does not know.
+        **({} if spec.warmup_iterations is None else {"warmup_iterations": spec.warmup_iterations}),
+        **({} if spec.mixed_precision is None else {"mixed_precision": spec.mixed_precision}),
     }

@@ -18,6 +18,7 @@ from trainer_worker.dataset import PreparedDataset, prepare_dataset
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,
+    EpochsRestored,
     EpochTrained,
     Evaluated,
     ProgressReported,
@@ -56,6 +57,7 @@ async def train(
     base: BaseCheckpoint | None = None,
     resume_from: Path | None = None,
     stop: asyncio.Event | None = None,
+    overrides: str = "",
 ) -> tuple[TrainingOutcome, list[ChildEvent]]:
     generated = generate_config(
         plan=TrainingPlan(
@@ -79,7 +81,7 @@ async def train(
         resume_from=resume_from,
     )
     config = folder / "config.py"
-    config.write_text(generated.text)
+    config.write_text(generated.text + overrides)
     seen: list[ChildEvent] = []
 
     async def on_event(event: ChildEvent) -> None:
@@ -135,7 +137,8 @@ async def test_training_reports_and_produces_verified_artifacts(
     assert all("loss" in r.train for r in outcome.epochs)
 
     kinds = {a.kind: a for a in outcome.artifacts}
-    assert set(kinds) == {"config", "checkpoint", "metrics", "split"}
+    assert set(kinds) == {"config", "checkpoint", "metrics", "split", "log"}
+    assert "Epoch(train)" in kinds["log"].path.read_text()
     for artifact in outcome.artifacts:
         data = artifact.path.read_bytes()
         assert artifact.path.parent == folder / "model"
@@ -198,6 +201,25 @@ async def test_resume_continues_after_the_checkpoint_epoch(
     assert [e.epoch for e in written] == [root.best_epoch + 1]
     log = (tmp_path / "train.log").read_text()
     assert f"resumed epoch: {root.best_epoch}," in log
+    # The checkpoint carried the series of the epochs before it: the outcome has them all.
+    (restored,) = [e for e in seen if isinstance(e, EpochsRestored)]
+    assert [e["epoch"] for e in restored.epochs] == list(range(1, root.best_epoch + 1))
+    assert [r.epoch for r in outcome.epochs] == list(range(1, root.best_epoch + 2))
+    assert all("loss" in r.train for r in outcome.epochs)
+    assert outcome.epochs_trained == root.best_epoch + 1
+
+
+async def test_a_nan_loss_fails_the_run_as_diverged(tmp_path: Path) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+    # Merged into the generated config's model: the classification loss is weighted by NaN.
+    nan_loss = '\nmodel["bbox_head"]["loss_cls"] = dict(loss_weight=float("nan"))\n'
+
+    outcome, seen = await train(tmp_path, dataset, epochs=1, overrides=nan_loss)
+
+    assert isinstance(outcome, TrainingFailed), outcome
+    assert outcome.reason == "diverged"
+    assert "is nan at epoch 1, iteration 1" in outcome.message
+    assert not [e for e in seen if isinstance(e, EpochTrained)], "stopped at once"
 
 
 async def test_a_crashing_child_fails_with_the_log_tail(tmp_path: Path) -> None:

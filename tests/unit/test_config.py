@@ -186,3 +186,80 @@ def test_refuses_what_cannot_train(tmp_path: Path) -> None:
         generate_config(
             plan=plan(), dataset=files(tmp_path, ()), work_dir=tmp_path, configs_root=CONFIGS
         )
+
+
+@pytest.mark.parametrize(
+    ("epochs", "milestones"),
+    [(1, []), (3, []), (4, [3]), (7, [5, 6]), (12, [8, 11]), (24, [16, 22]), (100, [67, 92])],
+)
+def test_lr_milestones_scale_with_the_epoch_count(
+    tmp_path: Path, epochs: int, milestones: list[int]
+) -> None:
+    cfg = load(
+        tmp_path,
+        generate_config(
+            plan=plan(epochs=epochs),
+            dataset=files(tmp_path),
+            work_dir=tmp_path / "work",
+            configs_root=CONFIGS,
+        ).text,
+    )
+    steps = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
+    assert [list(s.milestones) for s in steps] == ([milestones] if milestones else [])
+    assert all(s.end == epochs for s in steps)
+
+
+def test_hyperparameters_reach_the_config(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        generate_config(
+            plan=plan(
+                optimizer="ADAMW",
+                warmup_iterations=0,
+                augment=False,
+                val_interval=3,
+                early_stopping_patience=2,
+                mixed_precision=False,
+            ),
+            dataset=files(tmp_path),
+            work_dir=tmp_path / "work",
+            configs_root=CONFIGS,
+        ).text,
+    )
+    assert cfg.optim_wrapper.optimizer.type == "AdamW"
+    assert cfg.optim_wrapper.optimizer.lr == 0.004
+    assert [s.type for s in cfg.param_scheduler] == ["MultiStepLR"], "no warm-up"
+    assert "RandomFlip" not in [s.type for s in cfg.train_dataloader.dataset.pipeline]
+    assert cfg.train_cfg.val_interval == 3
+    (stopper,) = cfg.custom_hooks
+    assert (stopper.type, stopper.monitor, stopper.rule, stopper.patience) == (
+        "EarlyStoppingHook",
+        "coco/bbox_mAP",
+        "greater",
+        2,
+    )
+    assert cfg.raven.mixed_precision is False
+
+
+def test_defaults_flip_warm_up_and_leave_precision_to_the_device(tmp_path: Path) -> None:
+    cfg = load(
+        tmp_path,
+        generate_config(
+            plan=plan(warmup_iterations=40),
+            dataset=files(tmp_path),
+            work_dir=tmp_path / "work",
+            configs_root=CONFIGS,
+        ).text,
+    )
+    assert cfg.optim_wrapper.optimizer.type == "SGD"
+    assert "RandomFlip" in [s.type for s in cfg.train_dataloader.dataset.pipeline]
+    assert cfg.param_scheduler[0].end == 40
+    assert "custom_hooks" not in cfg
+    assert cfg.raven.mixed_precision is None
+    with pytest.raises(ConfigError, match="val_interval"):
+        generate_config(
+            plan=plan(val_interval=8),
+            dataset=files(tmp_path),
+            work_dir=tmp_path / "work",
+            configs_root=CONFIGS,
+        )

@@ -71,3 +71,48 @@ def test_learning_rate_must_be_a_sane_positive_number(lr):
         SpecRequest(dataset_uri="a.json", architecture="retinanet_r18_fpn", learning_rate=lr)
     )
     assert "learning_rate" in problems
+
+
+def test_hyperparameter_defaults_are_recorded():
+    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    assert problems == {} and filled is not None
+    assert filled["optimizer"] == "SGD" and filled["augment"] is True
+    assert filled["val_interval"] == 1 and filled["early_stopping_patience"] == 0
+    # Depend on the run's length and the worker's device: left to the worker.
+    assert "warmup_iterations" not in filled and "mixed_precision" not in filled
+
+
+def test_hyperparameters_are_bounded():
+    _, problems = check(
+        SpecRequest(
+            dataset_uri="d/a.json",
+            architecture="retinanet_r18_fpn",
+            epochs=4,
+            warmup_iterations=-1,
+            val_interval=5,
+            early_stopping_patience=101,
+            mixed_precision=True,
+            device="CPU",
+        )
+    )
+    assert set(problems) == {
+        "warmup_iterations",
+        "val_interval",
+        "early_stopping_patience",
+        "mixed_precision",
+    }
+    filled, problems = check(
+        SpecRequest(
+            dataset_uri="d/a.json",
+            architecture="retinanet_r18_fpn",
+            optimizer="ADAMW",
+            augment=False,
+            warmup_iterations=0,
+        )
+    )
+    assert problems == {} and filled is not None
+    assert (filled["optimizer"], filled["augment"], filled["warmup_iterations"]) == (
+        "ADAMW",
+        False,
+        0,
+    )

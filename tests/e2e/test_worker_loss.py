@@ -1,0 +1,173 @@
+"""Losing a worker mid-run: killed with SIGKILL, or stopped with SIGTERM. Another
+`python -m trainer_worker` process resumes the run from the last checkpoint, so each
+epoch is trained once and the run ends with one TrainedModel (RetinaNet R18, 128 px,
+16 images, 3 epochs on CPU)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import nats
+import pytest
+
+from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
+from shared.settings import Settings
+from tests.support import eventually
+from trainer_worker.synthetic import make_dataset
+
+TrainingRun = training_run_pb2.TrainingRun
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
+
+# Short, so that the job of a killed worker comes back within seconds.
+ACK_WAIT_S = 6
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def dataset_uri(settings: Settings) -> str:
+    make_dataset(Path(settings.artifact_root) / "datasets" / "loss", images=16, size=128)
+    return "datasets/loss/annotations.json"
+
+
+@pytest.fixture
+async def start_worker(
+    settings: Settings, nc: nats.NATS, subjects, tmp_path: Path
+) -> AsyncIterator:
+    """Starts `python -m trainer_worker` processes; stops the survivors at the end."""
+    await nc.jetstream().purge_stream(subjects.jobs_stream)
+    started: list[tuple[asyncio.subprocess.Process, Path]] = []
+
+    async def start(worker_id: str) -> asyncio.subprocess.Process:
+        env = {
+            **os.environ,
+            "RAVEN_DATABASE_URL": settings.database_url,
+            "RAVEN_NATS_URL": settings.nats_url,
+            "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
+            "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
+            "RAVEN_JOB_ACK_WAIT_S": str(ACK_WAIT_S),
+            "RAVEN_WORKER_ID": worker_id,
+        }
+        log_path = tmp_path / f"{worker_id}.log"
+        with log_path.open("wb") as log:
+            process = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
+            )
+        started.append((process, log_path))
+        return process
+
+    yield start
+    for process, log_path in started:
+        if process.returncode is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(process.wait(), 30)
+            except TimeoutError:
+                process.kill()
+                await process.wait()
+        print(f"--- {log_path.name}\n{log_path.read_text()[-3000:]}")
+
+
+def request(name: str, dataset_uri: str) -> training_run_pb2.CreateTrainingRunRequest:
+    return training_run_pb2.CreateTrainingRunRequest(
+        training_run=TrainingRun(
+            display_name=name,
+            spec=training_run_pb2.TrainingSpec(
+                dataset_uri=dataset_uri,
+                architecture="retinanet_r18_fpn",
+                epochs=EPOCHS,
+                batch_size=4,
+                image_size=128,
+                seed=5,
+                device=training_run_pb2.TrainingSpec.CPU,
+            ),
+        ),
+    )
+
+
+def payloads(events, kind: str) -> list:
+    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
+
+
+async def events_until_evaluation(runs, name: str, epoch: int, events: list) -> None:
+    """Collects the run's events until `epoch` was validated (its checkpoint is recorded
+    before: the worker reports it ahead of the validation)."""
+    after = events[-1].sequence if events else 0
+    stream = runs.WatchTrainingRun(
+        training_run_pb2.WatchTrainingRunRequest(name=name, after_sequence=after)
+    )
+    async for event in stream:
+        events.append(event)
+        if event.WhichOneof("payload") == "evaluation" and event.evaluation.epoch == epoch:
+            stream.cancel()
+            return
+
+
+async def events_to_the_end(runs, name: str, events: list) -> None:
+    stream = runs.WatchTrainingRun(
+        training_run_pb2.WatchTrainingRunRequest(name=name, after_sequence=events[-1].sequence)
+    )
+    events += [event async for event in stream]
+
+
+async def test_a_run_survives_a_killed_and_a_stopped_worker(
+    runs, models, start_worker, dataset_uri
+):
+    first = await start_worker("killed-worker")
+    run = await runs.CreateTrainingRun(request("twice resumed", dataset_uri))
+    events: list = []
+    await asyncio.wait_for(events_until_evaluation(runs, run.name, 1, events), 120)
+
+    # SIGKILL: no goodbye; the job comes back after AckWait and the claim makes it
+    # attempt 2, resuming from epoch 1's checkpoint.
+    first.kill()
+    await first.wait()
+    second = await start_worker("stopped-worker")
+    await asyncio.wait_for(events_until_evaluation(runs, run.name, 2, events), 120)
+
+    # SIGTERM: the worker stops its training, gives the job back and exits; the service
+    # queues attempt 3 at once, without waiting for AckWait or a lost-worker timeout.
+    second.send_signal(signal.SIGTERM)
+    assert await asyncio.wait_for(second.wait(), 60) == 0, "a clean, bounded shutdown"
+    await start_worker("last-worker")
+    await asyncio.wait_for(events_to_the_end(runs, run.name, events), 180)
+
+    states = [s.to_state for s in payloads(events, "state_changed")]
+    assert states[-1] == TrainingRun.SUCCEEDED, states
+    assert [e.epoch for e in payloads(events, "evaluation")] == [1, 2, 3], (
+        "each epoch trained and validated once, across three attempts"
+    )
+    reasons = [s.reason for s in payloads(events, "state_changed")]
+    assert "worker_released" in reasons, reasons
+    notices = [n.code for n in payloads(events, "notice")]
+    assert notices.count("resumed") == 2 and "worker_stopping" in notices
+
+    finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
+    assert finished.attempt == 3
+    assert finished.facts.epochs_trained == EPOCHS
+    metrics = await runs.GetTrainingRunMetrics(
+        training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
+    )
+    assert [e.epoch for e in metrics.epochs] == [1, 2, 3]
+    assert all("loss" in e.train for e in metrics.epochs), "earlier attempts' means survive"
+
+    async def registered() -> list:
+        page = await models.ListTrainedModels(
+            trained_model_pb2.ListTrainedModelsRequest(training_run=run.name)
+        )
+        return list(page.trained_models)
+
+    (model,) = await eventually(registered, timeout=15)
+    log = next(a for a in model.artifacts if a.kind == "log")
+    assert log.size_bytes > 0 and len(log.sha256) == 64
+    text = await asyncio.to_thread(Path(log.uri.removeprefix("file://")).read_text)
+    # The last attempt's log: it trained epoch 3 only.
+    assert re.search(r"Epoch\(train\)\s*\[3\]", text), text[-2000:]
+    assert not re.search(r"Epoch\(train\)\s*\[[12]\]", text)
+    await asyncio.sleep(1)
+    assert len(await registered()) == 1, "exactly one TrainedModel"
