@@ -115,8 +115,8 @@ def progress(event: ProgressReported) -> training_run_pb2.Progress:
     return message
 
 
-def evaluation(event: Evaluated) -> common_pb2.Evaluation:
-    return _evaluation(event.metrics, epoch=event.epoch)
+def evaluation(event: Evaluated, *, image_count: int = 0) -> common_pb2.Evaluation:
+    return _evaluation(event.metrics, epoch=event.epoch, image_count=image_count)
 
 
 def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
@@ -152,8 +152,30 @@ def notice(code: str, message: str) -> training_run_pb2.TrainingRunEvent.Notice:
     return training_run_pb2.TrainingRunEvent.Notice(code=code, message=message)
 
 
-def _evaluation(metrics: Mapping[str, float], *, epoch: int) -> common_pb2.Evaluation:
-    return common_pb2.Evaluation(metrics=dict(metrics), epoch=epoch, split="val")
+# The IoU thresholds COCO's mAP averages over: 0.50 to 0.95 by 0.05.
+COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+_PER_CLASS = "_precision"
+
+
+def _evaluation(
+    metrics: Mapping[str, float], *, epoch: int, image_count: int = 0
+) -> common_pb2.Evaluation:
+    """mmdet's CocoMetric with classwise=True adds `coco/<class>_precision` (the class's
+    AP): those travel as per_class_ap, the rest as metrics."""
+    overall = {k: v for k, v in metrics.items() if not k.endswith(_PER_CLASS)}
+    per_class = {
+        k.removeprefix("coco/").removesuffix(_PER_CLASS): v
+        for k, v in metrics.items()
+        if k.endswith(_PER_CLASS)
+    }
+    return common_pb2.Evaluation(
+        metrics=overall,
+        epoch=epoch,
+        split="val",
+        per_class_ap=per_class,
+        iou_thresholds=COCO_IOU_THRESHOLDS if overall else (),
+        image_count=image_count,
+    )
 
 
 def _duration(seconds: float) -> Duration:

@@ -270,7 +270,9 @@ async def _train(
         elif isinstance(event, ProgressReported):
             await publisher.publish(progress=events.progress(event))
         elif isinstance(event, Evaluated):
-            await publisher.publish(evaluation=events.evaluation(event))
+            await publisher.publish(
+                evaluation=events.evaluation(event, image_count=prepared.val_image_count)
+            )
         elif isinstance(event, CheckpointWritten):
             path = Path(event.path)
             size, digest = await asyncio.to_thread(_size_and_digest, path)

@@ -53,3 +53,22 @@ def test_cancel_requests_are_state_changes_to_cancelling(to_state: int, expected
     )
     assert is_cancel_request(event.SerializeToString()) is expected
     assert not is_cancel_request(b"\xff\xff not a protobuf")
+
+
+def test_an_evaluation_separates_per_class_ap() -> None:
+    from trainer_worker.events import evaluation
+
+    message = evaluation(
+        Evaluated(
+            epoch=2,
+            metrics={"coco/bbox_mAP": 0.4, "coco/bbox_mAP_l": -1.0, "coco/tire_precision": 0.5},
+        ),
+        image_count=4,
+    )
+    assert dict(message.metrics) == {"coco/bbox_mAP": 0.4, "coco/bbox_mAP_l": -1.0}
+    assert dict(message.per_class_ap) == {"tire": 0.5}
+    assert len(message.iou_thresholds) == 10 and max(message.iou_thresholds) == 0.95
+    assert message.image_count == 4 and message.split == "val"
+    # No detections, no mAP: nothing claims thresholds for a score that does not exist.
+    empty = evaluation(Evaluated(epoch=1, metrics={}))
+    assert not empty.metrics and not empty.iou_thresholds
