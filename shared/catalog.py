@@ -37,6 +37,8 @@ DEFAULT_BATCH_SIZE = 2
 DEFAULT_FROZEN_STAGES = 1
 DEFAULT_IMAGE_SIZE = 512
 DEFAULT_VAL_FRACTION = 0.2
+# 0: no test split.
+DEFAULT_TEST_FRACTION = 0.0
 DEFAULT_OPTIMIZER = "SGD"
 DEFAULT_VAL_INTERVAL = 1
 # 0: training never stops early.
@@ -50,6 +52,10 @@ MAX_LEARNING_RATE = 1.0
 FROZEN_STAGES = (-1, 4)
 IMAGE_SIZE = (32, 4096)
 VAL_FRACTION = (0.05, 0.5)
+# A test fraction is 0 or within these bounds.
+TEST_FRACTION = (0.05, 0.5)
+# val_fraction + test_fraction: a fifth of the images at least stays for training.
+MAX_HELD_OUT_FRACTION = 0.8
 GPU_COUNT = (1, 8)
 WARMUP_ITERATIONS = (0, 10_000)
 VAL_INTERVAL = (1, 100)

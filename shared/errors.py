@@ -50,6 +50,10 @@ class PermissionDenied(DomainError):
     pass
 
 
+class Unavailable(DomainError):
+    """A dependency outside the system (object storage) cannot be reached: try again."""
+
+
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
     field: str
@@ -90,6 +94,7 @@ _CODES: dict[type[DomainError], code_pb2.Code.ValueType] = {
     FailedPrecondition: code_pb2.FAILED_PRECONDITION,
     Conflict: code_pb2.ABORTED,
     PermissionDenied: code_pb2.PERMISSION_DENIED,
+    Unavailable: code_pb2.UNAVAILABLE,
     InvalidArgument: code_pb2.INVALID_ARGUMENT,
 }
 

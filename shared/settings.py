@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlparse
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_DATA_DIR = Path(".data")
@@ -21,6 +22,14 @@ class Settings(BaseSettings):
     # (or test sessions) can share one NATS server.
     nats_namespace: str = "raven"
     artifact_root: Path = DEFAULT_DATA_DIR / "artifacts"
+    # Where workers put new checkpoints and models: empty for the artifact root, or
+    # s3://bucket/prefix. Recorded files are read wherever their URI points; the services
+    # delete only those under it (give them the workers' value).
+    artifact_store: str = ""
+    # S3-compatible servers (MinIO, moto); empty: AWS, or AWS_ENDPOINT_URL_S3. Credentials
+    # come from the standard AWS chain (AWS_ACCESS_KEY_ID..., ~/.aws, instance roles).
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
     log_level: str = "INFO"
@@ -33,8 +42,8 @@ class Settings(BaseSettings):
     # with worker_lost after max_attempts).
     worker_lost_timeout_s: float = Field(default=120.0, gt=0)
     max_attempts: int = Field(default=3, ge=1)
-    # Jobs one worker trains at once.
-    worker_concurrency: int = Field(default=1, ge=1)
+    # Jobs one worker trains at once; unset: one per GPU the worker sees, 1 without GPUs.
+    worker_concurrency: int | None = Field(default=None, ge=1)
     worker_id: str = ""
     # "auto", "cpu" or "cuda".
     worker_device: str = "auto"
@@ -79,6 +88,17 @@ class Settings(BaseSettings):
     nats_tls_cert_file: Path | None = None
     nats_tls_key_file: Path | None = None
     nats_creds_file: Path | None = None
+
+    @field_validator("artifact_store")
+    @classmethod
+    def _artifact_store_is_s3(cls, value: str) -> str:
+        parsed = urlparse(value)
+        if value and (parsed.scheme != "s3" or not parsed.netloc):
+            raise ValueError(
+                f"artifact_store {value!r}: leave it empty (the artifact root) "
+                "or name s3://bucket/prefix"
+            )
+        return value
 
     def resolved_artifact_root(self) -> Path:
         return self.artifact_root.expanduser().resolve()

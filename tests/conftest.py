@@ -5,6 +5,8 @@ session, and both gRPC services running in-process on free ports."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,8 +22,45 @@ from shared.messaging import Subjects, ensure_streams
 from shared.proto.raven.training.v1 import trained_model_pb2_grpc, training_run_pb2_grpc
 from shared.settings import Settings
 from tests import pki as test_pki
+from tests import s3 as test_s3
+from trainer_worker.devices import visible_gpus
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Skips `gpu` tests where CUDA has fewer devices than they need (`gpu(2)`: two)."""
+    needs = {item: _gpus_needed(item) for item in items if item.get_closest_marker("gpu")}
+    if not needs:
+        return
+    found = _cuda_devices()
+    for item, count in needs.items():
+        if found < count:
+            reason = f"needs {count} CUDA device{'s' if count > 1 else ''}, found {found}"
+            item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _gpus_needed(item: pytest.Item) -> int:
+    marker = item.get_closest_marker("gpu")
+    return int(marker.args[0]) if marker and marker.args else 1
+
+
+def _cuda_devices() -> int:
+    """CUDA devices torch sees, asked in a child so that this process stays torch-free;
+    without nvidia-smi's GPUs there is no need to ask."""
+    if not visible_gpus(os.environ):
+        return 0
+    try:
+        counted = subprocess.run(
+            [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        return int(counted.stdout.strip())
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return 0
 
 
 @pytest.fixture(scope="session")
@@ -34,6 +73,13 @@ def infrastructure(tmp_path_factory: pytest.TempPathFactory) -> Infrastructure:
 def pki(tmp_path_factory: pytest.TempPathFactory) -> test_pki.Pki:
     """The session's CA, server certificate, policy file and JWT keys (tests/pki.py)."""
     return test_pki.Pki(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture(scope="session")
+def s3() -> Iterator[test_s3.S3Server]:
+    """moto's S3 server on loopback (tests/s3.py); started only by the tests that use it."""
+    with test_s3.running_s3() as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

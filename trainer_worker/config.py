@@ -59,6 +59,8 @@ class DatasetFiles:
     val_path: Path
     classes: tuple[str, ...]
     train_image_count: int
+    # With a test split, the child evaluates it once with the best checkpoint after training.
+    test_path: Path | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -190,7 +192,6 @@ val_dataloader = dict(
         pipeline=test_pipeline,
     ),
 )
-test_dataloader = val_dataloader
 val_evaluator = dict(
     type="CocoMetric",
     ann_file={str(dataset.val_path)!r},
@@ -199,8 +200,7 @@ val_evaluator = dict(
     format_only=False,
     backend_args=None,
 )
-test_evaluator = val_evaluator
-
+{_test_split(dataset.test_path, plan.num_workers)}
 train_cfg = dict(
     type="EpochBasedTrainLoop", max_epochs={plan.epochs}, val_interval={plan.val_interval}
 )
@@ -226,7 +226,11 @@ load_from = {str(load_from) if load_from else None!r}
 resume = {resume_from is not None}
 
 # Read by trainer_worker.train_process, ignored by mmengine.
-raven = dict(reset_weights={reset_prefixes!r}, mixed_precision={plan.mixed_precision!r})
+raven = dict(
+    reset_weights={reset_prefixes!r},
+    mixed_precision={plan.mixed_precision!r},
+    test_after_training={dataset.test_path is not None},
+)
 """
     return GeneratedConfig(text=text, notices=tuple(notices))
 
@@ -284,6 +288,35 @@ def _early_stopping(plan: TrainingPlan) -> str:
         f"patience={plan.early_stopping_patience}),\n"
         "]\n"
     )
+
+
+def _test_split(test_path: Path | None, num_workers: int) -> str:
+    if test_path is None:
+        # The base config's test set is COCO's; the model's exported config points at val.
+        return "test_dataloader = val_dataloader\ntest_evaluator = val_evaluator\n"
+    return f"""\
+test_dataloader = dict(
+    batch_size=1,
+    num_workers={num_workers},
+    # Read once: workers that outlive the pass would only hold memory.
+    persistent_workers=False,
+    dataset=dict(
+        data_root="",
+        ann_file={str(test_path)!r},
+        data_prefix=dict(img=""),
+        metainfo=metainfo,
+        pipeline=test_pipeline,
+    ),
+)
+test_evaluator = dict(
+    type="CocoMetric",
+    ann_file={str(test_path)!r},
+    metric="bbox",
+    classwise=True,
+    format_only=False,
+    backend_args=None,
+)
+"""
 
 
 def _backbone(arch: MMDetArchitecture) -> str:

@@ -3,6 +3,10 @@
 Every problem a person can fix in their data becomes a `DatasetError` whose
 message says what is wrong, where, and how many times; the worker reports it
 as the run's failure and does not retry the job.
+
+A dataset defines its own splits when its images carry a `"split"` key
+("train", "val" or "test"): all of them or none. Without one, the worker splits
+the images by the run's seed, val_fraction and test_fraction (docs/datasets.md).
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import math
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
@@ -21,6 +25,9 @@ from urllib.parse import unquote, urlparse
 # Boxes may overshoot the image by rounding in annotation tools.
 _EDGE_TOLERANCE_PX = 1.0
 _EXAMPLES = 3
+# The key of a COCO `images[]` entry that names the split the image belongs to.
+SPLIT_KEY = "split"
+SPLITS = ("train", "val", "test")
 
 
 class DatasetError(Exception):
@@ -48,6 +55,8 @@ class PreparedDataset:
     image_root: Path
     train_path: Path
     val_path: Path
+    # None when the dataset has no test split.
+    test_path: Path | None
     split_path: Path
     # Ordered by COCO category id: label i of the model is classes[i].
     classes: tuple[str, ...]
@@ -56,12 +65,25 @@ class PreparedDataset:
     instances_per_class: Mapping[str, int]
     train_image_count: int
     val_image_count: int
+    test_image_count: int
     split_seed: int
+    # "seed": split by the worker; "dataset": the images' own `split` keys.
+    split_source: str
     fingerprint: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Split:
+    """Image ids of each split, sorted."""
+
+    train: list[int]
+    val: list[int]
+    test: list[int] = field(default_factory=list)
+
+
 def resolve_location(uri: str, *, artifact_root: Path) -> Path:
-    """`file:///abs`, `/abs` or a path relative to the artifact root, as an absolute path."""
+    """`file:///abs`, `/abs` or a path relative to the artifact root, as an absolute path.
+    s3:// locations are downloaded first (trainer_worker/remote.py), never resolved here."""
     if not uri:
         raise _unreadable("the training spec names no dataset (dataset_uri is empty)")
     parsed = urlparse(uri)
@@ -71,7 +93,7 @@ def resolve_location(uri: str, *, artifact_root: Path) -> Path:
         return Path(unquote(parsed.path))
     if parsed.scheme and len(parsed.scheme) > 1:
         raise _unreadable(
-            f"{uri!r}: this worker reads datasets from local files only "
+            f"{uri!r}: this worker reads datasets from s3:// URIs and local files "
             f"(file:///..., an absolute path, or a path under {artifact_root})"
         )
     path = Path(uri)
@@ -85,12 +107,19 @@ def prepare_dataset(
     out_dir: Path,
     val_fraction: float,
     seed: int,
+    test_fraction: float = 0.0,
 ) -> PreparedDataset:
-    """Validates a COCO annotation file and writes train.json, val.json and split.json
-    into `out_dir`. Images are resolved against `image_root` (default: the annotation
-    file's folder)."""
+    """Validates a COCO annotation file and writes train.json, val.json, test.json (when
+    there is a test split) and split.json into `out_dir`. Images are resolved against
+    `image_root` (default: the annotation file's folder). The fractions and the seed
+    apply only to a dataset that does not define its splits."""
     if not 0.0 < val_fraction < 1.0:
         raise _invalid(f"val_fraction must be between 0 and 1, got {val_fraction}")
+    if not 0.0 <= test_fraction < 1.0 - val_fraction:
+        raise _invalid(
+            f"test_fraction must be 0 or more and leave images to train on "
+            f"(val_fraction {val_fraction}), got {test_fraction}"
+        )
     raw = _read(annotation_path)
     document = _parse(raw, annotation_path)
     root = image_root if image_root is not None else annotation_path.parent
@@ -100,6 +129,7 @@ def prepare_dataset(
     image_sizes = _image_files(images, root)
     annotations = document["annotations"]
     per_image_classes, instances = _validated_annotations(annotations, images, categories)
+    declared = _declared_splits(document["images"])
 
     empty = [categories[cid] for cid in sorted(categories) if instances[cid] == 0]
     if empty:
@@ -107,16 +137,19 @@ def prepare_dataset(
             f"{len(empty)} categories have no annotations ({_sample(empty)}): a model cannot "
             "learn a class it never sees; annotate them or remove them from `categories`"
         )
-    if len(images) < 2:
-        raise _invalid(
-            f"{len(images)} image(s): at least 2 are needed (one to train on, one to validate)"
+    if declared is None:
+        split = _seeded_split(
+            per_image_classes,
+            image_ids=sorted(images),
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+            seed=seed,
         )
+    else:
+        split = _dataset_split(declared, per_image_classes, categories)
 
     fingerprint = _fingerprint(raw, image_sizes)
     del raw
-    train_ids, val_ids = stratified_split(
-        per_image_classes, image_ids=sorted(images), val_fraction=val_fraction, seed=seed
-    )
 
     ordered_ids = sorted(categories)
     classes = tuple(categories[cid] for cid in ordered_ids)
@@ -132,28 +165,34 @@ def prepare_dataset(
     ]
     train_path = out_dir / "train.json"
     val_path = out_dir / "val.json"
-    _write_subset(train_path, document, set(train_ids), new_categories)
-    _write_subset(val_path, document, set(val_ids), new_categories)
+    test_path = out_dir / "test.json" if split.test else None
+    _write_subset(train_path, document, set(split.train), new_categories)
+    _write_subset(val_path, document, set(split.val), new_categories)
+    if test_path is not None:
+        _write_subset(test_path, document, set(split.test), new_categories)
+    source = "seed" if declared is None else "dataset"
+    membership: dict[str, Any] = {"source": source}
+    if declared is None:
+        membership.update(seed=seed, val_fraction=val_fraction, test_fraction=test_fraction)
+    membership.update(train=split.train, val=split.val, test=split.test)
     split_path = out_dir / "split.json"
-    split_path.write_text(
-        json.dumps(
-            {"seed": seed, "val_fraction": val_fraction, "train": train_ids, "val": val_ids},
-            indent=None,
-        )
-    )
+    split_path.write_text(json.dumps(membership, indent=None))
     return PreparedDataset(
         annotation_path=annotation_path,
         image_root=root,
         train_path=train_path,
         val_path=val_path,
+        test_path=test_path,
         split_path=split_path,
         classes=classes,
         image_count=len(images),
         annotation_count=len(annotations),
         instances_per_class={categories[cid]: instances[cid] for cid in ordered_ids},
-        train_image_count=len(train_ids),
-        val_image_count=len(val_ids),
+        train_image_count=len(split.train),
+        val_image_count=len(split.val),
+        test_image_count=len(split.test),
         split_seed=seed,
+        split_source=source,
         fingerprint=fingerprint,
     )
 
@@ -164,55 +203,154 @@ def stratified_split(
     image_ids: Sequence[int],
     val_fraction: float,
     seed: int,
-) -> tuple[list[int], list[int]]:
-    """Deterministic train/val split of `image_ids` (sorted) for a seed.
+    test_fraction: float = 0.0,
+) -> Split:
+    """Deterministic train/val(/test) split of `image_ids` (sorted) for a seed.
 
-    Every class keeps at least one image in train. Rare classes are placed first so
-    that they reach val too when they have images to spare; images without
-    annotations are split by the same fraction.
+    Every class keeps at least one image in train. Val is held out first, then test
+    from the rest, each by its fraction of all the images: a split without test is the
+    same as before test splits existed. Rare classes are placed first so that they
+    reach val (then test) when they have images to spare; images without annotations
+    are split by the same fractions.
     """
     rng = random.Random(seed)
     order = list(image_ids)
     rng.shuffle(order)
-    n_val = min(len(order) - 1, max(1, round(len(order) * val_fraction)))
+    # With a test split, val leaves at least one image for it.
+    reserve = 1 if test_fraction > 0 else 0
+    n_val = min(len(order) - 1 - reserve, max(1, round(len(order) * val_fraction)))
+    val = _hold_out(order, classes_by_image, count=n_val, fraction=val_fraction)
+    test: set[int] = set()
+    if test_fraction > 0:
+        rest = [i for i in order if i not in val]
+        n_test = min(len(rest) - 1, max(1, round(len(order) * test_fraction)))
+        # Targets relative to what val left, so that each split gets its share of a class.
+        test = _hold_out(
+            rest, classes_by_image, count=n_test, fraction=test_fraction / (1 - val_fraction)
+        )
+    train = sorted(i for i in order if i not in val and i not in test)
+    return Split(train=train, val=sorted(val), test=sorted(test))
 
+
+def _hold_out(
+    order: Sequence[int],
+    classes_by_image: Mapping[int, frozenset[int]],
+    *,
+    count: int,
+    fraction: float,
+) -> set[int]:
+    """Up to `count` images of `order` (shuffled) to hold out, leaving each class at least
+    one image among the rest."""
     images_with: Counter[int] = Counter()
     for image_id in order:
         images_with.update(classes_by_image.get(image_id, ()))
-    in_val: set[int] = set()
-    val_with: Counter[int] = Counter()
+    held: set[int] = set()
+    held_with: Counter[int] = Counter()
 
     def keeps_train_covered(image_id: int) -> bool:
-        return all(val_with[c] + 1 < images_with[c] for c in classes_by_image.get(image_id, ()))
+        return all(held_with[c] + 1 < images_with[c] for c in classes_by_image.get(image_id, ()))
 
     def move(image_id: int) -> None:
-        in_val.add(image_id)
-        val_with.update(classes_by_image.get(image_id, ()))
+        held.add(image_id)
+        held_with.update(classes_by_image.get(image_id, ()))
 
     for cls in sorted(images_with, key=lambda c: (images_with[c], c)):
-        target = min(images_with[cls] - 1, math.ceil(images_with[cls] * val_fraction))
+        target = min(images_with[cls] - 1, math.ceil(images_with[cls] * fraction))
         for image_id in order:
-            if len(in_val) >= n_val or val_with[cls] >= target:
+            if len(held) >= count or held_with[cls] >= target:
                 break
             if (
-                image_id not in in_val
+                image_id not in held
                 and cls in classes_by_image.get(image_id, ())
                 and keeps_train_covered(image_id)
             ):
                 move(image_id)
 
     negatives = [i for i in order if not classes_by_image.get(i)]
-    for image_id in negatives[: round(len(negatives) * val_fraction)]:
-        if len(in_val) < n_val:
+    for image_id in negatives[: round(len(negatives) * fraction)]:
+        if len(held) < count:
             move(image_id)
     for image_id in order:
-        if len(in_val) >= n_val:
+        if len(held) >= count:
             break
-        if image_id not in in_val and keeps_train_covered(image_id):
+        if image_id not in held and keeps_train_covered(image_id):
             move(image_id)
+    return held
 
-    train = sorted(i for i in order if i not in in_val)
-    return train, sorted(in_val)
+
+def _seeded_split(
+    classes_by_image: Mapping[int, frozenset[int]],
+    *,
+    image_ids: Sequence[int],
+    val_fraction: float,
+    test_fraction: float,
+    seed: int,
+) -> Split:
+    needed = 3 if test_fraction > 0 else 2
+    if len(image_ids) < needed:
+        purpose = "one to train on, one to validate" + (", one to test" if needed == 3 else "")
+        raise _invalid(f"{len(image_ids)} image(s): at least {needed} are needed ({purpose})")
+    split = stratified_split(
+        classes_by_image,
+        image_ids=image_ids,
+        val_fraction=val_fraction,
+        test_fraction=test_fraction,
+        seed=seed,
+    )
+    wanted = {"val": split.val, "test": split.test} if test_fraction > 0 else {"val": split.val}
+    empty = [name for name, ids in wanted.items() if not ids]
+    if empty:
+        raise _invalid(
+            f"no image can be held out for {' or '.join(empty)} without taking the last "
+            f"image of a class out of train ({len(image_ids)} images): add images of the "
+            "rarest classes"
+        )
+    return split
+
+
+def _declared_splits(raw: list[Any]) -> dict[int, str] | None:
+    """The split each image names by its `split` key; None when no image names one.
+    Called after the images were validated (dicts with unique integer ids)."""
+    named = {image["id"]: image[SPLIT_KEY] for image in raw if SPLIT_KEY in image}
+    if not named:
+        return None
+    allowed = ", ".join(repr(s) for s in SPLITS)
+    _check(
+        [image["id"] for image in raw if SPLIT_KEY not in image],
+        f"images have no `{SPLIT_KEY}` key while others have one",
+        f": give every image a `{SPLIT_KEY}` ({allowed}), or none to split by the run's seed",
+    )
+    _check(
+        [f"{image_id}: {value!r}" for image_id, value in named.items() if value not in SPLITS],
+        f"images name an unknown `{SPLIT_KEY}`",
+        f" (it is one of {allowed})",
+    )
+    return named
+
+
+def _dataset_split(
+    declared: Mapping[int, str],
+    classes_by_image: Mapping[int, frozenset[int]],
+    categories: Mapping[int, str],
+) -> Split:
+    by_split: dict[str, list[int]] = {name: [] for name in SPLITS}
+    for image_id in sorted(declared):
+        by_split[declared[image_id]].append(image_id)
+    split = Split(train=by_split["train"], val=by_split["val"], test=by_split["test"])
+    empty = [name for name in ("train", "val") if not by_split[name]]
+    if empty:
+        raise _invalid(
+            f"the dataset's `{SPLIT_KEY}` keys put no image in {' and '.join(empty)}: "
+            f'at least one image needs "{SPLIT_KEY}": "train" and one "{SPLIT_KEY}": "val"'
+        )
+    in_train = {c for image_id in split.train for c in classes_by_image.get(image_id, ())}
+    _check(
+        [categories[c] for c in sorted(categories) if c not in in_train],
+        "classes have no annotated image in the dataset's train split",
+        f': a model cannot learn a class it never sees; set "{SPLIT_KEY}": "train" on an '
+        f"image of each, or remove the `{SPLIT_KEY}` keys to split by the run's seed",
+    )
+    return split
 
 
 def _read(path: Path) -> bytes:

@@ -93,8 +93,9 @@ def dataset_summary(prepared: PreparedDataset) -> common_pb2.DatasetSummary:
         instances_per_class=dict(prepared.instances_per_class),
         train_image_count=prepared.train_image_count,
         val_image_count=prepared.val_image_count,
-        test_image_count=0,
+        test_image_count=prepared.test_image_count,
         split_seed=prepared.split_seed,
+        split_source=prepared.split_source,
     )
 
 
@@ -116,11 +117,16 @@ def progress(event: ProgressReported) -> training_run_pb2.Progress:
 
 
 def evaluation(event: Evaluated, *, image_count: int = 0) -> common_pb2.Evaluation:
-    return _evaluation(event.metrics, epoch=event.epoch, image_count=image_count)
+    return _evaluation(
+        event.metrics,
+        epoch=event.epoch,
+        split=event.split,
+        image_count=image_count or event.image_count,
+    )
 
 
 def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
-    return worker_pb2.WorkerEvent.Succeeded(
+    message = worker_pb2.WorkerEvent.Succeeded(
         artifacts=[
             common_pb2.Artifact(
                 kind=a.kind, uri=a.path.as_uri(), size_bytes=a.size_bytes, sha256=a.sha256
@@ -142,6 +148,9 @@ def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
             for r in outcome.epochs
         ],
     )
+    if outcome.test_evaluation is not None:
+        message.test_evaluation.CopyFrom(evaluation(outcome.test_evaluation))
+    return message
 
 
 def failure(reason: str, message: str) -> training_run_pb2.Failure:
@@ -158,7 +167,7 @@ _PER_CLASS = "_precision"
 
 
 def _evaluation(
-    metrics: Mapping[str, float], *, epoch: int, image_count: int = 0
+    metrics: Mapping[str, float], *, epoch: int, split: str = "val", image_count: int = 0
 ) -> common_pb2.Evaluation:
     """mmdet's CocoMetric with classwise=True adds `coco/<class>_precision` (the class's
     AP): those travel as per_class_ap, the rest as metrics."""
@@ -171,7 +180,7 @@ def _evaluation(
     return common_pb2.Evaluation(
         metrics=overall,
         epoch=epoch,
-        split="val",
+        split=split,
         per_class_ap=per_class,
         iou_thresholds=COCO_IOU_THRESHOLDS if overall else (),
         image_count=image_count,

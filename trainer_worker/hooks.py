@@ -1,4 +1,5 @@
-"""mmengine hooks of the training child: progress reporting, cancellation, checkpoint pruning.
+"""mmengine hooks of the training child: progress reporting, cancellation, checkpoint
+pruning, and the test split's evaluation with the best checkpoint after training.
 
 Imported only inside the child process (it imports mmengine and torch).
 """
@@ -78,6 +79,9 @@ class CancelHook(Hook):  # type: ignore[misc]
         self._check()
 
     def before_val_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
+        self._check()
+
+    def before_test_iter(self, runner: Any, batch_idx: int, data_batch: Any = None) -> None:
         self._check()
 
 
@@ -231,6 +235,37 @@ class PruneCheckpointsHook(Hook):  # type: ignore[misc]
             match = _CHECKPOINT.match(path.name)
             if match and int(match.group(1)) not in keep:
                 path.unlink(missing_ok=True)
+
+    def best(self, runner: Any) -> int | None:
+        """The epoch whose checkpoint the run keeps: chosen among this attempt's validations,
+        as the parent chooses it (trainer_worker.training)."""
+        return best_epoch(self._evaluations, last_epoch=runner.epoch)
+
+
+def evaluate_test_split(runner: Any, *, epoch: int, writer: EventWriter) -> bool:
+    """Evaluates the test split once with the weights of `epoch`'s checkpoint and reports
+    it as a "test" evaluation. False when that checkpoint is not on disk (the parent then
+    fails the run as incomplete)."""
+    from mmengine.model import is_model_wrapper
+    from mmengine.runner import load_checkpoint
+
+    checkpoint = Path(runner.work_dir) / f"epoch_{epoch}.pth"
+    if not checkpoint.is_file():
+        return False
+    model = runner.model.module if is_model_wrapper(runner.model) else runner.model
+    # Weights only, and through no hook: ProgressHook must not take this load for a resume.
+    # `runner.test()` loads nothing more: `train()` already ran its load_or_resume.
+    load_checkpoint(model, str(checkpoint), map_location="cpu", logger=runner.logger)
+    metrics = runner.test()
+    writer.send(
+        Evaluated(
+            epoch=epoch,
+            metrics=_floats(metrics or {}),
+            split="test",
+            image_count=len(runner.test_dataloader.dataset),
+        )
+    )
+    return True
 
 
 def _describe(device: Any) -> str:

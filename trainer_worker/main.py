@@ -12,8 +12,10 @@ import structlog
 
 from shared.messaging import NatsSecurity, Subjects, connect, ensure_streams
 from shared.settings import Settings
+from shared.storage import Storage
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
+from trainer_worker.devices import GpuPool, visible_gpus, worker_concurrency
 from trainer_worker.pipeline import WorkerEnvironment
 
 log = structlog.get_logger(__name__)
@@ -46,6 +48,10 @@ async def main(settings: Settings | None = None) -> None:
     configure_logging(settings)
     worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
     subjects = Subjects(namespace=settings.nats_namespace)
+    gpus: tuple[str, ...] = ()
+    if settings.worker_device != "cpu":
+        gpus = await asyncio.to_thread(visible_gpus, os.environ)
+    concurrency = worker_concurrency(settings.worker_concurrency, len(gpus))
     shutdown = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -63,17 +69,26 @@ async def main(settings: Settings | None = None) -> None:
             js=js,
             subjects=subjects,
             environment=WorkerEnvironment(
-                artifact_root=settings.resolved_artifact_root(), device=settings.worker_device
+                artifact_root=settings.resolved_artifact_root(),
+                device=settings.worker_device,
+                gpus=GpuPool(gpus),
+                storage=Storage.from_settings(settings),
             ),
             options=ConsumerOptions(
                 worker_id=worker_id,
-                concurrency=settings.worker_concurrency,
+                concurrency=concurrency,
                 ack_wait_s=settings.job_ack_wait_s,
                 max_deliver=settings.job_max_deliver,
             ),
             claims=ClaimClient(nc=nc, subjects=subjects),
         )
-        log.info("trainer worker ready", worker=worker_id, namespace=subjects.namespace)
+        log.info(
+            "trainer worker ready",
+            worker=worker_id,
+            namespace=subjects.namespace,
+            gpus=len(gpus),
+            concurrency=concurrency,
+        )
         await consumer.run(shutdown)
     finally:
         await nc.drain()

@@ -19,7 +19,8 @@ import structlog
 
 from shared import catalog
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
-from trainer_worker import events
+from shared.storage import Storage, StorageError
+from trainer_worker import events, remote
 from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
 from trainer_worker.config import (
     BaseCheckpoint,
@@ -29,6 +30,7 @@ from trainer_worker.config import (
     generate_config,
 )
 from trainer_worker.dataset import DatasetError, PreparedDataset, prepare_dataset, resolve_location
+from trainer_worker.devices import CUDA_VISIBLE_DEVICES, GpuPool, per_device_batch
 from trainer_worker.events import EventPublisher
 from trainer_worker.protocol import (
     CheckpointWritten,
@@ -95,6 +97,14 @@ class WorkerEnvironment:
     # "auto", "cpu" or "cuda": what this worker may use, whatever a spec asks.
     device: str = "auto"
     dataloader_workers: int = 0
+    # The GPUs its jobs lease; none known (no nvidia-smi): a child uses what torch finds.
+    gpus: GpuPool = field(default_factory=GpuPool)
+    # Where new checkpoints and models go, and how recorded URIs are read; None: the
+    # artifact root (s3:// URIs are still read, with the default AWS configuration).
+    storage: Storage | None = None
+
+    def store(self) -> Storage:
+        return self.storage or Storage(artifact_root=self.artifact_root)
 
 
 def run_id_of(job: worker_pb2.TrainingJob) -> str:
@@ -186,7 +196,17 @@ async def execute_job(
         )
         return JobOutcome.FAILED
     if isinstance(outcome, TrainingSucceeded):
-        await publisher.publish(critical=True, succeeded=events.succeeded(outcome))
+        succeeded = events.succeeded(outcome)
+        try:
+            await _store_results(succeeded, run_id, job.attempt, environment)
+        except StorageError as error:
+            message = f"the trained model could not be stored: {error}"
+            log.warning("job failed", run=run_id, reason="artifact_upload_failed", message=message)
+            await publisher.publish(
+                critical=True, failed=events.failure("artifact_upload_failed", message)
+            )
+            return JobOutcome.FAILED
+        await publisher.publish(critical=True, succeeded=succeeded)
         return JobOutcome.SUCCEEDED
     if isinstance(outcome, TrainingFailed):
         await publisher.publish(
@@ -221,12 +241,27 @@ async def _train(
 
     prepared = await asyncio.to_thread(_prepare, spec, folder / "dataset", environment)
     await publisher.publish(dataset_prepared=events.dataset_summary(prepared))
+    if prepared.split_source == "dataset":
+        await publisher.publish(
+            notice=events.notice(
+                "dataset_splits",
+                f"the dataset defines its splits ({prepared.train_image_count} train, "
+                f"{prepared.val_image_count} val, {prepared.test_image_count} test): "
+                "val_fraction and test_fraction do not apply",
+            )
+        )
     if control.stop.is_set():
         return TrainingCancelled()
 
-    base = await _verified_base(job, environment) if job.HasField("base_model") else None
+    inputs = folder / "inputs"
+    base = await _verified_base(job, environment, inputs) if job.HasField("base_model") else None
     resume_from = (
-        await _verified_file(resume.checkpoint, what="the checkpoint to resume from")
+        await _verified_file(
+            resume.checkpoint,
+            what="the checkpoint to resume from",
+            environment=environment,
+            inputs=inputs,
+        )
         if resume is not None
         else None
     )
@@ -242,6 +277,7 @@ async def _train(
                 val_path=prepared.val_path,
                 classes=prepared.classes,
                 train_image_count=prepared.train_image_count,
+                test_path=prepared.test_path,
             ),
             work_dir=folder / "work",
             configs_root=configs_root,
@@ -260,9 +296,25 @@ async def _train(
         )
     for item in generated.notices:
         await publisher.publish(notice=events.notice(item.code, item.message))
-    env, device_notice = _device_env(spec, environment)
+    wanted, device_notice = gpus_wanted(spec, environment)
     if device_notice:
         await publisher.publish(notice=events.notice("device", device_notice))
+    if wanted and plan.batch_size % wanted:
+        per_gpu = per_device_batch(plan.batch_size, wanted)
+        await publisher.publish(
+            notice=events.notice(
+                "batch_size",
+                f"batch size {plan.batch_size} over {wanted} GPUs: {per_gpu} per GPU, "
+                f"{per_gpu * wanted} per iteration",
+            )
+        )
+    if wanted and environment.gpus.would_wait(wanted):
+        await publisher.publish(
+            notice=events.notice("waiting_for_gpus", f"waiting for {wanted} GPUs of this worker")
+        )
+    leased = await environment.gpus.acquire(wanted or 0, unless=control.stop)
+    if leased is None:
+        return TrainingCancelled()
 
     async def relay(event: ChildEvent) -> None:
         if isinstance(event, TrainingStarted):
@@ -270,40 +322,61 @@ async def _train(
         elif isinstance(event, ProgressReported):
             await publisher.publish(progress=events.progress(event))
         elif isinstance(event, Evaluated):
-            await publisher.publish(
-                evaluation=events.evaluation(event, image_count=prepared.val_image_count)
-            )
+            count = prepared.test_image_count if event.split == "test" else prepared.val_image_count
+            await publisher.publish(evaluation=events.evaluation(event, image_count=count))
         elif isinstance(event, CheckpointWritten):
-            path = Path(event.path)
-            size, digest = await asyncio.to_thread(_size_and_digest, path)
+            checkpoint = await _stored_checkpoint(
+                Path(event.path), f"runs/{run_id}/attempt-{job.attempt}/", environment
+            )
+            if checkpoint is None:
+                await publisher.publish(
+                    notice=events.notice(
+                        "checkpoint_not_stored",
+                        f"the checkpoint of epoch {event.epoch} could not be stored: "
+                        "a resumed attempt starts from an earlier one",
+                    )
+                )
+                return
             await publisher.publish(
                 checkpoint_saved=worker_pb2.WorkerEvent.CheckpointSaved(
-                    epoch=event.epoch,
-                    iteration=event.iter,
-                    checkpoint=common_pb2.Artifact(
-                        kind="checkpoint", uri=path.as_uri(), size_bytes=size, sha256=digest
-                    ),
+                    epoch=event.epoch, iteration=event.iter, checkpoint=checkpoint
                 )
             )
 
-    return await run_training(
-        config_path=config_path,
-        work_dir=folder / "work",
-        artifact_dir=model_dir(environment.artifact_root, run_id),
-        split_path=prepared.split_path,
-        log_path=folder / "train.log",
-        on_event=relay,
-        stop=control.stop,
-        env=env,
-    )
+    try:
+        return await run_training(
+            config_path=config_path,
+            work_dir=folder / "work",
+            artifact_dir=model_dir(environment.artifact_root, run_id),
+            split_path=prepared.split_path,
+            log_path=folder / "train.log",
+            on_event=relay,
+            stop=control.stop,
+            env=device_env(leased, cpu=wanted is None),
+            processes=max(1, len(leased)),
+        )
+    finally:
+        environment.gpus.release(leased)
 
 
 def _prepare(
     spec: training_run_pb2.TrainingSpec, out_dir: Path, environment: WorkerEnvironment
 ) -> PreparedDataset:
     root = environment.artifact_root
-    annotation_path = resolve_location(spec.dataset_uri, artifact_root=root)
-    image_root = resolve_location(spec.image_root, artifact_root=root) if spec.image_root else None
+    if remote.is_remote(spec.dataset_uri) or remote.is_remote(spec.image_root):
+        fetched = remote.fetch_dataset(
+            dataset_uri=spec.dataset_uri,
+            image_root=spec.image_root,
+            folder=out_dir / "source",
+            storage=environment.store(),
+            artifact_root=root,
+        )
+        annotation_path, image_root = fetched.annotation_path, fetched.image_root
+    else:
+        annotation_path = resolve_location(spec.dataset_uri, artifact_root=root)
+        image_root = (
+            resolve_location(spec.image_root, artifact_root=root) if spec.image_root else None
+        )
     val_fraction = (
         spec.val_fraction if spec.HasField("val_fraction") else catalog.DEFAULT_VAL_FRACTION
     )
@@ -312,27 +385,45 @@ def _prepare(
         image_root=image_root,
         out_dir=out_dir,
         val_fraction=val_fraction,
+        test_fraction=spec.test_fraction if spec.HasField("test_fraction") else 0.0,
         seed=spec.seed if spec.HasField("seed") else 0,
     )
 
 
 async def _verified_base(
-    job: worker_pb2.TrainingJob, environment: WorkerEnvironment
+    job: worker_pb2.TrainingJob, environment: WorkerEnvironment, inputs: Path
 ) -> BaseCheckpoint:
     base = job.base_model
-    path = await _verified_file(base.checkpoint, what=f"base model {base.name}")
+    path = await _verified_file(
+        base.checkpoint, what=f"base model {base.name}", environment=environment, inputs=inputs
+    )
     return BaseCheckpoint(path=path, architecture=base.architecture, classes=tuple(base.classes))
 
 
-async def _verified_file(artifact: common_pb2.Artifact, *, what: str) -> Path:
-    """The artifact's local path, only if its bytes are the ones the system recorded:
-    the child unpickles checkpoints."""
+async def _verified_file(
+    artifact: common_pb2.Artifact, *, what: str, environment: WorkerEnvironment, inputs: Path
+) -> Path:
+    """The artifact's local path (an object in storage is downloaded into `inputs`), only
+    if its bytes are the ones the system recorded: the child unpickles checkpoints."""
     uri = artifact.uri
     parsed = urlparse(uri)
+    if remote.is_remote(uri):
+        try:
+            return await asyncio.to_thread(
+                remote.fetch_verified,
+                environment.store(),
+                uri,
+                sha256=artifact.sha256,
+                folder=inputs,
+            )
+        except remote.CorruptObject as error:
+            raise _Failed("checkpoint_corrupt", f"{what}: {error}") from None
+        except StorageError as error:
+            raise _Failed("checkpoint_unavailable", f"{what}: {error}") from None
     if parsed.scheme != "file":
         raise _Failed(
             "checkpoint_unavailable",
-            f"{what}: this worker reads checkpoints from file:// URIs, got {uri!r}",
+            f"{what}: this worker reads checkpoints from file:// and s3:// URIs, got {uri!r}",
         )
     path = Path(unquote(parsed.path))
     digest = await asyncio.to_thread(_digest_if_present, path)
@@ -346,16 +437,31 @@ async def _verified_file(artifact: common_pb2.Artifact, *, what: str) -> Path:
     return path
 
 
-def _device_env(
+def gpus_wanted(
     spec: training_run_pb2.TrainingSpec, environment: WorkerEnvironment
-) -> tuple[dict[str, str], str]:
-    """Environment that pins the child's device, and a notice when the spec is not met."""
+) -> tuple[int | None, str]:
+    """How many of the worker's GPUs the run trains on (None: on CPU; 0: on whatever device
+    the child finds), and a notice when the spec is not met.
+
+    A run asking for more GPUs than the worker has trains on all it has, with the same
+    total batch: a smaller worker is slower, not a failure.
+    """
     if environment.device == "cpu" or spec.device == Device.CPU:
-        note = "this worker trains on CPU only" if spec.device == Device.GPU else ""
-        return {"CUDA_VISIBLE_DEVICES": ""}, note
-    if spec.HasField("gpu_count") and spec.gpu_count > 1:
-        return {}, f"{spec.gpu_count} GPUs requested: this worker trains on one device"
-    return {}, ""
+        return None, "this worker trains on CPU only" if spec.device == Device.GPU else ""
+    asked = spec.gpu_count if spec.HasField("gpu_count") and spec.gpu_count > 1 else 1
+    have = len(environment.gpus.devices)
+    if have == 0:
+        return 0, f"{asked} GPUs requested: this worker trains on one device" if asked > 1 else ""
+    if asked > have:
+        return have, f"{asked} GPUs requested, this worker has {have}: it trains on {have}"
+    return asked, ""
+
+
+def device_env(leased: tuple[str, ...], *, cpu: bool) -> dict[str, str]:
+    """Environment that pins the child to its leased GPUs, or to the CPU."""
+    if cpu:
+        return {CUDA_VISIBLE_DEVICES: ""}
+    return {CUDA_VISIBLE_DEVICES: ",".join(leased)} if leased else {}
 
 
 def _fresh_dir(folder: Path) -> None:
@@ -369,3 +475,53 @@ def _digest_if_present(path: Path) -> str | None:
 
 def _size_and_digest(path: Path) -> tuple[int, str]:
     return path.stat().st_size, sha256_file(path)
+
+
+async def _stored_checkpoint(
+    path: Path, key_prefix: str, environment: WorkerEnvironment
+) -> common_pb2.Artifact | None:
+    """The checkpoint as the system records it: the local file, or its copy in object
+    storage; None when the upload failed (training goes on without it)."""
+    storage = environment.store()
+    if not storage.remote:
+        size, digest = await asyncio.to_thread(_size_and_digest, path)
+        return common_pb2.Artifact(
+            kind="checkpoint", uri=path.as_uri(), size_bytes=size, sha256=digest
+        )
+    try:
+        stored = await asyncio.to_thread(storage.put_artifact, path, key_prefix + path.name)
+    except StorageError as error:
+        log.warning("checkpoint not stored", path=str(path), error=str(error))
+        return None
+    return common_pb2.Artifact(
+        kind="checkpoint", uri=stored.uri, size_bytes=stored.size_bytes, sha256=stored.sha256
+    )
+
+
+async def _store_results(
+    succeeded: worker_pb2.WorkerEvent.Succeeded,
+    run_id: str,
+    attempt: int,
+    environment: WorkerEnvironment,
+) -> None:
+    """With object storage for artifacts: uploads the model's files and points the event's
+    artifacts at them, then drops the local copies and this attempt's stored checkpoints
+    (as a local run drops its stale epoch files)."""
+    storage = environment.store()
+    if not storage.remote:
+        return
+    for artifact in succeeded.artifacts:
+        path = Path(unquote(urlparse(artifact.uri).path))
+        stored = await asyncio.to_thread(storage.put_artifact, path, f"models/{run_id}/{path.name}")
+        artifact.uri = stored.uri
+        artifact.size_bytes = stored.size_bytes
+        artifact.sha256 = stored.sha256
+    await asyncio.to_thread(
+        shutil.rmtree, model_dir(environment.artifact_root, run_id), ignore_errors=True
+    )
+    try:
+        await asyncio.to_thread(
+            storage.delete_prefix, storage.artifact_uri(f"runs/{run_id}/attempt-{attempt}/")
+        )
+    except StorageError as error:
+        log.warning("stale checkpoints not deleted", run=run_id, error=str(error))

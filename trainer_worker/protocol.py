@@ -1,8 +1,8 @@
 """What the training child process tells its parent: one JSON object per line.
 
-The child writes to the file descriptor named by `RAVEN_EVENT_FD`; the parent
-decodes each line into one of these events. Torch-free on purpose: the parent
-never imports the training stack.
+The child (rank 0 of a distributed run) writes to the FIFO named by
+`RAVEN_EVENT_PATH`; the parent decodes each line into one of these events.
+Torch-free on purpose: the parent never imports the training stack.
 """
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-EVENT_FD_ENV = "RAVEN_EVENT_FD"
+EVENT_PATH_ENV = "RAVEN_EVENT_PATH"
 # Exit status of a child that stopped on a cancel signal (SIGTERM/SIGUSR1).
 EXIT_CANCELLED = 3
 # Exit status of a child whose loss became NaN or infinite (after a LossDiverged event).
 EXIT_DIVERGED = 4
+
+
+def weights_file(epoch: int) -> str:
+    """The file in the work dir where the child, after training, puts the weights (and
+    meta) of `epoch`'s checkpoint without its optimizer state: what the model keeps."""
+    return f"epoch_{epoch}.weights.pth"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -51,9 +57,14 @@ class EpochTrained:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evaluated:
+    # For "val", the epoch just trained; for "test", the best epoch, whose checkpoint was
+    # evaluated once after training.
     epoch: int
     # Empty when the model detected nothing yet: no mAP is a value, not an error.
     metrics: Mapping[str, float] = field(default_factory=dict)
+    split: str = "val"  # "val" | "test"
+    # Images evaluated; 0 when not counted.
+    image_count: int = 0
     kind: str = "evaluation"
 
 

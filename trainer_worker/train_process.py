@@ -1,10 +1,15 @@
 """The training child process: `python -m trainer_worker.train_process <config.py>`.
 
 One process per run, so that a crash, an OOM kill or a hung CUDA call ends the
-run and not the worker. Events go to the file descriptor in `RAVEN_EVENT_FD`;
-mmengine's own logs go to stdout/stderr, which the parent sends to a file.
+run and not the worker; a run over several GPUs has one per GPU, started by torch's
+distributed launcher (trainer_worker.distributed). Events go to the FIFO in
+`RAVEN_EVENT_PATH`; mmengine's own logs go to stdout/stderr, which the parent sends
+to a file.
 SIGTERM or SIGUSR1 stops training at the next iteration (exit status 3); a NaN
-or infinite loss ends it with exit status 4.
+or infinite loss ends it with exit status 4. When the config has a test split
+(`raven.test_after_training`), the child evaluates it once with the best
+epoch's checkpoint after training, in the same process: the model and the
+training stack are already loaded.
 """
 
 from __future__ import annotations
@@ -16,12 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer_worker.distributed import is_rank_zero, open_event_channel, use_launcher
 from trainer_worker.protocol import (
-    EVENT_FD_ENV,
     EXIT_CANCELLED,
     EXIT_DIVERGED,
     LossDiverged,
     TrainingStopped,
+    weights_file,
 )
 
 _PR_SET_PDEATHSIG = 1
@@ -43,13 +49,13 @@ def main(argv: list[str]) -> int:
         PruneCheckpointsHook,
         TrainingCancelled,
         TrainingDiverged,
+        evaluate_test_split,
     )
 
     cancel = CancelHook()
     for signum in (signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, lambda *_: cancel.request())
-    fd = os.environ.get(EVENT_FD_ENV)
-    writer = EventWriter(int(fd) if fd else None)
+    writer = EventWriter(open_event_channel())
 
     from mmdet.utils import register_all_modules
     from mmengine.config import Config
@@ -64,15 +70,26 @@ def main(argv: list[str]) -> int:
         )
 
     _use_amp_on_cuda(cfg)
+    use_launcher(cfg)
 
     runner = Runner.from_cfg(cfg)
     runner.register_hook(cancel)
     runner.register_hook(DivergenceHook())
     runner.register_hook(ProgressHook(writer))
     runner.register_hook(CheckpointReportHook(writer))
-    runner.register_hook(PruneCheckpointsHook())
+    prune = PruneCheckpointsHook()
+    runner.register_hook(prune)
     try:
         runner.train()
+        best = prune.best(runner)
+        if cfg.get("raven", {}).get("test_after_training") and best is not None:
+            evaluate_test_split(runner, epoch=best, writer=writer)
+        if best is not None and is_rank_zero():
+            # What the model keeps: weights and meta, no weight dropped. Optimizer state
+            # serves resuming, which the epoch checkpoints are for.
+            checkpoint = Path(cfg.work_dir) / f"epoch_{best}.pth"
+            if checkpoint.is_file():
+                _without_weights(checkpoint, (), checkpoint.with_name(weights_file(best)))
     except TrainingCancelled:
         writer.send(TrainingStopped(epoch=runner.epoch + 1, iter=runner.iter))
         return EXIT_CANCELLED
@@ -92,15 +109,19 @@ def _use_amp_on_cuda(cfg: Any) -> None:
 
 
 def _without_weights(source: Path, prefixes: tuple[str, ...], target: Path) -> Path:
-    """A copy of a checkpoint without the class-dependent weights, so that they start fresh
-    even when the class count happens to match."""
+    """A copy of a checkpoint with its weights and meta only, less those whose names start
+    with `prefixes`: class-dependent weights start fresh even when the class count
+    happens to match."""
     import torch
 
     checkpoint: Any = torch.load(source, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)
     kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
     target.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": kept, "meta": checkpoint.get("meta", {})}, target)
+    # Every rank of a distributed run writes it: each whole, then renamed into place.
+    partial = target.with_name(f"{target.name}.{os.getpid()}")
+    torch.save({"state_dict": kept, "meta": checkpoint.get("meta", {})}, partial)
+    os.replace(partial, target)
     return target
 
 

@@ -110,6 +110,7 @@ def run_details(run: training_run_pb2.TrainingRun) -> Table:
         ("progress", progress_text(run.progress)),
         ("latest eval", _evaluation(run, "latest_evaluation")),
         ("best eval", _evaluation(run, "best_evaluation")),
+        ("test eval", _evaluation(run, "test_evaluation")),
         ("failure", failure),
         ("attempt", str(run.attempt) if run.attempt > 1 else ""),
         ("creator", run.creator),
@@ -177,6 +178,7 @@ def dataset_text(dataset: common_pb2.DatasetSummary) -> str:
         f"dataset: {dataset.image_count} images, {dataset.annotation_count} boxes, "
         f"classes {', '.join(dataset.classes)}; split {dataset.train_image_count} train / "
         f"{dataset.val_image_count} val / {dataset.test_image_count} test"
+        + (" (the dataset's own)" if dataset.split_source == "dataset" else "")
     )
 
 
@@ -201,12 +203,21 @@ def model_details(model: trained_model_pb2.TrainedModel) -> Table:
         ("training run", model.training_run),
         ("base model", model.base_model),
         ("dataset", model.dataset_uri),
-        ("evaluation", metrics_text(model.evaluation) if model.HasField("evaluation") else ""),
+        ("evaluation", _model_evaluation(model, "evaluation")),
+        ("val evaluation", _model_evaluation(model, "val_evaluation")
+         if model.evaluation.split == "test" else ""),
         ("training", trained),
         ("published", publication),
         ("created", timestamp(model.create_time)),
         ("artifacts", _artifacts(list(model.artifacts))),
     ])  # fmt: skip
+
+
+def _model_evaluation(model: trained_model_pb2.TrainedModel, field: str) -> str:
+    if not model.HasField(field):
+        return ""
+    evaluation: common_pb2.Evaluation = getattr(model, field)
+    return f"{evaluation.split or 'val'}, epoch {evaluation.epoch}: {metrics_text(evaluation)}"
 
 
 def models_table(models: list[trained_model_pb2.TrainedModel]) -> Table:

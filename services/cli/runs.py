@@ -53,6 +53,7 @@ def create_request(
     frozen_stages: int | None = None,
     image_size: int | None = None,
     val_fraction: float | None = None,
+    test_fraction: float | None = None,
     seed: int | None = None,
     request_id: str | None = None,
 ) -> training_run_pb2.CreateTrainingRunRequest:
@@ -66,6 +67,7 @@ def create_request(
         frozen_stages=frozen_stages,
         image_size=image_size,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         seed=seed,
     )
     run = training_run_pb2.TrainingRun(
@@ -106,6 +108,10 @@ def create(
     frozen_stages: Annotated[int | None, typer.Option(min=-1, max=4)] = None,
     image_size: Annotated[int | None, typer.Option(min=1)] = None,
     val_fraction: Annotated[float | None, typer.Option(min=0.0, max=1.0)] = None,
+    test_fraction: Annotated[
+        float | None,
+        typer.Option(min=0.0, max=1.0, help="Held out for one test evaluation; 0: none."),
+    ] = None,
     seed: Annotated[int | None, typer.Option()] = None,
     request_id: Annotated[
         str | None, typer.Option(help="UUID; repeating it returns the original run.")
@@ -126,6 +132,7 @@ def create(
         frozen_stages=frozen_stages,
         image_size=image_size,
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         seed=seed,
         request_id=request_id,
     )

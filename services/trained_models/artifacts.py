@@ -1,14 +1,13 @@
-"""The model files in the artifact store: where they are, whether they are intact,
-reading them in chunks, and the child process that checks an uploaded model.
+"""The model files in the artifact store (the artifact root or object storage): whether
+they are intact, reading them in chunks, and the child process that checks an uploaded model.
 
-File reads and hashing run in threads: a checkpoint is hundreds of megabytes and
-the event loop serves every other call meanwhile.
+Reads and hashing run in threads: a checkpoint is hundreds of megabytes and the event
+loop serves every other call meanwhile.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
 import json
 import shutil
@@ -20,6 +19,7 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 from shared.errors import FailedPrecondition
+from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
 
 CHUNK_BYTES = 1024 * 1024
 # Kinds a model cannot be used without.
@@ -48,18 +48,22 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _check(artifact: Mapping[str, Any], root: Path) -> str | None:
-    """What is wrong with one artifact's file, or None."""
+def _check(artifact: Mapping[str, Any], storage: Storage) -> str | None:
+    """What is wrong with one artifact's object, or None."""
     kind, uri = artifact.get("kind", "?"), artifact.get("uri", "")
-    path = resolve(uri, root)
-    if path is None:
+    try:
+        store = storage.store_for(uri)
+        size = store.size(uri)
+        if size is None:
+            return f"{kind} artifact {uri} is missing"
+        if size != int(artifact.get("size_bytes", -1)):
+            recorded = artifact.get("size_bytes")
+            return f"{kind} artifact {uri} has {size} bytes, {recorded} were recorded"
+        digest = sha256_of(store, uri).sha256
+    except UnsupportedUri:
         return f"{kind} artifact {uri} is not in the artifact store"
-    if not path.is_file():
-        return f"{kind} artifact {uri} is missing"
-    size = path.stat().st_size
-    if size != int(artifact.get("size_bytes", -1)):
-        return f"{kind} artifact {uri} has {size} bytes, {artifact.get('size_bytes')} were recorded"
-    digest = sha256_file(path)
+    except StorageError as error:
+        return f"{kind} artifact cannot be checked: {error}"
     if digest != str(artifact.get("sha256", "")).lower():
         return (
             f"{kind} artifact {uri} has sha256 {digest}, "
@@ -68,44 +72,31 @@ def _check(artifact: Mapping[str, Any], root: Path) -> str | None:
     return None
 
 
-async def verify_all(artifacts: Sequence[Mapping[str, Any]], root: Path) -> None:
+async def verify_all(artifacts: Sequence[Mapping[str, Any]], storage: Storage) -> None:
     """Re-reads every artifact; FailedPrecondition naming each one that is missing or changed."""
     kinds = {a.get("kind") for a in artifacts}
     problems = [f"no {kind} artifact" for kind in REQUIRED_KINDS if kind not in kinds]
-    results = await asyncio.gather(*(asyncio.to_thread(_check, a, root) for a in artifacts))
+    results = await asyncio.gather(*(asyncio.to_thread(_check, a, storage) for a in artifacts))
     problems += [p for p in results if p]
     if problems:
         raise FailedPrecondition("; ".join(problems))
 
 
-async def read_chunks(path: Path, *, offset_limit: int) -> AsyncIterator[bytes]:
-    """The first `offset_limit` bytes of the file, CHUNK_BYTES at a time."""
-    file = await asyncio.to_thread(path.open, "rb")
+async def read_chunks(storage: Storage, uri: str, *, offset_limit: int) -> AsyncIterator[bytes]:
+    """The first `offset_limit` bytes of the object, CHUNK_BYTES at a time; each read
+    runs in a thread."""
+    chunks = storage.chunks(uri, limit=offset_limit)
     try:
-        left = offset_limit
-        while left > 0:
-            chunk = await asyncio.to_thread(file.read, min(CHUNK_BYTES, left))
-            if not chunk:
-                return
-            left -= len(chunk)
+        while chunk := await asyncio.to_thread(next, chunks, b""):
             yield chunk
     finally:
-        await asyncio.to_thread(file.close)
+        await asyncio.to_thread(chunks.close)
 
 
-def remove(artifacts: Sequence[Mapping[str, Any]], root: Path) -> None:
-    """Deletes the files (and their folders once empty) of a model whose row is gone."""
-    folders = set()
-    for artifact in artifacts:
-        path = resolve(artifact.get("uri", ""), root)
-        if path is None:
-            continue
-        path.unlink(missing_ok=True)
-        folders.add(path.parent)
-    for folder in folders:
-        if folder != root:
-            with contextlib.suppress(OSError):
-                folder.rmdir()
+def remove(artifacts: Sequence[Mapping[str, Any]], storage: Storage) -> None:
+    """Deletes the objects (and the local folders they leave empty) of a model whose row
+    is gone; URIs outside the artifact store are left alone."""
+    storage.delete([str(a.get("uri", "")) for a in artifacts if a.get("uri")])
 
 
 def remove_tree(path: Path) -> None:

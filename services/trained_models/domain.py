@@ -35,7 +35,11 @@ class TrainedModel:
     base_model_id: uuid.UUID | None = None
     dataset_uri: str = ""
     dataset_fingerprint: str = ""
+    # What the model is judged by: the test split's evaluation when its run had one, else
+    # the best epoch's validation.
     evaluation: dict[str, Any] | None = None
+    # The best epoch's validation, which chose the checkpoint.
+    val_evaluation: dict[str, Any] | None = None
     facts: dict[str, Any] | None = None
     published: bool = False
     channel: str | None = None

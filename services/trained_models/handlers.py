@@ -8,7 +8,6 @@ import uuid
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -18,8 +17,9 @@ from services.trained_models.domain import Lineage, TrainedModel
 from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
-from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
+from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Violations
 from shared.pagination import Cursor
+from shared.storage import Storage, StorageError, UnsupportedUri
 
 log = structlog.get_logger(__name__)
 
@@ -163,7 +163,7 @@ async def update_model(
 
 
 async def delete_model(
-    uow: UnitOfWork, model_id: uuid.UUID, *, etag: str, actor: str, artifact_root: Path
+    uow: UnitOfWork, model_id: uuid.UUID, *, etag: str, actor: str, storage: Storage
 ) -> None:
     """Deletes the row, then (after the commit) the files: a crash in between leaves
     files without a row, never a row pointing at missing files."""
@@ -191,29 +191,40 @@ async def delete_model(
         uow.publish(lifecycle_message("deleted", model, uow.subjects))
         await uow.commit()
     log.info("trained model deleted", model_id=str(model_id))
-    await remove_deleted_files(uow, artifact_root, model_id=model_id)
+    await remove_deleted_files(uow, storage, model_id=model_id)
 
 
 async def remove_deleted_files(
-    uow: UnitOfWork, artifact_root: Path, *, model_id: uuid.UUID | None = None
+    uow: UnitOfWork, storage: Storage, *, model_id: uuid.UUID | None = None
 ) -> int:
     """Removes the files of deleted models (one, or all still pending); returns how many
-    models' files went. Safe to run from several processes: each row is taken by one."""
+    models' files went. Safe to run from several processes: each row is taken by one.
+    Files that cannot be removed now (storage unreachable) stay pending for the next sweep."""
     removed = 0
     while True:
+        failed = False
         async with uow:
             pending = await uow.models.deletions_with_files(model_id=model_id)
             for deleted_id, files in pending:
-                await asyncio.to_thread(artifacts.remove, files, artifact_root)
+                try:
+                    await asyncio.to_thread(artifacts.remove, files, storage)
+                except StorageError as error:
+                    log.warning(
+                        "files of a deleted model not removed yet",
+                        model_id=str(deleted_id),
+                        error=str(error),
+                    )
+                    failed = True
+                    continue
                 await uow.models.files_removed(deleted_id)
+                removed += 1
             await uow.commit()
-        removed += len(pending)
-        if model_id is not None or not pending:
+        if model_id is not None or not pending or failed:
             return removed
 
 
 async def download(
-    uow: UnitOfWork, model_id: uuid.UUID, *, kind: str, artifact_root: Path
+    uow: UnitOfWork, model_id: uuid.UUID, *, kind: str, storage: Storage
 ) -> AsyncIterator[dict[str, Any] | bytes]:
     """The artifact's record, then its bytes. The bytes are hashed on the way: a file
     that changed since it was recorded ends the stream with an error, not silently."""
@@ -221,19 +232,28 @@ async def download(
     artifact = model.artifact(kind)
     if artifact is None:
         raise FailedPrecondition(f"trained model {model_id} has no {kind} artifact")
-    path = artifacts.resolve(artifact.get("uri", ""), artifact_root)
-    if path is None or not path.is_file():
+    uri = str(artifact.get("uri", ""))
+    try:
+        found = await asyncio.to_thread(storage.size, uri)
+    except UnsupportedUri:
+        found = None
+    except StorageError as error:
+        raise Unavailable(f"the {kind} file of trained model {model_id}: {error}") from None
+    if found is None:
         raise FailedPrecondition(f"the {kind} file of trained model {model_id} is missing")
     size = int(artifact.get("size_bytes", 0))
-    if path.stat().st_size != size:
+    if found != size:
         raise FailedPrecondition(
             f"the {kind} file of trained model {model_id} no longer has its recorded size"
         )
     yield artifact
     digest = hashlib.sha256()
-    async for chunk in artifacts.read_chunks(path, offset_limit=size):
-        digest.update(chunk)
-        yield chunk
+    try:
+        async for chunk in artifacts.read_chunks(storage, uri, offset_limit=size):
+            digest.update(chunk)
+            yield chunk
+    except StorageError as error:
+        raise Unavailable(f"the {kind} file of trained model {model_id}: {error}") from None
     if digest.hexdigest() != str(artifact.get("sha256", "")).lower():
         raise FailedPrecondition(
             f"the {kind} file of trained model {model_id} no longer has its recorded sha256"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Coroutine
-from pathlib import Path
 from typing import Any
 
 import structlog
@@ -21,6 +20,7 @@ from shared.consumer import consume
 from shared.grpc_server import Server
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
 from shared.runtime import ServiceApp, run_service
+from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -45,11 +45,12 @@ class TrainedModelsApp(ServiceApp):
             return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
 
         root = self.settings.resolved_artifact_root()
+        storage = Storage.from_settings(self.settings)
         servicer = TrainedModelServicer(
             uow_factory=uow_factory,
-            artifact_root=root,
+            storage=storage,
             publish_policy=Policy(
-                artifact_root=root,
+                storage=storage,
                 default_channel=self.settings.default_publish_channel,
                 min_bbox_map=self.settings.publish_min_bbox_map,
             ),
@@ -61,7 +62,7 @@ class TrainedModelsApp(ServiceApp):
         )
         trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(servicer, server.server)
         return [
-            self._sweep(uow_factory(), root),
+            self._sweep(uow_factory(), storage),
             consume(
                 js,
                 stream=self.subjects.events_stream,
@@ -71,9 +72,9 @@ class TrainedModelsApp(ServiceApp):
             ),
         ]
 
-    async def _sweep(self, uow: UnitOfWork, root: Path) -> None:
+    async def _sweep(self, uow: UnitOfWork, storage: Storage) -> None:
         """Finishes deletions a crash interrupted between the commit and the files."""
-        removed = await remove_deleted_files(uow, root)
+        removed = await remove_deleted_files(uow, storage)
         if removed:
             log.info("files of deleted trained models removed", models=removed)
 

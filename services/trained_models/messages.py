@@ -33,6 +33,8 @@ def model_to_proto(model: TrainedModel) -> trained_model_pb2.TrainedModel:
     )
     if model.evaluation:
         parse(model.evaluation, message.evaluation)
+    if model.val_evaluation:
+        parse(model.val_evaluation, message.val_evaluation)
     if model.facts:
         parse(model.facts, message.facts)
     message.publication.published = model.published
@@ -46,8 +48,12 @@ def model_to_proto(model: TrainedModel) -> trained_model_pb2.TrainedModel:
 
 
 def model_from_run(run: training_run_pb2.TrainingRun) -> TrainedModel:
-    """The model a succeeded run produced, as its completion event describes it."""
+    """The model a succeeded run produced, as its completion event describes it. It is
+    judged by its test evaluation when the run had a test split: the validation chose the
+    checkpoint, so its mAP flatters the model."""
     now = datetime.now(UTC)
+    val = to_dict(run.best_evaluation) if run.HasField("best_evaluation") else None
+    test = to_dict(run.test_evaluation) if run.HasField("test_evaluation") else None
     return TrainedModel(
         id=uuid.uuid4(),
         display_name=run.display_name,
@@ -59,7 +65,8 @@ def model_from_run(run: training_run_pb2.TrainingRun) -> TrainedModel:
         architecture=run.spec.architecture,
         classes=list(run.dataset.classes),
         artifacts=[to_dict(a) for a in run.artifacts],
-        evaluation=to_dict(run.best_evaluation) if run.HasField("best_evaluation") else None,
+        evaluation=test or val,
+        val_evaluation=val,
         facts=to_dict(run.facts) if run.HasField("facts") else None,
         creator=run.creator,
         create_time=now,

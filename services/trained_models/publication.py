@@ -7,7 +7,6 @@ import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import structlog
 from sqlalchemy.exc import IntegrityError
@@ -23,6 +22,7 @@ from services.trained_models.handlers import Clock, check_etag, get_model, utcno
 from services.trained_models.messages import lifecycle_message
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
+from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
 
@@ -46,7 +46,7 @@ class PublishCommand:
 class Policy:
     """What the server requires of every publication, whatever the request says."""
 
-    artifact_root: Path
+    storage: Storage
     default_channel: str
     min_bbox_map: float | None = None
 
@@ -128,7 +128,7 @@ async def publish(
     _check_evaluation(model, command, policy)
     # Files are re-read outside the transaction: hashing a checkpoint takes seconds and
     # artifacts never change in place, so holding locks across it would buy nothing.
-    await artifacts.verify_all(model.artifacts, policy.artifact_root)
+    await artifacts.verify_all(model.artifacts, policy.storage)
 
     async with uow:
         # Publications to one channel queue here: two concurrent ones end as one

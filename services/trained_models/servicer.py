@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from pathlib import Path
 
 import grpc
 
@@ -23,6 +22,7 @@ from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
 from shared.proto_json import optional_time, parse
+from shared.storage import Storage
 
 _ORDERS = {
     "": "create_time desc",
@@ -39,12 +39,12 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         self,
         *,
         uow_factory: Callable[[], UnitOfWork],
-        artifact_root: Path,
+        storage: Storage,
         publish_policy: publication.Policy,
         import_policy: importing.ImportPolicy,
     ) -> None:
         self._uow = uow_factory
-        self._artifact_root = artifact_root
+        self._storage = storage
         self._publish_policy = publish_policy
         self._import_policy = import_policy
 
@@ -236,7 +236,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             self._uow(),
             parse_name(request.name, TRAINED_MODELS),
             kind=kind,
-            artifact_root=self._artifact_root,
+            storage=self._storage,
         )
         async for part in parts:
             if isinstance(part, bytes):
@@ -253,6 +253,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             parse_name(request.name, TRAINED_MODELS),
             etag=request.etag,
             actor=caller_identity(context),
-            artifact_root=self._artifact_root,
+            storage=self._storage,
         )
         return pb.DeleteTrainedModelResponse()

@@ -22,6 +22,8 @@ from shared.errors import FailedPrecondition
 
 Payload = Mapping[str, Any]
 HEADLINE_METRIC = "coco/bbox_mAP"
+# The Evaluation.split of the test split's evaluation (the others are "val").
+TEST_SPLIT = "test"
 # The actor of changes nobody asked for, such as a lost worker detected.
 SYSTEM = "system"
 
@@ -138,6 +140,8 @@ class TrainingRun:
     progress: dict[str, Any] | None = None
     latest_evaluation: dict[str, Any] | None = None
     best_evaluation: dict[str, Any] | None = None
+    # The test split's evaluation with the best checkpoint, once training is over.
+    test_evaluation: dict[str, Any] | None = None
     dataset: dict[str, Any] | None = None
     failure: Failure | None = None
     artifacts: list[dict[str, Any]] = field(default_factory=list)
@@ -304,7 +308,13 @@ class TrainingRun:
         return True
 
     def report_evaluation(self, evaluation: Payload, *, actor: str, now: datetime) -> None:
+        """A validation joins the per-epoch series; the test split's single evaluation is
+        kept apart, so that it never counts as an epoch nor chooses the best one."""
         self._require_active("report an evaluation")
+        if evaluation.get("split") == TEST_SPLIT:
+            self.test_evaluation = dict(evaluation)
+            self._append(EventKind.EVALUATION, evaluation, actor, now)
+            return
         self.latest_evaluation = dict(evaluation)
         self._epoch(int(evaluation.get("epoch", 0)))["val"] = dict(evaluation.get("metrics", {}))
         self._append(EventKind.EVALUATION, evaluation, actor, now)
@@ -335,11 +345,14 @@ class TrainingRun:
         epoch_metrics: list[dict[str, Any]],
         actor: str,
         now: datetime,
+        test_evaluation: Payload | None = None,
     ) -> None:
         self._transition(RunState.SUCCEEDED, "succeeded", "training finished", actor, now)
         self.artifacts = artifacts
         self.facts = dict(facts)
         self.best_evaluation = dict(best_evaluation) if best_evaluation else None
+        # The worker's final word: only a test evaluation of the kept checkpoint stays.
+        self.test_evaluation = dict(test_evaluation) if test_evaluation else None
         self.failure = None
         if epoch_metrics:
             self.epoch_metrics = _merged_series(self.epoch_metrics, epoch_metrics)

@@ -23,9 +23,17 @@ from services.training_runs.spec import SpecRequest, validate_spec
 from services.training_runs.unit_of_work import UnitOfWork
 from shared import catalog
 from shared.datasets import DatasetUriError, resolve_dataset_uri
-from shared.errors import AlreadyExists, Conflict, FailedPrecondition, NotFound, Violations
+from shared.errors import (
+    AlreadyExists,
+    Conflict,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+    Violations,
+)
 from shared.names import TRAINED_MODELS, parse_name
 from shared.pagination import Cursor
+from shared.storage import Storage, StorageError
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +70,7 @@ class WorkerReport:
 
 
 async def create_run(
-    uow: UnitOfWork, command: CreateRun, *, artifact_root: Path, clock: Clock = utcnow
+    uow: UnitOfWork, command: CreateRun, *, storage: Storage, clock: Clock = utcnow
 ) -> TrainingRun:
     violations = Violations()
     request_id = _request_id(command.request_id, violations)
@@ -83,6 +91,8 @@ async def create_run(
         "training_run.labels",
         f"at most {catalog.LABELS_MAX} labels",
     )
+    # Outside the transaction: an object store may take a while to answer.
+    await _check_dataset_exists(command.spec.dataset_uri, storage, violations)
     async with uow:
         if request_id is not None:
             existing = await _repeated(uow, command, request_id)
@@ -94,16 +104,13 @@ async def create_run(
             base = await uow.runs.base_model(base_model_id, lock=True)
             if base is None:
                 raise NotFound(f"base model {command.base_model} does not exist")
-            missing = await asyncio.to_thread(_missing_artifacts, base)
+            missing = await asyncio.to_thread(_missing_artifacts, base, storage)
             if missing:
-                raise NotFound(
-                    f"base model {command.base_model} has lost its {', '.join(missing)}"
-                )
+                raise NotFound(f"base model {command.base_model} has lost its {', '.join(missing)}")
 
         spec = validate_spec(
             command.spec, violations, base_architecture=base.architecture if base else None
         )
-        _check_dataset_exists(command.spec.dataset_uri, artifact_root, violations)
         violations.raise_if_any()
         assert spec is not None
 
@@ -146,15 +153,23 @@ async def _repeated(
     return existing
 
 
-def _missing_artifacts(base: BaseModel) -> list[str]:
+def _missing_artifacts(base: BaseModel, storage: Storage) -> list[str]:
     """The kinds of the base model's weights and config that are not where its record says."""
     by_kind = {a.get("kind"): a for a in base.artifacts}
     missing = []
     for kind in ("checkpoint", "config"):
         uri = str(by_kind.get(kind, {}).get("uri", ""))
         parsed = urlparse(uri)
-        if not uri or (parsed.scheme == "file" and not Path(unquote(parsed.path)).is_file()):
+        if not uri:
             missing.append(kind)
+        elif parsed.scheme == "file" and not Path(unquote(parsed.path)).is_file():
+            missing.append(kind)
+        elif parsed.scheme == "s3":
+            try:
+                if storage.s3.size(uri) is None:
+                    missing.append(kind)
+            except StorageError as error:
+                raise Unavailable(f"the {kind} of base model {base.id}: {error}") from None
     return missing
 
 
@@ -168,15 +183,25 @@ def _request_id(raw: str, violations: Violations) -> uuid.UUID | None:
         return None
 
 
-def _check_dataset_exists(uri: str, artifact_root: Path, violations: Violations) -> None:
+async def _check_dataset_exists(uri: str, storage: Storage, violations: Violations) -> None:
+    field = "training_run.spec.dataset_uri"
     if not uri:
         return
     try:
-        path = resolve_dataset_uri(uri, artifact_root)
+        location = resolve_dataset_uri(uri, storage.artifact_root)
     except DatasetUriError:
-        return  # already reported by the spec validation
-    if not path.is_file():
-        violations.add("training_run.spec.dataset_uri", f"no annotation file at {path}")
+        return  # reported by the spec validation
+    if isinstance(location, Path):
+        if not location.is_file():
+            violations.add(field, f"no annotation file at {location}")
+        return
+    try:
+        size = await asyncio.to_thread(storage.s3.size, str(location))
+    except StorageError as error:
+        violations.add(field, f"cannot check the annotation file: {error}")
+        return
+    if size is None:
+        violations.add(field, f"no annotation file at {location}")
 
 
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
@@ -242,17 +267,24 @@ async def cancel_run(
     return run
 
 
-async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str, artifact_root: Path) -> None:
-    """Deletes the run's rows, then (after they are gone) its working files. Its model,
-    if any, stays in the registry with its own artifacts."""
+async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str, storage: Storage) -> None:
+    """Deletes the run's rows, then (after they are gone) its working files and stored
+    checkpoints. Its model, if any, stays in the registry with its own artifacts."""
     async with uow:
         run = await _locked(uow, run_id)
         _check_etag(run, etag)
         run.ensure_deletable()
         await uow.runs.delete(run_id)
         await uow.commit()
-    work_dir = artifact_root / "runs" / str(run_id)
+    work_dir = storage.artifact_root / "runs" / str(run_id)
     await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
+    if storage.remote:
+        try:
+            await asyncio.to_thread(storage.delete_prefix, storage.artifact_uri(f"runs/{run_id}/"))
+        except StorageError as error:
+            log.warning(
+                "stored checkpoints of a deleted run remain", run_id=str(run_id), error=str(error)
+            )
 
 
 async def retry_run(
@@ -444,6 +476,7 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
                 facts=payload.get("facts", {}),
                 best_evaluation=payload.get("evaluation"),
                 epoch_metrics=payload.get("epochs", []),
+                test_evaluation=payload.get("test_evaluation"),
                 actor=actor,
                 now=now,
             )

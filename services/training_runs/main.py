@@ -19,6 +19,7 @@ from shared.consumer import consume
 from shared.grpc_server import Server
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
 from shared.runtime import ServiceApp, run_service
+from shared.storage import Storage
 
 
 class TrainingRunsApp(ServiceApp):
@@ -50,7 +51,7 @@ class TrainingRunsApp(ServiceApp):
             TrainingRunServicer(
                 uow_factory=uow_factory,
                 hub=self.hub,
-                artifact_root=self.settings.resolved_artifact_root(),
+                storage=Storage.from_settings(self.settings),
             ),
             server.server,
         )

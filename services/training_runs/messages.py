@@ -40,6 +40,7 @@ def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
         frozen_stages=opt("frozen_stages"),
         image_size=opt("image_size"),
         val_fraction=opt("val_fraction"),
+        test_fraction=opt("test_fraction"),
         seed=opt("seed"),
         device=training_run_pb2.TrainingSpec.Device.Name(spec.device),
         gpu_count=opt("gpu_count"),
@@ -77,6 +78,8 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         parse(run.latest_evaluation, message.latest_evaluation)
     if run.best_evaluation:
         parse(run.best_evaluation, message.best_evaluation)
+    if run.test_evaluation:
+        parse(run.test_evaluation, message.test_evaluation)
     if run.dataset:
         parse(run.dataset, message.dataset)
     if run.facts:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, delete, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, Row, delete, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -67,6 +67,7 @@ def _to_run(row: Row[Any]) -> TrainingRun:
         progress=m["progress"],
         latest_evaluation=m["latest_evaluation"],
         best_evaluation=m["best_evaluation"],
+        test_evaluation=m["test_evaluation"],
         dataset=m["dataset"],
         failure=failure,
         artifacts=m["artifacts"],
@@ -101,6 +102,7 @@ def _values(run: TrainingRun) -> dict[str, Any]:
         "progress": run.progress,
         "latest_evaluation": run.latest_evaluation,
         "best_evaluation": run.best_evaluation,
+        "test_evaluation": run.test_evaluation,
         "dataset": run.dataset,
         "failure_reason": run.failure.reason if run.failure else None,
         "failure_message": run.failure.message if run.failure else None,
@@ -210,7 +212,7 @@ class TrainingRunRepository:
             order = (training_runs.c.create_time.desc(), training_runs.c.id.desc())
         else:
             order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
-        query = query.where(and_(*conditions)).order_by(*order).limit(limit)
+        query = query.where(*conditions).order_by(*order).limit(limit)
         return [_to_run(row) for row in (await self._session.execute(query)).all()]
 
     async def events(

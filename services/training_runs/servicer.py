@@ -6,7 +6,6 @@ import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import grpc
@@ -24,6 +23,7 @@ from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc
 from shared.proto_json import optional_time
+from shared.storage import Storage
 
 _UPDATABLE = frozenset({"display_name", "labels"})
 _ORDERS = {"": True, "create_time desc": True, "create_time": False, "create_time asc": False}
@@ -35,11 +35,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         *,
         uow_factory: Callable[[], UnitOfWork],
         hub: EventHub,
-        artifact_root: Path,
+        storage: Storage,
     ) -> None:
         self._uow = uow_factory
         self._hub = hub
-        self._artifact_root = artifact_root
+        self._storage = storage
 
     @grpc_errors
     async def CreateTrainingRun(
@@ -55,7 +55,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             creator=caller_identity(context),
             request_hash=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
         )
-        run = await handlers.create_run(self._uow(), command, artifact_root=self._artifact_root)
+        run = await handlers.create_run(self._uow(), command, storage=self._storage)
         return run_to_proto(run)
 
     @grpc_errors
@@ -147,7 +147,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             self._uow(),
             parse_name(request.name, TRAINING_RUNS),
             etag=request.etag,
-            artifact_root=self._artifact_root,
+            storage=self._storage,
         )
         return pb.DeleteTrainingRunResponse()
 
@@ -248,6 +248,7 @@ _ARCHITECTURES = pb.ListArchitecturesResponse(
         frozen_stages=catalog.DEFAULT_FROZEN_STAGES,
         image_size=catalog.DEFAULT_IMAGE_SIZE,
         val_fraction=catalog.DEFAULT_VAL_FRACTION,
+        test_fraction=catalog.DEFAULT_TEST_FRACTION,
         device=pb.TrainingSpec.AUTO,
     ),
 )

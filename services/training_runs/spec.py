@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from shared import catalog
-from shared.datasets import DatasetUriError, parse_dataset_uri
+from shared.datasets import DatasetUriError, parse_dataset_uri, parse_image_root
 from shared.errors import Violations
 
 
@@ -25,6 +25,7 @@ class SpecRequest:
     frozen_stages: int | None = None
     image_size: int | None = None
     val_fraction: float | None = None
+    test_fraction: float | None = None
     seed: int | None = None
     device: str = "AUTO"
     gpu_count: int | None = None
@@ -42,6 +43,25 @@ def _within(
     low, high = bounds
     if value is not None and not low <= value <= high:
         violations.add(field, f"must be between {low} and {high}, got {value}")
+
+
+def _check_test_fraction(spec: SpecRequest, violations: Violations, field: str) -> None:
+    value = spec.test_fraction
+    if value is None or value == 0:
+        return
+    low, high = catalog.TEST_FRACTION
+    if not low <= value <= high:
+        violations.add(field, f"must be 0 (no test split) or between {low} and {high}, got {value}")
+        return
+    val = catalog.DEFAULT_VAL_FRACTION if spec.val_fraction is None else spec.val_fraction
+    low, high = catalog.VAL_FRACTION
+    # Decimal fractions that sum to the limit may exceed it by a rounding error.
+    if low <= val <= high and val + value > catalog.MAX_HELD_OUT_FRACTION + 1e-9:
+        violations.add(
+            field,
+            f"val_fraction + test_fraction must be at most {catalog.MAX_HELD_OUT_FRACTION} "
+            f"(the rest trains), got {val} + {value}",
+        )
 
 
 def validate_spec(
@@ -64,6 +84,11 @@ def validate_spec(
             parse_dataset_uri(spec.dataset_uri)
         except DatasetUriError as error:
             violations.add(f"{f}dataset_uri", str(error))
+    if spec.image_root:
+        try:
+            parse_image_root(spec.image_root)
+        except DatasetUriError as error:
+            violations.add(f"{f}image_root", str(error))
 
     architecture = spec.architecture or base_architecture or ""
     if base_architecture and spec.architecture and spec.architecture != base_architecture:
@@ -87,6 +112,7 @@ def validate_spec(
     _within(violations, f"{f}frozen_stages", spec.frozen_stages, catalog.FROZEN_STAGES)
     _within(violations, f"{f}image_size", spec.image_size, catalog.IMAGE_SIZE)
     _within(violations, f"{f}val_fraction", spec.val_fraction, catalog.VAL_FRACTION)
+    _check_test_fraction(spec, violations, f"{f}test_fraction")
     _within(violations, f"{f}gpu_count", spec.gpu_count, catalog.GPU_COUNT)
     _within(violations, f"{f}warmup_iterations", spec.warmup_iterations, catalog.WARMUP_ITERATIONS)
     _within(violations, f"{f}val_interval", spec.val_interval, catalog.VAL_INTERVAL)
@@ -131,6 +157,7 @@ def validate_spec(
         else spec.frozen_stages,
         "image_size": spec.image_size or catalog.DEFAULT_IMAGE_SIZE,
         "val_fraction": spec.val_fraction or catalog.DEFAULT_VAL_FRACTION,
+        "test_fraction": spec.test_fraction or catalog.DEFAULT_TEST_FRACTION,
         # Recorded so that the split, and the run, can be reproduced.
         "seed": random.randrange(2**31) if spec.seed is None else spec.seed,
         "device": spec.device if spec.device != "DEVICE_UNSPECIFIED" else "AUTO",

@@ -68,6 +68,8 @@ training_runs = Table(
     Column("progress", JSONB, nullable=True),
     Column("latest_evaluation", JSONB, nullable=True),
     Column("best_evaluation", JSONB, nullable=True),
+    # The test split's evaluation with the best checkpoint (proto JSON of Evaluation).
+    Column("test_evaluation", JSONB, nullable=True),
     Column("dataset", JSONB, nullable=True),
     Column("failure_reason", Text, nullable=True),
     Column("failure_message", Text, nullable=True),
@@ -133,7 +135,11 @@ trained_models = Table(
     Column("architecture", Text, nullable=False),
     Column("classes", JSONB, nullable=False),
     Column("artifacts", JSONB, nullable=False),
+    # What the model is judged by: its test evaluation when its dataset had a test split,
+    # else the best epoch's validation.
     Column("evaluation", JSONB, nullable=True),
+    # The best epoch's validation, which chose the checkpoint (models from runs).
+    Column("val_evaluation", JSONB, nullable=True),
     Column("facts", JSONB, nullable=True),
     # Headline metric, copied out of evaluation for ordering and filtering.
     Column("bbox_map", Float, nullable=True),

@@ -5,6 +5,7 @@ fine-tuned from it."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -173,6 +174,55 @@ async def test_train_a_root_model_then_fine_tune_it(runs, models, worker, datase
         trained_model_pb2.ListTrainedModelsRequest(base_model=root_model_name)
     )
     assert [m.name for m in children.trained_models] == [tuned_model_name]
+
+
+async def test_a_test_split_is_evaluated_once_with_the_best_checkpoint(
+    runs, models, worker, dataset_uri
+):
+    tested = request("tested", dataset_uri, architecture="retinanet_r18_fpn", epochs=1)
+    tested.training_run.spec.test_fraction = 0.25
+    run = await runs.CreateTrainingRun(tested)
+    events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 180)
+    assert kinds(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
+
+    (dataset,) = kinds(events, "dataset_prepared")
+    # 16 images: a fifth (3) for val, a quarter (4) for test.
+    assert (dataset.train_image_count, dataset.val_image_count, dataset.test_image_count) == (
+        9,
+        3,
+        4,
+    )
+    assert dataset.split_source == "seed"
+    assert [(e.split, e.epoch, e.image_count) for e in kinds(events, "evaluation")] == [
+        ("val", 1, 3),
+        ("test", 1, 4),
+    ]
+
+    finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
+    assert finished.facts.best_epoch == 1
+    assert (finished.test_evaluation.split, finished.test_evaluation.epoch) == ("test", 1)
+    assert finished.test_evaluation.image_count == 4
+    assert (finished.best_evaluation.split, finished.best_evaluation.epoch) == ("val", 1)
+    metrics = await runs.GetTrainingRunMetrics(
+        training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
+    )
+    assert [e.epoch for e in metrics.epochs] == [1], "the test evaluation is no epoch"
+
+    model = await models.GetTrainedModel(
+        trained_model_pb2.GetTrainedModelRequest(name=await model_of(runs, run.name))
+    )
+    assert model.evaluation == finished.test_evaluation
+    assert model.val_evaluation == finished.best_evaluation
+    files = {a.kind: Path(a.uri.removeprefix("file://")) for a in model.artifacts}
+    split = json.loads(files["split"].read_text())
+    assert (len(split["train"]), len(split["val"]), len(split["test"])) == (9, 3, 4)
+    recorded = json.loads(files["metrics"].read_text())
+    assert (recorded["test"]["epoch"], recorded["test"]["image_count"]) == (1, 4)
+    # The test loop ran on the weights of the best epoch's checkpoint, after the last validation.
+    log = files["log"].read_text()
+    loaded = log.rindex("Loads checkpoint by local backend from path: ")
+    assert log[loaded:].split("\n", 1)[0].endswith("/epoch_1.pth")
+    assert log.rindex("Epoch(val)") < loaded < log.rindex("Epoch(test)")
 
 
 async def test_cancelling_a_training_run_stops_it_and_keeps_its_progress(runs, worker, dataset_uri):

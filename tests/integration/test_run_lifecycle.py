@@ -268,6 +268,47 @@ async def test_no_best_epoch_without_a_map(runs, js, subjects, dataset_uri):
     assert metrics.best_epoch == 0 and [e.epoch for e in metrics.epochs] == [1]
 
 
+async def test_a_test_evaluation_is_kept_apart_from_the_epochs(runs, js, subjects, dataset_uri):
+    run, worker = await running(runs, js, subjects, dataset_uri)
+    for epoch, value in ((1, 0.3), (2, 0.1)):
+        await worker.send(
+            evaluation=common_pb2.Evaluation(
+                epoch=epoch, split="val", metrics={"coco/bbox_mAP": value}
+            )
+        )
+    # The best epoch's checkpoint on the test split, after training: epoch 1, a higher mAP.
+    test = common_pb2.Evaluation(epoch=1, split="test", metrics={"coco/bbox_mAP": 0.9})
+    test.image_count = 3
+    await worker.send(evaluation=test)
+
+    async def tested() -> TrainingRun | None:
+        fetched = await get(runs, run.name)
+        return fetched if fetched.HasField("test_evaluation") else None
+
+    fetched = await eventually(tested)
+    assert fetched.test_evaluation == test
+    assert (fetched.latest_evaluation.split, fetched.latest_evaluation.epoch) == ("val", 2)
+    metrics = await runs.GetTrainingRunMetrics(
+        training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
+    )
+    assert [(e.epoch, e.val["coco/bbox_mAP"]) for e in metrics.epochs] == [
+        (1, pytest.approx(0.3)),
+        (2, pytest.approx(0.1)),
+    ]
+    assert metrics.best_epoch == 1
+    evaluations = [e.evaluation for e in await history(runs, run.name) if e.HasField("evaluation")]
+    assert [(e.split, e.epoch) for e in evaluations] == [("val", 1), ("val", 2), ("test", 1)]
+
+    best = common_pb2.Evaluation(epoch=1, split="val", metrics={"coco/bbox_mAP": 0.3})
+    succeeded = worker_pb2.WorkerEvent.Succeeded(
+        facts=common_pb2.TrainingFacts(epochs_trained=2, best_epoch=1), evaluation=best
+    )
+    succeeded.test_evaluation.CopyFrom(test)
+    await worker.send(succeeded=succeeded)
+    finished = await in_state(runs, run.name, TrainingRun.SUCCEEDED)
+    assert (finished.best_evaluation, finished.test_evaluation) == (best, test)
+
+
 async def test_retry_creates_a_linked_run_of_the_same_spec(runs, js, subjects, dataset_uri):
     run, worker = await running(runs, js, subjects, dataset_uri)
     with pytest.raises(grpc.aio.AioRpcError) as caught:

@@ -105,7 +105,11 @@ class Registry:
         return run, worker
 
     async def model(
-        self, *, base_model: str = "", metrics: dict[str, float] | None = None
+        self,
+        *,
+        base_model: str = "",
+        metrics: dict[str, float] | None = None,
+        test_evaluation: common_pb2.Evaluation | None = None,
     ) -> pb.TrainedModel:
         run, worker = await self.start(base_model=base_model)
         folder = self.root / "models" / run.name.split("/")[1]
@@ -120,16 +124,17 @@ class Registry:
             iou_thresholds=[0.5 + 0.05 * i for i in range(10)],
             image_count=4,
         )
-        await worker.send(
-            succeeded=worker_pb2.WorkerEvent.Succeeded(
-                artifacts=[
-                    _artifact("config", folder / "config.py"),
-                    _artifact("checkpoint", folder / "checkpoint.pth"),
-                ],
-                facts=common_pb2.TrainingFacts(epochs_trained=2, best_epoch=2, device="cpu"),
-                evaluation=evaluation,
-            )
+        succeeded = worker_pb2.WorkerEvent.Succeeded(
+            artifacts=[
+                _artifact("config", folder / "config.py"),
+                _artifact("checkpoint", folder / "checkpoint.pth"),
+            ],
+            facts=common_pb2.TrainingFacts(epochs_trained=2, best_epoch=2, device="cpu"),
+            evaluation=evaluation,
         )
+        if test_evaluation is not None:
+            succeeded.test_evaluation.CopyFrom(test_evaluation)
+        await worker.send(succeeded=succeeded)
         return await eventually(lambda: self.model_of(run.name), timeout=15)
 
     async def model_of(self, run_name: str) -> pb.TrainedModel | None:
@@ -265,6 +270,36 @@ async def test_a_model_without_map_keeps_minus_one_and_absence_apart(models, reg
         )
     )
     assert "has no coco/bbox_mAP" in details
+
+
+async def test_a_model_with_a_test_split_is_judged_by_its_test_evaluation(runs, models, registry):
+    plain = await registry.model()
+    assert plain.evaluation.split == "val" and plain.val_evaluation == plain.evaluation
+
+    test = common_pb2.Evaluation(
+        epoch=2, split="test", metrics={"coco/bbox_mAP": 0.15}, per_class_ap={"dump": 0.2}
+    )
+    test.image_count = 3
+    model = await registry.model(test_evaluation=test)
+    assert model.evaluation == test
+    assert model.val_evaluation.split == "val"
+    assert model.val_evaluation.metrics["coco/bbox_mAP"] == pytest.approx(0.25)
+    run = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=model.training_run))
+    assert run.test_evaluation == test and run.best_evaluation == model.val_evaluation
+
+    channel = f"tested-{uuid.uuid4().hex[:8]}"
+    publish = pb.PublishTrainedModelRequest(
+        name=model.name, channel=channel, reason="test split", min_bbox_map=0.2
+    )
+    # The test mAP (0.15) decides, not the validation's (0.25) that chose the checkpoint.
+    assert "below the required 0.2" in await _refused(models.PublishTrainedModel(publish))
+    publish.min_bbox_map = 0.1
+    publish.evaluation_split = "val"
+    assert "relies on a val evaluation" in await _refused(models.PublishTrainedModel(publish))
+    publish.evaluation_split = "test"
+    publish.evaluation_epoch = 2
+    published = await models.PublishTrainedModel(publish)
+    assert published.publication.channel == channel
 
 
 # Channels

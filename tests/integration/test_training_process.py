@@ -8,10 +8,14 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import os
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
+from tests.support import eventually
 from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
 from trainer_worker.dataset import PreparedDataset, prepare_dataset
@@ -25,6 +29,7 @@ from trainer_worker.protocol import (
     TrainingStarted,
 )
 from trainer_worker.training import (
+    TrainingCancelled,
     TrainingFailed,
     TrainingOutcome,
     TrainingSucceeded,
@@ -33,7 +38,11 @@ from trainer_worker.training import (
 
 pytest.importorskip("mmdet")
 pytest.importorskip("PIL")
+import torch
+from mmengine.config import Config
+
 from trainer_worker.synthetic import make_dataset
+from trainer_worker.verify import verify
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -58,6 +67,9 @@ async def train(
     resume_from: Path | None = None,
     stop: asyncio.Event | None = None,
     overrides: str = "",
+    processes: int = 1,
+    env: dict[str, str] | None = None,
+    seen: list[ChildEvent] | None = None,
 ) -> tuple[TrainingOutcome, list[ChildEvent]]:
     generated = generate_config(
         plan=TrainingPlan(
@@ -82,10 +94,15 @@ async def train(
     )
     config = folder / "config.py"
     config.write_text(generated.text + overrides)
-    seen: list[ChildEvent] = []
+    seen = [] if seen is None else seen
 
     async def on_event(event: ChildEvent) -> None:
         seen.append(event)
+        if isinstance(event, CheckpointWritten):
+            # A second name for each epoch's full checkpoint, which training removes when
+            # it succeeds: what a later attempt of an unfinished run resumes from.
+            (folder / "kept").mkdir(exist_ok=True)
+            os.link(event.path, folder / "kept" / Path(event.path).name)
 
     outcome = await run_training(
         config_path=config,
@@ -95,7 +112,8 @@ async def train(
         log_path=folder / "train.log",
         on_event=on_event,
         stop=stop,
-        env={"CUDA_VISIBLE_DEVICES": ""},
+        env={"CUDA_VISIBLE_DEVICES": ""} if env is None else env,
+        processes=processes,
     )
     return outcome, seen
 
@@ -148,8 +166,13 @@ async def test_training_reports_and_produces_verified_artifacts(
     assert metrics["best_epoch"] == outcome.best_epoch
     # The resolved config stands alone: no `_base_` into the mmdet wheel.
     assert "\n_base_ = " not in "\n" + kinds["config"].path.read_text()
-    # Only the artifact keeps a checkpoint.
+    # Only the artifact keeps a checkpoint, and of the training state only the weights.
     assert not list((folder / "work").glob("epoch_*.pth"))
+    kept = torch.load(kinds["checkpoint"].path, map_location="cpu", weights_only=True)
+    assert set(kept) == {"state_dict", "meta"}
+    full = folder / "kept" / f"epoch_{outcome.best_epoch}.pth"
+    assert kinds["checkpoint"].size_bytes < full.stat().st_size * 0.6
+    assert verify(str(kinds["config"].path), str(kinds["checkpoint"].path))["ok"]
 
 
 async def test_fine_tune_with_new_classes_loads_the_checkpoint(
@@ -186,7 +209,7 @@ async def test_resume_continues_after_the_checkpoint_epoch(
 ) -> None:
     root_folder, root, _ = trained
     assert isinstance(root, TrainingSucceeded)
-    checkpoint = next(a.path for a in root.artifacts if a.kind == "checkpoint")
+    checkpoint = root_folder / "kept" / f"epoch_{root.best_epoch}.pth"
     dataset = prepared(root_folder / "again", ("dump", "tire"))
 
     outcome, seen = await train(
@@ -240,3 +263,78 @@ async def test_a_crashing_child_fails_with_the_log_tail(tmp_path: Path) -> None:
     assert isinstance(outcome, TrainingFailed)
     assert outcome.reason == "training_crashed"
     assert "broken on purpose" in outcome.message
+
+
+# Two ranks under torch's distributed launcher: over gloo on CPU wherever the tests run,
+# over NCCL where there are two GPUs.
+DEVICES = [
+    pytest.param({"CUDA_VISIBLE_DEVICES": ""}, id="cpu"),
+    pytest.param({}, id="cuda", marks=pytest.mark.gpu(2)),
+]
+
+
+@pytest.mark.parametrize("env", DEVICES)
+async def test_two_ranks_train_one_run_and_rank_zero_alone_reports(
+    env: dict[str, str], tmp_path: Path
+) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+
+    outcome, seen = await train(tmp_path, dataset, epochs=2, processes=2, env=env)
+
+    assert isinstance(outcome, TrainingSucceeded), outcome
+    # One reporter: a second rank's events would repeat every epoch.
+    assert len([e for e in seen if isinstance(e, TrainingStarted)]) == 1
+    assert [e.epoch for e in seen if isinstance(e, EpochTrained)] == [1, 2]
+    assert [e.epoch for e in seen if isinstance(e, Evaluated)] == [1, 2]
+    assert [e.epoch for e in seen if isinstance(e, CheckpointWritten)] == [1, 2]
+    progress = [e for e in seen if isinstance(e, ProgressReported)]
+    # 12 training images, a total batch of 4: 3 iterations an epoch, as on one process.
+    assert progress[-1].iter == progress[-1].max_iters == 6
+    log = (tmp_path / "train.log").read_text()
+    assert "Distributed training: True" in log and "GPU number: 2" in log
+    config = Config.fromfile(next(a.path for a in outcome.artifacts if a.kind == "config"))
+    assert config.launcher == "pytorch"
+    # The batch of 4 is the run's total: 2 on each rank.
+    assert config.train_dataloader.batch_size == 2
+    assert not list((tmp_path / "work").glob("epoch_*.pth"))
+
+
+def launched(tmp_path: Path) -> list[psutil.Process]:
+    """The processes running this test's config: the launcher and its ranks."""
+    config = str(tmp_path / "config.py")
+    return [p for p in psutil.process_iter(["cmdline"]) if config in (p.info["cmdline"] or [])]
+
+
+async def test_stopping_a_launched_run_stops_every_rank(tmp_path: Path) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+    stop = asyncio.Event()
+    seen: list[ChildEvent] = []
+    training = asyncio.create_task(
+        train(tmp_path, dataset, epochs=50, processes=2, stop=stop, seen=seen)
+    )
+
+    async def progressing() -> bool:
+        return any(isinstance(e, ProgressReported) for e in seen)
+
+    await eventually(progressing, timeout=120)
+    assert len(launched(tmp_path)) == 3, "the launcher and its two ranks"
+    stopped_at = time.monotonic()
+    stop.set()
+    outcome, _ = await training
+
+    assert isinstance(outcome, TrainingCancelled), outcome
+    # Every rank stopped on the launcher's SIGTERM, well before the worker's SIGKILL.
+    assert time.monotonic() - stopped_at < 30
+    assert not launched(tmp_path)
+
+
+async def test_a_diverged_rank_fails_a_launched_run_as_diverged(tmp_path: Path) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+    nan_loss = '\nmodel["bbox_head"]["loss_cls"] = dict(loss_weight=float("nan"))\n'
+
+    outcome, _ = await train(tmp_path, dataset, epochs=1, overrides=nan_loss, processes=2)
+
+    # The launcher exits 1 whatever its ranks' statuses: rank 0's event says why.
+    assert isinstance(outcome, TrainingFailed), outcome
+    assert outcome.reason == "diverged"
+    assert "is nan at epoch 1, iteration 1" in outcome.message

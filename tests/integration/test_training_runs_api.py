@@ -53,6 +53,23 @@ async def test_create_reports_a_missing_dataset_and_an_unknown_architecture(runs
     assert "unknown architecture" in found["training_run.spec.architecture"]
 
 
+async def test_create_validates_and_records_the_test_fraction(runs, dataset_uri):
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.CreateTrainingRun(
+            create_request(dataset_uri, val_fraction=0.5, test_fraction=0.4)
+        )
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    found = violations(caught.value)
+    assert set(found) == {"training_run.spec.test_fraction"}
+    assert "at most 0.8" in found["training_run.spec.test_fraction"]
+
+    run = await runs.CreateTrainingRun(create_request(dataset_uri, test_fraction=0.25))
+    assert run.spec.HasField("test_fraction") and run.spec.test_fraction == 0.25
+    # Unset: no test split, and that default is recorded like the others.
+    run = await runs.CreateTrainingRun(create_request(dataset_uri))
+    assert run.spec.HasField("test_fraction") and run.spec.test_fraction == 0.0
+
+
 async def test_unknown_base_model_is_not_found(runs, dataset_uri):
     request = create_request(dataset_uri, architecture="")
     request.training_run.base_model = f"trainedModels/{uuid.uuid4()}"

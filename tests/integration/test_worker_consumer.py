@@ -20,6 +20,7 @@ from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from tests.support import eventually
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
+from trainer_worker.devices import GpuPool
 from trainer_worker.pipeline import WorkerEnvironment
 
 pytest.importorskip("mmdet")
@@ -38,10 +39,17 @@ def claims() -> dict[str, worker_pb2.ClaimJobResponse] | None:
 
 
 @pytest.fixture
+def gpus() -> tuple[str, ...]:
+    """The GPUs the worker hands out; none: it trains on CPU."""
+    return ()
+
+
+@pytest.fixture
 async def worker(
     infrastructure: Infrastructure,
     tmp_path: Path,
     claims: dict[str, worker_pb2.ClaimJobResponse] | None,
+    gpus: tuple[str, ...],
 ) -> AsyncIterator[tuple[JetStreamContext, Subjects]]:
     subjects = Subjects(namespace=f"worker{uuid.uuid4().hex[:10]}")
     nc = await nats.connect(infrastructure.nats_url)
@@ -60,7 +68,9 @@ async def worker(
         claims=ClaimClient(nc=nc, subjects=subjects, timeout_s=2) if claims is not None else None,
         js=js,
         subjects=subjects,
-        environment=WorkerEnvironment(artifact_root=tmp_path, device="cpu"),
+        environment=WorkerEnvironment(
+            artifact_root=tmp_path, device="auto" if gpus else "cpu", gpus=GpuPool(gpus)
+        ),
         options=ConsumerOptions(
             worker_id="test-worker", ack_wait_s=8, max_deliver=2, fetch_timeout_s=0.5
         ),
@@ -228,6 +238,32 @@ async def test_a_cancel_request_stops_the_running_job(
     rest = await events_until_terminal(js, subjects, run_id, timeout_s=60)
     assert kinds(rest)[-1] == "cancelled"
     assert not (tmp_path / "models" / run_id).exists()
+
+
+# Names CUDA knows nothing of: the ranks find no GPU and train on CPU over gloo, and what
+# is tested is the worker's part, which is the same with real GPUs.
+@pytest.mark.parametrize("gpus", [("GPU-stand-in-0", "GPU-stand-in-1")])
+async def test_a_run_asking_for_two_gpus_leases_both_and_trains_under_the_launcher(
+    worker: tuple[JetStreamContext, Subjects], tmp_path: Path
+) -> None:
+    js, subjects = worker
+    make_dataset(tmp_path / "tiny", images=16, size=128)
+    two_gpus = job(uuid.uuid4().hex, str(tmp_path / "tiny" / "annotations.json"))
+    two_gpus.spec.device = training_run_pb2.TrainingSpec.Device.GPU
+    two_gpus.spec.gpu_count = 2
+    two_gpus.spec.batch_size = 5
+    run_id = await submit(js, subjects, two_gpus)
+
+    events = await events_until_terminal(js, subjects, run_id)
+    assert kinds(events)[-1] == "succeeded", events[-1]
+    notices = {
+        e.notice.code: e.notice.message for e in events if e.WhichOneof("payload") == "notice"
+    }
+    assert notices["batch_size"] == "batch size 5 over 2 GPUs: 2 per GPU, 4 per iteration"
+    assert "device" not in notices
+    artifacts = {a.kind: Path(urlparse(a.uri).path) for a in events[-1].succeeded.artifacts}
+    assert "launcher = 'pytorch'" in artifacts["config"].read_text()
+    assert "GPU number: 2" in artifacts["log"].read_text()
 
 
 GRANTED_AS_ATTEMPT_2 = "0" * 32

@@ -87,6 +87,41 @@ def test_retinanet_config(tmp_path: Path) -> None:
     assert "Pretrained" not in cfg.pretty_text and "torchvision://" not in cfg.pretty_text
 
 
+def test_a_test_split_has_its_own_loader_and_evaluator(tmp_path: Path) -> None:
+    test_path = tmp_path / "test.json"
+    dataset = DatasetFiles(
+        train_path=tmp_path / "train.json",
+        val_path=tmp_path / "val.json",
+        classes=CLASSES,
+        train_image_count=30,
+        test_path=test_path,
+    )
+    generated = generate_config(
+        plan=plan(num_workers=2), dataset=dataset, work_dir=tmp_path, configs_root=CONFIGS
+    )
+    cfg = load(tmp_path, generated.text)
+
+    assert cfg.raven.test_after_training is True
+    assert cfg.test_dataloader.dataset.ann_file == str(test_path)
+    assert tuple(cfg.test_dataloader.dataset.metainfo.classes) == CLASSES
+    assert cfg.test_dataloader.batch_size == 1
+    assert (cfg.test_dataloader.num_workers, cfg.test_dataloader.persistent_workers) == (2, False)
+    assert cfg.test_evaluator.type == "CocoMetric" and cfg.test_evaluator.classwise is True
+    assert cfg.test_evaluator.ann_file == str(test_path)
+    assert cfg.val_evaluator.ann_file == str(tmp_path / "val.json")
+
+    without = load(
+        tmp_path,
+        generate_config(
+            plan=plan(), dataset=files(tmp_path), work_dir=tmp_path, configs_root=CONFIGS
+        ).text,
+    )
+    assert without.raven.test_after_training is False
+    # The exported config's test loop evaluates val, never the base config's COCO files.
+    assert without.test_dataloader.dataset.ann_file == str(tmp_path / "val.json")
+    assert without.test_evaluator.ann_file == str(tmp_path / "val.json")
+
+
 def test_faster_rcnn_r18_is_derived_from_r50(tmp_path: Path) -> None:
     generated = generate_config(
         plan=plan(architecture="faster_rcnn_r18_fpn", epochs=2),

@@ -53,20 +53,31 @@ def write(tmp_path: Path) -> Callable[[Document], Path]:
     return _write
 
 
-def prepare(annotation: Path, tmp_path: Path, seed: int = 0, val_fraction: float = 0.2) -> Any:
+def prepare(
+    annotation: Path,
+    tmp_path: Path,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    test_fraction: float = 0.0,
+) -> Any:
     return prepare_dataset(
         annotation_path=annotation,
         image_root=None,
         out_dir=tmp_path / "out",
         val_fraction=val_fraction,
+        test_fraction=test_fraction,
         seed=seed,
     )
 
 
-def reason_of(annotation: Path, tmp_path: Path) -> tuple[str, str]:
+def reason_of(annotation: Path, tmp_path: Path, **options: Any) -> tuple[str, str]:
     with pytest.raises(DatasetError) as caught:
-        prepare(annotation, tmp_path)
+        prepare(annotation, tmp_path, **options)
     return caught.value.reason, caught.value.message
+
+
+def image_ids(path: Path) -> list[int]:
+    return sorted(i["id"] for i in json.loads(path.read_text())["images"])
 
 
 def test_prepares_a_valid_dataset(write: Callable[[Document], Path], tmp_path: Path) -> None:
@@ -137,9 +148,147 @@ def test_split_is_deterministic_and_stratified(
 def test_every_class_stays_in_train_even_with_a_large_val_fraction() -> None:
     classes = {1: frozenset({1}), 2: frozenset({2}), 3: frozenset({1}), 4: frozenset({3})}
     for seed in range(20):
-        train, val = stratified_split(classes, image_ids=[1, 2, 3, 4], val_fraction=0.5, seed=seed)
-        assert {c for i in train for c in classes[i]} == {1, 2, 3}
-        assert sorted(train + val) == [1, 2, 3, 4]
+        split = stratified_split(classes, image_ids=[1, 2, 3, 4], val_fraction=0.5, seed=seed)
+        assert {c for i in split.train for c in classes[i]} == {1, 2, 3}
+        assert sorted(split.train + split.val) == [1, 2, 3, 4]
+        assert split.test == []
+
+
+def rare_and_common(images: int, rare: tuple[int, ...]) -> Document:
+    document = coco(images=images, classes=("common", "rare"))
+    for annotation in document["annotations"]:
+        annotation["category_id"] = 20 if annotation["image_id"] in rare else 10
+    return document
+
+
+def test_seeded_test_split_is_deterministic_and_stratified(
+    write: Callable[[Document], Path], tmp_path: Path
+) -> None:
+    annotation = write(rare_and_common(30, rare=(4, 17, 25)))
+
+    def split_of(seed: int, test_fraction: float) -> dict[str, Any]:
+        prepared = prepare(annotation, tmp_path, seed=seed, test_fraction=test_fraction)
+        split = json.loads(prepared.split_path.read_text())
+        if test_fraction:
+            assert prepared.test_path is not None
+            assert image_ids(prepared.test_path) == split["test"]
+            assert prepared.test_image_count == len(split["test"])
+        return split
+
+    first = split_of(7, 0.2)
+    assert split_of(7, 0.2) == first
+    other = split_of(8, 0.2)
+    assert (first["val"], first["test"]) != (other["val"], other["test"])
+    assert (first["source"], first["seed"], first["test_fraction"]) == ("seed", 7, 0.2)
+    for split in (first, other):
+        assert (len(split["val"]), len(split["test"])) == (6, 6)
+        assert sorted(split["train"] + split["val"] + split["test"]) == list(range(1, 31))
+        # Three images of the rare class: one to each split.
+        for name in ("train", "val", "test"):
+            assert len({4, 17, 25} & set(split[name])) == 1, (name, split)
+    # Adding a test split leaves the validation images of the seed where they were.
+    assert split_of(7, 0.0)["val"] == first["val"]
+    assert split_of(7, 0.0)["test"] == []
+
+
+def test_a_test_split_keeps_every_class_in_train() -> None:
+    classes = {i: frozenset({i % 3}) for i in range(1, 9)} | {9: frozenset({7})}
+    for seed in range(30):
+        split = stratified_split(
+            classes, image_ids=list(range(1, 10)), val_fraction=0.3, test_fraction=0.3, seed=seed
+        )
+        assert {c for i in split.train for c in classes[i]} == {0, 1, 2, 7}
+        assert sorted(split.train + split.val + split.test) == list(range(1, 10))
+        assert split.val and split.test and not set(split.val) & set(split.test)
+
+
+def test_a_test_split_needs_three_images_and_room_to_train(
+    write: Callable[[Document], Path], tmp_path: Path
+) -> None:
+    two = write(coco(images=2, classes=("dump",)))
+    reason, message = reason_of(two, tmp_path, test_fraction=0.2)
+    assert reason == "dataset_invalid" and "at least 3 are needed" in message, message
+    # Each image holds the only box of its class: none can leave train.
+    lonely = write(coco(images=3, classes=("a", "b", "c")))
+    reason, message = reason_of(lonely, tmp_path, test_fraction=0.2)
+    assert reason == "dataset_invalid" and "no image can be held out for val" in message, message
+    reason, message = reason_of(write(coco()), tmp_path, val_fraction=0.5, test_fraction=0.5)
+    assert reason == "dataset_invalid" and "test_fraction" in message, message
+
+
+def with_splits(document: Document, splits: dict[int, str]) -> Document:
+    for image in document["images"]:
+        if image["id"] in splits:
+            image["split"] = splits[image["id"]]
+    return document
+
+
+def test_the_datasets_own_splits_are_used(
+    write: Callable[[Document], Path], tmp_path: Path
+) -> None:
+    splits = {i: "train" for i in range(1, 7)} | {7: "val", 8: "val", 9: "test", 10: "test"}
+    annotation = write(with_splits(coco(images=10), splits))
+
+    for seed, val_fraction, test_fraction in ((0, 0.2, 0.0), (5, 0.4, 0.3)):
+        prepared = prepare(
+            annotation, tmp_path, seed=seed, val_fraction=val_fraction, test_fraction=test_fraction
+        )
+        split = json.loads(prepared.split_path.read_text())
+        assert split == {
+            "source": "dataset",
+            "train": [1, 2, 3, 4, 5, 6],
+            "val": [7, 8],
+            "test": [9, 10],
+        }
+        assert prepared.split_source == "dataset"
+        assert (
+            prepared.train_image_count,
+            prepared.val_image_count,
+            prepared.test_image_count,
+        ) == (6, 2, 2)
+        assert image_ids(prepared.train_path) == [1, 2, 3, 4, 5, 6]
+        assert image_ids(prepared.val_path) == [7, 8]
+        assert prepared.test_path is not None and image_ids(prepared.test_path) == [9, 10]
+        test = json.loads(prepared.test_path.read_text())
+        assert {a["image_id"] for a in test["annotations"]} == {9, 10}
+
+    no_test = write(with_splits(coco(images=10), {i: "train" if i < 9 else "val" for i in splits}))
+    prepared = prepare(no_test, tmp_path, test_fraction=0.3)
+    assert (prepared.test_path, prepared.test_image_count) == (None, 0)
+    assert prepared.val_image_count == 2
+
+
+@pytest.mark.parametrize(
+    ("splits", "needles"),
+    [
+        (
+            {i: "train" for i in range(1, 10)},
+            ["1 images have no `split` key while others have one (10)"],
+        ),
+        (
+            {i: "train" for i in range(1, 9)} | {9: "validation", 10: ["val"]},
+            ["2 images name an unknown `split`", "9: 'validation'", "10: ['val']", "'test'"],
+        ),
+        ({i: "train" if i < 9 else "test" for i in range(1, 11)}, ["put no image in val"]),
+        (
+            # Even images hold "dump" (category 10): none of them in train.
+            {i: "train" if i % 2 else "val" for i in range(1, 11)},
+            [
+                "1 classes have no annotated image in the dataset's train split (dump)",
+                '"split": "train"',
+            ],
+        ),
+    ],
+)
+def test_the_datasets_own_splits_must_be_whole_and_valid(
+    write: Callable[[Document], Path],
+    tmp_path: Path,
+    splits: dict[int, Any],
+    needles: list[str],
+) -> None:
+    reason, message = reason_of(write(with_splits(coco(images=10), splits)), tmp_path)
+    assert reason == "dataset_invalid"
+    assert [n for n in needles if n not in message] == [], message
 
 
 def test_fingerprint_changes_with_annotations_and_images(

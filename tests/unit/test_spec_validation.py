@@ -30,7 +30,7 @@ def test_defaults_are_filled_and_recorded():
 def test_every_bad_field_is_reported_at_once():
     _, problems = check(
         SpecRequest(
-            dataset_uri="s3://bucket/a.json",
+            dataset_uri="gs://bucket/a.json",
             architecture="",
             epochs=0,
             batch_size=65,
@@ -116,3 +116,56 @@ def test_hyperparameters_are_bounded():
         False,
         0,
     )
+
+
+def test_test_fraction_defaults_to_no_test_split():
+    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    assert problems == {} and filled is not None
+    assert filled["test_fraction"] == 0.0
+    filled, problems = check(
+        SpecRequest(
+            dataset_uri="d/a.json",
+            architecture="retinanet_r18_fpn",
+            val_fraction=0.5,
+            test_fraction=0.3,
+        )
+    )
+    assert problems == {} and filled is not None
+    assert (filled["val_fraction"], filled["test_fraction"]) == (0.5, 0.3)
+
+
+@pytest.mark.parametrize(
+    ("val_fraction", "test_fraction", "needle"),
+    [
+        (None, 0.01, "must be 0 (no test split) or between 0.05 and 0.5, got 0.01"),
+        (None, 0.6, "between 0.05 and 0.5"),
+        (None, -0.1, "between 0.05 and 0.5"),
+        (None, float("nan"), "between 0.05 and 0.5"),
+        (0.5, 0.35, "val_fraction + test_fraction must be at most 0.8"),
+    ],
+)
+def test_test_fraction_is_bounded_and_leaves_images_to_train_on(
+    val_fraction, test_fraction, needle
+):
+    _, problems = check(
+        SpecRequest(
+            dataset_uri="d/a.json",
+            architecture="retinanet_r18_fpn",
+            val_fraction=val_fraction,
+            test_fraction=test_fraction,
+        )
+    )
+    assert set(problems) == {"test_fraction"}
+    assert needle in problems["test_fraction"]
+
+
+def test_an_invalid_val_fraction_is_reported_once():
+    _, problems = check(
+        SpecRequest(
+            dataset_uri="d/a.json",
+            architecture="retinanet_r18_fpn",
+            val_fraction=0.9,
+            test_fraction=0.3,
+        )
+    )
+    assert set(problems) == {"val_fraction"}

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 from shared.proto.raven.training.v1 import training_run_pb2
@@ -72,3 +74,34 @@ def test_an_evaluation_separates_per_class_ap() -> None:
     # No detections, no mAP: nothing claims thresholds for a score that does not exist.
     empty = evaluation(Evaluated(epoch=1, metrics={}))
     assert not empty.metrics and not empty.iou_thresholds
+
+
+def test_a_test_evaluation_travels_as_the_test_split() -> None:
+    from trainer_worker.events import evaluation, succeeded
+    from trainer_worker.training import TrainingSucceeded
+
+    # A line from a child that predates test splits is a validation.
+    assert decode(b'{"kind": "evaluation", "epoch": 1, "metrics": {}}').split == "val"
+    tested = Evaluated(epoch=2, metrics={"coco/bbox_mAP": 0.3}, split="test", image_count=4)
+    assert decode(encode(tested)) == tested
+    message = evaluation(tested)
+    assert (message.split, message.epoch, message.image_count) == ("test", 2, 4)
+
+    outcome = TrainingSucceeded(
+        artifacts=(),
+        best_epoch=2,
+        best_metrics={"coco/bbox_mAP": 0.5},
+        epochs=(),
+        epochs_trained=3,
+        duration_s=1.0,
+        parameter_count=1,
+        device="cpu",
+        test_evaluation=tested,
+    )
+    done = succeeded(outcome)
+    assert (done.evaluation.split, done.evaluation.metrics["coco/bbox_mAP"]) == ("val", 0.5)
+    assert (done.test_evaluation.split, done.test_evaluation.epoch) == ("test", 2)
+    assert done.test_evaluation.metrics["coco/bbox_mAP"] == 0.3
+    assert done.test_evaluation.image_count == 4
+    without = succeeded(dataclasses.replace(outcome, test_evaluation=None))
+    assert not without.HasField("test_evaluation")
