@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from pathlib import Path
 from typing import TypeVar
 
 import grpc
@@ -15,6 +19,7 @@ from grpc_status import rpc_status
 
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from shared.settings import Settings
 
 TrainingRun = training_run_pb2.TrainingRun
 
@@ -88,3 +93,43 @@ class WorkerDriver:
             headers={"Nats-Msg-Id": uuid.uuid4().hex},
         )
         return event.event_id
+
+
+def worker_env(settings: Settings, worker_id: str, **overrides: str) -> dict[str, str]:
+    """The environment of a `python -m trainer_worker` process on the test session's stack."""
+    return {
+        **os.environ,
+        "RAVEN_DATABASE_URL": settings.database_url,
+        "RAVEN_NATS_URL": settings.nats_url,
+        "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
+        "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
+        "RAVEN_JOB_ACK_WAIT_S": str(settings.job_ack_wait_s),
+        "RAVEN_WORKER_ID": worker_id,
+        **overrides,
+    }
+
+
+async def start_worker_process(
+    env: Mapping[str, str], log_path: Path
+) -> asyncio.subprocess.Process:
+    """`python -m trainer_worker` as its own process, as it runs in production; its output
+    goes to `log_path`."""
+    with log_path.open("wb") as log:
+        return await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "trainer_worker", env=dict(env), stdout=log, stderr=log
+        )
+
+
+async def stop_worker_process(
+    process: asyncio.subprocess.Process, log_path: Path, *, tail: int = 4000
+) -> None:
+    """SIGTERM, then SIGKILL after 30 s; prints the end of its log for a failing test."""
+    if process.returncode is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(process.wait(), 30)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+    text = await asyncio.to_thread(log_path.read_text)
+    print(f"--- {log_path.name}\n{text[-tail:]}")

@@ -19,7 +19,7 @@ import structlog
 
 from shared import catalog
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
-from shared.storage import Storage, StorageError
+from shared.storage import Storage, StorageError, sha256_file
 from trainer_worker import events, remote
 from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
 from trainer_worker.config import (
@@ -44,7 +44,6 @@ from trainer_worker.training import (
     TrainingFailed,
     TrainingSucceeded,
     run_training,
-    sha256_file,
 )
 
 log = structlog.get_logger(__name__)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -26,6 +25,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from shared.storage import sha256_file
 from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_PATH_ENV,
@@ -289,14 +289,6 @@ def _test_entry(tested: Evaluated) -> dict[str, object]:
         "image_count": tested.image_count,
         "metrics": dict(tested.metrics),
     }
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _artifact(kind: str, path: Path) -> ArtifactFile:

@@ -8,7 +8,6 @@ loop serves every other call meanwhile.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import shutil
 import sys
@@ -38,14 +37,6 @@ def resolve(uri: str, root: Path) -> Path | None:
         return None
     path = path.resolve()
     return path if path.is_relative_to(root) else None
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        while chunk := file.read(CHUNK_BYTES):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _check(artifact: Mapping[str, Any], storage: Storage) -> str | None:

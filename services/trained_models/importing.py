@@ -26,6 +26,7 @@ from services.trained_models.handlers import Clock, utcnow, validate_edit
 from services.trained_models.messages import created_message
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.errors import FieldViolation, InvalidArgument, Violations
+from shared.storage import sha256_file
 
 log = structlog.get_logger(__name__)
 
@@ -144,7 +145,7 @@ async def _stage(
         result = {}
         for kind, uri in (("config", command.config_uri), ("checkpoint", command.checkpoint_uri)):
             path = await asyncio.to_thread(_copy_in, uri, kind, folder, policy.artifact_root)
-            digest = await asyncio.to_thread(artifacts.sha256_file, path)
+            digest = await asyncio.to_thread(sha256_file, path)
             result[kind] = (path, path.stat().st_size, digest)
         return result
     violations = Violations()

@@ -6,10 +6,7 @@ two GPUs under torch's distributed launcher. Skipped where CUDA has fewer device
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import signal
-import sys
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
@@ -18,7 +15,7 @@ import pytest
 
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
-from tests.support import eventually
+from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -31,29 +28,10 @@ async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
     """`python -m trainer_worker` with the machine's GPUs: one job per GPU at once."""
     await nc.jetstream().purge_stream(subjects.jobs_stream)
     log_path = tmp_path_factory.mktemp("gpu-worker") / "worker.log"
-    env = {
-        **os.environ,
-        "RAVEN_DATABASE_URL": settings.database_url,
-        "RAVEN_NATS_URL": settings.nats_url,
-        "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
-        "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
-        "RAVEN_JOB_ACK_WAIT_S": str(settings.job_ack_wait_s),
-        "RAVEN_WORKER_ID": "e2e-gpu-worker",
-        "RAVEN_WORKER_DEVICE": "cuda",
-    }
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
-        )
-        yield process
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    print(log_path.read_text()[-4000:])
+    env = worker_env(settings, "e2e-gpu-worker", RAVEN_WORKER_DEVICE="cuda")
+    process = await start_worker_process(env, log_path)
+    yield process
+    await stop_worker_process(process, log_path)
 
 
 @pytest.fixture(scope="module")

@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
-import signal
-import sys
 
 import nats
 import pytest
@@ -18,7 +15,7 @@ from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
 from tests.s3 import S3Server
-from tests.support import eventually
+from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -43,32 +40,18 @@ async def s3_worker(settings: Settings, nc: nats.NATS, subjects, s3: S3Server, t
     """`python -m trainer_worker` whose new artifacts go to the bucket."""
     await nc.jetstream().purge_stream(subjects.jobs_stream)
     work = tmp_path_factory.mktemp("s3-worker")
-    env = {
-        **os.environ,
-        "RAVEN_DATABASE_URL": settings.database_url,
-        "RAVEN_NATS_URL": settings.nats_url,
-        "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
+    env = worker_env(
+        settings,
+        "e2e-s3-worker",
         # Its own scratch folder: nothing it records may point there.
-        "RAVEN_ARTIFACT_ROOT": str(work / "artifacts"),
-        "RAVEN_ARTIFACT_STORE": s3.uri(STORE_PREFIX),
-        "RAVEN_S3_ENDPOINT_URL": s3.endpoint,
-        "RAVEN_JOB_ACK_WAIT_S": str(settings.job_ack_wait_s),
-        "RAVEN_WORKER_ID": "e2e-s3-worker",
-    }
+        RAVEN_ARTIFACT_ROOT=str(work / "artifacts"),
+        RAVEN_ARTIFACT_STORE=s3.uri(STORE_PREFIX),
+        RAVEN_S3_ENDPOINT_URL=s3.endpoint,
+    )
     log_path = work / "worker.log"
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
-        )
-        yield process
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    print(log_path.read_text()[-4000:])
+    process = await start_worker_process(env, log_path)
+    yield process
+    await stop_worker_process(process, log_path)
 
 
 def request(dataset_uri: str) -> training_run_pb2.CreateTrainingRunRequest:

@@ -6,9 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import signal
-import sys
 from pathlib import Path
 
 import nats
@@ -19,7 +16,7 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2,
 )
 from shared.settings import Settings
-from tests.support import eventually
+from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -32,28 +29,10 @@ async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
     # Jobs queued by other tests name datasets that exist only for the service's checks.
     await nc.jetstream().purge_stream(subjects.jobs_stream)
     log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = {
-        **os.environ,
-        "RAVEN_DATABASE_URL": settings.database_url,
-        "RAVEN_NATS_URL": settings.nats_url,
-        "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
-        "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
-        "RAVEN_JOB_ACK_WAIT_S": str(settings.job_ack_wait_s),
-        "RAVEN_WORKER_ID": "e2e-worker",
-    }
-    with log_path.open("wb") as log:
-        process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
-        )
-        yield process
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-    print(log_path.read_text()[-4000:])
+    env = worker_env(settings, "e2e-worker")
+    process = await start_worker_process(env, log_path)
+    yield process
+    await stop_worker_process(process, log_path)
 
 
 @pytest.fixture(scope="module")

@@ -6,10 +6,8 @@ epoch is trained once and the run ends with one TrainedModel (RetinaNet R18, 128
 from __future__ import annotations
 
 import asyncio
-import os
 import re
 import signal
-import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -18,7 +16,7 @@ import pytest
 
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
-from tests.support import eventually
+from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -44,33 +42,15 @@ async def start_worker(
     started: list[tuple[asyncio.subprocess.Process, Path]] = []
 
     async def start(worker_id: str) -> asyncio.subprocess.Process:
-        env = {
-            **os.environ,
-            "RAVEN_DATABASE_URL": settings.database_url,
-            "RAVEN_NATS_URL": settings.nats_url,
-            "RAVEN_NATS_NAMESPACE": settings.nats_namespace,
-            "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
-            "RAVEN_JOB_ACK_WAIT_S": str(ACK_WAIT_S),
-            "RAVEN_WORKER_ID": worker_id,
-        }
+        env = worker_env(settings, worker_id, RAVEN_JOB_ACK_WAIT_S=str(ACK_WAIT_S))
         log_path = tmp_path / f"{worker_id}.log"
-        with log_path.open("wb") as log:
-            process = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "trainer_worker", env=env, stdout=log, stderr=log
-            )
+        process = await start_worker_process(env, log_path)
         started.append((process, log_path))
         return process
 
     yield start
     for process, log_path in started:
-        if process.returncode is None:
-            process.send_signal(signal.SIGTERM)
-            try:
-                await asyncio.wait_for(process.wait(), 30)
-            except TimeoutError:
-                process.kill()
-                await process.wait()
-        print(f"--- {log_path.name}\n{log_path.read_text()[-3000:]}")
+        await stop_worker_process(process, log_path, tail=3000)
 
 
 def request(name: str, dataset_uri: str) -> training_run_pb2.CreateTrainingRunRequest:
