@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
@@ -25,6 +26,7 @@ from urllib.parse import unquote, urlparse
 # Boxes may overshoot the image by rounding in annotation tools.
 _EDGE_TOLERANCE_PX = 1.0
 _EXAMPLES = 3
+_JSON_NUMBERS = (int, float)
 # The key of a COCO `images[]` entry that names the split the image belongs to.
 SPLIT_KEY = "split"
 SPLITS = ("train", "val", "test")
@@ -156,8 +158,10 @@ def prepare_dataset(
     # Contiguous ids in category-id order: mmdet derives label order from the file's order.
     new_id = {cid: i + 1 for i, cid in enumerate(ordered_ids)}
     out_dir.mkdir(parents=True, exist_ok=True)
+    # One resolve: a hundred thousand would cost seconds of lstat calls.
+    resolved_root = str(root.resolve())
     for image in document["images"]:
-        image["file_name"] = str((root / image["file_name"]).resolve())
+        image["file_name"] = os.path.normpath(os.path.join(resolved_root, image["file_name"]))
     for annotation in annotations:
         annotation["category_id"] = new_id[annotation["category_id"]]
     new_categories = [
@@ -386,6 +390,18 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _is_box(bbox: list[Any]) -> bool:
+    """Four finite numbers. JSON numbers are exactly int or float (bool is its own type)."""
+    if all(type(v) in _JSON_NUMBERS for v in bbox):
+        return (
+            math.isfinite(bbox[0])
+            and math.isfinite(bbox[1])
+            and math.isfinite(bbox[2])
+            and math.isfinite(bbox[3])
+        )
+    return all(_is_number(v) for v in bbox)
+
+
 def _sample(items: Iterable[Any]) -> str:
     items = list(items)
     shown = ", ".join(str(i) for i in items[:_EXAMPLES])
@@ -453,9 +469,10 @@ def _image_files(images: Mapping[int, tuple[str, float, float]], root: Path) -> 
     """File sizes by file name; every image must exist."""
     sizes: dict[str, int] = {}
     missing = []
+    folder = str(root)
     for file_name, _, _ in images.values():
         try:
-            sizes[file_name] = (root / file_name).stat().st_size
+            sizes[file_name] = os.stat(os.path.join(folder, file_name)).st_size
         except OSError:
             missing.append(file_name)
     _check(missing, f"images are missing under {root}", ": copy them there or set image_root")
@@ -487,7 +504,7 @@ def _validated_annotations(
             and _is_int(annotation.get("id"))
             and isinstance(bbox, list)
             and len(bbox) == 4
-            and all(_is_number(v) for v in bbox)
+            and _is_box(bbox)
         ):
             malformed.append(f"#{i}")
             continue
@@ -544,5 +561,5 @@ def _write_subset(
         "annotations": [a for a in document["annotations"] if a["image_id"] in image_ids],
         "categories": categories,
     }
-    with path.open("w") as out:
-        json.dump(subset, out)
+    # json.dumps runs the C encoder; json.dump to a file would encode in Python, chunk by chunk.
+    path.write_text(json.dumps(subset))
