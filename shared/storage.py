@@ -138,7 +138,8 @@ class LocalStore:
         path = self.path_of(uri)
         try:
             file = path.open("rb")
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+            # A folder is no object, as on S3.
             raise ObjectNotFound(f"{uri} does not exist") from None
         except OSError as error:
             raise StorageError(f"cannot read {uri}: {error.strerror}") from None

@@ -15,7 +15,6 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlparse
 
 from shared.errors import FailedPrecondition
 from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
@@ -23,20 +22,6 @@ from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
 CHUNK_BYTES = 1024 * 1024
 # Kinds a model cannot be used without.
 REQUIRED_KINDS = ("config", "checkpoint")
-
-
-def resolve(uri: str, root: Path) -> Path | None:
-    """The local path of a file:// URI (or a path relative to the root) inside the
-    artifact root; None for anything else, so nothing outside the store is read or deleted."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme == "" and uri:
-        path = root / uri
-    else:
-        return None
-    path = path.resolve()
-    return path if path.is_relative_to(root) else None
 
 
 def _check(artifact: Mapping[str, Any], storage: Storage) -> str | None:

@@ -1,8 +1,12 @@
 """Import of a root model: upload (or pick from the store), verify, then register.
 
-Files are staged under `<artifact_root>/uploads/<id>/`, checked by a child process
-(torch and mmdet never load in the service), moved to `<artifact_root>/models/<model_id>/`
-and registered in one transaction. Whatever fails on the way removes what it wrote.
+Files are uploaded, or copied from the artifact store (the artifact root or the object
+store, s3:// included), into `<artifact_root>/uploads/<id>/` and checked there by a child
+process (torch and mmdet never load in the service). They then go where new artifacts go
+(`Storage`): moved to `<artifact_root>/models/<model_id>/`, or uploaded to
+`<artifact store>/models/<model_id>/` so that a worker on another machine can fine-tune
+from the model. The model is registered in one transaction. Whatever fails on the way
+removes what it wrote, uploaded objects included.
 """
 
 from __future__ import annotations
@@ -10,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -25,8 +28,8 @@ from services.trained_models.domain import Origin, TrainedModel
 from services.trained_models.handlers import Clock, utcnow, validate_edit
 from services.trained_models.messages import created_message
 from services.trained_models.unit_of_work import UnitOfWork
-from shared.errors import FieldViolation, InvalidArgument, Violations
-from shared.storage import sha256_file
+from shared.errors import FieldViolation, InvalidArgument, Unavailable, Violations
+from shared.storage import ObjectNotFound, Storage, StorageError, UnsupportedUri
 
 log = structlog.get_logger(__name__)
 
@@ -50,7 +53,8 @@ class ImportCommand:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImportPolicy:
-    artifact_root: Path
+    # Where the model's files go; uploads are staged under its artifact root.
+    storage: Storage
     verify_timeout_s: float
     max_bytes: int
 
@@ -119,17 +123,23 @@ async def _receive(parts: AsyncIterator[Part], folder: Path, max_bytes: int) -> 
     return staged
 
 
-def _copy_in(uri: str, kind: str, folder: Path, root: Path) -> Path:
+def _copy_in(uri: str, kind: str, folder: Path, storage: Storage) -> tuple[Path, int, str]:
     field_name = f"metadata.{kind}_uri"
-    source = artifacts.resolve(uri, root)
-    if source is None:
+    if not storage.owns(uri):
         raise InvalidArgument([FieldViolation(field_name, "not a file in the artifact store")])
-    if not source.is_file():
-        raise InvalidArgument([FieldViolation(field_name, f"{uri} does not exist")])
     # The model owns a copy: deleting it later must not delete the caller's file.
     target = folder / FILE_NAMES[kind]
-    shutil.copyfile(source, target)
-    return target
+    try:
+        stored = storage.get_file(uri, target)
+    except ObjectNotFound:
+        raise InvalidArgument([FieldViolation(field_name, f"{uri} does not exist")]) from None
+    except UnsupportedUri:
+        raise InvalidArgument(
+            [FieldViolation(field_name, "not a file in the artifact store")]
+        ) from None
+    except StorageError as error:
+        raise Unavailable(f"the {kind} at {uri} cannot be read: {error}") from None
+    return target, stored.size_bytes, stored.sha256
 
 
 async def _stage(
@@ -142,12 +152,11 @@ async def _stage(
             raise InvalidArgument(
                 [FieldViolation("metadata.config_uri", "give URIs or upload files, not both")]
             )
-        result = {}
-        for kind, uri in (("config", command.config_uri), ("checkpoint", command.checkpoint_uri)):
-            path = await asyncio.to_thread(_copy_in, uri, kind, folder, policy.artifact_root)
-            digest = await asyncio.to_thread(sha256_file, path)
-            result[kind] = (path, path.stat().st_size, digest)
-        return result
+        uris = {"config": command.config_uri, "checkpoint": command.checkpoint_uri}
+        return {
+            kind: await asyncio.to_thread(_copy_in, uri, kind, folder, policy.storage)
+            for kind, uri in uris.items()
+        }
     violations = Violations()
     for kind in FILE_NAMES:
         violations.check(
@@ -155,6 +164,48 @@ async def _stage(
         )
     violations.raise_if_any()
     return {k: (s.path, s.size, s.digest.hexdigest()) for k, s in staged.items()}
+
+
+async def _keep(
+    files: dict[str, tuple[Path, int, str]], model_id: uuid.UUID, storage: Storage
+) -> list[dict[str, str]]:
+    """Puts the verified files at models/<model_id>/ in the artifact store (a rename under
+    the artifact root, an upload to an object store); their records. Whatever it stored is
+    removed if it fails."""
+    records = []
+    try:
+        for kind, (path, size, digest) in files.items():
+            key = f"models/{model_id}/{path.name}"
+            if storage.remote:
+                stored = await asyncio.to_thread(storage.put_artifact, path, key)
+                if stored.sha256 != digest:
+                    raise StorageError(
+                        f"{stored.uri} was stored with sha256 {stored.sha256}, "
+                        f"{digest} was verified"
+                    )
+                uri = stored.uri
+            else:
+                final = storage.artifact_root / key
+                await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
+                await asyncio.to_thread(os.replace, path, final)
+                uri = final.as_uri()
+            records.append({"kind": kind, "uri": uri, "size_bytes": str(size), "sha256": digest})
+    except BaseException as error:
+        await _discard(storage, model_id)
+        if isinstance(error, StorageError):
+            raise Unavailable(f"the model's files cannot be stored: {error}") from None
+        raise
+    return records
+
+
+async def _discard(storage: Storage, model_id: uuid.UUID) -> None:
+    """Removes models/<model_id>/ from the artifact store. A failure is logged, not raised
+    in place of the error that led here."""
+    uri = storage.artifact_uri(f"models/{model_id}/")
+    try:
+        await asyncio.to_thread(storage.delete_prefix, uri)
+    except StorageError as error:
+        log.warning("files of a failed import were not removed", uri=uri, error=str(error))
 
 
 async def _drain(parts: AsyncIterator[Part]) -> None:
@@ -179,11 +230,10 @@ async def import_model(
             await _drain(parts)
             return existing
 
-    root = policy.artifact_root
-    staging = root / "uploads" / uuid.uuid4().hex
+    storage = policy.storage
+    staging = storage.artifact_root / "uploads" / uuid.uuid4().hex
     await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
     model_id = uuid.uuid4()
-    target = root / "models" / str(model_id)
     try:
         files = await _stage(command, parts, staging, policy)
         verdict = await artifacts.verify_model_files(
@@ -201,48 +251,38 @@ async def import_model(
             )
         violations.raise_if_any()
 
-        await asyncio.to_thread(target.mkdir, parents=True)
-        records = []
-        for kind, (path, size, digest) in files.items():
-            final = target / path.name
-            await asyncio.to_thread(os.replace, path, final)
-            records.append(
-                {"kind": kind, "uri": final.as_uri(), "size_bytes": str(size), "sha256": digest}
-            )
-        now = clock()
-        model = TrainedModel(
-            id=model_id,
-            display_name=command.display_name,
-            description=command.description,
-            labels=dict(command.labels),
-            architecture=command.architecture,
-            classes=list(command.classes),
-            artifacts=records,
-            facts={"parameter_count": str(verdict.parameter_count)},
-            creator=command.creator,
-            origin=Origin.IMPORT,
-            request_id=request_id,
-            create_time=now,
-            update_time=now,
-        )
+        records = await _keep(files, model_id, storage)
         try:
+            now = clock()
+            model = TrainedModel(
+                id=model_id,
+                display_name=command.display_name,
+                description=command.description,
+                labels=dict(command.labels),
+                architecture=command.architecture,
+                classes=list(command.classes),
+                artifacts=records,
+                facts={"parameter_count": str(verdict.parameter_count)},
+                creator=command.creator,
+                origin=Origin.IMPORT,
+                request_id=request_id,
+                create_time=now,
+                update_time=now,
+            )
             async with uow_factory() as uow:
                 await uow.models.add(model)
                 uow.publish(created_message(model, uow.subjects))
                 await uow.commit()
-        except IntegrityError:
-            # The same request_id raced this one and won: answer with its model.
-            await asyncio.to_thread(artifacts.remove_tree, target)
-            if request_id is None:
+        except BaseException as error:
+            await _discard(storage, model_id)
+            if not isinstance(error, IntegrityError) or request_id is None:
                 raise
+            # The same request_id raced this one and won: answer with its model.
             async with uow_factory() as uow:
                 existing = await uow.models.get_by_request(command.creator, request_id)
             if existing is None:
                 raise
             return existing
-    except BaseException:
-        await asyncio.to_thread(artifacts.remove_tree, target)
-        raise
     finally:
         await asyncio.to_thread(artifacts.remove_tree, staging)
     log.info("trained model imported", model_id=str(model_id), creator=command.creator)

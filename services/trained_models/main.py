@@ -44,7 +44,6 @@ class TrainedModelsApp(ServiceApp):
         def uow_factory() -> UnitOfWork:
             return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
 
-        root = self.settings.resolved_artifact_root()
         storage = Storage.from_settings(self.settings)
         servicer = TrainedModelServicer(
             uow_factory=uow_factory,
@@ -55,7 +54,7 @@ class TrainedModelsApp(ServiceApp):
                 min_bbox_map=self.settings.publish_min_bbox_map,
             ),
             import_policy=ImportPolicy(
-                artifact_root=root,
+                storage=storage,
                 verify_timeout_s=self.settings.import_verify_timeout_s,
                 max_bytes=self.settings.import_max_bytes,
             ),

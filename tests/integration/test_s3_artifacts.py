@@ -1,25 +1,33 @@
 """The services with datasets and artifacts in S3 (moto's server on loopback): the dataset
 check at creation, a model whose files are s3:// objects (download, publication gate,
-fine-tuning), and deletions, which remove objects under the artifact store only."""
+fine-tuning), imports into the artifact store, and deletions, which remove objects under
+the artifact store only."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
+import subprocess
+import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.trained_models import handlers as models_handlers
+from services.trained_models import importing
+from services.trained_models.domain import TrainedModel
 from services.trained_models.unit_of_work import UnitOfWork as ModelsUnitOfWork
 from services.training_runs import handlers
 from services.training_runs.spec import SpecRequest
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.db.engine import create_engine, session_factory
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, Unavailable
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
@@ -29,6 +37,7 @@ from tests.s3 import S3Server
 from tests.support import WorkerDriver, create_request, eventually, violations
 
 pytestmark = pytest.mark.timeout(90)
+ROOT = Path(__file__).resolve().parents[2]
 TrainingRun = training_run_pb2.TrainingRun
 FIELD = "training_run.spec.dataset_uri"
 
@@ -252,3 +261,130 @@ async def test_deleting_a_run_deletes_its_stored_checkpoints(
     await handlers.delete_run(uow_factory(), run_id, etag="", storage=storage)
     assert s3.keys(f"{prefix}runs/{run_id}/") == []
     assert len(s3.keys(f"{prefix}runs/")) == 1, "other runs keep theirs"
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A real (tiny, random) RetinaNet: config, checkpoint and a truncated checkpoint."""
+    folder = tmp_path_factory.mktemp("model")
+    subprocess.run(
+        [sys.executable, "-m", "tests.checkpoints", str(folder)], check=True, cwd=ROOT, timeout=120
+    )
+    return folder
+
+
+def _s3_storage(root: Path, s3: S3Server, prefix: str, endpoint: str = "") -> Storage:
+    return Storage(
+        artifact_root=root,
+        artifact_store=s3.uri(prefix + "store"),
+        s3=S3Store(endpoint_url=endpoint or s3.endpoint),
+    )
+
+
+async def _import(
+    uow_factory: Callable[[], ModelsUnitOfWork],
+    storage: Storage,
+    files: dict[str, Path] | None = None,
+    **metadata: Any,
+) -> TrainedModel:
+    async def parts() -> AsyncIterator[importing.Part]:
+        for kind, path in (files or {}).items():
+            yield kind, path.read_bytes()
+
+    command = importing.ImportCommand(
+        display_name="imported",
+        architecture="retinanet_r18_fpn",
+        classes=["dump", "tire"],
+        creator="tests",
+        **metadata,
+    )
+    policy = importing.ImportPolicy(storage=storage, verify_timeout_s=120, max_bytes=1 << 30)
+    return await importing.import_model(uow_factory, command, parts(), policy)
+
+
+def _local_files(root: Path) -> list[Path]:
+    return [path for path in root.rglob("*") if path.is_file()]
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("trained_models")
+async def test_an_uploaded_model_is_imported_into_the_artifact_store(
+    models_uow_factory, s3: S3Server, prefix, model_files, tmp_path
+):
+    storage = _s3_storage(tmp_path, s3, prefix)
+    upload = {"config": model_files / "config.py", "checkpoint": model_files / "checkpoint.pth"}
+    # Two imports with one request_id race: the loser removes the objects it uploaded.
+    request_id = str(uuid.uuid4())
+    first, second = await asyncio.gather(
+        *(_import(models_uow_factory, storage, upload, request_id=request_id) for _ in range(2))
+    )
+    assert first.id == second.id
+    folder = f"{prefix}store/models/{first.id}/"
+    assert s3.keys(prefix) == [folder + "checkpoint.pth", folder + "config.py"]
+    for artifact in first.artifacts:
+        key = folder + upload[artifact["kind"]].name
+        data = upload[artifact["kind"]].read_bytes()
+        assert artifact["uri"] == s3.uri(key)
+        assert artifact["sha256"] == hashlib.sha256(data).hexdigest() == s3.sha256(key)
+        assert int(artifact["size_bytes"]) == len(data) == len(s3.get(key))
+    assert _local_files(tmp_path) == [], "no copy is left under the artifact root"
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("trained_models")
+async def test_a_model_is_imported_from_s3_uris(
+    models_uow_factory, s3: S3Server, prefix, model_files, tmp_path
+):
+    storage = _s3_storage(tmp_path, s3, prefix)
+    checkpoint_data = (model_files / "checkpoint.pth").read_bytes()
+    config = s3.put(f"{prefix}store/incoming/config.py", (model_files / "config.py").read_bytes())
+    checkpoint = s3.put(f"{prefix}store/incoming/checkpoint.pth", checkpoint_data)
+    model = await _import(models_uow_factory, storage, config_uri=config, checkpoint_uri=checkpoint)
+    key = f"{prefix}store/models/{model.id}/checkpoint.pth"
+    assert model.artifact("checkpoint") == {
+        "kind": "checkpoint",
+        "uri": s3.uri(key),
+        "size_bytes": str(len(checkpoint_data)),
+        "sha256": hashlib.sha256(checkpoint_data).hexdigest(),
+    }
+    assert s3.get(key) == checkpoint_data
+    assert len(s3.keys(f"{prefix}store/incoming/")) == 2, "the caller's objects stay"
+
+    async def refused(**uris: str) -> tuple[str, str]:
+        with pytest.raises(InvalidArgument) as caught:
+            await _import(models_uow_factory, storage, **uris)
+        ((field, description),) = [(v.field, v.description) for v in caught.value.violations]
+        return field, description
+
+    missing = s3.uri(f"{prefix}store/incoming/absent.pth")
+    assert await refused(config_uri=config, checkpoint_uri=missing) == (
+        "metadata.checkpoint_uri",
+        f"{missing} does not exist",
+    )
+    elsewhere = s3.put(f"{prefix}elsewhere/config.py", b"model = dict()\n")
+    assert await refused(config_uri=elsewhere, checkpoint_uri=checkpoint) == (
+        "metadata.config_uri",
+        "not a file in the artifact store",
+    )
+
+    unreachable = _s3_storage(tmp_path, s3, prefix, endpoint=f"http://127.0.0.1:{closed_port()}")
+    with pytest.raises(Unavailable) as failed:
+        await _import(models_uow_factory, unreachable, config_uri=config, checkpoint_uri=checkpoint)
+    assert config in failed.value.message
+    assert s3.keys(f"{prefix}store/models/") == [key, key.replace("checkpoint.pth", "config.py")]
+    assert _local_files(tmp_path) == []
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.usefixtures("trained_models")
+async def test_a_bad_upload_leaves_nothing_in_the_artifact_store(
+    models_uow_factory, s3: S3Server, prefix, model_files, tmp_path
+):
+    storage = _s3_storage(tmp_path, s3, prefix)
+    upload = {"config": model_files / "config.py", "checkpoint": model_files / "truncated.pth"}
+    with pytest.raises(InvalidArgument) as caught:
+        await _import(models_uow_factory, storage, upload)
+    (violation,) = caught.value.violations
+    assert violation.field == "checkpoint_chunk" and "cannot be loaded" in violation.description
+    assert s3.keys(prefix) == []
+    assert _local_files(tmp_path) == []

@@ -68,6 +68,8 @@ def test_local_store_round_trip(tmp_path: Path) -> None:
     assert not (store.root / "models" / "m1").exists(), "an emptied folder goes too"
     with pytest.raises(ObjectNotFound):
         store.get_file(uri, tmp_path / "gone")
+    with pytest.raises(ObjectNotFound):
+        store.get_file(store.root.as_uri(), tmp_path / "folder")
 
 
 def test_local_store_refuses_what_is_outside_its_root(tmp_path: Path) -> None:
