@@ -29,6 +29,9 @@ class Claim:
     # The newest checkpoint an earlier attempt stored, to resume from.
     resume_from: common_pb2.Artifact | None = None
     resume_epoch: int = 0
+    # The best epoch's checkpoint so far, when it is not resume_from.
+    best_checkpoint: common_pb2.Artifact | None = None
+    best_epoch: int = 0
 
 
 class ClaimClient:
@@ -58,4 +61,8 @@ class ClaimClient:
             refusal=response.refusal,
             resume_from=response.resume_from if response.HasField("resume_from") else None,
             resume_epoch=response.resume_epoch,
+            best_checkpoint=(
+                response.best_checkpoint if response.HasField("best_checkpoint") else None
+            ),
+            best_epoch=response.best_epoch,
         )

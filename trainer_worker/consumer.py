@@ -184,7 +184,12 @@ class JobConsumer:
                 return
             job.attempt = claim.attempt
             if claim.resume_from is not None:
-                resume = ResumePoint(checkpoint=claim.resume_from, epoch=claim.resume_epoch)
+                resume = ResumePoint(
+                    checkpoint=claim.resume_from,
+                    epoch=claim.resume_epoch,
+                    best_checkpoint=claim.best_checkpoint,
+                    best_epoch=claim.best_epoch,
+                )
         identity = JobIdentity(
             training_run=job.training_run,
             run_id=run_id,

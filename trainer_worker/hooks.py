@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import threading
 import time
 from collections.abc import Mapping
@@ -26,12 +25,12 @@ from trainer_worker.protocol import (
     Evaluated,
     ProgressReported,
     TrainingStarted,
+    checkpoint_epochs,
     encode,
 )
 
 # Where the per-epoch series travels inside an mmengine checkpoint.
 HISTORY_KEY = "raven_epochs"
-_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 
 
 class EventWriter:
@@ -219,26 +218,39 @@ class CheckpointReportHook(Hook):  # type: ignore[misc]
 
 
 class PruneCheckpointsHook(Hook):  # type: ignore[misc]
-    """Keeps only the best epoch's and the latest checkpoint (for resume) on disk."""
+    """Keeps only the best epoch's and the latest checkpoint (for resume) on disk.
+
+    A resumed attempt starts with the validations of the earlier epochs whose checkpoints
+    the worker put in its work dir (the best one's, the one resumed from): the best epoch
+    may be one of them.
+    """
 
     priority = "VERY_LOW"
 
     def __init__(self) -> None:
         self._evaluations: dict[int, dict[str, float]] = {}
 
+    def after_load_checkpoint(self, runner: Any, checkpoint: dict[str, Any]) -> None:
+        # A base model's checkpoint (load_from without resume) belongs to another run.
+        if not getattr(runner, "_resume", False):
+            return
+        placed = checkpoint_epochs(Path(runner.work_dir))
+        for entry in checkpoint.get(HISTORY_KEY) or []:
+            epoch = int(entry["epoch"])
+            if epoch in placed:
+                self._evaluations[epoch] = _floats(entry.get("val") or {})
+
     def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
         epoch = runner.epoch
         self._evaluations[epoch] = _floats(metrics or {})
         best = best_epoch(self._evaluations, last_epoch=epoch)
-        keep = {best, epoch}
-        for path in Path(runner.work_dir).glob("epoch_*.pth"):
-            match = _CHECKPOINT.match(path.name)
-            if match and int(match.group(1)) not in keep:
-                path.unlink(missing_ok=True)
+        work_dir = Path(runner.work_dir)
+        for stale in checkpoint_epochs(work_dir) - {best, epoch}:
+            (work_dir / f"epoch_{stale}.pth").unlink(missing_ok=True)
 
     def best(self, runner: Any) -> int | None:
-        """The epoch whose checkpoint the run keeps: chosen among this attempt's validations,
-        as the parent chooses it (trainer_worker.training)."""
+        """The epoch whose checkpoint the run keeps: chosen among this attempt's validations
+        and the placed earlier epochs', as the parent chooses it (trainer_worker.training)."""
         return best_epoch(self._evaluations, last_epoch=runner.epoch)
 
 

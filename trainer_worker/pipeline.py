@@ -32,9 +32,11 @@ from trainer_worker.config import (
 from trainer_worker.dataset import DatasetError, PreparedDataset, prepare_dataset, resolve_location
 from trainer_worker.devices import CUDA_VISIBLE_DEVICES, GpuPool, per_device_batch
 from trainer_worker.events import EventPublisher
+from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,
+    EpochsRestored,
     Evaluated,
     ProgressReported,
     TrainingStarted,
@@ -43,6 +45,7 @@ from trainer_worker.training import (
     TrainingCancelled,
     TrainingFailed,
     TrainingSucceeded,
+    place_checkpoint,
     run_training,
 )
 
@@ -88,6 +91,9 @@ class ResumePoint:
 
     checkpoint: common_pb2.Artifact
     epoch: int
+    # The best epoch's checkpoint so far, when it is not `checkpoint`.
+    best_checkpoint: common_pb2.Artifact | None = None
+    best_epoch: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -264,6 +270,13 @@ async def _train(
         if resume is not None
         else None
     )
+    placed = (
+        await place_earlier_checkpoints(
+            resume, resume_from, folder / "work", environment=environment, inputs=inputs
+        )
+        if resume is not None and resume_from is not None
+        else set()
+    )
     try:
         configs_root = mmdet_configs_root()
     except RuntimeError as error:
@@ -323,6 +336,18 @@ async def _train(
         elif isinstance(event, Evaluated):
             count = prepared.test_image_count if event.split == "test" else prepared.val_image_count
             await publisher.publish(evaluation=events.evaluation(event, image_count=count))
+        elif isinstance(event, EpochsRestored):
+            restored = {int(e["epoch"]): e.get("val") or {} for e in event.epochs}
+            best = best_epoch(restored, last_epoch=0)
+            if best is not None and best not in placed:
+                await publisher.publish(
+                    notice=events.notice(
+                        "best_checkpoint_unavailable",
+                        f"epoch {best} of an earlier attempt has the best mAP so far, but its "
+                        "checkpoint is not available: the model's checkpoint is chosen among "
+                        f"epochs {', '.join(map(str, sorted(placed)))} and this attempt's",
+                    )
+                )
         elif isinstance(event, CheckpointWritten):
             checkpoint = await _stored_checkpoint(
                 Path(event.path), f"runs/{run_id}/attempt-{job.attempt}/", environment
@@ -356,6 +381,35 @@ async def _train(
         )
     finally:
         environment.gpus.release(leased)
+
+
+async def place_earlier_checkpoints(
+    resume: ResumePoint,
+    resume_from: Path,
+    work_dir: Path,
+    *,
+    environment: WorkerEnvironment,
+    inputs: Path,
+) -> set[int]:
+    """Puts the checkpoints of the epoch resumed from and of the best epoch so far into the
+    new work dir, where training chooses the model's checkpoint. The epochs placed; a best
+    checkpoint that cannot be verified is left out (the relay then says so)."""
+    await asyncio.to_thread(place_checkpoint, resume_from, work_dir, epoch=resume.epoch)
+    placed = {resume.epoch}
+    if resume.best_checkpoint is None or resume.best_epoch in placed:
+        return placed
+    try:
+        best = await _verified_file(
+            resume.best_checkpoint,
+            what=f"the checkpoint of the best epoch {resume.best_epoch}",
+            environment=environment,
+            inputs=inputs,
+        )
+    except _Failed as failure:
+        log.warning("best checkpoint unavailable", reason=failure.reason, error=failure.message)
+        return placed
+    await asyncio.to_thread(place_checkpoint, best, work_dir, epoch=resume.best_epoch)
+    return {*placed, resume.best_epoch}
 
 
 def _prepare(

@@ -8,8 +8,10 @@ Torch-free on purpose: the parent never imports the training stack.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 EVENT_PATH_ENV = "RAVEN_EVENT_PATH"
@@ -17,12 +19,19 @@ EVENT_PATH_ENV = "RAVEN_EVENT_PATH"
 EXIT_CANCELLED = 3
 # Exit status of a child whose loss became NaN or infinite (after a LossDiverged event).
 EXIT_DIVERGED = 4
+_CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 
 
 def weights_file(epoch: int) -> str:
     """The file in the work dir where the child, after training, puts the weights (and
     meta) of `epoch`'s checkpoint without its optimizer state: what the model keeps."""
     return f"epoch_{epoch}.weights.pth"
+
+
+def checkpoint_epochs(work_dir: Path) -> set[int]:
+    """The epochs whose full checkpoints (mmengine's `epoch_{n}.pth`) are in `work_dir`."""
+    matches = (_CHECKPOINT.match(path.name) for path in work_dir.glob("epoch_*.pth"))
+    return {int(match.group(1)) for match in matches if match}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

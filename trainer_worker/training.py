@@ -38,6 +38,7 @@ from trainer_worker.protocol import (
     LossDiverged,
     ProtocolError,
     TrainingStarted,
+    checkpoint_epochs,
     decode,
     weights_file,
 )
@@ -157,6 +158,8 @@ async def run_training(
     """
     started = time.monotonic()
     await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+    # Checkpoints in the work dir before training are earlier epochs' (place_checkpoint).
+    placed = await asyncio.to_thread(checkpoint_epochs, work_dir)
     observed = _Observed()
 
     async def record(event: ChildEvent) -> None:
@@ -199,6 +202,7 @@ async def run_training(
     return await asyncio.to_thread(
         _collect,
         observed=observed,
+        placed=placed,
         work_dir=work_dir,
         config_path=config_path,
         artifact_dir=artifact_dir,
@@ -208,9 +212,23 @@ async def run_training(
     )
 
 
+def place_checkpoint(source: Path, work_dir: Path, *, epoch: int) -> None:
+    """Puts an earlier attempt's checkpoint of `epoch` into this attempt's work dir before
+    training, so that the best checkpoint is chosen among that epoch too."""
+    work_dir.mkdir(parents=True, exist_ok=True)
+    target = work_dir / f"epoch_{epoch}.pth"
+    target.unlink(missing_ok=True)
+    try:
+        os.link(source, target)
+    except OSError:
+        # Another file system: training prunes and moves the work dir's files, so a copy.
+        shutil.copyfile(source, target)
+
+
 def _collect(
     *,
     observed: _Observed,
+    placed: set[int],
     work_dir: Path,
     config_path: Path,
     artifact_dir: Path,
@@ -220,8 +238,10 @@ def _collect(
 ) -> TrainingOutcome:
     train, val = observed.series()
     last_epoch = max(train, default=0)
-    # Chosen among this attempt's epochs: an earlier attempt's checkpoints stay with it.
-    best = best_epoch(observed.val, last_epoch=last_epoch)
+    # Chosen among this attempt's epochs and the earlier ones whose checkpoints were placed
+    # in the work dir, as the child's PruneCheckpointsHook chooses it.
+    restored = {e: m for e, m in observed.restored_val.items() if e in placed}
+    best = best_epoch({**restored, **observed.val}, last_epoch=last_epoch)
     checkpoint = work_dir / f"epoch_{best}.pth"
     if best is None or not checkpoint.is_file():
         return TrainingFailed(
@@ -273,7 +293,7 @@ def _collect(
     return TrainingSucceeded(
         artifacts=artifacts,
         best_epoch=best,
-        best_metrics=observed.val.get(best, {}),
+        best_metrics=val.get(best, {}),
         epochs=epochs,
         epochs_trained=last_epoch,
         duration_s=duration_s,

@@ -32,7 +32,7 @@ class ClaimResponder:
             await msg.respond(ClaimJobResponse(refusal="unknown_run").SerializeToString())
             return
         try:
-            claim, resume = await claim_job(
+            claim = await claim_job(
                 self._uow_factory(),
                 run_id,
                 attempt=request.attempt,
@@ -46,7 +46,10 @@ class ClaimResponder:
         response = ClaimJobResponse(
             granted=claim.granted, attempt=claim.attempt, refusal=claim.refusal
         )
-        if resume is not None:
-            parse(resume, response.resume_from)
-            response.resume_epoch = int(resume.get("epoch", 0))
+        if claim.resume_from is not None:
+            parse(claim.resume_from, response.resume_from)
+            response.resume_epoch = int(claim.resume_from.get("epoch", 0))
+        if claim.best_checkpoint is not None:
+            parse(claim.best_checkpoint, response.best_checkpoint)
+            response.best_epoch = int(claim.best_checkpoint.get("epoch", 0))
         await msg.respond(response.SerializeToString())

@@ -109,9 +109,14 @@ class Claim:
     attempt: int
     # Why not, when not granted: finished, cancelled, superseded, attempts_exhausted.
     refusal: str = ""
+    # When granted: the newest stored checkpoint, to resume from, and the best epoch's
+    # when it is another one (each with its "epoch").
+    resume_from: Payload | None = None
+    best_checkpoint: Payload | None = None
 
 
-# Kind of the artifact entry that holds the newest stored checkpoint of a running run.
+# Kind of the artifact entries that hold the stored checkpoints of a running run: the
+# newest epoch's and the best epoch's.
 RESUME_CHECKPOINT = "resume_checkpoint"
 
 
@@ -267,20 +272,36 @@ class TrainingRun:
             if self.state is RunState.FAILED:
                 return Claim(granted=False, attempt=self.attempt, refusal="attempts_exhausted")
         self.start_preparing(worker_id=worker_id, actor=actor, now=now)
-        return Claim(granted=True, attempt=self.attempt)
+        return Claim(
+            granted=True,
+            attempt=self.attempt,
+            resume_from=self.resume_checkpoint,
+            best_checkpoint=self.best_checkpoint,
+        )
 
     @property
     def resume_checkpoint(self) -> dict[str, Any] | None:
-        return next((a for a in self.artifacts if a.get("kind") == RESUME_CHECKPOINT), None)
+        """The newest stored checkpoint, for a later attempt to resume from."""
+        return max(self._checkpoints(), key=lambda a: int(a["epoch"]), default=None)
+
+    @property
+    def best_checkpoint(self) -> dict[str, Any] | None:
+        """The stored checkpoint of the best epoch so far, when it is not the newest one:
+        a resumed attempt still chooses the model's checkpoint among all epochs."""
+        best, newest = self.best_epoch, self.resume_checkpoint
+        if best is None or newest is None or int(newest["epoch"]) == best:
+            return None
+        return next((a for a in self._checkpoints() if int(a["epoch"]) == best), None)
 
     def record_checkpoint(self, checkpoint: Payload, *, epoch: int, now: datetime) -> None:
-        """Keeps the newest stored checkpoint, for a later attempt to resume from."""
+        """Keeps the stored checkpoint of `epoch`; its evaluation comes later."""
         self._require_active("record a checkpoint")
         entry = {**checkpoint, "kind": RESUME_CHECKPOINT, "epoch": epoch}
         self.artifacts = [
-            *(a for a in self.artifacts if a.get("kind") != RESUME_CHECKPOINT),
+            *(a for a in self.artifacts if not _is_checkpoint(a) or int(a["epoch"]) != epoch),
             entry,
         ]
+        self._prune_checkpoints()
         self.update_time = now
 
     def record_dataset(self, summary: Payload, *, actor: str, now: datetime) -> None:
@@ -317,6 +338,7 @@ class TrainingRun:
             return
         self.latest_evaluation = dict(evaluation)
         self._epoch(int(evaluation.get("epoch", 0)))["val"] = dict(evaluation.get("metrics", {}))
+        self._prune_checkpoints()
         self._append(EventKind.EVALUATION, evaluation, actor, now)
 
     def _epoch(self, epoch: int) -> dict[str, Any]:
@@ -452,6 +474,18 @@ class TrainingRun:
 
     # Internals.
 
+    def _checkpoints(self) -> list[dict[str, Any]]:
+        return [a for a in self.artifacts if _is_checkpoint(a)]
+
+    def _prune_checkpoints(self) -> None:
+        """Only the newest and the best epoch's checkpoints stay recorded, as only their
+        files stay on the worker's disk (trainer_worker.hooks.PruneCheckpointsHook)."""
+        newest = self.resume_checkpoint
+        keep = {self.best_epoch, int(newest["epoch"]) if newest else None}
+        self.artifacts = [
+            a for a in self.artifacts if not _is_checkpoint(a) or int(a["epoch"]) in keep
+        ]
+
     def _require_active(self, what: str) -> None:
         if not self.state.is_active:
             raise FailedPrecondition(f"training run {self.id} is {self.state}: cannot {what}")
@@ -502,6 +536,10 @@ class TrainingRun:
         self.update_time = now
         if kind is not EventKind.PROGRESS:
             self.version += 1
+
+
+def _is_checkpoint(artifact: Mapping[str, Any]) -> bool:
+    return artifact.get("kind") == RESUME_CHECKPOINT
 
 
 def _merged_series(live: list[dict[str, Any]], final: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -333,12 +333,12 @@ async def claim_job(
     worker_id: str,
     max_attempts: int,
     clock: Clock = utcnow,
-) -> tuple[Claim, dict[str, Any] | None]:
-    """Answers a worker that wants to start a job; with the checkpoint to resume from."""
+) -> Claim:
+    """Answers a worker that wants to start a job; with the checkpoints to resume from."""
     async with uow:
         run = await uow.runs.get(run_id, for_update=True)
         if run is None:
-            return Claim(granted=False, attempt=attempt, refusal="unknown_run"), None
+            return Claim(granted=False, attempt=attempt, refusal="unknown_run")
         claim = run.claim(
             attempt=attempt, worker_id=worker_id, max_attempts=max_attempts, now=clock()
         )
@@ -351,7 +351,7 @@ async def claim_job(
         attempt=claim.attempt,
         refusal=claim.refusal,
     )
-    return claim, run.resume_checkpoint if claim.granted else None
+    return claim
 
 
 async def recover_lost_runs(

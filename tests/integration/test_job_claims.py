@@ -71,6 +71,46 @@ async def test_a_taken_over_run_resumes_from_its_newest_recorded_checkpoint(
     assert takeover.resume_from.sha256 == "2" * 64
 
 
+async def test_a_taken_over_run_also_gets_the_best_epochs_checkpoint(
+    runs, nc, js, subjects, dataset_uri
+):
+    run = await runs.CreateTrainingRun(create_request(dataset_uri))
+    assert (await claim(nc, subjects, run, attempt=1, worker="w1")).granted
+    worker = WorkerDriver(js, subjects, run)
+    for epoch, mAP in ((1, 0.3), (2, 0.6), (3, 0.4)):
+        await worker.send(
+            checkpoint_saved=worker_pb2.WorkerEvent.CheckpointSaved(
+                epoch=epoch,
+                iteration=epoch * 4,
+                checkpoint=common_pb2.Artifact(
+                    kind="checkpoint", uri=f"file:///ckpt/epoch_{epoch}.pth", sha256=f"{epoch}" * 64
+                ),
+            )
+        )
+        await worker.send(
+            evaluation=common_pb2.Evaluation(
+                epoch=epoch, split="val", metrics={"coco/bbox_mAP": mAP}
+            )
+        )
+    await worker.send(notice=training_run_pb2.TrainingRunEvent.Notice(code="sync", message=""))
+
+    async def synced() -> bool:
+        page = await runs.ListTrainingRunEvents(
+            training_run_pb2.ListTrainingRunEventsRequest(name=run.name)
+        )
+        return any(e.notice.code == "sync" for e in page.events)
+
+    await eventually(synced)
+    takeover = await claim(nc, subjects, run, attempt=1, worker="w2")
+    assert takeover.granted and takeover.attempt == 2
+    assert takeover.resume_epoch == 3
+    assert takeover.resume_from.uri == "file:///ckpt/epoch_3.pth"
+    # Epoch 2 had the highest mAP: the resumed attempt keeps it as a candidate.
+    assert takeover.best_epoch == 2
+    assert takeover.best_checkpoint.uri == "file:///ckpt/epoch_2.pth"
+    assert takeover.best_checkpoint.sha256 == "2" * 64
+
+
 async def test_cancelled_and_exhausted_runs_are_refused(runs, nc, subjects, dataset_uri):
     run = await runs.CreateTrainingRun(create_request(dataset_uri))
     await runs.CancelTrainingRun(training_run_pb2.CancelTrainingRunRequest(name=run.name))

@@ -33,6 +33,7 @@ from trainer_worker.training import (
     TrainingFailed,
     TrainingOutcome,
     TrainingSucceeded,
+    place_checkpoint,
     run_training,
 )
 
@@ -47,13 +48,16 @@ from trainer_worker.verify import verify
 pytestmark = pytest.mark.timeout(240)
 
 
-def prepared(folder: Path, classes: tuple[str, ...], *, seed: int = 0) -> PreparedDataset:
+def prepared(
+    folder: Path, classes: tuple[str, ...], *, seed: int = 0, test_fraction: float = 0.0
+) -> PreparedDataset:
     annotation = make_dataset(folder / "data", images=16, size=128, classes=classes, seed=seed)
     return prepare_dataset(
         annotation_path=annotation,
         image_root=None,
         out_dir=folder / "dataset",
         val_fraction=0.25,
+        test_fraction=test_fraction,
         seed=seed,
     )
 
@@ -86,6 +90,7 @@ async def train(
             val_path=dataset.val_path,
             classes=dataset.classes,
             train_image_count=dataset.train_image_count,
+            test_path=dataset.test_path,
         ),
         work_dir=folder / "work",
         configs_root=mmdet_configs_root(),
@@ -230,6 +235,62 @@ async def test_resume_continues_after_the_checkpoint_epoch(
     assert [r.epoch for r in outcome.epochs] == list(range(1, root.best_epoch + 2))
     assert all("loss" in r.train for r in outcome.epochs)
     assert outcome.epochs_trained == root.best_epoch + 1
+
+
+def with_best_first_epoch(source: Path, target: Path) -> Path:
+    """A copy of an epoch 2 checkpoint whose series says epoch 1 scored the highest mAP
+    (an untrained model on a tiny dataset scores next to nothing, if anything)."""
+    checkpoint = torch.load(source, map_location="cpu", weights_only=False)
+    for entry in checkpoint["raven_epochs"]:
+        if entry["epoch"] == 1:
+            entry["val"] = {**entry["val"], "coco/bbox_mAP": 1.0}
+    torch.save(checkpoint, target)
+    return target
+
+
+def same_weights(model: Path, checkpoint: Path) -> bool:
+    kept = torch.load(model, map_location="cpu", weights_only=True)["state_dict"]
+    full = torch.load(checkpoint, map_location="cpu", weights_only=False)["state_dict"]
+    return set(kept) == set(full) and all(torch.equal(kept[k], full[k]) for k in kept)
+
+
+@pytest.mark.parametrize("placed", [True, False], ids=["placed", "unavailable"])
+async def test_a_resumed_run_keeps_an_earlier_attempts_best_epoch(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+    tmp_path: Path,
+    placed: bool,
+) -> None:
+    root_folder, root, _ = trained
+    assert isinstance(root, TrainingSucceeded)
+    resume_from = with_best_first_epoch(root_folder / "kept" / "epoch_2.pth", tmp_path / "e2.pth")
+    # What the worker does with a claim's checkpoints before training resumes.
+    place_checkpoint(resume_from, tmp_path / "work", epoch=2)
+    if placed:
+        place_checkpoint(root_folder / "kept" / "epoch_1.pth", tmp_path / "work", epoch=1)
+    dataset = prepared(tmp_path, ("dump", "tire"), test_fraction=0.25)
+
+    outcome, seen = await train(tmp_path, dataset, epochs=3, resume_from=resume_from)
+
+    assert isinstance(outcome, TrainingSucceeded), outcome
+    assert [e.epoch for e in seen if isinstance(e, EpochTrained)] == [3]
+    model = next(a.path for a in outcome.artifacts if a.kind == "checkpoint")
+    (tested,) = [e for e in seen if isinstance(e, Evaluated) and e.split == "test"]
+    assert not list((tmp_path / "work").glob("epoch_*.pth"))
+    if not placed:
+        # Without epoch 1's checkpoint, the best is chosen as before, among the others.
+        assert outcome.best_epoch in (2, 3)
+        assert tested.epoch == outcome.best_epoch
+        return
+    assert outcome.best_epoch == 1
+    assert outcome.best_metrics["coco/bbox_mAP"] == 1.0
+    # The model and its test evaluation are epoch 1's, which the earlier attempt trained.
+    assert same_weights(model, root_folder / "kept" / "epoch_1.pth")
+    assert tested.epoch == 1
+    assert outcome.test_evaluation is not None and outcome.test_evaluation.epoch == 1
+    metrics = json.loads(next(a.path for a in outcome.artifacts if a.kind == "metrics").read_text())
+    assert metrics["best_epoch"] == 1 and metrics["test"]["epoch"] == 1
+    # The files placed were links: the earlier attempt's checkpoints are still there.
+    assert (root_folder / "kept" / "epoch_1.pth").is_file()
 
 
 async def test_a_nan_loss_fails_the_run_as_diverged(tmp_path: Path) -> None:

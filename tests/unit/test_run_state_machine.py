@@ -121,3 +121,44 @@ def test_active_runs_cannot_be_deleted():
         run.ensure_deletable()
     run.fail(reason="x", message="y", actor="w", now=NOW)
     run.ensure_deletable()
+
+
+def test_a_takeover_gets_the_newest_and_the_best_epochs_checkpoints():
+    run = running()
+
+    def epoch(number: int, mAP: float) -> None:
+        # A checkpoint is stored before its epoch's evaluation arrives.
+        run.record_checkpoint({"uri": f"file:///epoch_{number}.pth"}, epoch=number, now=NOW)
+        evaluation = {"epoch": number, "metrics": {"coco/bbox_mAP": mAP}}
+        run.report_evaluation(evaluation, actor="worker:w", now=NOW)
+
+    epoch(1, 0.2)
+    epoch(2, 0.5)
+    epoch(3, 0.5)  # a tie: the earlier epoch stays the best
+    run.record_checkpoint({"uri": "file:///epoch_4.pth"}, epoch=4, now=NOW)
+
+    # Only the best and the newest stay recorded, as the worker keeps only their files.
+    assert sorted(a["epoch"] for a in run.artifacts) == [2, 4]
+    claim = run.claim(attempt=1, worker_id="w2", max_attempts=3, now=NOW)
+    assert claim.granted and claim.attempt == 2
+    assert claim.resume_from is not None and claim.resume_from["epoch"] == 4
+    assert claim.best_checkpoint is not None
+    assert claim.best_checkpoint["uri"] == "file:///epoch_2.pth"
+
+    run.report_evaluation(
+        {"epoch": 4, "metrics": {"coco/bbox_mAP": 0.7}}, actor="worker:w2", now=NOW
+    )
+    assert [a["epoch"] for a in run.artifacts] == [4]
+    # The newest is the best: it is sent once, as the checkpoint to resume from.
+    assert run.best_checkpoint is None and run.resume_checkpoint is not None
+
+
+def test_without_a_mAP_only_the_newest_checkpoint_is_kept():
+    run = running()
+    for number in (1, 2):
+        run.record_checkpoint({"uri": f"file:///epoch_{number}.pth"}, epoch=number, now=NOW)
+        run.report_evaluation({"epoch": number, "metrics": {}}, actor="worker:w", now=NOW)
+    assert [a["epoch"] for a in run.artifacts] == [2]
+    claim = run.claim(attempt=1, worker_id="w2", max_attempts=3, now=NOW)
+    assert claim.best_checkpoint is None
+    assert claim.resume_from is not None and claim.resume_from["epoch"] == 2
