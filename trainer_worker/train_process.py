@@ -66,7 +66,7 @@ def main(argv: list[str]) -> int:
     reset = tuple(cfg.get("raven", {}).get("reset_weights", ()))
     if cfg.get("load_from") and reset:
         cfg.load_from = str(
-            _without_weights(Path(cfg.load_from), reset, Path(cfg.work_dir) / "base_model.pth")
+            _weights_only(Path(cfg.load_from), Path(cfg.work_dir) / "base_model.pth", drop=reset)
         )
 
     _use_amp_on_cuda(cfg)
@@ -89,7 +89,7 @@ def main(argv: list[str]) -> int:
             # serves resuming, which the epoch checkpoints are for.
             checkpoint = Path(cfg.work_dir) / f"epoch_{best}.pth"
             if checkpoint.is_file():
-                _without_weights(checkpoint, (), checkpoint.with_name(weights_file(best)))
+                _weights_only(checkpoint, checkpoint.with_name(weights_file(best)))
     except TrainingCancelled:
         writer.send(TrainingStopped(epoch=runner.epoch + 1, iter=runner.iter))
         return EXIT_CANCELLED
@@ -108,15 +108,15 @@ def _use_amp_on_cuda(cfg: Any) -> None:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
 
 
-def _without_weights(source: Path, prefixes: tuple[str, ...], target: Path) -> Path:
-    """A copy of a checkpoint with its weights and meta only, less those whose names start
-    with `prefixes`: class-dependent weights start fresh even when the class count
-    happens to match."""
+def _weights_only(source: Path, target: Path, *, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of a checkpoint with its weights and meta only (no optimizer state), less the
+    weights whose names start with `drop`: class-dependent weights start fresh even when
+    the class count happens to match."""
     import torch
 
     checkpoint: Any = torch.load(source, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)
-    kept = {k: v for k, v in state.items() if not k.startswith(prefixes)}
+    kept = {k: v for k, v in state.items() if not k.startswith(drop)}
     target.parent.mkdir(parents=True, exist_ok=True)
     # Every rank of a distributed run writes it: each whole, then renamed into place.
     partial = target.with_name(f"{target.name}.{os.getpid()}")

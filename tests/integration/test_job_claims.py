@@ -39,22 +39,19 @@ async def test_a_queued_job_is_granted_once_per_attempt(runs, nc, subjects, data
     assert not stale.granted and stale.refusal == "superseded"
 
 
-async def test_a_taken_over_run_resumes_from_its_newest_recorded_checkpoint(
-    runs, nc, js, subjects, dataset_uri
-):
-    run = await runs.CreateTrainingRun(create_request(dataset_uri))
-    assert (await claim(nc, subjects, run, attempt=1, worker="w1")).granted
-    worker = WorkerDriver(js, subjects, run)
-    for epoch in (1, 2):
-        await worker.send(
-            checkpoint_saved=worker_pb2.WorkerEvent.CheckpointSaved(
-                epoch=epoch,
-                iteration=epoch * 4,
-                checkpoint=common_pb2.Artifact(
-                    kind="checkpoint", uri=f"file:///ckpt/epoch_{epoch}.pth", sha256=f"{epoch}" * 64
-                ),
-            )
-        )
+def checkpoint_saved(epoch: int) -> worker_pb2.WorkerEvent.CheckpointSaved:
+    return worker_pb2.WorkerEvent.CheckpointSaved(
+        epoch=epoch,
+        iteration=epoch * 4,
+        checkpoint=common_pb2.Artifact(
+            kind="checkpoint", uri=f"file:///ckpt/epoch_{epoch}.pth", sha256=f"{epoch}" * 64
+        ),
+    )
+
+
+async def handled(runs, worker: WorkerDriver, run: TrainingRun) -> None:
+    """Waits until the service has handled every event the worker sent so far (events of
+    a run are handled in order: a marker sent last shows up last)."""
     await worker.send(notice=training_run_pb2.TrainingRunEvent.Notice(code="sync", message=""))
 
     async def synced() -> bool:
@@ -64,6 +61,17 @@ async def test_a_taken_over_run_resumes_from_its_newest_recorded_checkpoint(
         return any(e.notice.code == "sync" for e in page.events)
 
     await eventually(synced)
+
+
+async def test_a_taken_over_run_resumes_from_its_newest_recorded_checkpoint(
+    runs, nc, js, subjects, dataset_uri
+):
+    run = await runs.CreateTrainingRun(create_request(dataset_uri))
+    assert (await claim(nc, subjects, run, attempt=1, worker="w1")).granted
+    worker = WorkerDriver(js, subjects, run)
+    for epoch in (1, 2):
+        await worker.send(checkpoint_saved=checkpoint_saved(epoch))
+    await handled(runs, worker, run)
     takeover = await claim(nc, subjects, run, attempt=1, worker="w2")
     assert takeover.granted and takeover.attempt == 2
     assert takeover.resume_epoch == 2
@@ -78,29 +86,13 @@ async def test_a_taken_over_run_also_gets_the_best_epochs_checkpoint(
     assert (await claim(nc, subjects, run, attempt=1, worker="w1")).granted
     worker = WorkerDriver(js, subjects, run)
     for epoch, mAP in ((1, 0.3), (2, 0.6), (3, 0.4)):
-        await worker.send(
-            checkpoint_saved=worker_pb2.WorkerEvent.CheckpointSaved(
-                epoch=epoch,
-                iteration=epoch * 4,
-                checkpoint=common_pb2.Artifact(
-                    kind="checkpoint", uri=f"file:///ckpt/epoch_{epoch}.pth", sha256=f"{epoch}" * 64
-                ),
-            )
-        )
+        await worker.send(checkpoint_saved=checkpoint_saved(epoch))
         await worker.send(
             evaluation=common_pb2.Evaluation(
                 epoch=epoch, split="val", metrics={"coco/bbox_mAP": mAP}
             )
         )
-    await worker.send(notice=training_run_pb2.TrainingRunEvent.Notice(code="sync", message=""))
-
-    async def synced() -> bool:
-        page = await runs.ListTrainingRunEvents(
-            training_run_pb2.ListTrainingRunEventsRequest(name=run.name)
-        )
-        return any(e.notice.code == "sync" for e in page.events)
-
-    await eventually(synced)
+    await handled(runs, worker, run)
     takeover = await claim(nc, subjects, run, attempt=1, worker="w2")
     assert takeover.granted and takeover.attempt == 2
     assert takeover.resume_epoch == 3
