@@ -10,36 +10,86 @@ from dataclasses import dataclass
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Recipe:
+    """What the unset fields of a spec become for one architecture and starting point.
+
+    docs/training.md says how each value was chosen, with the measurements.
+    """
+
+    optimizer: str  # "SGD" | "ADAMW"
+    # Stages of the backbone kept frozen (-1: none).
+    frozen_stages: int
+    # A factor on the architecture's rate for the optimizer.
+    learning_rate_factor: float = 1.0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Architecture:
     key: str
-    family: str  # "retinanet" | "faster_rcnn"
-    depth: int  # ResNet depth
-    learning_rate: float  # SGD, for a batch of 16 in the upstream configs; scaled by batch size
+    family: str  # "retinanet" | "faster_rcnn" | "rtmdet"
+    # ResNet depth; 0 for other backbones.
+    depth: int
+    # SGD, for a batch of 16 (the upstream configs' rate); scaled linearly by batch size.
+    learning_rate: float
+    # AdamW's rate, the same for every batch size (adaptive rates do not scale linearly).
+    adamw_learning_rate: float
+    # From random weights: every layer learns, and the upstream optimizer of the family.
+    from_scratch: Recipe
+    # From a base model's weights: the stem and first stage stay as learnt.
+    fine_tune: Recipe
+
+    def recipe(self, *, fine_tune: bool) -> Recipe:
+        return self.fine_tune if fine_tune else self.from_scratch
+
+
+_RESNET_SCRATCH = Recipe(optimizer="SGD", frozen_stages=-1, learning_rate_factor=2.0)
+_RESNET_FINE_TUNE = Recipe(optimizer="SGD", frozen_stages=1)
+_RTMDET_SCRATCH = Recipe(optimizer="ADAMW", frozen_stages=-1)
+_RTMDET_FINE_TUNE = Recipe(optimizer="ADAMW", frozen_stages=1, learning_rate_factor=0.5)
+
+
+def _resnet(key: str, family: str, depth: int, learning_rate: float) -> Architecture:
+    return Architecture(
+        key=key,
+        family=family,
+        depth=depth,
+        learning_rate=learning_rate,
+        adamw_learning_rate=0.0005,
+        from_scratch=_RESNET_SCRATCH,
+        fine_tune=_RESNET_FINE_TUNE,
+    )
 
 
 ARCHITECTURES: dict[str, Architecture] = {
     a.key: a
     for a in (
-        Architecture(key="retinanet_r18_fpn", family="retinanet", depth=18, learning_rate=0.01),
-        Architecture(key="retinanet_r50_fpn", family="retinanet", depth=50, learning_rate=0.01),
-        Architecture(key="retinanet_r101_fpn", family="retinanet", depth=101, learning_rate=0.01),
-        Architecture(key="faster_rcnn_r18_fpn", family="faster_rcnn", depth=18, learning_rate=0.02),
-        Architecture(key="faster_rcnn_r50_fpn", family="faster_rcnn", depth=50, learning_rate=0.02),
+        _resnet("retinanet_r18_fpn", "retinanet", 18, 0.01),
+        _resnet("retinanet_r50_fpn", "retinanet", 50, 0.01),
+        _resnet("retinanet_r101_fpn", "retinanet", 101, 0.01),
+        _resnet("faster_rcnn_r18_fpn", "faster_rcnn", 18, 0.02),
+        _resnet("faster_rcnn_r50_fpn", "faster_rcnn", 50, 0.02),
+        _resnet("faster_rcnn_r101_fpn", "faster_rcnn", 101, 0.02),
+        # Built to train from scratch on small images (CSPNeXt backbone, dynamic label
+        # assignment): learns more per CPU-second than the ResNet detectors.
         Architecture(
-            key="faster_rcnn_r101_fpn", family="faster_rcnn", depth=101, learning_rate=0.02
+            key="rtmdet_tiny",
+            family="rtmdet",
+            depth=0,
+            learning_rate=0.01,
+            adamw_learning_rate=0.004,
+            from_scratch=_RTMDET_SCRATCH,
+            fine_tune=_RTMDET_FINE_TUNE,
         ),
     )
 }
 
 # Defaults recorded on a run when the request leaves a field unset.
 DEFAULT_EPOCHS = 12
-DEFAULT_BATCH_SIZE = 2
-DEFAULT_FROZEN_STAGES = 1
+DEFAULT_BATCH_SIZE = 8
 DEFAULT_IMAGE_SIZE = 512
 DEFAULT_VAL_FRACTION = 0.2
 # 0: no test split.
 DEFAULT_TEST_FRACTION = 0.0
-DEFAULT_OPTIMIZER = "SGD"
 DEFAULT_VAL_INTERVAL = 1
 # 0: training never stops early.
 DEFAULT_EARLY_STOPPING_PATIENCE = 0
@@ -64,6 +114,12 @@ DISPLAY_NAME_MAX = 200
 LABELS_MAX = 64
 
 
-def default_learning_rate(architecture: Architecture, batch_size: int) -> float:
-    """The linear scaling rule the upstream configs assume (their lr is for 16 images a step)."""
-    return architecture.learning_rate * batch_size / 16
+def default_learning_rate(
+    architecture: Architecture, *, optimizer: str, batch_size: int, fine_tune: bool
+) -> float:
+    """SGD: the linear scaling rule the upstream configs assume (their rate is for 16 images
+    a step); AdamW: the architecture's rate whatever the batch. Times the recipe's factor."""
+    factor = architecture.recipe(fine_tune=fine_tune).learning_rate_factor
+    if optimizer == "ADAMW":
+        return architecture.adamw_learning_rate * factor
+    return architecture.learning_rate * batch_size / 16 * factor

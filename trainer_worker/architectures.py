@@ -41,15 +41,18 @@ class MMDetArchitecture:
 
     def head_overrides(self, num_classes: int) -> str:
         """The `model=dict(...)` fragment that sizes the classification head(s)."""
-        if self.family == "retinanet":
-            return f"bbox_head=dict(num_classes={num_classes})"
-        return f"roi_head=dict(bbox_head=dict(num_classes={num_classes}))"
+        if self.family == "faster_rcnn":
+            return f"roi_head=dict(bbox_head=dict(num_classes={num_classes}))"
+        return f"bbox_head=dict(num_classes={num_classes})"
 
     @property
     def class_dependent_weights(self) -> tuple[str, ...]:
         """State-dict prefixes whose shape or meaning depends on the class list."""
         if self.family == "retinanet":
             return ("bbox_head.retina_cls.",)
+        if self.family == "rtmdet":
+            # One classifier per feature level: rtm_cls.0., rtm_cls.1., ...
+            return ("bbox_head.rtm_cls.",)
         # Faster R-CNN regresses one box per class unless reg_class_agnostic.
         return ("roi_head.bbox_head.fc_cls.", "roi_head.bbox_head.fc_reg.")
 
@@ -62,6 +65,7 @@ _BASE_CONFIGS: dict[str, tuple[str, tuple[int, ...] | None]] = {
     "faster_rcnn_r18_fpn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", (64, 128, 256, 512)),
     "faster_rcnn_r50_fpn": ("faster_rcnn/faster-rcnn_r50_fpn_1x_coco.py", None),
     "faster_rcnn_r101_fpn": ("faster_rcnn/faster-rcnn_r101_fpn_1x_coco.py", None),
+    "rtmdet_tiny": ("rtmdet/rtmdet_tiny_8xb32-300e_coco.py", None),
 }
 
 MMDET_ARCHITECTURES: dict[str, MMDetArchitecture] = {

@@ -150,6 +150,8 @@ model = dict(
         norm_eval={base is not None},
     ),
 {_neck(arch)}    {arch.head_overrides(len(classes))},
+    # Batches of images of different shapes are padded to a multiple of the largest stride.
+    data_preprocessor=dict(pad_size_divisor=32),
 )
 
 train_pipeline = [
@@ -202,12 +204,18 @@ val_evaluator = dict(
 )
 {_test_split(dataset.test_path, plan.num_workers)}
 train_cfg = dict(
-    type="EpochBasedTrainLoop", max_epochs={plan.epochs}, val_interval={plan.val_interval}
+    _delete_=True,
+    type="EpochBasedTrainLoop",
+    max_epochs={plan.epochs},
+    val_interval={plan.val_interval},
 )
 optim_wrapper = dict(
+    _delete_=True,
     # trainer_worker.train_process makes it an AmpOptimWrapper on CUDA (raven.mixed_precision).
     type="OptimWrapper",
     optimizer={_optimizer(plan)},
+    # Normalisation layers and biases are not pulled towards zero.
+    paramwise_cfg=dict(norm_decay_mult=0.0, bias_decay_mult=0.0, bypass_duplicate=True),
     # Random initialisation on small data diverges without it.
     clip_grad=dict(max_norm=35, norm_type=2),
 )
@@ -219,7 +227,7 @@ default_hooks = dict(
     checkpoint=dict(type="CheckpointHook", interval=1, max_keep_ckpts=-1),
     logger=dict(type="LoggerHook", interval={max(1, min(50, iters_per_epoch))}),
 )
-{_early_stopping(plan)}
+{_custom_hooks(plan)}
 randomness = dict(seed={plan.seed % _SEED_MODULUS}, deterministic=False)
 work_dir = {str(work_dir)!r}
 load_from = {str(load_from) if load_from else None!r}
@@ -278,9 +286,11 @@ def _warmup(iters: int) -> str:
     return f'    dict(type="LinearLR", start_factor=0.001, by_epoch=False, begin=0, end={iters}),\n'
 
 
-def _early_stopping(plan: TrainingPlan) -> str:
+def _custom_hooks(plan: TrainingPlan) -> str:
+    # Replaces the base config's hooks: RTMDet's EMA would make the best epoch's checkpoint
+    # and the weights validated differ, and its pipeline switch assumes 640-pixel images.
     if plan.early_stopping_patience == 0:
-        return ""
+        return "custom_hooks = []\n"
     # A validation without detections has no mAP: the hook skips it, it is not a bad epoch.
     return (
         "custom_hooks = [\n"

@@ -130,14 +130,21 @@ def model_dir(artifact_root: Path, run_id: str) -> Path:
     return artifact_root / "models" / run_id
 
 
-def plan_of(spec: training_run_pb2.TrainingSpec) -> TrainingPlan:
+def plan_of(spec: training_run_pb2.TrainingSpec, *, fine_tune: bool = False) -> TrainingPlan:
     """The spec's values, with the catalog defaults where a field is unset (the service
-    normally fills them; a job from elsewhere still trains the same way)."""
+    normally fills them; a job from elsewhere still trains the same way). `fine_tune`:
+    the run starts from a base model's weights."""
     try:
         arch = catalog.ARCHITECTURES[spec.architecture]
     except KeyError:
         raise ConfigError(f"unknown architecture {spec.architecture!r}") from None
+    recipe = arch.recipe(fine_tune=fine_tune)
     batch_size = spec.batch_size if spec.HasField("batch_size") else catalog.DEFAULT_BATCH_SIZE
+    optimizer = (
+        training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer)
+        if spec.optimizer
+        else recipe.optimizer
+    )
     return TrainingPlan(
         architecture=arch.key,
         epochs=spec.epochs if spec.HasField("epochs") else catalog.DEFAULT_EPOCHS,
@@ -145,18 +152,16 @@ def plan_of(spec: training_run_pb2.TrainingSpec) -> TrainingPlan:
         learning_rate=(
             spec.learning_rate
             if spec.HasField("learning_rate")
-            else catalog.default_learning_rate(arch, batch_size)
+            else catalog.default_learning_rate(
+                arch, optimizer=optimizer, batch_size=batch_size, fine_tune=fine_tune
+            )
         ),
         frozen_stages=(
-            spec.frozen_stages if spec.HasField("frozen_stages") else catalog.DEFAULT_FROZEN_STAGES
+            spec.frozen_stages if spec.HasField("frozen_stages") else recipe.frozen_stages
         ),
         image_size=spec.image_size if spec.HasField("image_size") else catalog.DEFAULT_IMAGE_SIZE,
         seed=spec.seed if spec.HasField("seed") else 0,
-        optimizer=(
-            training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer)
-            if spec.optimizer
-            else catalog.DEFAULT_OPTIMIZER
-        ),
+        optimizer=optimizer,
         warmup_iterations=(spec.warmup_iterations if spec.HasField("warmup_iterations") else None),
         augment=spec.augment if spec.HasField("augment") else True,
         val_interval=(
@@ -238,7 +243,7 @@ async def _train(
 ) -> TrainingSucceeded | TrainingFailed | TrainingCancelled:
     spec = job.spec
     try:
-        plan = plan_of(spec)
+        plan = plan_of(spec, fine_tune=job.HasField("base_model"))
     except ConfigError as error:
         raise _Failed("invalid_spec", str(error)) from None
     # Each attempt has its own folder: an earlier one keeps the checkpoint resumed from.

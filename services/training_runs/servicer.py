@@ -232,6 +232,22 @@ def _check_visible(creator: str, run_id: uuid.UUID, context: grpc.aio.ServicerCo
         raise NotFound(f"training run {run_id} does not exist")
 
 
+def _recipe_defaults(architecture: catalog.Architecture, *, fine_tune: bool) -> pb.TrainingSpec:
+    recipe = architecture.recipe(fine_tune=fine_tune)
+    return pb.TrainingSpec(
+        architecture=architecture.key,
+        frozen_stages=recipe.frozen_stages,
+        optimizer=pb.TrainingSpec.Optimizer.Value(recipe.optimizer),
+        batch_size=catalog.DEFAULT_BATCH_SIZE,
+        learning_rate=catalog.default_learning_rate(
+            architecture,
+            optimizer=recipe.optimizer,
+            batch_size=catalog.DEFAULT_BATCH_SIZE,
+            fine_tune=fine_tune,
+        ),
+    )
+
+
 _ARCHITECTURES = pb.ListArchitecturesResponse(
     architectures=[
         pb.Architecture(
@@ -239,13 +255,14 @@ _ARCHITECTURES = pb.ListArchitecturesResponse(
             family=a.family,
             backbone_depth=a.depth,
             learning_rate_per_16=a.learning_rate,
+            from_scratch=_recipe_defaults(a, fine_tune=False),
+            fine_tune=_recipe_defaults(a, fine_tune=True),
         )
         for a in catalog.ARCHITECTURES.values()
     ],
     defaults=pb.TrainingSpec(
         epochs=catalog.DEFAULT_EPOCHS,
         batch_size=catalog.DEFAULT_BATCH_SIZE,
-        frozen_stages=catalog.DEFAULT_FROZEN_STAGES,
         image_size=catalog.DEFAULT_IMAGE_SIZE,
         val_fraction=catalog.DEFAULT_VAL_FRACTION,
         test_fraction=catalog.DEFAULT_TEST_FRACTION,

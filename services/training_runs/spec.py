@@ -144,6 +144,10 @@ def validate_spec(
     if violations or architecture not in catalog.ARCHITECTURES:
         return None
     batch_size = spec.batch_size or catalog.DEFAULT_BATCH_SIZE
+    arch = catalog.ARCHITECTURES[architecture]
+    # A fine-tune starts from learnt weights; a root run from random ones.
+    recipe = arch.recipe(fine_tune=base_architecture is not None)
+    optimizer = spec.optimizer if spec.optimizer in catalog.OPTIMIZERS else recipe.optimizer
     return {
         "dataset_uri": spec.dataset_uri,
         "image_root": spec.image_root,
@@ -151,10 +155,13 @@ def validate_spec(
         "epochs": spec.epochs or catalog.DEFAULT_EPOCHS,
         "batch_size": batch_size,
         "learning_rate": spec.learning_rate
-        or catalog.default_learning_rate(catalog.ARCHITECTURES[architecture], batch_size),
-        "frozen_stages": catalog.DEFAULT_FROZEN_STAGES
-        if spec.frozen_stages is None
-        else spec.frozen_stages,
+        or catalog.default_learning_rate(
+            arch,
+            optimizer=optimizer,
+            batch_size=batch_size,
+            fine_tune=base_architecture is not None,
+        ),
+        "frozen_stages": recipe.frozen_stages if spec.frozen_stages is None else spec.frozen_stages,
         "image_size": spec.image_size or catalog.DEFAULT_IMAGE_SIZE,
         "val_fraction": spec.val_fraction or catalog.DEFAULT_VAL_FRACTION,
         "test_fraction": spec.test_fraction or catalog.DEFAULT_TEST_FRACTION,
@@ -162,9 +169,7 @@ def validate_spec(
         "seed": random.randrange(2**31) if spec.seed is None else spec.seed,
         "device": spec.device if spec.device != "DEVICE_UNSPECIFIED" else "AUTO",
         "gpu_count": spec.gpu_count or 1,
-        "optimizer": spec.optimizer
-        if spec.optimizer in catalog.OPTIMIZERS
-        else catalog.DEFAULT_OPTIMIZER,
+        "optimizer": optimizer,
         "augment": True if spec.augment is None else spec.augment,
         "val_interval": spec.val_interval or catalog.DEFAULT_VAL_INTERVAL,
         "early_stopping_patience": catalog.DEFAULT_EARLY_STOPPING_PATIENCE
