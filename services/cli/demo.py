@@ -23,7 +23,10 @@ from services.cli.watch import watch_run
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import DEFAULT_DATA_DIR, Settings
 
-ARCHITECTURE = "retinanet_r18_fpn"
+# Built to learn from scratch on small images: its mAP rises within the demo's minute or two.
+ARCHITECTURE = "rtmdet_tiny"
+# 96 of them train, 24 are held out for validation.
+IMAGES = 120
 # The model is registered from the run's result event after the run ends.
 MODEL_WAIT_S = 120.0
 
@@ -38,7 +41,9 @@ def _dataset(artifact_root: Path, name: str, *, seed: int) -> str:
     # Imported here: the synthetic generator needs numpy and PIL, no other command does.
     from trainer_worker.synthetic import make_dataset
 
-    annotations = make_dataset(artifact_root / "datasets" / name, images=16, size=128, seed=seed)
+    annotations = make_dataset(
+        artifact_root / "datasets" / name, images=IMAGES, size=128, seed=seed
+    )
     return annotations.resolve().as_uri()
 
 
@@ -72,7 +77,6 @@ def _train(
         display_name=display_name,
         dataset=dataset_uri,
         epochs=epochs,
-        batch_size=4,
         image_size=128,
         architecture=architecture,
         base_model=base_model,
@@ -93,8 +97,8 @@ def demo(
     data_dir: Annotated[
         Path, typer.Option(help="Embedded databases, logs, pid files.", file_okay=False)
     ] = DEFAULT_DATA_DIR,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 3,
-    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 2,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 8,
+    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 3,
 ) -> None:
     """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""
     began = time.monotonic()
@@ -130,7 +134,7 @@ def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: 
         with connect(settings) as clients:
             root = _train(
                 clients,
-                title="root model: retinanet_r18_fpn from scratch",
+                title=f"root model: {ARCHITECTURE} from random weights",
                 display_name="demo root",
                 dataset_uri=_dataset(artifact_root, "demo-a", seed=0),
                 epochs=epochs,

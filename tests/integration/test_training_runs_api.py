@@ -339,6 +339,24 @@ async def test_the_architecture_catalog_is_discoverable(runs):
     keys = {a.key for a in catalog.architectures}
     assert {"retinanet_r18_fpn", "faster_rcnn_r50_fpn", "retinanet_r101_fpn"} <= keys
     assert catalog.defaults.epochs == 12 and catalog.defaults.HasField("batch_size")
+    by_key = {a.key: a for a in catalog.architectures}
+    retinanet, rtmdet = by_key["retinanet_r18_fpn"], by_key["rtmdet_tiny"]
+    # From random weights nothing stays frozen; a fine-tune keeps the first stage as learnt.
+    assert retinanet.from_scratch.frozen_stages == -1 and retinanet.fine_tune.frozen_stages == 1
+    assert retinanet.from_scratch.optimizer == training_run_pb2.TrainingSpec.SGD
+    assert rtmdet.from_scratch.optimizer == training_run_pb2.TrainingSpec.ADAMW
+    assert rtmdet.family == "rtmdet" and rtmdet.backbone_depth == 0
+    assert rtmdet.fine_tune.learning_rate < rtmdet.from_scratch.learning_rate
+
+
+async def test_a_root_run_gets_the_from_scratch_recipe(runs, dataset_uri):
+    # Only what the recipe does not decide is set: no optimizer, rate or frozen stages.
+    scratch = await runs.CreateTrainingRun(
+        create_request(dataset_uri, architecture="rtmdet_tiny", batch_size=8)
+    )
+    assert scratch.spec.frozen_stages == -1
+    assert scratch.spec.optimizer == training_run_pb2.TrainingSpec.ADAMW
+    assert scratch.spec.learning_rate == pytest.approx(0.004)
 
 
 async def test_a_base_model_that_lost_its_files_is_not_found(
