@@ -237,7 +237,7 @@ def _recipe_defaults(architecture: catalog.Architecture, *, fine_tune: bool) -> 
     return pb.TrainingSpec(
         architecture=architecture.key,
         frozen_stages=recipe.frozen_stages,
-        optimizer=pb.TrainingSpec.Optimizer.Value(recipe.optimizer),
+        optimizer=recipe.optimizer,
         batch_size=catalog.DEFAULT_BATCH_SIZE,
         learning_rate=catalog.default_learning_rate(
             architecture,
