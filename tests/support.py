@@ -8,7 +8,8 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Mapping
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import TypeVar
 
@@ -133,3 +134,23 @@ async def stop_worker_process(
             await process.wait()
     text = await asyncio.to_thread(log_path.read_text)
     print(f"--- {log_path.name}\n{text[-tail:]}")
+
+
+@contextlib.asynccontextmanager
+async def running_worker(
+    settings: Settings,
+    nc: nats.NATS,
+    subjects: Subjects,
+    folder: Path,
+    worker_id: str,
+    **overrides: str,
+) -> AsyncIterator[asyncio.subprocess.Process]:
+    """A `python -m trainer_worker` process on an empty job queue (jobs that other tests
+    queued name datasets that exist only for the service's checks), stopped at the end."""
+    await nc.jetstream().purge_stream(subjects.jobs_stream)
+    log_path = folder / "worker.log"
+    process = await start_worker_process(worker_env(settings, worker_id, **overrides), log_path)
+    try:
+        yield process
+    finally:
+        await stop_worker_process(process, log_path)

@@ -26,6 +26,7 @@ import psutil
 import structlog
 
 from shared.storage import sha256_file
+from trainer_worker.failures import describe_crash
 from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_PATH_ENV,
@@ -50,7 +51,9 @@ _STOP_GRACE_S = 60.0
 # How long events may still arrive after the child exited (a process it left behind may
 # hold the FIFO open: it must not hold the run).
 _DRAIN_S = 10.0
-_LOG_TAIL_BYTES = 4000
+# Enough of the log's end to hold the last traceback.
+_LOG_TAIL_BYTES = 64 * 1024
+_CHECKOUT = Path(__file__).resolve().parents[1]
 _LINE_LIMIT = 4 * 1024 * 1024
 
 
@@ -188,16 +191,16 @@ async def run_training(
     # Under the launcher, a rank's own exit status becomes the launcher's failure: the
     # events say what happened.
     if returncode == EXIT_DIVERGED or (returncode != 0 and observed.diverged):
-        return TrainingFailed(
-            reason="diverged",
-            message=f"{observed.diverged or 'the loss diverged'}; log tail:\n{_tail(log_path)}",
-        )
+        return TrainingFailed(reason="diverged", message=observed.diverged or "the loss diverged")
     if returncode == EXIT_CANCELLED or (stop is not None and stop.is_set() and returncode != 0):
         return TrainingCancelled()
     if returncode != 0:
+        log_text = await asyncio.to_thread(_tail, log_path)
         return TrainingFailed(
             reason="training_crashed",
-            message=f"training exited with status {returncode}; log tail:\n{_tail(log_path)}",
+            message=describe_crash(
+                log_text, returncode=returncode, roots=(log_path.parent, _CHECKOUT)
+            ),
         )
     return await asyncio.to_thread(
         _collect,
@@ -475,5 +478,5 @@ def _tail(path: Path) -> str:
             f.seek(0, os.SEEK_END)
             f.seek(max(0, f.tell() - _LOG_TAIL_BYTES))
             return f.read().decode(errors="replace")
-    except OSError as error:
-        return f"(log unreadable: {error})"
+    except OSError:
+        return ""

@@ -15,7 +15,7 @@ import pytest
 
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
-from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
+from tests.support import eventually, running_worker
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -26,12 +26,15 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 @pytest.fixture(scope="module")
 async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
     """`python -m trainer_worker` with the machine's GPUs: one job per GPU at once."""
-    await nc.jetstream().purge_stream(subjects.jobs_stream)
-    log_path = tmp_path_factory.mktemp("gpu-worker") / "worker.log"
-    env = worker_env(settings, "e2e-gpu-worker", RAVEN_WORKER_DEVICE="cuda")
-    process = await start_worker_process(env, log_path)
-    yield process
-    await stop_worker_process(process, log_path)
+    async with running_worker(
+        settings,
+        nc,
+        subjects,
+        tmp_path_factory.mktemp("gpu-worker"),
+        "e2e-gpu-worker",
+        RAVEN_WORKER_DEVICE="cuda",
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2,
 )
 from shared.settings import Settings
-from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
+from tests.support import eventually, running_worker
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -26,13 +26,10 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 @pytest.fixture(scope="module")
 async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
     """`python -m trainer_worker` as its own process, as it runs in production."""
-    # Jobs queued by other tests name datasets that exist only for the service's checks.
-    await nc.jetstream().purge_stream(subjects.jobs_stream)
-    log_path = tmp_path_factory.mktemp("worker") / "worker.log"
-    env = worker_env(settings, "e2e-worker")
-    process = await start_worker_process(env, log_path)
-    yield process
-    await stop_worker_process(process, log_path)
+    async with running_worker(
+        settings, nc, subjects, tmp_path_factory.mktemp("worker"), "e2e-worker"
+    ) as process:
+        yield process
 
 
 @pytest.fixture(scope="module")

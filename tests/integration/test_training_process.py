@@ -323,7 +323,30 @@ async def test_a_crashing_child_fails_with_the_log_tail(tmp_path: Path) -> None:
     )
     assert isinstance(outcome, TrainingFailed)
     assert outcome.reason == "training_crashed"
-    assert "broken on purpose" in outcome.message
+    assert outcome.message.startswith("RuntimeError: this config is broken on purpose")
+
+
+async def test_a_crash_in_training_reads_exception_first_without_our_paths(
+    tmp_path: Path,
+) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+    # The optimizer is built after mmengine has logged its banners and hook table.
+    bad_optimizer = '\noptim_wrapper["optimizer"]["bogus_option"] = 1\n'
+
+    outcome, _ = await train(tmp_path, dataset, epochs=1, overrides=bad_optimizer)
+
+    assert isinstance(outcome, TrainingFailed), outcome
+    assert outcome.reason == "training_crashed"
+    first_line = outcome.message.splitlines()[0]
+    assert first_line.startswith("TypeError: "), outcome.message
+    assert "bogus_option" in first_line
+    assert "Traceback, last frames" in outcome.message
+    assert "`log` artifact" in outcome.message
+    assert len(outcome.message) <= 2000
+    for ours in (str(tmp_path), str(Path(__file__).resolve().parents[2]), "site-packages/"):
+        assert ours not in outcome.message
+    # The whole log, hook table included, stays in the log file.
+    assert "bogus_option" in (tmp_path / "train.log").read_text()
 
 
 # Two ranks under torch's distributed launcher: over gloo on CPU wherever the tests run,
