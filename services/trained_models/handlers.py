@@ -20,6 +20,7 @@ from services.trained_models.unit_of_work import UnitOfWork
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Violations
 from shared.pagination import Cursor
 from shared.storage import Storage, StorageError, UnsupportedUri
+from shared.limits import quote
 
 log = structlog.get_logger(__name__)
 
@@ -86,7 +87,7 @@ async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineag
 def check_etag(model: TrainedModel, etag: str) -> None:
     if etag and etag != model.etag:
         raise Conflict(
-            f"trained model {model.id} was changed (etag {model.etag}, the request has {etag})"
+            f"trained model {model.id} was changed since it was read: get it again"
         )
 
 
@@ -120,10 +121,10 @@ def validate_edit(
             violations.check(
                 0 < len(key) <= 63 and key.isascii() and key.isprintable(),
                 f"{prefix}labels",
-                f"key {key!r}: 1 to 63 printable ASCII characters",
+                f"key {quote(key)}: 1 to 63 printable ASCII characters",
             )
             violations.check(
-                len(value) <= 256, f"{prefix}labels", f"value of {key!r}: at most 256 characters"
+                len(value) <= 256, f"{prefix}labels", f"value of {quote(key)}: at most 256 characters"
             )
 
 
@@ -144,7 +145,7 @@ async def update_model(
     if not edit.fields:
         violations.add("update_mask", "name the fields to change: " + ", ".join(EDITABLE_FIELDS))
     for field in sorted(edit.fields - set(EDITABLE_FIELDS)):
-        violations.add("update_mask", f"{field!r} cannot be changed; only {EDITABLE_FIELDS}")
+        violations.add("update_mask", f"{quote(field)} cannot be changed; only {EDITABLE_FIELDS}")
     changes: dict[str, Any] = {f: getattr(edit, f) for f in edit.fields & set(EDITABLE_FIELDS)}
     validate_edit(violations, "trained_model.", **changes)
     violations.raise_if_any()

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import grpc
 
 from services.trained_models import handlers, importing, publication
+from services.trained_models.domain import TrainedModel
 from services.trained_models.messages import (
     lineage_to_proto,
     model_to_proto,
@@ -84,18 +85,26 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         fingerprint = pagination.query_fingerprint({k: str(v) for k, v in asdict(filter_).items()})
         after = pagination.decode(request.page_token, fingerprint, time_value=by_time)
         models = await handlers.list_models(self._uow(), filter_, limit=size + 1, after=after)
-        token = ""
-        if len(models) > size:
-            models = models[:size]
-            last = models[-1]
+
+        def cursor(pair: tuple[TrainedModel, pb.TrainedModel | None]) -> pagination.Cursor:
+            last = pair[0]
             value = (
                 last.create_time
                 if by_time
                 else (last.bbox_map if last.bbox_map is not None else -1.0)
             )
-            token = pagination.encode(pagination.Cursor(value, str(last.id)), fingerprint)
+            return pagination.Cursor(value, str(last.id))
+
+        page, token = pagination.page(
+            [(m, model_to_proto(m)) for m in models[:size]] + [(m, None) for m in models[size:]],
+            size,
+            cursor,
+            fingerprint,
+            weight=lambda pair: pair[1].ByteSize() if pair[1] is not None else 0,
+        )
         return pb.ListTrainedModelsResponse(
-            trained_models=[model_to_proto(m) for m in models], next_page_token=token
+            trained_models=[proto for _, proto in page if proto is not None],
+            next_page_token=token,
         )
 
     @grpc_errors

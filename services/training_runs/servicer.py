@@ -92,14 +92,16 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if request.creator and request.creator != filter_.creator:
             # Someone else's runs, asked by a caller that may only see its own.
             return pb.ListTrainingRunsResponse()
+        rows = await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after)
         runs, token = pagination.page(
-            await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
+            [(run, run_to_proto(run)) for run in rows[:size]] + [(run, None) for run in rows[size:]],
             size,
-            lambda run: pagination.Cursor(run.create_time, str(run.id)),
+            lambda pair: pagination.Cursor(pair[0].create_time, str(pair[0].id)),
             fingerprint,
+            weight=lambda pair: pair[1].ByteSize() if pair[1] is not None else 0,
         )
         return pb.ListTrainingRunsResponse(
-            training_runs=[run_to_proto(r) for r in runs], next_page_token=token
+            training_runs=[proto for _, proto in runs if proto is not None], next_page_token=token
         )
 
     @grpc_errors
