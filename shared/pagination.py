@@ -72,17 +72,18 @@ def page(
     fingerprint: str,
     *,
     weight: Callable[[T], int] | None = None,
-    max_bytes: int = MAX_PAGE_BYTES,
+    max_bytes: int | None = None,
 ) -> tuple[Sequence[T], str]:
     """Cuts `size + 1` fetched rows to a page; the extra row only says another page exists.
 
     With `weight` (the encoded size of a row) the page also ends before its rows pass
-    `max_bytes`, with a token for the rest; it always has at least one row."""
+    `max_bytes` (MAX_PAGE_BYTES), with a token for the rest; it always has at least one row."""
     if weight is not None:
+        budget = MAX_PAGE_BYTES if max_bytes is None else max_bytes
         total = 0
         for index, row in enumerate(rows[:size]):
             total += weight(row)
-            if total > max_bytes and index > 0:
+            if total > budget and index > 0:
                 kept = rows[:index]
                 return kept, encode(cursor(kept[-1]), fingerprint)
     if len(rows) <= size:
