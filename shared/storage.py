@@ -124,7 +124,7 @@ class LocalStore:
             raise UnsupportedUri(f"{quote(uri)} is not a local file URI")
         path = path.resolve()
         if not path.is_relative_to(self.root):
-            raise UnsupportedUri(f"{uri} is not in the artifact store {self.root}")
+            raise UnsupportedUri(f"{quote(uri)} is not in the artifact store")
         return path
 
     def put_file(self, source: Path, uri: str) -> StoredObject:
