@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
-from shared.storage import S3Uri, UnsupportedUri, parse_s3_uri
 from shared.limits import quote
+from shared.storage import S3Uri, UnsupportedUri, parse_s3_uri
 
 SUPPORTED_SCHEMES = ("file", "s3")
 
@@ -23,7 +23,9 @@ def parse_dataset_uri(uri: str) -> Path | S3Uri:
     if parsed.scheme == "s3":
         location = _s3(uri)
         if not location.key or location.key.endswith("/"):
-            raise DatasetUriError(f"{quote(uri)}: name the annotation file (s3://bucket/path/file.json)")
+            raise DatasetUriError(
+                f"{quote(uri)}: name the annotation file (s3://bucket/path/file.json)"
+            )
         key = PurePosixPath(location.key)
         if ".." in key.parts:
             raise DatasetUriError(f"{quote(uri)}: '..' is not allowed in a dataset path")

@@ -201,9 +201,7 @@ def label_problems(labels: Mapping[str, str]) -> list[str]:
         problems.append(f"at most {LABELS_MAX} labels, got {len(labels)}")
     for key, value in labels.items():
         if not (0 < len(key) <= LABEL_KEY_MAX and key.isascii() and key.isprintable()):
-            problems.append(
-                f"key {quote(key)}: 1 to {LABEL_KEY_MAX} printable ASCII characters"
-            )
+            problems.append(f"key {quote(key)}: 1 to {LABEL_KEY_MAX} printable ASCII characters")
         if len(value) > LABEL_VALUE_MAX:
             problems.append(f"value of {quote(key)}: at most {LABEL_VALUE_MAX} characters")
         elif "\x00" in value:

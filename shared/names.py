@@ -23,7 +23,9 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> uuid.UUID:
             return uuid.UUID(name.removeprefix(prefix))
         except ValueError:
             pass
-    raise InvalidArgument([FieldViolation(field, f"expected {collection}/{{uuid}}, got {quote(name)}")])
+    raise InvalidArgument(
+        [FieldViolation(field, f"expected {collection}/{{uuid}}, got {quote(name)}")]
+    )
 
 
 def run_name(id_: uuid.UUID | str) -> str:

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
-from shared.settings import Settings
 from shared.limits import quote
+from shared.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
 # Parallel transfers of many small objects (dataset images).
@@ -428,7 +428,9 @@ class Storage:
             return self.s3
         if scheme in ("", "file"):
             return self.local
-        raise UnsupportedUri(f"{quote(uri)}: scheme {quote(scheme)} is not supported (file://, s3://)")
+        raise UnsupportedUri(
+            f"{quote(uri)}: scheme {quote(scheme)} is not supported (file://, s3://)"
+        )
 
     def artifact_uri(self, key: str) -> str:
         """Where the artifact `key` (a relative POSIX path such as models/<id>/checkpoint.pth)

@@ -18,9 +18,9 @@ from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Violations
+from shared.limits import quote
 from shared.pagination import Cursor
 from shared.storage import Storage, StorageError, UnsupportedUri
-from shared.limits import quote
 
 log = structlog.get_logger(__name__)
 
@@ -86,9 +86,7 @@ async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineag
 
 def check_etag(model: TrainedModel, etag: str) -> None:
     if etag and etag != model.etag:
-        raise Conflict(
-            f"trained model {model.id} was changed since it was read: get it again"
-        )
+        raise Conflict(f"trained model {model.id} was changed since it was read: get it again")
 
 
 def validate_edit(
@@ -124,7 +122,9 @@ def validate_edit(
                 f"key {quote(key)}: 1 to 63 printable ASCII characters",
             )
             violations.check(
-                len(value) <= 256, f"{prefix}labels", f"value of {quote(key)}: at most 256 characters"
+                len(value) <= 256,
+                f"{prefix}labels",
+                f"value of {quote(key)}: at most 256 characters",
             )
 
 

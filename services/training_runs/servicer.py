@@ -94,7 +94,8 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             return pb.ListTrainingRunsResponse()
         rows = await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after)
         runs, token = pagination.page(
-            [(run, run_to_proto(run)) for run in rows[:size]] + [(run, None) for run in rows[size:]],
+            [(run, run_to_proto(run)) for run in rows[:size]]
+            + [(run, None) for run in rows[size:]],
             size,
             lambda pair: pagination.Cursor(pair[0].create_time, str(pair[0].id)),
             fingerprint,

@@ -105,7 +105,8 @@ def validate_spec(
     elif architecture not in catalog.ARCHITECTURES:
         violations.add(
             f"{f}architecture",
-            f"unknown architecture {quote(architecture)}; one of: " + ", ".join(catalog.ARCHITECTURES),
+            f"unknown architecture {quote(architecture)}; one of: "
+            + ", ".join(catalog.ARCHITECTURES),
         )
 
     _within(violations, f"{f}epochs", spec.epochs, catalog.EPOCHS)

@@ -205,28 +205,46 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
     create = runs.CreateTrainingRun
     for value in (NUL, HUGE, "", "   "):
         await battery.refused(
-            "display_name", create, run_request(display_name=value, spec=pb.TrainingSpec(
-                dataset_uri=dataset_uri, architecture="retinanet_r18_fpn")),
+            "display_name",
+            create,
+            run_request(
+                display_name=value,
+                spec=pb.TrainingSpec(dataset_uri=dataset_uri, architecture="retinanet_r18_fpn"),
+            ),
             field="training_run.display_name",
         )
     for labels in BAD_LABELS:
         request = create_request(dataset_uri)
         request.training_run.labels.update(labels)
         await battery.refused("labels", create, request, field="training_run.labels")
-    for uri in (NUL, HUGE, "", TRAVERSAL, ABSOLUTE, "s3://", "file://relative/a.json",
-                "ftp://host/a.json", UNICODE, "datasets/" + UNICODE + ".json", "datasets/"
-                + "n" * 300 + "/a.json"):
+    for uri in (
+        NUL,
+        HUGE,
+        "",
+        TRAVERSAL,
+        ABSOLUTE,
+        "s3://",
+        "file://relative/a.json",
+        "ftp://host/a.json",
+        UNICODE,
+        "datasets/" + UNICODE + ".json",
+        "datasets/" + "n" * 300 + "/a.json",
+    ):
         await battery.refused(
             "dataset_uri", create, create_request(uri), field="training_run.spec.dataset_uri"
         )
     for root in (NUL, HUGE, TRAVERSAL, "x" * 2049):
         await battery.refused(
-            "image_root", create, spec_request(dataset_uri, image_root=root),
+            "image_root",
+            create,
+            spec_request(dataset_uri, image_root=root),
             field="training_run.spec.image_root",
         )
     for architecture in (NUL, HUGE, UNICODE, "yolo_v99"):
         await battery.refused(
-            "architecture", create, spec_request(dataset_uri, architecture=architecture),
+            "architecture",
+            create,
+            spec_request(dataset_uri, architecture=architecture),
             field="training_run.spec.architecture",
         )
     numbers = {
@@ -248,13 +266,17 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
     for field, values in numbers.items():
         for value in values:
             await battery.refused(
-                f"spec.{field}={value}", create, spec_request(dataset_uri, **{field: value}),
+                f"spec.{field}={value}",
+                create,
+                spec_request(dataset_uri, **{field: value}),
                 field=f"training_run.spec.{field}",
             )
     for base in BAD_MODEL_NAMES:
         request = create_request(dataset_uri)
         request.training_run.base_model = base
-        await battery.refused("base_model", create, request, {Code.INVALID_ARGUMENT, Code.NOT_FOUND})
+        await battery.refused(
+            "base_model", create, request, {Code.INVALID_ARGUMENT, Code.NOT_FOUND}
+        )
     for request_id in (NUL, HUGE, "not-a-uuid", UNICODE):
         request = create_request(dataset_uri)
         request.request_id = request_id
@@ -269,28 +291,41 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
             ("retry", runs.RetryTrainingRun, pb.RetryTrainingRunRequest(name=name)),
             ("events", runs.ListTrainingRunEvents, pb.ListTrainingRunEventsRequest(name=name)),
             ("metrics", runs.GetTrainingRunMetrics, pb.GetTrainingRunMetricsRequest(name=name)),
-            ("update", runs.UpdateTrainingRun, pb.UpdateTrainingRunRequest(
-                training_run=pb.TrainingRun(name=name, display_name="x"),
-                update_mask=FieldMask(paths=["display_name"]))),
+            (
+                "update",
+                runs.UpdateTrainingRun,
+                pb.UpdateTrainingRunRequest(
+                    training_run=pb.TrainingRun(name=name, display_name="x"),
+                    update_mask=FieldMask(paths=["display_name"]),
+                ),
+            ),
         ):
             await battery.refused(f"{label} {name[:40]!r}", call, request, REFUSED_ANYWAY)
         await battery.refused(
-            f"watch {name[:40]!r}", runs.WatchTrainingRun,
-            pb.WatchTrainingRunRequest(name=name), REFUSED_ANYWAY, streaming=True,
+            f"watch {name[:40]!r}",
+            runs.WatchTrainingRun,
+            pb.WatchTrainingRunRequest(name=name),
+            REFUSED_ANYWAY,
+            streaming=True,
         )
     await battery.refused(
-        "watch after -1", runs.WatchTrainingRun,
-        pb.WatchTrainingRunRequest(name=run.name, after_sequence=-1), streaming=True,
+        "watch after -1",
+        runs.WatchTrainingRun,
+        pb.WatchTrainingRunRequest(name=run.name, after_sequence=-1),
+        streaming=True,
         field="after_sequence",
     )
     for reason in (NUL, HUGE):
         await battery.refused(
-            "cancel reason", runs.CancelTrainingRun,
-            pb.CancelTrainingRunRequest(name=run.name, reason=reason), field="reason",
+            "cancel reason",
+            runs.CancelTrainingRun,
+            pb.CancelTrainingRunRequest(name=run.name, reason=reason),
+            field="reason",
         )
     for request_id in (NUL, HUGE, "not-a-uuid"):
         await battery.refused(
-            "retry request_id", runs.RetryTrainingRun,
+            "retry request_id",
+            runs.RetryTrainingRun,
             pb.RetryTrainingRunRequest(name=run.name, request_id=request_id),
             REFUSED_ANYWAY,
         )
@@ -302,30 +337,45 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
         )
 
     for mask in ([], ["state"], ["spec.epochs"], ["creator"], [NUL], [HUGE], ["labels", "etag"]):
-        await battery.refused("mask", runs.UpdateTrainingRun, update(mask, display_name="x"),
-                              field="update_mask")
-    for labels in BAD_LABELS + [{f"k{i}": "v" for i in range(10_000)}]:
-        await battery.refused("update labels", runs.UpdateTrainingRun,
-                              update(["labels"], labels=labels), field="training_run.labels")
+        await battery.refused(
+            "mask", runs.UpdateTrainingRun, update(mask, display_name="x"), field="update_mask"
+        )
+    for labels in [*BAD_LABELS, {f"k{i}": "v" for i in range(10_000)}]:
+        await battery.refused(
+            "update labels",
+            runs.UpdateTrainingRun,
+            update(["labels"], labels=labels),
+            field="training_run.labels",
+        )
     for display_name in (NUL, HUGE, ""):
-        await battery.refused("update display_name", runs.UpdateTrainingRun,
-                              update(["display_name"], display_name=display_name),
-                              field="training_run.display_name")
+        await battery.refused(
+            "update display_name",
+            runs.UpdateTrainingRun,
+            update(["display_name"], display_name=display_name),
+            field="training_run.display_name",
+        )
     stale = run.etag[:-1] + ("0" if run.etag[-1] != "0" else "1")
     for etag in (stale, "W/" + run.etag, UNICODE):
         error = await battery.refused(
-            "update etag", runs.UpdateTrainingRun,
-            update(["display_name"], display_name="renamed", etag=etag), Code.ABORTED,
+            "update etag",
+            runs.UpdateTrainingRun,
+            update(["display_name"], display_name="renamed", etag=etag),
+            Code.ABORTED,
         )
         assert run.etag not in texts(error)
     for etag in (NUL, HUGE):
-        await battery.refused("update etag", runs.UpdateTrainingRun,
-                              update(["display_name"], display_name="renamed", etag=etag),
-                              field="training_run.etag")
+        await battery.refused(
+            "update etag",
+            runs.UpdateTrainingRun,
+            update(["display_name"], display_name="renamed", etag=etag),
+            field="training_run.etag",
+        )
     for etag in (stale, NUL, HUGE):
         error = await battery.refused(
-            "delete etag", runs.DeleteTrainingRun,
-            pb.DeleteTrainingRunRequest(name=run.name, etag=etag), REFUSED_ANYWAY,
+            "delete etag",
+            runs.DeleteTrainingRun,
+            pb.DeleteTrainingRunRequest(name=run.name, etag=etag),
+            REFUSED_ANYWAY,
         )
         assert run.etag not in texts(error)
 
@@ -336,12 +386,21 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
         ("states -1", pb.ListTrainingRunsRequest(states=[1, -1]), "states"),
         ("states many", pb.ListTrainingRunsRequest(states=[1] * 100), "states"),
         ("page_size", pb.ListTrainingRunsRequest(page_size=-1), "page_size"),
-        ("after 2**62", pb.ListTrainingRunsRequest(
-            created_after=Timestamp(seconds=2**62)), "created_after"),
-        ("after nanos", pb.ListTrainingRunsRequest(
-            created_after=Timestamp(nanos=-1)), "created_after"),
-        ("before", pb.ListTrainingRunsRequest(
-            created_before=Timestamp(seconds=-(2**62))), "created_before"),
+        (
+            "after 2**62",
+            pb.ListTrainingRunsRequest(created_after=Timestamp(seconds=2**62)),
+            "created_after",
+        ),
+        (
+            "after nanos",
+            pb.ListTrainingRunsRequest(created_after=Timestamp(nanos=-1)),
+            "created_after",
+        ),
+        (
+            "before",
+            pb.ListTrainingRunsRequest(created_before=Timestamp(seconds=-(2**62))),
+            "created_before",
+        ),
         ("order_by", pb.ListTrainingRunsRequest(order_by="name; DROP TABLE runs"), "order_by"),
         ("order_by huge", pb.ListTrainingRunsRequest(order_by=HUGE), "order_by"),
         ("dataset_uri nul", pb.ListTrainingRunsRequest(dataset_uri=NUL), "dataset_uri"),
@@ -353,74 +412,142 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
     ):
         await battery.refused(label, list_runs, request, field=field)
     for edited in tampered(token):
-        await battery.refused("edited token", list_runs,
-                              pb.ListTrainingRunsRequest(page_size=1, page_token=edited),
-                              field="page_token")
-    for other_query in (pb.ListTrainingRunsRequest(page_size=1, page_token=token, order_by="create_time"),
-                        pb.ListTrainingRunsRequest(page_size=1, page_token=token, states=[1]),
-                        pb.ListTrainingRunsRequest(page_size=1, page_token=token, creator="other")):
+        await battery.refused(
+            "edited token",
+            list_runs,
+            pb.ListTrainingRunsRequest(page_size=1, page_token=edited),
+            field="page_token",
+        )
+    for other_query in (
+        pb.ListTrainingRunsRequest(page_size=1, page_token=token, order_by="create_time"),
+        pb.ListTrainingRunsRequest(page_size=1, page_token=token, states=[1]),
+        pb.ListTrainingRunsRequest(page_size=1, page_token=token, creator="other"),
+    ):
         await battery.refused("token of another query", list_runs, other_query, field="page_token")
     for edited in tampered(token)[:5]:
-        await battery.refused("events token", runs.ListTrainingRunEvents,
-                              pb.ListTrainingRunEventsRequest(name=run.name, page_token=edited),
-                              field="page_token")
-        await battery.refused("models token", models.ListTrainedModels,
-                              mpb.ListTrainedModelsRequest(page_token=edited), field="page_token")
-        await battery.refused("publication token", models.ListPublicationEvents,
-                              mpb.ListPublicationEventsRequest(page_token=edited),
-                              field="page_token")
-        await battery.refused("audit token", audit.ListAuditRecords,
-                              audit_pb2.ListAuditRecordsRequest(page_token=edited),
-                              field="page_token")
+        await battery.refused(
+            "events token",
+            runs.ListTrainingRunEvents,
+            pb.ListTrainingRunEventsRequest(name=run.name, page_token=edited),
+            field="page_token",
+        )
+        await battery.refused(
+            "models token",
+            models.ListTrainedModels,
+            mpb.ListTrainedModelsRequest(page_token=edited),
+            field="page_token",
+        )
+        await battery.refused(
+            "publication token",
+            models.ListPublicationEvents,
+            mpb.ListPublicationEventsRequest(page_token=edited),
+            field="page_token",
+        )
+        await battery.refused(
+            "audit token",
+            audit.ListAuditRecords,
+            audit_pb2.ListAuditRecordsRequest(page_token=edited),
+            field="page_token",
+        )
     # A token of one list is not a token of another.
     for label, call, request in (
-        ("events", runs.ListTrainingRunEvents, pb.ListTrainingRunEventsRequest(name=run.name, page_token=token)),
+        (
+            "events",
+            runs.ListTrainingRunEvents,
+            pb.ListTrainingRunEventsRequest(name=run.name, page_token=token),
+        ),
         ("models", models.ListTrainedModels, mpb.ListTrainedModelsRequest(page_token=token)),
-        ("publications", models.ListPublicationEvents, mpb.ListPublicationEventsRequest(page_token=token)),
+        (
+            "publications",
+            models.ListPublicationEvents,
+            mpb.ListPublicationEventsRequest(page_token=token),
+        ),
         ("audit", audit.ListAuditRecords, audit_pb2.ListAuditRecordsRequest(page_token=token)),
     ):
         await battery.refused(f"foreign token {label}", call, request, field="page_token")
-    await battery.refused("events size", runs.ListTrainingRunEvents,
-                          pb.ListTrainingRunEventsRequest(name=run.name, page_size=-5),
-                          field="page_size")
+    await battery.refused(
+        "events size",
+        runs.ListTrainingRunEvents,
+        pb.ListTrainingRunEventsRequest(name=run.name, page_size=-5),
+        field="page_size",
+    )
 
     # TrainedModelService.
     for name in BAD_MODEL_NAMES:
         for label, call, request in (
             ("get", models.GetTrainedModel, mpb.GetTrainedModelRequest(name=name)),
-            ("lineage", models.GetTrainedModelLineage, mpb.GetTrainedModelLineageRequest(name=name)),
-            ("delete", models.DeleteTrainedModel, mpb.DeleteTrainedModelRequest(name=name, etag="e")),
+            (
+                "lineage",
+                models.GetTrainedModelLineage,
+                mpb.GetTrainedModelLineageRequest(name=name),
+            ),
+            (
+                "delete",
+                models.DeleteTrainedModel,
+                mpb.DeleteTrainedModelRequest(name=name, etag="e"),
+            ),
             ("publish", models.PublishTrainedModel, mpb.PublishTrainedModelRequest(name=name)),
-            ("unpublish", models.UnpublishTrainedModel, mpb.UnpublishTrainedModelRequest(name=name)),
-            ("update", models.UpdateTrainedModel, mpb.UpdateTrainedModelRequest(
-                trained_model=mpb.TrainedModel(name=name, display_name="x"),
-                update_mask=FieldMask(paths=["display_name"]))),
-            ("publications", models.ListPublicationEvents,
-             mpb.ListPublicationEventsRequest(trained_model=name or NUL)),
+            (
+                "unpublish",
+                models.UnpublishTrainedModel,
+                mpb.UnpublishTrainedModelRequest(name=name),
+            ),
+            (
+                "update",
+                models.UpdateTrainedModel,
+                mpb.UpdateTrainedModelRequest(
+                    trained_model=mpb.TrainedModel(name=name, display_name="x"),
+                    update_mask=FieldMask(paths=["display_name"]),
+                ),
+            ),
+            (
+                "publications",
+                models.ListPublicationEvents,
+                mpb.ListPublicationEventsRequest(trained_model=name or NUL),
+            ),
         ):
             await battery.refused(f"model {label} {name[:40]!r}", call, request, REFUSED_ANYWAY)
         await battery.refused(
-            f"download {name[:40]!r}", models.DownloadTrainedModel,
-            mpb.DownloadTrainedModelRequest(name=name), REFUSED_ANYWAY, streaming=True,
+            f"download {name[:40]!r}",
+            models.DownloadTrainedModel,
+            mpb.DownloadTrainedModelRequest(name=name),
+            REFUSED_ANYWAY,
+            streaming=True,
         )
     model_name = f"trainedModels/{MISSING}"
     for kind in (NUL, HUGE, "../checkpoint", "metrics"):
-        await battery.refused("artifact_kind", models.DownloadTrainedModel,
-                              mpb.DownloadTrainedModelRequest(name=model_name, artifact_kind=kind),
-                              field="artifact_kind", streaming=True)
+        await battery.refused(
+            "artifact_kind",
+            models.DownloadTrainedModel,
+            mpb.DownloadTrainedModelRequest(name=model_name, artifact_kind=kind),
+            field="artifact_kind",
+            streaming=True,
+        )
     for label, request, field in (
-        ("depth", mpb.GetTrainedModelLineageRequest(name=model_name, descendant_depth=-1),
-         "descendant_depth"),
-        ("min_bbox_map nan", mpb.PublishTrainedModelRequest(
-            name=model_name, min_bbox_map=float("nan")), "min_bbox_map"),
-        ("min_bbox_map inf", mpb.PublishTrainedModelRequest(
-            name=model_name, min_bbox_map=float("inf")), "min_bbox_map"),
+        (
+            "depth",
+            mpb.GetTrainedModelLineageRequest(name=model_name, descendant_depth=-1),
+            "descendant_depth",
+        ),
+        (
+            "min_bbox_map nan",
+            mpb.PublishTrainedModelRequest(name=model_name, min_bbox_map=float("nan")),
+            "min_bbox_map",
+        ),
+        (
+            "min_bbox_map inf",
+            mpb.PublishTrainedModelRequest(name=model_name, min_bbox_map=float("inf")),
+            "min_bbox_map",
+        ),
         ("channel nul", mpb.PublishTrainedModelRequest(name=model_name, channel=NUL), "channel"),
         ("channel huge", mpb.PublishTrainedModelRequest(name=model_name, channel=HUGE), "channel"),
         ("reason", mpb.PublishTrainedModelRequest(name=model_name, reason=HUGE), "reason"),
         ("etag", mpb.PublishTrainedModelRequest(name=model_name, etag=NUL), "etag"),
-        ("split", mpb.PublishTrainedModelRequest(name=model_name, evaluation_split=HUGE),
-         "evaluation_split"),
+        (
+            "split",
+            mpb.PublishTrainedModelRequest(name=model_name, evaluation_split=HUGE),
+            "evaluation_split",
+        ),
     ):
         call = models.GetTrainedModelLineage if label == "depth" else models.PublishTrainedModel
         await battery.refused(label, call, request, field=field)
@@ -437,11 +564,16 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
             mpb.UnpublishTrainedModelRequest: models.UnpublishTrainedModel,
             mpb.GetTrainedModelLineageRequest: models.GetTrainedModelLineage,
         }[type(request)]
-        await battery.refused("model numbers", call, request, {Code.INVALID_ARGUMENT, Code.NOT_FOUND})
+        await battery.refused(
+            "model numbers", call, request, {Code.INVALID_ARGUMENT, Code.NOT_FOUND}
+        )
     for reason in (NUL, HUGE):
-        await battery.refused("unpublish reason", models.UnpublishTrainedModel,
-                              mpb.UnpublishTrainedModelRequest(name=model_name, reason=reason),
-                              field="reason")
+        await battery.refused(
+            "unpublish reason",
+            models.UnpublishTrainedModel,
+            mpb.UnpublishTrainedModelRequest(name=model_name, reason=reason),
+            field="reason",
+        )
 
     def edit(mask: Iterable[str], **fields: Any) -> mpb.UpdateTrainedModelRequest:
         return mpb.UpdateTrainedModelRequest(
@@ -450,17 +582,31 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
         )
 
     for mask in (["classes"], ["publication"], [NUL], [HUGE]):
-        await battery.refused("model mask", models.UpdateTrainedModel, edit(mask, display_name="x"),
-                              {Code.INVALID_ARGUMENT, Code.NOT_FOUND})
+        await battery.refused(
+            "model mask",
+            models.UpdateTrainedModel,
+            edit(mask, display_name="x"),
+            {Code.INVALID_ARGUMENT, Code.NOT_FOUND},
+        )
     for labels in BAD_LABELS:
-        await battery.refused("model labels", models.UpdateTrainedModel,
-                              edit(["labels"], labels=labels), field="trained_model.labels")
-    await battery.refused("model description", models.UpdateTrainedModel,
-                          edit(["description"], description=HUGE),
-                          field="trained_model.description")
-    await battery.refused("model display_name", models.UpdateTrainedModel,
-                          edit(["display_name"], display_name=NUL),
-                          field="trained_model.display_name")
+        await battery.refused(
+            "model labels",
+            models.UpdateTrainedModel,
+            edit(["labels"], labels=labels),
+            field="trained_model.labels",
+        )
+    await battery.refused(
+        "model description",
+        models.UpdateTrainedModel,
+        edit(["description"], description=HUGE),
+        field="trained_model.description",
+    )
+    await battery.refused(
+        "model display_name",
+        models.UpdateTrainedModel,
+        edit(["display_name"], display_name=NUL),
+        field="trained_model.display_name",
+    )
     list_models = models.ListTrainedModels
     for label, request, field in (
         ("order_by", mpb.ListTrainedModelsRequest(order_by="bbox; --"), "order_by"),
@@ -469,13 +615,22 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
         ("architecture", mpb.ListTrainedModelsRequest(architecture=NUL), "architecture"),
         ("creator", mpb.ListTrainedModelsRequest(creator=HUGE), "creator"),
         ("dataset_uri", mpb.ListTrainedModelsRequest(dataset_uri=NUL), "dataset_uri"),
-        ("training_run", mpb.ListTrainedModelsRequest(training_run="trainedModels/x"),
-         "training_run"),
+        (
+            "training_run",
+            mpb.ListTrainedModelsRequest(training_run="trainedModels/x"),
+            "training_run",
+        ),
         ("base_model", mpb.ListTrainedModelsRequest(base_model=TRAVERSAL), "base_model"),
-        ("after", mpb.ListTrainedModelsRequest(created_after=Timestamp(seconds=2**62)),
-         "created_after"),
-        ("before", mpb.ListTrainedModelsRequest(created_before=Timestamp(nanos=-1)),
-         "created_before"),
+        (
+            "after",
+            mpb.ListTrainedModelsRequest(created_after=Timestamp(seconds=2**62)),
+            "created_after",
+        ),
+        (
+            "before",
+            mpb.ListTrainedModelsRequest(created_before=Timestamp(nanos=-1)),
+            "created_before",
+        ),
         ("size", mpb.ListTrainedModelsRequest(page_size=-1), "page_size"),
     ):
         await battery.refused(f"models {label}", list_models, request, field=field)
@@ -483,14 +638,20 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
         ("channel", mpb.ListPublicationEventsRequest(channel=NUL), "channel"),
         ("size", mpb.ListPublicationEventsRequest(page_size=-1), "page_size"),
     ):
-        await battery.refused(f"publications {label}", models.ListPublicationEvents, request,
-                              field=field)
+        await battery.refused(
+            f"publications {label}", models.ListPublicationEvents, request, field=field
+        )
 
     # ImportTrainedModel: a client stream whose first message must be valid metadata.
     def metadata(**fields: Any) -> mpb.ImportTrainedModelRequest:
-        values = {"display_name": "imported", "architecture": "retinanet_r18_fpn",
-                  "classes": ["cat"], "config_uri": "file:///nowhere/c.py",
-                  "checkpoint_uri": "file:///nowhere/c.pth", **fields}
+        values = {
+            "display_name": "imported",
+            "architecture": "retinanet_r18_fpn",
+            "classes": ["cat"],
+            "config_uri": "file:///nowhere/c.py",
+            "checkpoint_uri": "file:///nowhere/c.pth",
+            **fields,
+        }
         return mpb.ImportTrainedModelRequest(
             metadata=mpb.ImportTrainedModelRequest.Metadata(**values)
         )
@@ -501,44 +662,97 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
 
     import_cases: list[tuple[str, Callable[[], Any], set[Code] | Code, str | None]] = [
         ("empty", lambda: stream(), Code.INVALID_ARGUMENT, "metadata"),
-        ("chunk first", lambda: stream(mpb.ImportTrainedModelRequest(config_chunk=b"x")),
-         Code.INVALID_ARGUMENT, "metadata"),
-        ("display_name", lambda: stream(metadata(display_name=NUL)), Code.INVALID_ARGUMENT,
-         "metadata.display_name"),
-        ("description", lambda: stream(metadata(description=HUGE)), Code.INVALID_ARGUMENT,
-         "metadata.description"),
-        ("architecture", lambda: stream(metadata(architecture=NUL)), Code.INVALID_ARGUMENT,
-         "metadata.architecture"),
-        ("classes nul", lambda: stream(metadata(classes=["cat", NUL])), Code.INVALID_ARGUMENT,
-         "metadata.classes"),
-        ("classes many", lambda: stream(metadata(classes=[f"c{i}" for i in range(1001)])),
-         Code.INVALID_ARGUMENT, "metadata.classes"),
-        ("classes empty", lambda: stream(metadata(classes=[""])), Code.INVALID_ARGUMENT,
-         "metadata.classes"),
-        ("config_uri", lambda: stream(metadata(config_uri=HUGE)), Code.INVALID_ARGUMENT,
-         "metadata.config_uri"),
-        ("checkpoint_uri", lambda: stream(metadata(checkpoint_uri=NUL)), Code.INVALID_ARGUMENT,
-         "metadata.checkpoint_uri"),
-        ("request_id", lambda: stream(metadata(request_id="not-a-uuid")), Code.INVALID_ARGUMENT,
-         "metadata.request_id"),
+        (
+            "chunk first",
+            lambda: stream(mpb.ImportTrainedModelRequest(config_chunk=b"x")),
+            Code.INVALID_ARGUMENT,
+            "metadata",
+        ),
+        (
+            "display_name",
+            lambda: stream(metadata(display_name=NUL)),
+            Code.INVALID_ARGUMENT,
+            "metadata.display_name",
+        ),
+        (
+            "description",
+            lambda: stream(metadata(description=HUGE)),
+            Code.INVALID_ARGUMENT,
+            "metadata.description",
+        ),
+        (
+            "architecture",
+            lambda: stream(metadata(architecture=NUL)),
+            Code.INVALID_ARGUMENT,
+            "metadata.architecture",
+        ),
+        (
+            "classes nul",
+            lambda: stream(metadata(classes=["cat", NUL])),
+            Code.INVALID_ARGUMENT,
+            "metadata.classes",
+        ),
+        (
+            "classes many",
+            lambda: stream(metadata(classes=[f"c{i}" for i in range(1001)])),
+            Code.INVALID_ARGUMENT,
+            "metadata.classes",
+        ),
+        (
+            "classes empty",
+            lambda: stream(metadata(classes=[""])),
+            Code.INVALID_ARGUMENT,
+            "metadata.classes",
+        ),
+        (
+            "config_uri",
+            lambda: stream(metadata(config_uri=HUGE)),
+            Code.INVALID_ARGUMENT,
+            "metadata.config_uri",
+        ),
+        (
+            "checkpoint_uri",
+            lambda: stream(metadata(checkpoint_uri=NUL)),
+            Code.INVALID_ARGUMENT,
+            "metadata.checkpoint_uri",
+        ),
+        (
+            "request_id",
+            lambda: stream(metadata(request_id="not-a-uuid")),
+            Code.INVALID_ARGUMENT,
+            "metadata.request_id",
+        ),
         ("one uri", lambda: stream(metadata(checkpoint_uri="")), Code.INVALID_ARGUMENT, None),
     ]
     for labels in BAD_LABELS:
         import_cases.append(
-            ("labels", lambda labels=labels: stream(metadata(labels=labels)), Code.INVALID_ARGUMENT,
-             "metadata.labels")
+            (
+                "labels",
+                lambda labels=labels: stream(metadata(labels=labels)),
+                Code.INVALID_ARGUMENT,
+                "metadata.labels",
+            )
         )
     for label, requests, expected, field in import_cases:
-        await battery.refused(f"import {label}", models.ImportTrainedModel, requests(), expected,
-                              field=field)
+        await battery.refused(
+            f"import {label}", models.ImportTrainedModel, requests(), expected, field=field
+        )
 
     # ListAuditRecords filters.
     for field in ("identity", "rpc", "outcome", "resource"):
         for value in (NUL, HUGE):
-            await battery.refused(f"audit {field}", audit.ListAuditRecords,
-                                  audit_pb2.ListAuditRecordsRequest(**{field: value}), field=field)
-    await battery.refused("audit size", audit.ListAuditRecords,
-                          audit_pb2.ListAuditRecordsRequest(page_size=-1), field="page_size")
+            await battery.refused(
+                f"audit {field}",
+                audit.ListAuditRecords,
+                audit_pb2.ListAuditRecordsRequest(**{field: value}),
+                field=field,
+            )
+    await battery.refused(
+        "audit size",
+        audit.ListAuditRecords,
+        audit_pb2.ListAuditRecordsRequest(page_size=-1),
+        field="page_size",
+    )
 
     assert battery.sent > 350
     assert await count_runs(runs) == runs_before, "an invalid request created a run"
@@ -657,7 +871,7 @@ async def test_a_page_of_runs_stays_under_the_byte_budget(
         request = create_request(uri)
         request.training_run.labels.update(heavy)
         created.add((await runs.CreateTrainingRun(request)).name)
-    one = (await runs.ListTrainingRuns(pb.ListTrainingRunsRequest(dataset_uri=uri, page_size=1)))
+    one = await runs.ListTrainingRuns(pb.ListTrainingRunsRequest(dataset_uri=uri, page_size=1))
     size = one.training_runs[0].ByteSize()
     assert size > 20_000
     # The services run in this process: a budget of two and a half runs per page.

@@ -75,7 +75,11 @@ def test_a_page_ends_before_its_items_pass_the_byte_budget():
     assert pagination.decode(token, "q", time_value=False) == pagination.Cursor(1, "1")
     # One item over the budget still makes a page: the caller moves on.
     kept, token = pagination.page(
-        rows, 9, lambda row: pagination.Cursor(row, str(row)), "q", weight=lambda row: 5000,
+        rows,
+        9,
+        lambda row: pagination.Cursor(row, str(row)),
+        "q",
+        weight=lambda row: 5000,
         max_bytes=1000,
     )
     assert kept == [0] and token

@@ -11,7 +11,9 @@ pb = training_run_pb2
 def fields(message) -> dict[str, str]:
     found: dict[str, str] = {}
     for violation in check_request(message):
-        found[violation.field] = "; ".join(filter(None, [found.get(violation.field), violation.description]))
+        found[violation.field] = "; ".join(
+            filter(None, [found.get(violation.field), violation.description])
+        )
     return found
 
 
