@@ -15,7 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from shared import limits
@@ -58,7 +58,7 @@ def _is_repeated(field: FieldDescriptor) -> bool:
 
 
 def _message(message: Message, prefix: str, found: _Violations) -> None:
-    descriptor: Descriptor = message.DESCRIPTOR
+    descriptor = message.DESCRIPTOR
     if descriptor.full_name == "google.protobuf.Timestamp":
         _timestamp(message, prefix.rstrip("."), found)
         return
@@ -73,7 +73,7 @@ def _message(message: Message, prefix: str, found: _Violations) -> None:
             continue
         path = prefix + field.name
         if field.message_type is not None and field.message_type.GetOptions().map_entry:
-            _map(descriptor, field, value, path, found)
+            _map(descriptor.full_name, field, value, path, found)
         elif _is_repeated(field):
             most = limits.bound(
                 descriptor.full_name, field.name, default=limits.DEFAULT_REPEATED_MAX
@@ -98,9 +98,10 @@ def _value(
         _message(value, path + ".", found)
     elif field.type == FieldDescriptor.TYPE_STRING:
         _string(value, path, found, string_max)
-    elif field.type == FieldDescriptor.TYPE_ENUM:
-        if field.enum_type.values_by_number.get(value) is None:
-            names = ", ".join(v.name for v in field.enum_type.values if v.number != 0)
+    elif field.type == FieldDescriptor.TYPE_ENUM and field.enum_type is not None:
+        enum = field.enum_type
+        if enum.values_by_number.get(value) is None:
+            names = ", ".join(v.name for v in enum.values if v.number != 0)
             found.add(path, f"unknown value {value}; one of: {names}")
     elif field.type in _FLOATS and not math.isfinite(value):
         found.add(path, f"must be a finite number, got {value}")
@@ -113,11 +114,11 @@ def _string(value: str, path: str, found: _Violations, most: int) -> None:
         found.add(path, "must not contain NUL characters")
 
 
-def _map(
-    owner: Descriptor, field: FieldDescriptor, value: Any, path: str, found: _Violations
-) -> None:
-    key_field = field.message_type.fields_by_name["key"]
-    value_field = field.message_type.fields_by_name["value"]
+def _map(owner: str, field: FieldDescriptor, value: Any, path: str, found: _Violations) -> None:
+    entry = field.message_type
+    assert entry is not None
+    key_field = entry.fields_by_name["key"]
+    value_field = entry.fields_by_name["value"]
     if (
         field.name == "labels"
         and key_field.type == FieldDescriptor.TYPE_STRING
@@ -126,7 +127,7 @@ def _map(
         for problem in limits.label_problems(value):
             found.add(path, problem)
         return
-    most = limits.bound(owner.full_name, field.name, default=limits.DEFAULT_REPEATED_MAX)
+    most = limits.bound(owner, field.name, default=limits.DEFAULT_REPEATED_MAX)
     if len(value) > most:
         found.add(path, f"at most {most} entries, got {len(value)}")
         return
