@@ -32,7 +32,7 @@ from shared.proto.raven.training.v1 import (
     trained_model_pb2,
     training_run_pb2,
 )
-from tests.support import create_request, violations
+from tests.support import create_request, eventually, violations
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -197,7 +197,7 @@ def tampered(token: str) -> list[str]:
 
 
 async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act_on(
-    runs, models, runs_channel, settings, dataset_uri
+    runs, models, runs_channel, settings, dataset_uri, js, subjects
 ):
     battery = Battery(settings)
     audit = audit_pb2_grpc.AuditServiceStub(runs_channel)
@@ -774,6 +774,16 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
     again = await runs.GetTrainingRun(pb.GetTrainingRunRequest(name=run.name))
     assert again.display_name == run.display_name and dict(again.labels) == dict(run.labels)
     assert again.state == TrainingRun.QUEUED
+
+    # The event pipeline still delivers: a valid run's first event reaches the stream.
+    fresh = await runs.CreateTrainingRun(create_request(dataset_uri))
+    subject = subjects.run_event(fresh.name.removeprefix("trainingRuns/"))
+
+    async def published() -> int:
+        info = await js.stream_info(subjects.events_stream, subjects_filter=subject)
+        return (info.state.subjects or {}).get(subject, 0)
+
+    await eventually(published, timeout=15)
 
 
 TrainingRun = pb.TrainingRun
