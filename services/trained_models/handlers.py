@@ -17,6 +17,7 @@ from services.trained_models.domain import Lineage, TrainedModel
 from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
+from shared import limits
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Violations
 from shared.limits import quote
 from shared.pagination import Cursor
@@ -25,9 +26,9 @@ from shared.storage import Storage, StorageError, UnsupportedUri
 log = structlog.get_logger(__name__)
 
 MAX_LINEAGE_DEPTH = 50
-MAX_DISPLAY_NAME = 200
-MAX_DESCRIPTION = 10_000
-MAX_LABELS = 64
+MAX_DISPLAY_NAME = limits.DISPLAY_NAME_MAX
+MAX_DESCRIPTION = limits.DESCRIPTION_MAX
+MAX_LABELS = limits.LABELS_MAX
 # A run that ended in one of these no longer reads its base model's files.
 FINISHED_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 EDITABLE_FIELDS = ("display_name", "description", "labels")
@@ -112,20 +113,8 @@ def validate_edit(
             f"at most {MAX_DESCRIPTION} characters",
         )
     if labels is not None:
-        violations.check(
-            len(labels) <= MAX_LABELS, f"{prefix}labels", f"at most {MAX_LABELS} labels"
-        )
-        for key, value in labels.items():
-            violations.check(
-                0 < len(key) <= 63 and key.isascii() and key.isprintable(),
-                f"{prefix}labels",
-                f"key {quote(key)}: 1 to 63 printable ASCII characters",
-            )
-            violations.check(
-                len(value) <= 256,
-                f"{prefix}labels",
-                f"value of {quote(key)}: at most 256 characters",
-            )
+        for problem in limits.label_problems(labels):
+            violations.add(f"{prefix}labels", problem)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
