@@ -83,3 +83,15 @@ def test_a_page_ends_before_its_items_pass_the_byte_budget():
         max_bytes=1000,
     )
     assert kept == [0] and token
+
+
+def test_page_token_keys_come_comma_separated_and_long_enough(monkeypatch):
+    from pydantic import ValidationError
+
+    from shared.settings import Settings
+
+    monkeypatch.setenv("RAVEN_PAGE_TOKEN_KEYS", "new-key-0123456789, old-key-0123456789")
+    assert Settings().page_token_key_list() == ["new-key-0123456789", "old-key-0123456789"]
+    monkeypatch.setenv("RAVEN_PAGE_TOKEN_KEYS", "short")
+    with pytest.raises(ValidationError, match="at least 16"):
+        Settings()
