@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TypeVar
 
+from google.protobuf.message import Message
+
 from shared.errors import FieldViolation, InvalidArgument
 
 DEFAULT_PAGE_SIZE = 50
@@ -91,6 +93,28 @@ def page(
         return rows, ""
     rows = rows[:size]
     return rows, encode(cursor(rows[-1]), fingerprint)
+
+
+M = TypeVar("M", bound=Message)
+
+
+def rendered_page(
+    rows: Sequence[T],
+    size: int,
+    cursor: Callable[[T], Cursor],
+    fingerprint: str,
+    render: Callable[[T], M],
+) -> tuple[list[M], str]:
+    """`page` of `size + 1` fetched rows, each rendered to the message sent for it; the
+    page ends before the messages pass MAX_PAGE_BYTES."""
+    kept, token = page(
+        [(row, render(row)) for row in rows[:size]] + [(row, None) for row in rows[size:]],
+        size,
+        lambda pair: cursor(pair[0]),
+        fingerprint,
+        weight=lambda pair: pair[1].ByteSize() if pair[1] is not None else 0,
+    )
+    return [message for _, message in kept if message is not None], token
 
 
 def _b64(raw: bytes) -> str:

@@ -86,8 +86,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         after = pagination.decode(request.page_token, fingerprint, time_value=by_time)
         models = await handlers.list_models(self._uow(), filter_, limit=size + 1, after=after)
 
-        def cursor(pair: tuple[TrainedModel, pb.TrainedModel | None]) -> pagination.Cursor:
-            last = pair[0]
+        def cursor(last: TrainedModel) -> pagination.Cursor:
             value = (
                 last.create_time
                 if by_time
@@ -95,17 +94,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             )
             return pagination.Cursor(value, str(last.id))
 
-        page, token = pagination.page(
-            [(m, model_to_proto(m)) for m in models[:size]] + [(m, None) for m in models[size:]],
-            size,
-            cursor,
-            fingerprint,
-            weight=lambda pair: pair[1].ByteSize() if pair[1] is not None else 0,
-        )
-        return pb.ListTrainedModelsResponse(
-            trained_models=[proto for _, proto in page if proto is not None],
-            next_page_token=token,
-        )
+        page, token = pagination.rendered_page(models, size, cursor, fingerprint, model_to_proto)
+        return pb.ListTrainedModelsResponse(trained_models=page, next_page_token=token)
 
     @grpc_errors
     async def GetTrainedModelLineage(

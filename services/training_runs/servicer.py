@@ -92,18 +92,14 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if request.creator and request.creator != filter_.creator:
             # Someone else's runs, asked by a caller that may only see its own.
             return pb.ListTrainingRunsResponse()
-        rows = await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after)
-        runs, token = pagination.page(
-            [(run, run_to_proto(run)) for run in rows[:size]]
-            + [(run, None) for run in rows[size:]],
+        runs, token = pagination.rendered_page(
+            await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
             size,
-            lambda pair: pagination.Cursor(pair[0].create_time, str(pair[0].id)),
+            lambda run: pagination.Cursor(run.create_time, str(run.id)),
             fingerprint,
-            weight=lambda pair: pair[1].ByteSize() if pair[1] is not None else 0,
+            run_to_proto,
         )
-        return pb.ListTrainingRunsResponse(
-            training_runs=[proto for _, proto in runs if proto is not None], next_page_token=token
-        )
+        return pb.ListTrainingRunsResponse(training_runs=runs, next_page_token=token)
 
     @grpc_errors
     async def UpdateTrainingRun(
@@ -176,15 +172,14 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
         after = int(cursor.value) if cursor else 0
-        events, token = pagination.page(
+        events, token = pagination.rendered_page(
             await handlers.list_events(self._uow(), run_id, after_sequence=after, limit=size + 1),
             size,
             lambda event: pagination.Cursor(event.sequence, str(run_id)),
             fingerprint,
+            event_to_proto,
         )
-        return pb.ListTrainingRunEventsResponse(
-            events=[event_to_proto(e) for e in events], next_page_token=token
-        )
+        return pb.ListTrainingRunEventsResponse(events=events, next_page_token=token)
 
     @grpc_errors
     async def GetTrainingRunMetrics(
