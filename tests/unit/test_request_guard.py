@@ -1,7 +1,11 @@
 from __future__ import annotations
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from shared.errors import InvalidArgument
+from shared.limits import quote
+from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.request_guard import check_request
 
@@ -80,3 +84,11 @@ def test_what_the_server_sets_is_not_checked_when_a_resource_is_sent_back():
     assert fields(pb.UpdateTrainingRunRequest(training_run=run)) == {}
     model = trained_model_pb2.TrainedModel(name="trainedModels/x", dataset_uri="d" * 5000)
     assert fields(trained_model_pb2.UpdateTrainedModelRequest(trained_model=model)) == {}
+
+
+def test_error_texts_quote_a_short_prefix_of_a_bad_value():
+    with pytest.raises(InvalidArgument) as caught:
+        parse_name("trainingRuns/" + "x" * 1_000_000, TRAINING_RUNS)
+    description = caught.value.violations[0].description
+    assert len(description) < 200 and "1000013 characters" in description
+    assert quote("short") == "'short'"
