@@ -9,6 +9,7 @@ nothing about how the server is built, and leave nothing behind.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import re
@@ -912,3 +913,48 @@ async def test_a_page_of_runs_stays_under_the_byte_budget(
         if not token:
             break
     assert pages == 3 and len(seen) == 5 and set(seen) == created
+
+
+async def test_a_broken_import_stream_is_refused_and_leaves_no_upload(
+    models, models_channel, settings
+):
+    """Valid metadata, then a chunk that does not parse; and a client that gives up midway."""
+    uploads = Path(settings.artifact_root) / "uploads"
+    before = set(uploads.iterdir()) if uploads.exists() else set()
+    metadata = mpb.ImportTrainedModelRequest(
+        metadata=mpb.ImportTrainedModelRequest.Metadata(
+            display_name="broken", architecture="retinanet_r18_fpn", classes=["cat"]
+        )
+    )
+
+    async def then_garbage() -> AsyncIterator[bytes]:
+        yield metadata.SerializeToString()
+        yield mpb.ImportTrainedModelRequest(config_chunk=b"x" * 1024).SerializeToString()
+        yield TRUNCATED
+
+    call = models_channel.stream_unary("/raven.training.v1.TrainedModelService/ImportTrainedModel")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call(then_garbage(), timeout=DEADLINE_S)
+    assert caught.value.code() == Code.INVALID_ARGUMENT
+    assert caught.value.details() == "request is not a valid ImportTrainedModelRequest"
+
+    gave_up = asyncio.Event()
+
+    async def then_silence() -> AsyncIterator[mpb.ImportTrainedModelRequest]:
+        yield metadata
+        yield mpb.ImportTrainedModelRequest(config_chunk=b"x" * 1024)
+        gave_up.set()
+        await asyncio.sleep(60)
+
+    pending = models.ImportTrainedModel(then_silence(), timeout=DEADLINE_S)
+    await gave_up.wait()
+    await asyncio.sleep(0.2)
+    pending.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await pending
+
+    async def cleaned() -> bool:
+        now = set(uploads.iterdir()) if uploads.exists() else set()
+        return now <= before
+
+    await eventually(cleaned, timeout=10)
