@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -114,6 +115,7 @@ class Stack:
             "RAVEN_ARTIFACT_ROOT": str(self.artifact_root),
             "RAVEN_TRAINING_RUNS_ADDR": s.training_runs_addr,
             "RAVEN_TRAINED_MODELS_ADDR": s.trained_models_addr,
+            "RAVEN_PAGE_TOKEN_KEYS": s.page_token_keys,
             # Runs driven by the benchmark report progress but no heartbeat.
             "RAVEN_WORKER_LOST_TIMEOUT_S": "86400",
             "RAVEN_WORKER_DEVICE": "cpu",
@@ -161,6 +163,8 @@ async def open_stack(work_dir: Path) -> AsyncIterator[Stack]:
         artifact_root=work_dir / f"artifacts-{suffix}",
         training_runs_addr=f"127.0.0.1:{free_port()}",
         trained_models_addr=f"127.0.0.1:{free_port()}",
+        # Shared with the services: the deep-page benchmark signs its own token.
+        page_token_keys=secrets.token_urlsafe(32),
     )
     subjects = Subjects(settings.nats_namespace)
     nc = await nats.connect(infra.nats_url, name="raven-bench")

@@ -87,6 +87,7 @@ async def bulk_insert_runs(stack: Stack, count: int, *, deep_offset: int) -> tup
         await engine.dispose()
     # The token the server would have issued after serving `deep_offset` runs unfiltered.
     fingerprint = pagination.query_fingerprint({k: str(v) for k, v in asdict(RunFilter()).items()})
+    pagination.use_keys(stack.settings.page_token_key_list())
     token = pagination.encode(pagination.Cursor(row.create_time, str(row.id)), fingerprint)
     return [f"trainingRuns/{i}" for i in ids], token
 

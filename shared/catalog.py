@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shared import limits
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Recipe:
@@ -110,8 +112,8 @@ GPU_COUNT = (1, 8)
 WARMUP_ITERATIONS = (0, 10_000)
 VAL_INTERVAL = (1, 100)
 EARLY_STOPPING_PATIENCE = (0, 100)
-DISPLAY_NAME_MAX = 200
-LABELS_MAX = 64
+DISPLAY_NAME_MAX = limits.DISPLAY_NAME_MAX
+LABELS_MAX = limits.LABELS_MAX
 
 
 def default_learning_rate(

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path, PurePosixPath
 from urllib.parse import unquote, urlparse
 
+from shared.limits import quote
 from shared.storage import S3Uri, UnsupportedUri, parse_s3_uri
 
 SUPPORTED_SCHEMES = ("file", "s3")
@@ -22,23 +23,25 @@ def parse_dataset_uri(uri: str) -> Path | S3Uri:
     if parsed.scheme == "s3":
         location = _s3(uri)
         if not location.key or location.key.endswith("/"):
-            raise DatasetUriError(f"{uri!r}: name the annotation file (s3://bucket/path/file.json)")
+            raise DatasetUriError(
+                f"{quote(uri)}: name the annotation file (s3://bucket/path/file.json)"
+            )
         key = PurePosixPath(location.key)
         if ".." in key.parts:
-            raise DatasetUriError(f"{uri!r}: '..' is not allowed in a dataset path")
+            raise DatasetUriError(f"{quote(uri)}: '..' is not allowed in a dataset path")
         if key.suffix.lower() != ".json":
-            raise DatasetUriError(f"{uri!r}: expected the COCO annotation file (.json)")
+            raise DatasetUriError(f"{quote(uri)}: expected the COCO annotation file (.json)")
         return location
     if parsed.scheme in ("", "file"):
         path = Path(unquote(parsed.path if parsed.scheme else uri))
         if parsed.scheme == "file" and (
             parsed.netloc not in ("", "localhost") or not path.is_absolute()
         ):
-            raise DatasetUriError(f"{uri!r}: a file URI needs an absolute path (file:///...)")
+            raise DatasetUriError(f"{quote(uri)}: a file URI needs an absolute path (file:///...)")
         if ".." in path.parts:
-            raise DatasetUriError(f"{uri!r}: '..' is not allowed in a dataset path")
+            raise DatasetUriError(f"{quote(uri)}: '..' is not allowed in a dataset path")
         if path.suffix.lower() != ".json":
-            raise DatasetUriError(f"{uri!r}: expected the COCO annotation file (.json)")
+            raise DatasetUriError(f"{quote(uri)}: expected the COCO annotation file (.json)")
         return path
     raise _unsupported(uri, parsed.scheme)
 
@@ -49,11 +52,11 @@ def parse_image_root(uri: str) -> Path | S3Uri:
     if parsed.scheme == "s3":
         location = _s3(uri)
         if ".." in PurePosixPath(location.key).parts:
-            raise DatasetUriError(f"{uri!r}: '..' is not allowed in an image root")
+            raise DatasetUriError(f"{quote(uri)}: '..' is not allowed in an image root")
         return location
     if parsed.scheme in ("", "file"):
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
-            raise DatasetUriError(f"{uri!r}: a file URI needs an absolute path (file:///...)")
+            raise DatasetUriError(f"{quote(uri)}: a file URI needs an absolute path (file:///...)")
         return Path(unquote(parsed.path if parsed.scheme else uri))
     raise _unsupported(uri, parsed.scheme)
 
@@ -74,7 +77,7 @@ def _s3(uri: str) -> S3Uri:
 
 def _unsupported(uri: str, scheme: str) -> DatasetUriError:
     return DatasetUriError(
-        f"{uri!r}: scheme {scheme!r} is not supported; use one of "
+        f"{quote(uri)}: scheme {quote(scheme)} is not supported; use one of "
         + ", ".join(f"{s}://" for s in SUPPORTED_SCHEMES)
         + " or a path relative to the artifact root"
     )

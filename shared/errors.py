@@ -99,14 +99,23 @@ _CODES: dict[type[DomainError], code_pb2.Code.ValueType] = {
 }
 
 
+# A status travels in trailing metadata (16 KiB at most): texts are cut well below that.
+_MESSAGE_MAX = 1024
+_DESCRIPTION_MAX = 512
+
+
+def _clip(text: str, most: int) -> str:
+    return text if len(text) <= most else text[:most] + "..."
+
+
 def to_status(error: DomainError) -> grpc.Status:
     code = next(c for cls, c in _CODES.items() if isinstance(error, cls))
-    status = status_pb2.Status(code=code, message=error.message)
+    status = status_pb2.Status(code=code, message=_clip(error.message, _MESSAGE_MAX))
     if isinstance(error, InvalidArgument):
         details = error_details_pb2.BadRequest(
             field_violations=[
                 error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
+                    field=v.field, description=_clip(v.description, _DESCRIPTION_MAX)
                 )
                 for v in error.violations
             ]

@@ -8,6 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from shared.request_guard import RequestGuard
+
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
     ("grpc.max_send_message_length", 16 * 1024 * 1024),
@@ -17,7 +19,10 @@ _OPTIONS = [
 
 
 class Server:
-    """A grpc.aio server with health checking and reflection for `service_names`."""
+    """A grpc.aio server with health checking and reflection for `service_names`.
+
+    Every request is parsed and checked (`shared.request_guard`) after `interceptors`
+    (authentication) admitted the call and before its handler runs."""
 
     def __init__(
         self,
@@ -25,7 +30,9 @@ class Server:
         *,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
-        self.server = grpc.aio.server(options=_OPTIONS, interceptors=tuple(interceptors))
+        self.server = grpc.aio.server(
+            options=_OPTIONS, interceptors=(*interceptors, RequestGuard())
+        )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import uuid
 
 from shared.errors import FieldViolation, InvalidArgument
+from shared.limits import quote
 
 TRAINING_RUNS = "trainingRuns"
 TRAINED_MODELS = "trainedModels"
@@ -22,7 +23,9 @@ def parse_name(name: str, collection: str, *, field: str = "name") -> uuid.UUID:
             return uuid.UUID(name.removeprefix(prefix))
         except ValueError:
             pass
-    raise InvalidArgument([FieldViolation(field, f"expected {collection}/{{uuid}}, got {name!r}")])
+    raise InvalidArgument(
+        [FieldViolation(field, f"expected {collection}/{{uuid}}, got {quote(name)}")]
+    )
 
 
 def run_name(id_: uuid.UUID | str) -> str:

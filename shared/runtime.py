@@ -17,7 +17,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from shared import auth, logs, messaging
+from shared import auth, logs, messaging, pagination
 from shared.auth import transport
 from shared.auth.audit_service import SERVICE_NAME as AUDIT_SERVICE
 from shared.auth.audit_service import AuditServicer
@@ -64,6 +64,7 @@ class ServiceApp:
     async def start(self) -> None:
         # Refuse a bad transport configuration before touching anything else.
         credentials = transport.server_credentials(self.settings, self.address())
+        pagination.use_keys(self.settings.page_token_key_list())
         self._engine = create_engine(self.settings.database_url)
         await upgrade(self._engine)
         self._nc = await messaging.connect(

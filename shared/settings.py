@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     nats_tls_cert_file: Path | None = None
     nats_tls_key_file: Path | None = None
     nats_creds_file: Path | None = None
+    # Keys that sign page tokens (comma-separated, each at least 16 characters): the first
+    # signs, all verify, so a key is rotated by putting the new one first. Replicas of a
+    # service need the same keys; unset, each process signs with a random key of its own.
+    page_token_keys: str = ""
 
     @field_validator("artifact_store")
     @classmethod
@@ -99,6 +103,16 @@ class Settings(BaseSettings):
                 "or name s3://bucket/prefix"
             )
         return value
+
+    @field_validator("page_token_keys")
+    @classmethod
+    def _page_token_keys_are_long(cls, value: str) -> str:
+        if any(0 < len(k.strip()) < 16 for k in value.split(",")):
+            raise ValueError("page_token_keys: each key needs at least 16 characters")
+        return value
+
+    def page_token_key_list(self) -> list[str]:
+        return [k.strip() for k in self.page_token_keys.split(",") if k.strip()]
 
     def resolved_artifact_root(self) -> Path:
         return self.artifact_root.expanduser().resolve()

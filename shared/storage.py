@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote, urlparse
 
+from shared.limits import quote
 from shared.settings import Settings
 
 CHUNK_BYTES = 1024 * 1024
@@ -65,9 +66,9 @@ def parse_s3_uri(uri: str) -> S3Uri:
     """`s3://bucket/key` (the key may be empty: the bucket, or a prefix ending in '/')."""
     parsed = urlparse(uri)
     if parsed.scheme != "s3" or not parsed.netloc:
-        raise UnsupportedUri(f"{uri!r} is not an s3://bucket/key URI")
+        raise UnsupportedUri(f"{quote(uri)} is not an s3://bucket/key URI")
     if parsed.query or parsed.fragment:
-        raise UnsupportedUri(f"{uri!r}: an S3 URI has no query or fragment")
+        raise UnsupportedUri(f"{quote(uri)}: an S3 URI has no query or fragment")
     return S3Uri(bucket=parsed.netloc, key=unquote(parsed.path).lstrip("/"))
 
 
@@ -120,10 +121,10 @@ class LocalStore:
         elif not parsed.scheme and uri:
             path = self.root / uri
         else:
-            raise UnsupportedUri(f"{uri!r} is not a local file URI")
+            raise UnsupportedUri(f"{quote(uri)} is not a local file URI")
         path = path.resolve()
         if not path.is_relative_to(self.root):
-            raise UnsupportedUri(f"{uri} is not in the artifact store {self.root}")
+            raise UnsupportedUri(f"{quote(uri)} is not in the artifact store")
         return path
 
     def put_file(self, source: Path, uri: str) -> StoredObject:
@@ -304,7 +305,7 @@ class S3Store:
 def _object(uri: str) -> S3Uri:
     location = parse_s3_uri(uri)
     if not location.key or location.key.endswith("/"):
-        raise UnsupportedUri(f"{uri!r} names a bucket or a folder, not an object")
+        raise UnsupportedUri(f"{quote(uri)} names a bucket or a folder, not an object")
     return location
 
 
@@ -427,7 +428,9 @@ class Storage:
             return self.s3
         if scheme in ("", "file"):
             return self.local
-        raise UnsupportedUri(f"{uri!r}: scheme {scheme!r} is not supported (file://, s3://)")
+        raise UnsupportedUri(
+            f"{quote(uri)}: scheme {quote(scheme)} is not supported (file://, s3://)"
+        )
 
     def artifact_uri(self, key: str) -> str:
         """Where the artifact `key` (a relative POSIX path such as models/<id>/checkpoint.pth)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -118,8 +119,20 @@ def child_environment(settings: Settings, infra: Infrastructure) -> dict[str, st
         "RAVEN_ARTIFACT_ROOT": str(settings.resolved_artifact_root()),
         "RAVEN_TRAINING_RUNS_ADDR": settings.training_runs_addr,
         "RAVEN_TRAINED_MODELS_ADDR": settings.trained_models_addr,
+        # One key for the stack's processes (a restarted service keeps accepting its tokens).
+        "RAVEN_PAGE_TOKEN_KEYS": settings.page_token_keys or _stack_key(settings),
         "PYTHONUNBUFFERED": "1",
     }
+
+
+def _stack_key(settings: Settings) -> str:
+    """A random page-token key kept beside the stack's artifacts, created on first use."""
+    path = settings.resolved_artifact_root().parent / "page-token.key"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(32))
+        path.chmod(0o600)
+    return path.read_text().strip()
 
 
 def _server_tls_environment(settings: Settings) -> dict[str, str]:

@@ -17,16 +17,18 @@ from services.trained_models.domain import Lineage, TrainedModel
 from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
+from shared import limits
 from shared.errors import Conflict, FailedPrecondition, NotFound, Unavailable, Violations
+from shared.limits import quote
 from shared.pagination import Cursor
 from shared.storage import Storage, StorageError, UnsupportedUri
 
 log = structlog.get_logger(__name__)
 
 MAX_LINEAGE_DEPTH = 50
-MAX_DISPLAY_NAME = 200
-MAX_DESCRIPTION = 10_000
-MAX_LABELS = 64
+MAX_DISPLAY_NAME = limits.DISPLAY_NAME_MAX
+MAX_DESCRIPTION = limits.DESCRIPTION_MAX
+MAX_LABELS = limits.LABELS_MAX
 # A run that ended in one of these no longer reads its base model's files.
 FINISHED_RUN_STATES = frozenset({"SUCCEEDED", "FAILED", "CANCELLED"})
 EDITABLE_FIELDS = ("display_name", "description", "labels")
@@ -85,9 +87,7 @@ async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineag
 
 def check_etag(model: TrainedModel, etag: str) -> None:
     if etag and etag != model.etag:
-        raise Conflict(
-            f"trained model {model.id} was changed (etag {model.etag}, the request has {etag})"
-        )
+        raise Conflict(f"trained model {model.id} was changed since it was read: get it again")
 
 
 def validate_edit(
@@ -113,18 +113,8 @@ def validate_edit(
             f"at most {MAX_DESCRIPTION} characters",
         )
     if labels is not None:
-        violations.check(
-            len(labels) <= MAX_LABELS, f"{prefix}labels", f"at most {MAX_LABELS} labels"
-        )
-        for key, value in labels.items():
-            violations.check(
-                0 < len(key) <= 63 and key.isascii() and key.isprintable(),
-                f"{prefix}labels",
-                f"key {key!r}: 1 to 63 printable ASCII characters",
-            )
-            violations.check(
-                len(value) <= 256, f"{prefix}labels", f"value of {key!r}: at most 256 characters"
-            )
+        for problem in limits.label_problems(labels):
+            violations.add(f"{prefix}labels", problem)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -144,7 +134,7 @@ async def update_model(
     if not edit.fields:
         violations.add("update_mask", "name the fields to change: " + ", ".join(EDITABLE_FIELDS))
     for field in sorted(edit.fields - set(EDITABLE_FIELDS)):
-        violations.add("update_mask", f"{field!r} cannot be changed; only {EDITABLE_FIELDS}")
+        violations.add("update_mask", f"{quote(field)} cannot be changed; only {EDITABLE_FIELDS}")
     changes: dict[str, Any] = {f: getattr(edit, f) for f in edit.fields & set(EDITABLE_FIELDS)}
     validate_edit(violations, "trained_model.", **changes)
     violations.raise_if_any()

@@ -21,13 +21,14 @@ from services.trained_models.domain import (
 from services.trained_models.handlers import Clock, check_etag, get_model, utcnow
 from services.trained_models.messages import lifecycle_message
 from services.trained_models.unit_of_work import UnitOfWork
+from shared import limits
 from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
 from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
 
 CHANNEL = re.compile(r"[a-z][a-z0-9-]{0,62}")
-MAX_REASON = 2000
+MAX_REASON = limits.REASON_MAX
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -8,6 +8,7 @@ from dataclasses import asdict
 import grpc
 
 from services.trained_models import handlers, importing, publication
+from services.trained_models.domain import TrainedModel
 from services.trained_models.messages import (
     lineage_to_proto,
     model_to_proto,
@@ -84,19 +85,17 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         fingerprint = pagination.query_fingerprint({k: str(v) for k, v in asdict(filter_).items()})
         after = pagination.decode(request.page_token, fingerprint, time_value=by_time)
         models = await handlers.list_models(self._uow(), filter_, limit=size + 1, after=after)
-        token = ""
-        if len(models) > size:
-            models = models[:size]
-            last = models[-1]
+
+        def cursor(last: TrainedModel) -> pagination.Cursor:
             value = (
                 last.create_time
                 if by_time
                 else (last.bbox_map if last.bbox_map is not None else -1.0)
             )
-            token = pagination.encode(pagination.Cursor(value, str(last.id)), fingerprint)
-        return pb.ListTrainedModelsResponse(
-            trained_models=[model_to_proto(m) for m in models], next_page_token=token
-        )
+            return pagination.Cursor(value, str(last.id))
+
+        page, token = pagination.rendered_page(models, size, cursor, fingerprint, model_to_proto)
+        return pb.ListTrainedModelsResponse(trained_models=page, next_page_token=token)
 
     @grpc_errors
     async def GetTrainedModelLineage(

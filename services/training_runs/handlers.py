@@ -31,6 +31,7 @@ from shared.errors import (
     Unavailable,
     Violations,
 )
+from shared.limits import label_problems, quote
 from shared.names import TRAINED_MODELS, parse_name
 from shared.pagination import Cursor
 from shared.storage import Storage, StorageError
@@ -86,11 +87,8 @@ async def create_run(
         "training_run.display_name",
         f"at most {catalog.DISPLAY_NAME_MAX} characters",
     )
-    violations.check(
-        len(command.labels) <= catalog.LABELS_MAX,
-        "training_run.labels",
-        f"at most {catalog.LABELS_MAX} labels",
-    )
+    for problem in label_problems(command.labels):
+        violations.add("training_run.labels", problem)
     # Outside the transaction: an object store may take a while to answer.
     await _check_dataset_exists(command.spec.dataset_uri, storage, violations)
     async with uow:
@@ -192,8 +190,12 @@ async def _check_dataset_exists(uri: str, storage: Storage, violations: Violatio
     except DatasetUriError:
         return  # reported by the spec validation
     if isinstance(location, Path):
-        if not location.is_file():
-            violations.add(field, f"no annotation file at {location}")
+        try:
+            found = await asyncio.to_thread(location.is_file)
+        except OSError:  # A name too long for the file system, say.
+            found = False
+        if not found:
+            violations.add(field, f"no annotation file at {quote(uri)}")
         return
     try:
         size = await asyncio.to_thread(storage.s3.size, str(location))
@@ -201,7 +203,7 @@ async def _check_dataset_exists(uri: str, storage: Storage, violations: Violatio
         violations.add(field, f"cannot check the annotation file: {error}")
         return
     if size is None:
-        violations.add(field, f"no annotation file at {location}")
+        violations.add(field, f"no annotation file at {quote(uri)}")
 
 
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
@@ -246,6 +248,8 @@ async def update_run(
             "training_run.display_name",
             f"at most {catalog.DISPLAY_NAME_MAX} characters",
         )
+    for problem in label_problems(labels or {}):
+        violations.add("training_run.labels", problem)
     violations.raise_if_any()
     async with uow:
         run = await _locked(uow, run_id)
@@ -404,9 +408,7 @@ async def _locked(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
 
 def _check_etag(run: TrainingRun, etag: str) -> None:
     if etag and etag != run.etag:
-        raise Conflict(
-            f"training run {run.id} changed since it was read (etag {etag}, now {run.etag})"
-        )
+        raise Conflict(f"training run {run.id} changed since it was read: get it again")
 
 
 WORKER_EVENTS_CONSUMER = "training-runs.worker-events"

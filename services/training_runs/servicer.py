@@ -92,15 +92,14 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if request.creator and request.creator != filter_.creator:
             # Someone else's runs, asked by a caller that may only see its own.
             return pb.ListTrainingRunsResponse()
-        runs, token = pagination.page(
+        runs, token = pagination.rendered_page(
             await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
             size,
             lambda run: pagination.Cursor(run.create_time, str(run.id)),
             fingerprint,
+            run_to_proto,
         )
-        return pb.ListTrainingRunsResponse(
-            training_runs=[run_to_proto(r) for r in runs], next_page_token=token
-        )
+        return pb.ListTrainingRunsResponse(training_runs=runs, next_page_token=token)
 
     @grpc_errors
     async def UpdateTrainingRun(
@@ -173,15 +172,14 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
         after = int(cursor.value) if cursor else 0
-        events, token = pagination.page(
+        events, token = pagination.rendered_page(
             await handlers.list_events(self._uow(), run_id, after_sequence=after, limit=size + 1),
             size,
             lambda event: pagination.Cursor(event.sequence, str(run_id)),
             fingerprint,
+            event_to_proto,
         )
-        return pb.ListTrainingRunEventsResponse(
-            events=[event_to_proto(e) for e in events], next_page_token=token
-        )
+        return pb.ListTrainingRunEventsResponse(events=events, next_page_token=token)
 
     @grpc_errors
     async def GetTrainingRunMetrics(

@@ -10,6 +10,7 @@ from typing import Any
 from shared import catalog
 from shared.datasets import DatasetUriError, parse_dataset_uri, parse_image_root
 from shared.errors import Violations
+from shared.limits import quote
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -104,7 +105,8 @@ def validate_spec(
     elif architecture not in catalog.ARCHITECTURES:
         violations.add(
             f"{f}architecture",
-            f"unknown architecture {architecture!r}; one of: " + ", ".join(catalog.ARCHITECTURES),
+            f"unknown architecture {quote(architecture)}; one of: "
+            + ", ".join(catalog.ARCHITECTURES),
         )
 
     _within(violations, f"{f}epochs", spec.epochs, catalog.EPOCHS)

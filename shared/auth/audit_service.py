@@ -40,6 +40,7 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
             size,
             _cursor,
             fingerprint,
+            weight=lambda record: record.ByteSize(),
         )
         return pb.ListAuditRecordsResponse(audit_records=records, next_page_token=token)
 
