@@ -26,12 +26,21 @@ def main(config: str, work_dir: str) -> None:
     runner = Runner.from_cfg(cfg)
     built = time.perf_counter()
     marks: dict[str, float] = {}
+    validations: list[dict[str, float]] = []
 
     class FirstIteration(Hook):  # type: ignore[misc]
         def after_train_iter(
             self, runner: object, batch_idx: int, data_batch: object = None, outputs: object = None
         ) -> None:
             marks.setdefault("first_iter", time.perf_counter())
+
+        def after_val_epoch(self, runner: object, metrics: dict[str, float] | None = None) -> None:
+            validations.append(
+                {
+                    "s": time.perf_counter() - built,
+                    "map_50": float((metrics or {}).get("coco/bbox_mAP_50", 0.0)),
+                }
+            )
 
     runner.register_hook(FirstIteration(), priority="LOWEST")
     runner.train()
@@ -44,6 +53,8 @@ def main(config: str, work_dir: str) -> None:
                 "first_iter_s": marks.get("first_iter", done) - _STARTED,
                 "train_s": done - built,
                 "total_s": done - _STARTED,
+                # Seconds since the runner was built, and val mAP_50, after each validation.
+                "validations": validations,
             }
         )
     )
