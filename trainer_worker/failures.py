@@ -72,7 +72,7 @@ def _last_traceback(lines: list[str]) -> tuple[list[str], list[str]] | None:
                     index += 1  # the source line of the frame above
                     continue
                 break
-            frames.append(f'{match["path"]}:{match["line"]} in {match["func"].strip()}')
+            frames.append(f"{match['path']}:{match['line']} in {match['func'].strip()}")
             index += 1
         exception = [
             _LOG_PREFIX.sub("", line).rstrip()
