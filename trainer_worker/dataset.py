@@ -453,6 +453,8 @@ def _validated_categories(raw: list[Any]) -> dict[int, str]:
 
 
 def _validated_images(raw: list[Any]) -> dict[int, tuple[str, float, float]]:
+    if not raw:
+        raise _invalid("no images: `images` is empty")
     images: dict[int, tuple[str, float, float]] = {}
     malformed, duplicate_ids = [], []
     for i, image in enumerate(raw):

@@ -138,9 +138,7 @@ class _Checker:
         if "\0" in name or os.path.isabs(name):
             found.outside.append(name)
             return None
-        relative = os.path.normpath(name)
-        parts = relative.split(os.sep)
-        if ".." in parts:
+        if ".." in name.split(os.sep):
             # A '..' after a symlink climbs from the link's target: only the resolved
             # path says where it leads.
             real = os.path.realpath(os.path.join(self.root, name))
@@ -151,6 +149,7 @@ class _Checker:
                 found.missing.append(name)
                 return None
             return real
+        relative = os.path.normpath(name)
         folder = os.path.dirname(relative)
         known = self.folders.get(folder)
         if known is None:
