@@ -16,6 +16,7 @@ it (docs/datasets.md).
 
 from __future__ import annotations
 
+import errno
 import os
 import stat
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,21 +24,20 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from trainer_worker.image_headers import NotAnImage, TooLarge, Truncated, read_header
+
 # What OpenCV reads and this module checks; GIF is read only by recent OpenCV releases.
 FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 # Larger images are refused (Pillow's decompression-bomb limit): a decoded one would take
 # over half a gigabyte in every data-loading process.
 MAX_PIXELS = 178_956_970
 CHECK_THREADS = 8
+# Non-blocking: a FIFO named as an image must not hang the worker.
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK
 _CHUNK = 512
 _EXAMPLES = 3
-_EXIF_ORIENTATION = 0x0112
 # EXIF orientations 5 to 8 turn the image by 90 degrees.
 _TRANSPOSING = frozenset({5, 6, 7, 8})
-_PNG_END = b"IEND\xaeB`\x82"
-_JPEG_END = b"\xff\xd9"
-# Bytes after a JPEG's end-of-image marker that some cameras and editors append.
-_JPEG_TRAILER_BYTES = 4096
 
 
 @dataclass(slots=True)
@@ -133,24 +133,17 @@ class _Checker:
     def inside(self, real: str) -> bool:
         return real == self.root or real.startswith(self.prefix)
 
-    def locate(self, name: str, found: _Findings) -> str | None:
-        """The path to open for `name` once it is known to stay inside the root."""
+    def open(self, name: str, found: _Findings) -> int | None:
+        """A file descriptor of `name`, opened once it is known to stay inside the root."""
         if "\0" in name or os.path.isabs(name):
             found.outside.append(name)
             return None
         if ".." in name.split(os.sep):
             # A '..' after a symlink climbs from the link's target: only the resolved
             # path says where it leads.
-            real = os.path.realpath(os.path.join(self.root, name))
-            if not self.inside(real):
-                found.outside.append(name)
-                return None
-            if not os.path.exists(real):
-                found.missing.append(name)
-                return None
-            return real
+            return self._open_real(name, os.path.join(self.root, name), found)
         relative = os.path.normpath(name)
-        folder = os.path.dirname(relative)
+        folder, _, _ = relative.rpartition(os.sep)
         known = self.folders.get(folder)
         if known is None:
             known = self.inside(os.path.realpath(os.path.join(self.root, folder)))
@@ -160,102 +153,72 @@ class _Checker:
             return None
         path = os.path.join(self.root, relative)
         try:
-            mode = os.lstat(path).st_mode
+            return os.open(path, _OPEN_FLAGS | os.O_NOFOLLOW)
+        except OSError as error:
+            if error.errno != errno.ELOOP:
+                found.missing.append(name)
+                return None
+        # The file is a symlink.
+        return self._open_real(name, path, found)
+
+    def _open_real(self, name: str, path: str, found: _Findings) -> int | None:
+        real = os.path.realpath(path)
+        if not self.inside(real):
+            found.outside.append(name)
+            return None
+        try:
+            return os.open(real, _OPEN_FLAGS)
         except OSError:
             found.missing.append(name)
             return None
-        if stat.S_ISLNK(mode):
-            try:
-                real = os.path.realpath(path, strict=True)
-            except OSError:
-                found.missing.append(name)
-                return None
-            if not self.inside(real):
-                found.outside.append(name)
-                return None
-        return path
 
     def check(self, entries: Sequence[tuple[str, float, float]]) -> _Findings:
-        from PIL import Image, UnidentifiedImageError
-
         found = _Findings()
         for name, width, height in entries:
-            path = self.locate(name, found)
-            if path is None:
+            fd = self.open(name, found)
+            if fd is None:
                 continue
             try:
-                file = open(path, "rb")  # noqa: SIM115 - closed below, after the trailer read
-            except OSError:
-                found.missing.append(name)
-                continue
-            with file:
-                info = os.fstat(file.fileno())
+                info = os.fstat(fd)
                 if not stat.S_ISREG(info.st_mode):
                     found.missing.append(name)
                     continue
                 if info.st_size == 0:
                     found.empty.append(name)
                     continue
-                try:
-                    with Image.open(file) as image:
-                        kind = image.format or ""
-                        real_width, real_height = image.size
-                        orientation = _orientation(image)
-                except Image.DecompressionBombError:
-                    found.too_large.append(name)
-                    continue
-                except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                    found.not_image.append(name)
-                    continue
-                if kind not in FORMATS:
-                    found.unsupported.append(f"{name} ({kind or 'unknown'})")
-                    continue
-                if not _whole(file, kind, info.st_size):
-                    found.truncated.append(name)
-                    continue
-            if orientation in _TRANSPOSING:
+                header = read_header(fd, info.st_size)
+            except NotAnImage:
+                found.not_image.append(name)
+                continue
+            except Truncated:
+                found.truncated.append(name)
+                continue
+            except TooLarge:
+                found.too_large.append(name)
+                continue
+            except OSError:
+                found.not_image.append(name)
+                continue
+            finally:
+                os.close(fd)
+            if header.format not in FORMATS:
+                found.unsupported.append(f"{name} ({header.format or 'unknown'})")
+                continue
+            real_width, real_height = header.width, header.height
+            turned = header.orientation in _TRANSPOSING
+            if turned:
                 real_width, real_height = real_height, real_width
             if real_width * real_height > MAX_PIXELS:
                 found.too_large.append(name)
             elif (real_width, real_height) != (width, height):
-                turned = f", EXIF orientation {orientation}" if orientation in _TRANSPOSING else ""
+                why = f", EXIF orientation {header.orientation}" if turned else ""
                 found.wrong_size.append(
                     f"{name}: declared {_px(width)}x{_px(height)}, "
-                    f"read as {real_width}x{real_height}{turned}"
+                    f"read as {real_width}x{real_height}{why}"
                 )
             else:
                 found.sizes[name] = info.st_size
         return found
-
-
-def _orientation(image: object) -> int:
-    """The EXIF orientation (1: as stored), read from the header: for a PNG, only an eXIf
-    chunk before the pixels is seen without decoding them."""
-    info = getattr(image, "info", {})
-    if "exif" not in info and getattr(image, "format", "") != "TIFF":
-        return 1
-    try:
-        value = image.getexif().get(_EXIF_ORIENTATION, 1)  # type: ignore[attr-defined]
-    except Exception:  # noqa: BLE001 - a broken EXIF block is read as no orientation
-        return 1
-    return value if isinstance(value, int) else 1
-
-
-def _whole(file: object, kind: str, size: int) -> bool:
-    """Whether the file ends the way its format ends: a file cut short fails to decode."""
-    if kind == "PNG":
-        tail = _tail(file, size, len(_PNG_END))
-        return tail == _PNG_END
-    if kind == "JPEG":
-        return _JPEG_END in _tail(file, size, _JPEG_TRAILER_BYTES)
-    return True
-
-
-def _tail(file: object, size: int, count: int) -> bytes:
-    count = min(count, size)
-    file.seek(size - count)  # type: ignore[attr-defined]
-    data: bytes = file.read(count)  # type: ignore[attr-defined]
-    return data
 
 
 def _px(value: float) -> str:
