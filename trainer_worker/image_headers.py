@@ -185,7 +185,7 @@ def _other(file: BinaryIO) -> Header:
             if "exif" in image.info or image.format == "TIFF":
                 try:
                     value = image.getexif().get(_EXIF_ORIENTATION, 1)
-                except Exception:  # noqa: BLE001 - a broken EXIF block is no orientation
+                except Exception:  # a broken EXIF block is read as no orientation
                     value = 1
                 orientation = value if isinstance(value, int) and 1 <= value <= 8 else 1
             return Header(image.format or "", image.size[0], image.size[1], orientation)

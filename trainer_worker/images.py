@@ -233,17 +233,30 @@ def _sample(items: Sequence[str]) -> str:
 def _sentences(found: _Findings, root: Path) -> list[str]:
     allowed = ", ".join(FORMATS)
     kinds = (
-        (found.outside, "images are outside the image root", ": a file_name is a relative "
-         "path that stays in the dataset's image folder, without symlinks that lead out"),
+        (
+            found.outside,
+            "images are outside the image root",
+            ": a file_name is a relative "
+            "path that stays in the dataset's image folder, without symlinks that lead out",
+        ),
         (found.missing, f"images are missing under {root}", ": copy them there or set image_root"),
         (found.empty, "image files are empty (0 bytes)", ""),
         (found.not_image, "files are not images that can be read", ""),
-        (found.unsupported, "images are in a format training does not read", f" (it reads {allowed})"),
+        (
+            found.unsupported,
+            "images are in a format training does not read",
+            f" (it reads {allowed})",
+        ),
         (found.truncated, "image files are truncated", ": the file ends before the image does"),
         (found.too_large, f"images have more than {MAX_PIXELS:,} pixels", ": tile or shrink them"),
-        (found.wrong_size, "images are not of their declared width and height",
-         ": boxes are checked against the declared size"),
+        (
+            found.wrong_size,
+            "images are not of their declared width and height",
+            ": boxes are checked against the declared size",
+        ),
     )
     return [
-        f"{len(items)} {what} ({_sample(sorted(items))}){hint}" for items, what, hint in kinds if items
+        f"{len(items)} {what} ({_sample(sorted(items))}){hint}"
+        for items, what, hint in kinds
+        if items
     ]

@@ -174,10 +174,7 @@ def _is_relative(name: str) -> bool:
     itself."""
     path = PurePosixPath(name)
     return (
-        "\0" not in name
-        and not path.is_absolute()
-        and ".." not in path.parts
-        and bool(path.parts)
+        "\0" not in name and not path.is_absolute() and ".." not in path.parts and bool(path.parts)
     )
 
 

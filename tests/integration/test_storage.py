@@ -252,10 +252,9 @@ def test_an_image_root_on_s3_serves_a_local_annotation_file(
 
     local = fetch(s3, tmp_path, annotation.as_uri(), image_root=s3.uri(prefix + "pictures"))
     assert local.annotation_path == annotation
-    assert (
-        local.image_root is not None
-        and (local.image_root / "img" / "3.jpg").read_bytes() == image_bytes(3)
-    )
+    assert local.image_root is not None and (
+        local.image_root / "img" / "3.jpg"
+    ).read_bytes() == image_bytes(3)
 
 
 def test_missing_s3_objects_are_dataset_errors(s3: S3Server, tmp_path: Path, prefix: str) -> None:

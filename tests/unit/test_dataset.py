@@ -44,9 +44,7 @@ def write(tmp_path: Path) -> Callable[[Document], Path]:
     def _write(document: Document) -> Path:
         for image in document.get("images", []):
             if isinstance(image.get("width"), int) and isinstance(image.get("height"), int):
-                write_image(
-                    tmp_path / "data" / image["file_name"], image["width"], image["height"]
-                )
+                write_image(tmp_path / "data" / image["file_name"], image["width"], image["height"])
         annotation = tmp_path / "data" / "annotations.json"
         annotation.parent.mkdir(parents=True, exist_ok=True)
         annotation.write_text(json.dumps(document))

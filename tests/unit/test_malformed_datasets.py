@@ -454,7 +454,9 @@ def test_many_bad_images_are_counted_and_a_few_named(tmp_path: Path) -> None:
     with pytest.raises(DatasetError) as caught:
         prepare(dataset.annotation(), tmp_path)
     message = caught.value.message
-    assert message.startswith("12 image files are truncated (img/1.png, img/10.png, img/11.png, ...)")
+    assert message.startswith(
+        "12 image files are truncated (img/1.png, img/10.png, img/11.png, ...)"
+    )
 
 
 def test_each_kind_of_problem_is_reported_at_once(tmp_path: Path) -> None:
