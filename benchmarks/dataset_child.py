@@ -9,7 +9,9 @@ Each prints one JSON line: elapsed seconds and the process's peak RSS in MiB.
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -19,16 +21,20 @@ _WIDTH, _HEIGHT = 640, 480
 
 
 def generate(folder: Path, images: int, boxes_per_image: int) -> None:
-    """A COCO file whose images exist as empty files: preparation stats them, never reads them."""
+    """A COCO file whose images are real 640x480 files, every other one a PNG, the rest JPEGs:
+    hard links to two small files, so that 100,000 images take a few megabytes. Preparation
+    opens each one and reads its header and its end, as it does with any dataset."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
+    sources = _sources(folder)
     path = folder / "annotations.json"
     with path.open("w") as out:
         out.write('{"categories": ')
         json.dump([{"id": c + 1, "name": f"class{c}"} for c in range(_CLASSES)], out)
         out.write(', "images": [')
         for i in range(1, images + 1):
-            name = f"images/{i:07d}.jpg"
-            (folder / name).touch()
+            kind = "png" if i % 2 else "jpg"
+            name = f"images/{i:07d}.{kind}"
+            os.link(sources[kind], folder / name)
             out.write(
                 ("," if i > 1 else "")
                 + json.dumps({"id": i, "file_name": name, "width": _WIDTH, "height": _HEIGHT})
@@ -55,6 +61,20 @@ def generate(folder: Path, images: int, boxes_per_image: int) -> None:
                 )
         out.write("]}")
     (folder / "complete").write_text(f"{images} {boxes_per_image}\n")
+
+
+def _sources(folder: Path) -> dict[str, Path]:
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (_WIDTH, _HEIGHT), (120, 120, 120))
+    ImageDraw.Draw(image).rectangle((100, 80, 300, 240), fill=(200, 40, 40))
+    sources = {}
+    for kind, format in (("png", "PNG"), ("jpg", "JPEG")):
+        buffer = io.BytesIO()
+        image.save(buffer, format)
+        sources[kind] = folder / f"source.{kind}"
+        sources[kind].write_bytes(buffer.getvalue())
+    return sources
 
 
 def main(argv: list[str]) -> None:

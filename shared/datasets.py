@@ -57,7 +57,10 @@ def parse_image_root(uri: str) -> Path | S3Uri:
     if parsed.scheme in ("", "file"):
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise DatasetUriError(f"{quote(uri)}: a file URI needs an absolute path (file:///...)")
-        return Path(unquote(parsed.path if parsed.scheme else uri))
+        path = Path(unquote(parsed.path if parsed.scheme else uri))
+        if ".." in path.parts:
+            raise DatasetUriError(f"{quote(uri)}: '..' is not allowed in an image root")
+        return path
     raise _unsupported(uri, parsed.scheme)
 
 

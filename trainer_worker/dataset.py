@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlparse
 
+from trainer_worker.images import MAX_PIXELS, ImageProblems, check_images, find_image_root
+
 # Boxes may overshoot the image by rounding in annotation tools.
 _EDGE_TOLERANCE_PX = 1.0
 _EXAMPLES = 3
@@ -113,7 +115,8 @@ def prepare_dataset(
 ) -> PreparedDataset:
     """Validates a COCO annotation file and writes train.json, val.json, test.json (when
     there is a test split) and split.json into `out_dir`. Images are resolved against
-    `image_root` (default: the annotation file's folder). The fractions and the seed
+    `image_root` (default: the annotation file's folder, or the `images/` folder beside
+    it); each must lie inside it and be an image of its declared size. The fractions and the seed
     apply only to a dataset that does not define its splits."""
     if not 0.0 < val_fraction < 1.0:
         raise _invalid(f"val_fraction must be between 0 and 1, got {val_fraction}")
@@ -124,14 +127,21 @@ def prepare_dataset(
         )
     raw = _read(annotation_path)
     document = _parse(raw, annotation_path)
-    root = image_root if image_root is not None else annotation_path.parent
 
     categories = _validated_categories(document["categories"])
     images = _validated_images(document["images"])
-    image_sizes = _image_files(images, root)
     annotations = document["annotations"]
     per_image_classes, instances = _validated_annotations(annotations, images, categories)
     declared = _declared_splits(document["images"])
+    root = (
+        image_root
+        if image_root is not None
+        else find_image_root((name for name, _, _ in images.values()), annotation_path)
+    )
+    try:
+        image_sizes = check_images(images, root)
+    except ImageProblems as problems:
+        raise _invalid(str(problems)) from None
 
     empty = [categories[cid] for cid in sorted(categories) if instances[cid] == 0]
     if empty:
@@ -158,10 +168,15 @@ def prepare_dataset(
     # Contiguous ids in category-id order: mmdet derives label order from the file's order.
     new_id = {cid: i + 1 for i, cid in enumerate(ordered_ids)}
     out_dir.mkdir(parents=True, exist_ok=True)
-    # One resolve: a hundred thousand would cost seconds of lstat calls.
+    # One resolve: a hundred thousand would cost seconds of lstat calls. check_images
+    # found every file name inside the root.
     resolved_root = str(root.resolve())
     for image in document["images"]:
-        image["file_name"] = os.path.normpath(os.path.join(resolved_root, image["file_name"]))
+        path = os.path.join(resolved_root, image["file_name"])
+        # After a symlink, '..' climbs from its target: the file checked is the real path.
+        image["file_name"] = (
+            os.path.realpath(path) if ".." in image["file_name"] else os.path.normpath(path)
+        )
     for annotation in annotations:
         annotation["category_id"] = new_id[annotation["category_id"]]
     new_categories = [
@@ -438,6 +453,8 @@ def _validated_categories(raw: list[Any]) -> dict[int, str]:
 
 
 def _validated_images(raw: list[Any]) -> dict[int, tuple[str, float, float]]:
+    if not raw:
+        raise _invalid("no images: `images` is empty")
     images: dict[int, tuple[str, float, float]] = {}
     malformed, duplicate_ids = [], []
     for i, image in enumerate(raw):
@@ -462,21 +479,16 @@ def _validated_images(raw: list[Any]) -> dict[int, tuple[str, float, float]]:
         "",
     )
     _check(duplicate_ids, "duplicate image ids", "")
+    _check(
+        [
+            f"{file_name}: {width}x{height}"
+            for file_name, width, height in images.values()
+            if width * height > MAX_PIXELS
+        ],
+        f"images declare more than {MAX_PIXELS:,} pixels",
+        ": tile or shrink them",
+    )
     return images
-
-
-def _image_files(images: Mapping[int, tuple[str, float, float]], root: Path) -> dict[str, int]:
-    """File sizes by file name; every image must exist."""
-    sizes: dict[str, int] = {}
-    missing = []
-    folder = str(root)
-    for file_name, _, _ in images.values():
-        try:
-            sizes[file_name] = os.stat(os.path.join(folder, file_name)).st_size
-        except OSError:
-            missing.append(file_name)
-    _check(missing, f"images are missing under {root}", ": copy them there or set image_root")
-    return sizes
 
 
 def _validated_annotations(

@@ -60,10 +60,13 @@ def fetch_dataset(
 ) -> LocalDataset:
     """Downloads what of a dataset is in object storage into `folder`; local parts stay
     where they are. Images default to the annotation file's folder (or S3 prefix)."""
+    # An S3 annotation file is read into memory first: a dataset refused for its names
+    # leaves nothing behind.
+    annotation: bytes | None = None
     if is_remote(dataset_uri):
         location = _s3(dataset_uri)
         annotation_path = folder / (PurePosixPath(location.key).name or "annotations.json")
-        _fetch_annotation(storage, dataset_uri, annotation_path)
+        annotation = _read_annotation(storage, dataset_uri)
     else:
         annotation_path = resolve_location(dataset_uri, artifact_root=artifact_root)
 
@@ -74,11 +77,13 @@ def fetch_dataset(
         local_root = (
             resolve_location(image_root, artifact_root=artifact_root) if image_root else None
         )
+        if annotation is not None:
+            _write(annotation_path, annotation)
         return LocalDataset(annotation_path=annotation_path, image_root=local_root)
 
     prefix = _s3(images_uri)
     key_prefix = prefix.key if not prefix.key or prefix.key.endswith("/") else prefix.key + "/"
-    names = _listed_images(annotation_path)
+    names = _listed_images(annotation if annotation is not None else _bytes(annotation_path))
     unsafe = [n for n in names if not _is_relative(n)]
     if unsafe:
         raise DatasetError(
@@ -86,6 +91,8 @@ def fetch_dataset(
             f"{len(unsafe)} images have a file_name that is not a relative path under "
             f"{images_uri} ({_sample(unsafe)}): S3 images are named relative to image_root",
         )
+    if annotation is not None:
+        _write(annotation_path, annotation)
     local_root = folder / "images"
     transfers = [
         (str(S3Uri(prefix.bucket, key_prefix + name)), local_root / name) for name in names
@@ -125,9 +132,9 @@ def fetch_verified(storage: Storage, uri: str, *, sha256: str, folder: Path) -> 
     return target
 
 
-def _fetch_annotation(storage: Storage, uri: str, target: Path) -> None:
+def _read_annotation(storage: Storage, uri: str) -> bytes:
     try:
-        storage.s3.get_file(uri, target)
+        return b"".join(storage.s3.chunks(uri))
     except ObjectNotFound:
         raise DatasetError("dataset_unreadable", f"annotation file {uri} does not exist") from None
     except StorageError as error:
@@ -136,12 +143,24 @@ def _fetch_annotation(storage: Storage, uri: str, target: Path) -> None:
         ) from None
 
 
-def _listed_images(annotation_path: Path) -> list[str]:
-    """The distinct image file names the annotation file lists. A file that is not COCO
+def _write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+
+
+def _bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError:
+        return b""
+
+
+def _listed_images(annotation: bytes) -> list[str]:
+    """The distinct image file names an annotation file lists. A file that is not COCO
     lists none: `prepare_dataset` says what is wrong with it."""
     try:
-        document: Any = json.loads(annotation_path.read_bytes())
-    except (OSError, UnicodeDecodeError, ValueError):
+        document: Any = json.loads(annotation)
+    except (UnicodeDecodeError, ValueError):
         return []
     images = document.get("images") if isinstance(document, dict) else None
     if not isinstance(images, list):
@@ -151,8 +170,12 @@ def _listed_images(annotation_path: Path) -> list[str]:
 
 
 def _is_relative(name: str) -> bool:
+    """A key below the prefix: no absolute name, no '..', nothing that names the prefix
+    itself."""
     path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts
+    return (
+        "\0" not in name and not path.is_absolute() and ".." not in path.parts and bool(path.parts)
+    )
 
 
 def _s3(uri: str) -> S3Uri:

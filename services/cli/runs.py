@@ -41,10 +41,18 @@ def dataset_uri(value: str) -> str:
     return value
 
 
+def image_root_uri(value: str) -> str:
+    """A local folder becomes a file:// URI; URIs and artifact-root paths pass unchanged."""
+    if value and "://" not in value and Path(value).is_dir():
+        return Path(value).resolve().as_uri()
+    return value
+
+
 def create_request(
     *,
     display_name: str,
     dataset: str,
+    image_root: str | None = None,
     base_model: str | None = None,
     architecture: str | None = None,
     epochs: int | None = None,
@@ -60,6 +68,7 @@ def create_request(
     """Unset options stay unset, so the server fills in (and records) its defaults."""
     spec = training_run_pb2.TrainingSpec(
         dataset_uri=dataset_uri(dataset),
+        image_root=image_root_uri(image_root or ""),
         architecture=architecture or "",
         epochs=epochs,
         batch_size=batch_size,
@@ -96,6 +105,13 @@ def create(
     dataset: Annotated[
         str, typer.Option(help="COCO annotation file: a path, file:// or s3:// URI.")
     ],
+    image_root: Annotated[
+        str | None,
+        typer.Option(
+            help="Folder (path, file:// or s3:// URI) the images' file_name are relative to; "
+            "default: the annotation file's folder, or the images/ folder beside it."
+        ),
+    ] = None,
     base_model: Annotated[
         str | None, typer.Option(help="trainedModels/ID to fine-tune from.")
     ] = None,
@@ -124,6 +140,7 @@ def create(
     request = create_request(
         display_name=name,
         dataset=dataset,
+        image_root=image_root,
         base_model=base_model,
         architecture=architecture,
         epochs=epochs,

@@ -27,6 +27,7 @@ from shared.storage import (
     get_files,
     sha256_of,
 )
+from tests.images import encoded, write_image
 from tests.s3 import S3Server
 from trainer_worker import remote
 from trainer_worker.dataset import DatasetError, prepare_dataset
@@ -196,9 +197,14 @@ def coco(images: int = 6) -> dict[str, Any]:
     }
 
 
+def image_bytes(image_id: int) -> bytes:
+    """A real 100x80 image, different for each id."""
+    return encoded(100, 80, noise=image_id)
+
+
 def upload_dataset(s3: S3Server, prefix: str, document: dict[str, Any]) -> str:
     for image in document["images"]:
-        s3.put(prefix + image["file_name"], b"x" * image["id"])
+        s3.put(prefix + image["file_name"], image_bytes(image["id"]))
     return s3.put(prefix + "annotations.json", json.dumps(document).encode())
 
 
@@ -246,9 +252,9 @@ def test_an_image_root_on_s3_serves_a_local_annotation_file(
 
     local = fetch(s3, tmp_path, annotation.as_uri(), image_root=s3.uri(prefix + "pictures"))
     assert local.annotation_path == annotation
-    assert (
-        local.image_root is not None and (local.image_root / "img" / "3.jpg").read_bytes() == b"xxx"
-    )
+    assert local.image_root is not None and (
+        local.image_root / "img" / "3.jpg"
+    ).read_bytes() == image_bytes(3)
 
 
 def test_missing_s3_objects_are_dataset_errors(s3: S3Server, tmp_path: Path, prefix: str) -> None:
@@ -272,6 +278,37 @@ def test_missing_s3_objects_are_dataset_errors(s3: S3Server, tmp_path: Path, pre
         fetch(s3, tmp_path, uri)
     assert caught.value.reason == "dataset_invalid" and "../../escape.jpg" in caught.value.message
     assert not (tmp_path / "escape.jpg").exists()
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["../escape.jpg", "img/../../escape.jpg", "/abs/escape.jpg", "./", "img/\0.jpg"],
+)
+def test_s3_names_cannot_leave_the_prefix(
+    s3: S3Server, tmp_path: Path, prefix: str, name: str
+) -> None:
+    """Refused before anything is written: no annotation copy, no image folder, no key
+    outside the prefix read."""
+    document = coco()
+    upload_dataset(s3, prefix + "set/", document)
+    s3.put(prefix + "escape.jpg", image_bytes(1))
+    document["images"][1]["file_name"] = name
+    uri = s3.put(prefix + "set/escaping.json", json.dumps(document).encode())
+    with pytest.raises(DatasetError) as caught:
+        fetch(s3, tmp_path, uri)
+    assert caught.value.reason == "dataset_invalid"
+    assert "1 images have a file_name that is not a relative path" in caught.value.message
+    assert not (tmp_path / "source").exists(), "nothing is written before the refusal"
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+    # The same names with a local annotation file and the images on S3.
+    local = tmp_path / "local" / "annotations.json"
+    local.parent.mkdir()
+    local.write_text(json.dumps(document))
+    with pytest.raises(DatasetError) as caught:
+        fetch(s3, tmp_path, local.as_uri(), image_root=s3.uri(prefix + "set/"))
+    assert caught.value.reason == "dataset_invalid"
+    assert not (tmp_path / "source").exists()
 
 
 def test_a_checkpoint_is_used_only_with_its_recorded_sha256(
@@ -301,8 +338,7 @@ async def test_a_base_model_in_s3_is_verified_before_training(
     annotation = tmp_path / "data" / "annotations.json"
     document = coco()
     for image in document["images"]:
-        (tmp_path / "data" / image["file_name"]).parent.mkdir(parents=True, exist_ok=True)
-        (tmp_path / "data" / image["file_name"]).write_bytes(b"x" * image["id"])
+        write_image(tmp_path / "data" / image["file_name"], 100, 80, noise=image["id"])
     annotation.write_text(json.dumps(document))
     root = tmp_path / "artifacts"
     environment = WorkerEnvironment(

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
+import shutil
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -17,6 +19,7 @@ from nats.js import JetStreamContext
 from shared.infra import Infrastructure
 from shared.messaging import Subjects, ensure_streams
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
+from tests.images import write_image
 from tests.support import eventually
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
@@ -210,6 +213,99 @@ async def test_a_bad_dataset_fails_and_the_worker_trains_the_next_job(
         assert sha256_of(path) == artifact.sha256
 
     # Both jobs were acked (right after their terminal event): the work queue empties.
+    await eventually(lambda: queue_empty(js, subjects))
+
+
+def broken_copies(source: Path, outside: Path) -> dict[str, tuple[str, str]]:
+    """Copies of the dataset in `source`, each broken one way: its annotation file, and what
+    the refusal must name."""
+    document = json.loads((source / "annotations.json").read_text())
+    first = document["images"][0]
+    write_image(outside / "secret.png", first["width"], first["height"])
+    cases: dict[str, tuple[str, str]] = {}
+
+    def copy(case: str, change: Callable[[Path, dict], str]) -> None:
+        folder = source.parent / case
+        shutil.copytree(source, folder, symlinks=True)
+        changed = json.loads(json.dumps(document))
+        needle = change(folder, changed)
+        (folder / "annotations.json").write_text(json.dumps(changed))
+        cases[case] = (str(folder / "annotations.json"), needle)
+
+    def rename(name: str) -> Callable[[Path, dict], str]:
+        def change(folder: Path, changed: dict) -> str:
+            changed["images"][0]["file_name"] = name
+            return name
+
+        return change
+
+    def linked(folder: Path, changed: dict) -> str:
+        (folder / "images" / "link.png").symlink_to(outside / "secret.png")
+        changed["images"][0]["file_name"] = "images/link.png"
+        return "images/link.png"
+
+    def cut(folder: Path, changed: dict) -> str:
+        path = folder / first["file_name"]
+        path.write_bytes(path.read_bytes()[:200])
+        return first["file_name"]
+
+    def emptied(folder: Path, changed: dict) -> str:
+        (folder / first["file_name"]).write_bytes(b"")
+        return first["file_name"]
+
+    def resized(folder: Path, changed: dict) -> str:
+        changed["images"][0]["width"] = first["width"] * 2
+        return f"declared {first['width'] * 2}x{first['height']}"
+
+    copy("traversal", rename(f"../../{outside.name}/secret.png"))
+    copy("etc_passwd", rename("/etc/passwd"))
+    copy("symlink_out", linked)
+    copy("truncated", cut)
+    copy("zero_bytes", emptied)
+    copy("wrong_size", resized)
+    return cases
+
+
+async def test_refused_datasets_fail_before_training_and_the_worker_serves_the_next_job(
+    worker: tuple[JetStreamContext, Subjects], tmp_path: Path
+) -> None:
+    js, subjects = worker
+    make_dataset(tmp_path / "sets" / "good", images=16, size=128)
+    cases = broken_copies(tmp_path / "sets" / "good", tmp_path / "elsewhere")
+    runs = {
+        case: await submit(js, subjects, job(uuid.uuid4().hex, path))
+        for case, (path, _) in cases.items()
+    }
+    good = await submit(
+        js, subjects, job(uuid.uuid4().hex, str(tmp_path / "sets" / "good" / "annotations.json"))
+    )
+    for case, run_id in runs.items():
+        seen = [e for e in await events_until_terminal(js, subjects, run_id)]
+        seen = [e for e in seen if e.WhichOneof("payload") != "heartbeat"]
+        assert kinds(seen) == ["preparing", "failed"], case
+        failure = seen[-1].failed
+        assert failure.reason == "dataset_invalid", (case, failure.message)
+        assert cases[case][1] in failure.message, (case, failure.message)
+        assert not (tmp_path / "models" / run_id).exists()
+
+    first = await events_until_terminal(js, subjects, good, stop_at="running")
+    assert kinds([e for e in first if e.WhichOneof("payload") != "heartbeat"]) == [
+        "preparing",
+        "dataset_prepared",
+        "running",
+    ]
+    cancel = training_run_pb2.TrainingRunEvent(
+        training_run=f"trainingRuns/{good}",
+        sequence=5,
+        state_changed=training_run_pb2.TrainingRunEvent.StateChanged(
+            from_state=training_run_pb2.TrainingRun.State.RUNNING,
+            to_state=training_run_pb2.TrainingRun.State.CANCELLING,
+            reason="cancel_requested",
+        ),
+    )
+    await js.publish(subjects.run_event(good), cancel.SerializeToString())
+    rest = await events_until_terminal(js, subjects, good, timeout_s=90)
+    assert kinds(rest)[-1] == "cancelled"
     await eventually(lambda: queue_empty(js, subjects))
 
 

@@ -48,3 +48,23 @@ def test_local_files_become_file_uris(tmp_path: Path) -> None:
     assert dataset_uri(str(annotations)) == annotations.resolve().as_uri()
     assert dataset_uri("datasets/a/annotations.json") == "datasets/a/annotations.json"
     assert dataset_uri("s3://bucket/a.json") == "s3://bucket/a.json"
+
+
+def test_the_image_root_is_sent(tmp_path: Path) -> None:
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    local = create_request(display_name="r", dataset="s3://b/a.json", image_root=str(folder))
+    assert local.training_run.spec.image_root == folder.resolve().as_uri()
+    remote = create_request(display_name="r", dataset="s3://b/a.json", image_root="s3://b/img/")
+    assert remote.training_run.spec.image_root == "s3://b/img/"
+    unset = create_request(display_name="r", dataset="s3://b/a.json")
+    assert unset.training_run.spec.image_root == ""
+
+
+def test_create_has_an_image_root_option() -> None:
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    result = CliRunner().invoke(app, ["runs", "create", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--image-root" in result.output

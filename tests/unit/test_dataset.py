@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tests.images import write_image
 from trainer_worker.dataset import (
     DatasetError,
     prepare_dataset,
@@ -42,9 +43,8 @@ def coco(images: int = 10, classes: tuple[str, ...] = ("dump", "tire")) -> Docum
 def write(tmp_path: Path) -> Callable[[Document], Path]:
     def _write(document: Document) -> Path:
         for image in document.get("images", []):
-            path = tmp_path / "data" / image["file_name"]
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(b"x" * image["id"])
+            if isinstance(image.get("width"), int) and isinstance(image.get("height"), int):
+                write_image(tmp_path / "data" / image["file_name"], image["width"], image["height"])
         annotation = tmp_path / "data" / "annotations.json"
         annotation.parent.mkdir(parents=True, exist_ok=True)
         annotation.write_text(json.dumps(document))
@@ -298,7 +298,7 @@ def test_fingerprint_changes_with_annotations_and_images(
     first = prepare(annotation, tmp_path).fingerprint
     assert prepare(annotation, tmp_path).fingerprint == first
 
-    (tmp_path / "data" / "img" / "1.jpg").write_bytes(b"a different image")
+    write_image(tmp_path / "data" / "img" / "1.jpg", 100, 80, noise=1)
     second = prepare(annotation, tmp_path).fingerprint
     assert second != first
 

@@ -48,7 +48,13 @@ def test_image_roots() -> None:
     assert parse_image_root("s3://bucket/images/") == S3Uri("bucket", "images/")
     assert parse_image_root("s3://bucket") == S3Uri("bucket", "")
     assert parse_image_root("/data/images") == Path("/data/images")
-    for bad in ("s3://bucket/../x/", "http://host/images/"):
+    for bad in (
+        "s3://bucket/../x/",
+        "http://host/images/",
+        "../elsewhere/images",
+        "/data/set/../../etc",
+        "file:///data/%2E%2E/etc",
+    ):
         with pytest.raises(DatasetUriError):
             parse_image_root(bad)
 

@@ -171,3 +171,22 @@ def test_an_invalid_val_fraction_is_reported_once():
         )
     )
     assert set(problems) == {"val_fraction"}
+
+
+@pytest.mark.parametrize(
+    ("dataset_uri", "image_root", "field"),
+    [
+        ("sets/../../etc/a.json", "", "dataset_uri"),
+        ("sets/a.json", "../other/images", "image_root"),
+        ("sets/a.json", "s3://bucket/set/../other/", "image_root"),
+    ],
+)
+def test_a_dataset_cannot_climb_out_of_where_it_lives(
+    dataset_uri: str, image_root: str, field: str
+) -> None:
+    _, problems = check(
+        SpecRequest(
+            dataset_uri=dataset_uri, image_root=image_root, architecture="retinanet_r18_fpn"
+        )
+    )
+    assert list(problems) == [field] and "'..'" in problems[field]
