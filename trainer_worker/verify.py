@@ -11,6 +11,10 @@ full unpickle runs arbitrary code. mmengine's own checkpoints carry a few non-te
 objects (its message hub's HistoryBuffer, numpy scalars, and `getattr` to fetch
 HistoryBuffer's statistic methods); exactly those are allowed, `getattr` only on
 HistoryBuffer's public attributes, so such checkpoints load without trusting them.
+
+The config is never executed: `shared.model_config` reads it as data (the service
+checked it the same way before starting this child); only the mmdet configs it names
+as `_base_`, shipped with mmdet, are loaded by mmengine.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ def _history_buffer_getattr(obj: object, name: str) -> object:
     raise ValueError(f"getattr({obj!r}, {name!r}) is not allowed in a checkpoint")
 
 
-def _safe_globals() -> list[Any]:
+def safe_globals() -> list[Any]:
     import numpy
     from mmengine.logging.history_buffer import HistoryBuffer
     from numpy._core.multiarray import _reconstruct, scalar
@@ -51,7 +55,7 @@ def _safe_globals() -> list[Any]:
 def load_state_dict(path: str) -> Mapping[str, Any]:
     import torch
 
-    with torch.serialization.safe_globals(_safe_globals()):
+    with torch.serialization.safe_globals(safe_globals()):
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
@@ -90,14 +94,32 @@ def _listed(keys: list[str]) -> str:
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
+def load_checked_config(config_path: str) -> Any:
+    """The config as an mmengine `Config`, read as data (shared.model_config) and merged
+    into the mmdet configs it inherits; ConfigRefused when it is not plain data."""
+    from pathlib import Path
+
     from mmengine.config import Config
 
+    from shared.model_config import mmdet_configs_root, read_config
+
+    checked = read_config(Path(config_path).read_bytes(), configs_root=mmdet_configs_root())
+    merged: dict[str, Any] = {}
+    for base in checked.bases:
+        merged.update(Config.fromfile(str(base)).to_dict())
+    return Config(Config._merge_a_into_b(checked.data, merged))
+
+
+def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
+    from shared.model_config import ConfigRefused
+
     try:
-        cfg = Config.fromfile(config_path)
+        cfg = load_checked_config(config_path)
         model_cfg = cfg.get("model")
         if not isinstance(model_cfg, Mapping) or "type" not in model_cfg:
             raise ValueError("defines no `model` with a `type`")
+    except ConfigRefused as error:
+        return {"ok": False, "errors": {"config": f"is refused: {error}"}}
     except Exception as error:
         return {"ok": False, "errors": {"config": f"not an MMDetection config: {error}"}}
 
