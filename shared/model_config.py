@@ -200,6 +200,8 @@ def _callee(node: ast.expr) -> str:
         return _short(node.id)
     if isinstance(node, ast.Attribute):
         return f"{_callee(node.value)}.{_short(node.attr)}"
+    if isinstance(node, ast.Call):
+        return f"{_callee(node.func)}()"
     return "an expression"
 
 

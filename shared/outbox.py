@@ -127,7 +127,9 @@ class OutboxRelay:
             results = await asyncio.gather(
                 *(self._publish(row) for row in rows), return_exceptions=True
             )
-            done, dead, retry = [], [], []
+            done: list[int] = []
+            dead: list[tuple[Any, str]] = []
+            retry: list[tuple[Any, BaseException]] = []
             for row, result in zip(rows, results, strict=True):
                 if isinstance(result, asyncio.CancelledError):
                     raise result

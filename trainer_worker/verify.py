@@ -88,6 +88,18 @@ def _strip_init_cfg(node: Any) -> None:
             _strip_init_cfg(value)
 
 
+def _registered_types_only() -> None:
+    """A `type` that no registry holds is not imported by its dotted name (mmengine's
+    fallback for lazy-import configs): the model is built from registered classes only."""
+    import mmengine.registry.registry as registry_module
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name!r} is not a registered type")
+
+    if hasattr(registry_module, "get_object_from_string"):
+        registry_module.get_object_from_string = refuse  # type: ignore[assignment]
+
+
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOWN_KEYS])
     more = len(keys) - _SHOWN_KEYS
@@ -136,6 +148,7 @@ def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)
+    _registered_types_only()
     model_dict = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     _strip_init_cfg(model_dict)
     try:
