@@ -658,21 +658,31 @@ async def test_import_never_executes_the_config(models, model_files, settings, t
     assert _leftovers(root) == before_files
 
 
-@pytest.mark.timeout(60)
+@pytest.mark.timeout(90)
 async def test_an_oversized_chunk_leaves_nothing_in_uploads(models, settings):
     root = Path(settings.artifact_root)
     before_files = _leftovers(root)
     metadata = pb.ImportTrainedModelRequest.Metadata(
         display_name="huge", architecture="retinanet_r18_fpn", classes=["dump"]
     )
-    messages = [
-        pb.ImportTrainedModelRequest(metadata=metadata),
-        pb.ImportTrainedModelRequest(config_chunk=b"model = dict(type='RetinaNet')\n"),
-        pb.ImportTrainedModelRequest(checkpoint_chunk=b"\0" * (16 * 1024 * 1024 + 1)),
-    ]
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await models.ImportTrainedModel(_stream(messages), timeout=30)
-    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    oversized = pb.ImportTrainedModelRequest(checkpoint_chunk=b"\0" * (16 * 1024 * 1024 + 1))
+
+    async def attempt(with_config: bool) -> grpc.StatusCode:
+        messages = [pb.ImportTrainedModelRequest(metadata=metadata)]
+        if with_config:
+            messages.append(
+                pb.ImportTrainedModelRequest(config_chunk=b"model = dict(type='RetinaNet')\n")
+            )
+        messages.append(oversized)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await models.ImportTrainedModel(_stream(messages), timeout=30)
+        return caught.value.code()
+
+    # The call ends while the handler is at any point of its first steps: several tries, at
+    # once and one after another, land in different ones.
+    codes = await asyncio.gather(*(attempt(i % 2 == 0) for i in range(6)))
+    codes += [await attempt(i % 2 == 0) for i in range(4)]
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
 
     async def cleaned() -> bool:
         return _leftovers(root) == before_files
