@@ -26,17 +26,13 @@ def caller_identity(context: grpc.aio.ServicerContext) -> str:
     return access.principal.acting_as if access else ANONYMOUS
 
 
-def owner_scope(
-    context: grpc.aio.ServicerContext, collection: str = TRAINING_RUNS
-) -> str | None:
+def owner_scope(context: grpc.aio.ServicerContext, collection: str = TRAINING_RUNS) -> str | None:
     """The identity whose resources of `collection` alone the caller may see or name (it
     holds only `<read>.own` for them); None when it is not limited."""
     access = current_access()
     if access is None:
         return None
-    return access.scopes.get(collection) or (
-        access.owner if collection == TRAINING_RUNS else None
-    )
+    return access.scopes.get(collection) or (access.owner if collection == TRAINING_RUNS else None)
 
 
 _NOUNS = {TRAINING_RUNS: "training run", TRAINED_MODELS: "trained model"}

@@ -177,11 +177,7 @@ def _bases(value: Any, root: Path | None) -> tuple[Path, ...]:
         relative = name.removeprefix("mmdet::")
         candidate = Path(relative) if Path(relative).is_absolute() else resolved_root / relative
         path = candidate.resolve()
-        if (
-            not path.is_relative_to(resolved_root)
-            or path.suffix != ".py"
-            or not path.is_file()
-        ):
+        if not path.is_relative_to(resolved_root) or path.suffix != ".py" or not path.is_file():
             raise ConfigRefused(
                 f"_base_ {_short(name)} is not a config shipped with mmdet "
                 "(name one as 'mmdet::<folder>/<file>.py')"

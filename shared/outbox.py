@@ -223,5 +223,7 @@ async def pending_count(engine: AsyncEngine) -> int:
 async def dead_letter_count(engine: AsyncEngine) -> int:
     async with engine.connect() as connection:
         return int(
-            (await connection.execute(text("SELECT count(*) FROM outbox_dead_letters"))).scalar_one()
+            (
+                await connection.execute(text("SELECT count(*) FROM outbox_dead_letters"))
+            ).scalar_one()
         )

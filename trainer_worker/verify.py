@@ -97,7 +97,7 @@ def _registered_types_only() -> None:
         raise ValueError(f"{name!r} is not a registered type")
 
     if hasattr(registry_module, "get_object_from_string"):
-        registry_module.get_object_from_string = refuse  # type: ignore[assignment]
+        registry_module.__dict__["get_object_from_string"] = refuse
 
 
 def _listed(keys: list[str]) -> str:

@@ -114,8 +114,9 @@ async def verify_model_files(config: Path, checkpoint: Path, *, timeout_s: float
     """Runs `trainer_worker.verify` in a child: torch and mmdet stay out of this process.
     The child gets a minimal environment (no secrets) and a fresh scratch directory as its
     working directory and home, removed when it ends."""
+    config, checkpoint = await asyncio.to_thread(lambda: (config.resolve(), checkpoint.resolve()))
     with tempfile.TemporaryDirectory(prefix="raven-verify-") as scratch:
-        return await _verify_in(Path(scratch), config.resolve(), checkpoint.resolve(), timeout_s)
+        return await _verify_in(Path(scratch), config, checkpoint, timeout_s)
 
 
 async def _verify_in(scratch: Path, config: Path, checkpoint: Path, timeout_s: float) -> Verdict:

@@ -231,9 +231,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         ):
             yield event
 
-    async def _require_visible(
-        self, run_id: uuid.UUID, context: grpc.aio.ServicerContext
-    ) -> None:
+    async def _require_visible(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
         await require_visible(context, TRAINING_RUNS, run_id, self._creator_of)
 
     async def _creator_of(self, run_id: uuid.UUID) -> str | None:

@@ -11,10 +11,11 @@ final status (for the audit).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import grpc
@@ -50,7 +51,7 @@ class Access:
     owner: str | None = None
     # By collection ("trainingRuns", "trainedModels"): the identity whose resources alone
     # the caller may name, because it may read only its own (READ_RULES).
-    scopes: Mapping[str, str] = field(default_factory=dict)
+    scopes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _access: ContextVar[Access | None] = ContextVar("raven_access", default=None)

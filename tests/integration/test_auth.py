@@ -711,9 +711,7 @@ async def test_huge_refused_names_leave_the_event_pipeline_flowing(
                     )
                 assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
                 assert raised.value.details() == "permission denied"
-        records = await eventually(
-            lambda: _at_least(audit_rows(engine, last), 3), timeout=10
-        )
+        records = await eventually(lambda: _at_least(audit_rows(engine, last), 3), timeout=10)
         assert all(r["outcome"] == "PERMISSION_DENIED" for r in records)
         assert all(len(str(r["resource"])) <= 256 for r in records)
         assert all(str(r["resource"]).startswith("trainingRuns/aaa") for r in records)

@@ -122,7 +122,10 @@ async def test_a_row_over_the_max_payload_is_set_aside_and_the_others_are_publis
         await outbox.add(session, [_message(subjects, run_id, 0), oversized])
     # With the server's limit the relay sees it first; without, the NATS client refuses it.
     relay = OutboxRelay(
-        engine=engine, js=js, poll_interval_s=0.05, max_payload=limit if checked_by == "relay" else None
+        engine=engine,
+        js=js,
+        poll_interval_s=0.05,
+        max_payload=limit if checked_by == "relay" else None,
     )
     task = asyncio.create_task(relay.run())
     try:
