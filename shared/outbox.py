@@ -9,10 +9,11 @@ The relay wakes on a NOTIFY sent by the committing transaction and polls slowly
 as a safety net.
 
 A row that can never be published (larger than the server's max payload, or refused
-by JetStream for itself) is moved to `outbox_dead_letters` in the same transaction
-that deletes the published rows of its batch, logged and counted: no single message
-holds back the others. A row whose publish failed for a passing reason (a timeout, a
-reconnect) stays and is published again.
+by JetStream for itself, or failing MAX_FAILURES times while other rows of its batch
+went out) is moved to `outbox_dead_letters` in the same transaction that deletes the
+published rows of its batch, logged and counted: no single message holds back the
+others. A row whose publish failed along with the whole batch (NATS unreachable) stays
+and is published again, however long the outage.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import structlog
 from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
-from sqlalchemy import delete, func, insert, select, text
+from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from shared.db.schema import OUTBOX_CHANNEL, outbox, outbox_dead_letters
@@ -39,6 +40,9 @@ log = structlog.get_logger(__name__)
 _HEADER_OVERHEAD = 64
 # How much of an error's text a dead letter keeps.
 _ERROR_CHARS = 500
+# A row whose publish failed this often while others of its batch were published fails
+# for itself: it is set aside rather than retried forever at the head of every batch.
+MAX_FAILURES = 5
 
 
 class Unpublishable(Exception):
@@ -115,6 +119,7 @@ class OutboxRelay:
                         outbox.c.payload,
                         outbox.c.msg_id,
                         outbox.c.create_time,
+                        outbox.c.failures,
                     )
                     .order_by(outbox.c.id)
                     .limit(self._batch_size)
@@ -139,6 +144,20 @@ class OutboxRelay:
                     dead.append((row, str(result)))
                 else:
                     retry.append((row, result))
+            if done and retry:
+                # Others went out: these failed for themselves.
+                repeated = [(r, e) for r, e in retry if r.failures + 1 >= MAX_FAILURES]
+                dead += [
+                    (r, f"failed {MAX_FAILURES} times: {type(e).__name__}: {e}")
+                    for r, e in repeated
+                ]
+                retry = [(r, e) for r, e in retry if r.failures + 1 < MAX_FAILURES]
+                if retry:
+                    await connection.execute(
+                        update(outbox)
+                        .where(outbox.c.id.in_([r.id for r, _ in retry]))
+                        .values(failures=outbox.c.failures + 1)
+                    )
             if dead:
                 await self._set_aside(connection, dead)
             settled = done + [row.id for row, _ in dead]

@@ -222,6 +222,8 @@ outbox = Table(
     Column("msg_id", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
     _time("create_time"),
+    # Failed publishes of this row while other rows of its batch were published.
+    Column("failures", Integer, nullable=False, server_default=text("0")),
 )
 
 # Outbox rows the relay cannot ever publish (larger than the NATS max payload, refused

@@ -156,3 +156,29 @@ async def _left(engine, run_id: str) -> int:
             text("SELECT count(*) FROM outbox WHERE msg_id LIKE :p"), {"p": f"test.{run_id}.%"}
         )
         return int(left.scalar_one())
+
+
+async def test_a_row_that_keeps_failing_while_others_publish_is_set_aside(engine, nc, subjects):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    # No stream takes this subject: its publish fails each time, the others' do not.
+    stray = OutboxMessage(
+        subject=f"nowhere.{run_id}", payload=b"lost", msg_id=f"test.{run_id}.stray"
+    )
+    async with session_factory(engine)() as session, session.begin():
+        await outbox.add(session, [stray])
+    relay = OutboxRelay(engine=engine, js=js)
+    for n in range(outbox.MAX_FAILURES):
+        async with session_factory(engine)() as session, session.begin():
+            await outbox.add(session, [_message(subjects, run_id, n)])
+        if n < outbox.MAX_FAILURES - 1:
+            with pytest.raises(RuntimeError, match="1 of 2 outbox rows were not published"):
+                await relay.publish_pending()
+        else:
+            assert await relay.publish_pending() == 2
+    assert await _stored(js, subjects, run_id) == [
+        f"event {n}".encode() for n in range(outbox.MAX_FAILURES)
+    ]
+    [dead] = await _dead_letters(engine, run_id)
+    assert dead["msg_id"] == stray.msg_id and "failed 5 times" in str(dead["error"])
+    assert await _left(engine, run_id) == 0

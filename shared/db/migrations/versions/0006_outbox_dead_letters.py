@@ -16,6 +16,11 @@ depends_on = None
 
 
 def upgrade() -> None:
+    # Failed publishes of a row while other rows of its batch went out.
+    op.add_column(
+        "outbox",
+        sa.Column("failures", sa.Integer(), server_default=sa.text("0"), nullable=False),
+    )
     op.create_table(
         "outbox_dead_letters",
         # The outbox row's id: a row is set aside once.
@@ -38,3 +43,4 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     op.drop_table("outbox_dead_letters")
+    op.drop_column("outbox", "failures")
