@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from shared.model_config import ConfigRefused, read_config
+from shared.model_config import ConfigRefused, mmdet_configs_root, read_config
 
 DUMPED = """\
 # A config as mmengine dumps it.
@@ -98,3 +98,41 @@ def test_base_names_only_configs_inside_the_configs_root(tmp_path: Path):
         read_config("_base_ = 3\n", configs_root=root)
     with pytest.raises(ConfigRefused, match="cannot be resolved"):
         read_config("_base_ = 'retinanet/r18.py'\n", configs_root=None)
+
+
+@pytest.mark.parametrize("fine_tune", [False, True])
+def test_the_configs_the_worker_generates_read_as_data(fine_tune: bool):
+    from trainer_worker.architectures import MMDET_ARCHITECTURES
+    from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
+
+    root = mmdet_configs_root()
+    assert root is not None, "mmdet (the worker extra) is installed for the tests"
+    for key in MMDET_ARCHITECTURES:
+        plan = TrainingPlan(
+            architecture=key,
+            epochs=12,
+            batch_size=4,
+            learning_rate=0.01,
+            frozen_stages=1,
+            image_size=320,
+            seed=7,
+            early_stopping_patience=3 if fine_tune else 0,
+        )
+        dataset = DatasetFiles(
+            train_path=Path("/data/train.json"),
+            val_path=Path("/data/val.json"),
+            test_path=Path("/data/test.json") if fine_tune else None,
+            classes=("dump", "tire"),
+            train_image_count=10,
+        )
+        base = BaseCheckpoint(path=Path("/base.pth"), architecture=key, classes=("dump",))
+        generated = generate_config(
+            plan=plan,
+            dataset=dataset,
+            work_dir=Path("/work"),
+            configs_root=root,
+            base=base if fine_tune else None,
+        )
+        checked = read_config(generated.text, configs_root=root)
+        assert len(checked.bases) == 1 and checked.bases[0].is_relative_to(root.resolve())
+        assert checked.data["model"]["bbox_head" if "rcnn" not in key else "roi_head"]
