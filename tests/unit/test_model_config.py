@@ -136,3 +136,22 @@ def test_the_configs_the_worker_generates_read_as_data(fine_tune: bool):
         checked = read_config(generated.text, configs_root=root)
         assert len(checked.bases) == 1 and checked.bases[0].is_relative_to(root.resolve())
         assert checked.data["model"]["bbox_head" if "rcnn" not in key else "roi_head"]
+
+
+def test_the_verification_child_inherits_no_secrets(monkeypatch, tmp_path: Path):
+    from services.trained_models.artifacts import _child_env
+
+    for name in (
+        "RAVEN_DATABASE_URL",
+        "RAVEN_TLS_KEY_FILE",
+        "AWS_SECRET_ACCESS_KEY",
+        "HTTPS_PROXY",
+    ):
+        monkeypatch.setenv(name, "secret")
+    env = _child_env(tmp_path)
+    assert not any("secret" in value for value in env.values())
+    assert set(env) <= {
+        *("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ", "HOME", "TMPDIR", "PYTHONPATH"),
+        *("PYTHONNOUSERSITE", "PYTHONDONTWRITEBYTECODE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"),
+    }
+    assert env["HOME"] == env["TMPDIR"] == str(tmp_path)
