@@ -155,3 +155,40 @@ def test_the_verification_child_inherits_no_secrets(monkeypatch, tmp_path: Path)
         *("PYTHONNOUSERSITE", "PYTHONDONTWRITEBYTECODE", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS"),
     }
     assert env["HOME"] == env["TMPDIR"] == str(tmp_path)
+
+
+def test_the_verification_child_can_leave_the_network(tmp_path: Path):
+    import socket
+    import subprocess
+    import sys
+
+    from trainer_worker.verify import without_network
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("network namespaces are Linux only")
+    # A listener this process can reach; the child, once out of the network, cannot.
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        port = server.getsockname()[1]
+        probe = (
+            "import socket, sys\n"
+            "from trainer_worker.verify import without_network\n"
+            "isolated = without_network()\n"
+            "try:\n"
+            f"    socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+            "    reached = True\n"
+            "except OSError:\n"
+            "    reached = False\n"
+            "print(isolated, reached)\n"
+        )
+        root = Path(__file__).resolve().parents[2]
+        found = subprocess.run(
+            [sys.executable, "-c", probe],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=root,
+            check=True,
+        ).stdout.split()
+    if found[0] == "False":
+        pytest.skip("this kernel does not allow unprivileged network namespaces")
+    assert found == ["True", "False"]
