@@ -118,7 +118,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             model_id,
             depth=request.descendant_depth or DEFAULT_DESCENDANT_DEPTH,
         )
-        return lineage_to_proto(lineage)
+        owner = owner_scope(context, TRAINED_MODELS)
+        return lineage_to_proto(lineage if owner is None else lineage.seen_by(owner))
 
     @grpc_errors
     async def UpdateTrainedModel(

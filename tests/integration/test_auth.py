@@ -550,15 +550,20 @@ MISSING_RUN = "trainingRuns/00000000-0000-4000-8000-000000000000"
 MISSING_MODEL = "trainedModels/00000000-0000-4000-8000-000000000000"
 
 
-async def _insert_model(engine: AsyncEngine, creator: str) -> str:
+async def _insert_model(engine: AsyncEngine, creator: str, base: str | None = None) -> str:
     model_id = uuid.uuid4()
     async with engine.begin() as connection:
         await connection.execute(
             text(
                 "INSERT INTO trained_models (id, display_name, architecture, classes, artifacts,"
-                " creator) VALUES (:id, 'owned', 'retinanet_r18_fpn', '[\"dump\"]', '[]', :creator)"
+                " creator, base_model_id) VALUES (:id, 'owned', 'retinanet_r18_fpn',"
+                " '[\"dump\"]', '[]', :creator, :base)"
             ),
-            {"id": model_id, "creator": creator},
+            {
+                "id": model_id,
+                "creator": creator,
+                "base": uuid.UUID(base.split("/")[1]) if base else None,
+            },
         )
     return f"trainedModels/{model_id}"
 
@@ -581,7 +586,11 @@ async def test_every_call_naming_anothers_resource_reads_it_as_missing(
 ):
     theirs = await runs.CreateTrainingRun(create_request(dataset_uri))
     their_model = await _insert_model(engine, ADMIN)
-    my_model = await _insert_model(engine, OWN_OPERATOR)
+    # Mine, fine-tuned from theirs; then theirs from mine, and mine from that.
+    my_model = await _insert_model(engine, OWN_OPERATOR, base=their_model)
+    their_child = await _insert_model(engine, ADMIN, base=my_model)
+    my_child = await _insert_model(engine, OWN_OPERATOR, base=my_model)
+    await _insert_model(engine, OWN_OPERATOR, base=their_child)
     rpb, mpb = training_run_pb2, trained_model_pb2
     run_calls = {
         "GetTrainingRun": lambda n: rpb.GetTrainingRunRequest(name=n),
@@ -636,6 +645,13 @@ async def test_every_call_naming_anothers_resource_reads_it_as_missing(
         # Its own model it sees; fine-tuning from another's model reads it as missing.
         got = await model_stub.GetTrainedModel(mpb.GetTrainedModelRequest(name=my_model))
         assert got.name == my_model
+        # Its lineage shows its own models only, reached through its own models.
+        lineage = await model_stub.GetTrainedModelLineage(
+            mpb.GetTrainedModelLineageRequest(name=my_model)
+        )
+        assert [n.trained_model for n in lineage.ancestors] == [my_model]
+        assert [n.trained_model for n in lineage.descendants] == [my_child]
+        assert their_child not in {n.trained_model for n in lineage.descendants}
         listed = await model_stub.ListTrainedModels(mpb.ListTrainedModelsRequest(page_size=1000))
         assert {m.creator for m in listed.trained_models} == {OWN_OPERATOR}
         other = await model_stub.ListTrainedModels(mpb.ListTrainedModelsRequest(creator=ADMIN))
