@@ -162,8 +162,6 @@ def test_the_verification_child_can_leave_the_network(tmp_path: Path):
     import subprocess
     import sys
 
-    from trainer_worker.verify import without_network
-
     if not sys.platform.startswith("linux"):
         pytest.skip("network namespaces are Linux only")
     # A listener this process can reach; the child, once out of the network, cannot.
