@@ -7,6 +7,13 @@ duplicate within its window, e.g. after a crash between publish and delete),
 then deletes them. Several relays may run: `SKIP LOCKED` hands each row to one.
 The relay wakes on a NOTIFY sent by the committing transaction and polls slowly
 as a safety net.
+
+A row that can never be published (larger than the server's max payload, or refused
+by JetStream for itself, or failing MAX_FAILURES times while other rows of its batch
+went out) is moved to `outbox_dead_letters` in the same transaction that deletes the
+published rows of its batch, logged and counted: no single message holds back the
+others. A row whose publish failed along with the whole batch (NATS unreachable) stays
+and is published again, however long the outage.
 """
 
 from __future__ import annotations
@@ -18,13 +25,28 @@ from dataclasses import dataclass
 from typing import Any
 
 import structlog
+from nats import errors as nats_errors
 from nats.js import JetStreamContext
-from sqlalchemy import delete, func, insert, select, text
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from nats.js import errors as js_errors
+from sqlalchemy import delete, func, insert, select, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from shared.db.schema import OUTBOX_CHANNEL, outbox
+from shared.db.schema import OUTBOX_CHANNEL, outbox, outbox_dead_letters
 
 log = structlog.get_logger(__name__)
+
+# What a publish adds to the payload on the wire besides the Nats-Msg-Id value: the
+# header block's framing and name. The server counts headers against its max payload.
+_HEADER_OVERHEAD = 64
+# How much of an error's text a dead letter keeps.
+_ERROR_CHARS = 500
+# A row whose publish failed this often while others of its batch were published fails
+# for itself: it is set aside rather than retried forever at the head of every batch.
+MAX_FAILURES = 5
+
+
+class Unpublishable(Exception):
+    """A row that no retry can publish."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,12 +76,17 @@ class OutboxRelay:
         js: JetStreamContext,
         batch_size: int = 256,
         poll_interval_s: float = 1.0,
+        max_payload: int | None = None,
     ) -> None:
         self._engine = engine
         self._js = js
         self._batch_size = batch_size
         self._poll_interval_s = poll_interval_s
+        # The server's limit (`nc.max_payload`); None: only the client's own check applies.
+        self._max_payload = max_payload
         self._wake = asyncio.Event()
+        # Rows this relay has set aside since it started.
+        self.dead_lettered = 0
 
     async def run(self) -> None:
         """Publishes until cancelled."""
@@ -80,11 +107,20 @@ class OutboxRelay:
                 self._wake.clear()
 
     async def publish_pending(self) -> int:
-        """Publishes one batch of committed rows; returns how many."""
+        """Publishes one batch of committed rows; returns how many left the outbox
+        (published or set aside). Raises when a row failed for a passing reason, after
+        the rest of its batch was settled."""
         async with self._engine.begin() as connection:
             rows = (
                 await connection.execute(
-                    select(outbox.c.id, outbox.c.subject, outbox.c.payload, outbox.c.msg_id)
+                    select(
+                        outbox.c.id,
+                        outbox.c.subject,
+                        outbox.c.payload,
+                        outbox.c.msg_id,
+                        outbox.c.create_time,
+                        outbox.c.failures,
+                    )
                     .order_by(outbox.c.id)
                     .limit(self._batch_size)
                     .with_for_update(skip_locked=True)
@@ -93,13 +129,92 @@ class OutboxRelay:
             if not rows:
                 return 0
             # Pipelined: one round trip for the batch instead of one per message.
-            acks = [
-                self._js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id})
-                for row in rows
-            ]
-            await asyncio.gather(*acks)
-            await connection.execute(delete(outbox).where(outbox.c.id.in_([r.id for r in rows])))
-        return len(rows)
+            results = await asyncio.gather(
+                *(self._publish(row) for row in rows), return_exceptions=True
+            )
+            done: list[int] = []
+            dead: list[tuple[Any, str]] = []
+            retry: list[tuple[Any, BaseException]] = []
+            for row, result in zip(rows, results, strict=True):
+                if isinstance(result, asyncio.CancelledError):
+                    raise result
+                if result is None:
+                    done.append(row.id)
+                elif isinstance(result, Unpublishable):
+                    dead.append((row, str(result)))
+                else:
+                    retry.append((row, result))
+            if done and retry:
+                # Others went out: these failed for themselves.
+                repeated = [(r, e) for r, e in retry if r.failures + 1 >= MAX_FAILURES]
+                dead += [
+                    (r, f"failed {MAX_FAILURES} times: {type(e).__name__}: {e}")
+                    for r, e in repeated
+                ]
+                retry = [(r, e) for r, e in retry if r.failures + 1 < MAX_FAILURES]
+                if retry:
+                    await connection.execute(
+                        update(outbox)
+                        .where(outbox.c.id.in_([r.id for r, _ in retry]))
+                        .values(failures=outbox.c.failures + 1)
+                    )
+            if dead:
+                await self._set_aside(connection, dead)
+            settled = done + [row.id for row, _ in dead]
+            if settled:
+                await connection.execute(delete(outbox).where(outbox.c.id.in_(settled)))
+        if retry:
+            row, error = retry[0]
+            raise RuntimeError(
+                f"{len(retry)} of {len(rows)} outbox rows were not published "
+                f"(first: {row.subject} {row.msg_id}: {type(error).__name__}: {error})"
+            )
+        return len(settled)
+
+    async def _publish(self, row: Any) -> None:
+        size = len(row.payload)
+        if self._max_payload is not None and (
+            size + len(row.msg_id) + _HEADER_OVERHEAD > self._max_payload
+        ):
+            raise Unpublishable(
+                f"{size} bytes with headers exceed the server's max payload of "
+                f"{self._max_payload} bytes"
+            )
+        try:
+            await self._js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id})
+        except nats_errors.MaxPayloadError as error:
+            raise Unpublishable(f"{size} bytes exceed the max payload: {error}") from error
+        except js_errors.BadRequestError as error:
+            # JetStream refused this message (e.g. over the stream's max message size).
+            raise Unpublishable(f"refused by JetStream: {error}") from error
+
+    async def _set_aside(self, connection: AsyncConnection, dead: list[tuple[Any, str]]) -> None:
+        await connection.execute(
+            insert(outbox_dead_letters),
+            [
+                {
+                    "id": row.id,
+                    "subject": row.subject,
+                    "msg_id": row.msg_id,
+                    "payload": row.payload,
+                    "size_bytes": len(row.payload),
+                    "error": reason[:_ERROR_CHARS],
+                    "create_time": row.create_time,
+                }
+                for row, reason in dead
+            ],
+        )
+        self.dead_lettered += len(dead)
+        for row, reason in dead:
+            log.error(
+                "outbox row cannot be published; moved to outbox_dead_letters",
+                outbox_id=row.id,
+                subject=row.subject,
+                msg_id=row.msg_id[:_ERROR_CHARS],
+                size_bytes=len(row.payload),
+                reason=reason[:_ERROR_CHARS],
+                dead_lettered=self.dead_lettered,
+            )
 
     @contextlib.asynccontextmanager
     async def _listening(self) -> Any:
@@ -122,3 +237,12 @@ class OutboxRelay:
 async def pending_count(engine: AsyncEngine) -> int:
     async with engine.connect() as connection:
         return int((await connection.execute(text("SELECT count(*) FROM outbox"))).scalar_one())
+
+
+async def dead_letter_count(engine: AsyncEngine) -> int:
+    async with engine.connect() as connection:
+        return int(
+            (
+                await connection.execute(text("SELECT count(*) FROM outbox_dead_letters"))
+            ).scalar_one()
+        )

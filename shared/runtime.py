@@ -83,7 +83,9 @@ class ServiceApp:
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
         loops = await self.setup(self._server, sessions, self._nc, js)
-        loops.append(OutboxRelay(engine=self._engine, js=js).run())
+        loops.append(
+            OutboxRelay(engine=self._engine, js=js, max_payload=self._nc.max_payload).run()
+        )
         self._tasks = [asyncio.create_task(loop) for loop in loops]
         self.port = self._server.listen(self.address(), credentials)
         await self._server.start()

@@ -66,7 +66,12 @@ def main(argv: list[str]) -> int:
     reset = tuple(cfg.get("raven", {}).get("reset_weights", ()))
     if cfg.get("load_from") and reset:
         cfg.load_from = str(
-            _weights_only(Path(cfg.load_from), Path(cfg.work_dir) / "base_model.pth", drop=reset)
+            _weights_only(
+                Path(cfg.load_from),
+                Path(cfg.work_dir) / "base_model.pth",
+                drop=reset,
+                untrusted=True,
+            )
         )
 
     _use_amp_on_cuda(cfg)
@@ -108,13 +113,23 @@ def _use_amp_on_cuda(cfg: Any) -> None:
         cfg.optim_wrapper.type = "AmpOptimWrapper"
 
 
-def _weights_only(source: Path, target: Path, *, drop: tuple[str, ...] = ()) -> Path:
+def _weights_only(
+    source: Path, target: Path, *, drop: tuple[str, ...] = (), untrusted: bool = False
+) -> Path:
     """A copy of a checkpoint with its weights and meta only (no optimizer state), less the
     weights whose names start with `drop`: class-dependent weights start fresh even when
-    the class count happens to match."""
+    the class count happens to match. `untrusted` (a base model's checkpoint, possibly
+    imported): loaded with `weights_only=True`, as the import verified it."""
     import torch
 
-    checkpoint: Any = torch.load(source, map_location="cpu", weights_only=False)
+    if untrusted:
+        from trainer_worker.verify import safe_globals
+
+        with torch.serialization.safe_globals(safe_globals()):
+            checkpoint: Any = torch.load(source, map_location="cpu", weights_only=True)
+    else:
+        # This run's own checkpoint, written by this child.
+        checkpoint = torch.load(source, map_location="cpu", weights_only=False)
     state = checkpoint.get("state_dict", checkpoint)
     kept = {k: v for k, v in state.items() if not k.startswith(drop)}
     target.parent.mkdir(parents=True, exist_ok=True)

@@ -11,10 +11,15 @@ full unpickle runs arbitrary code. mmengine's own checkpoints carry a few non-te
 objects (its message hub's HistoryBuffer, numpy scalars, and `getattr` to fetch
 HistoryBuffer's statistic methods); exactly those are allowed, `getattr` only on
 HistoryBuffer's public attributes, so such checkpoints load without trusting them.
+
+The config is never executed: `shared.model_config` reads it as data (the service
+checked it the same way before starting this child); only the mmdet configs it names
+as `_base_`, shipped with mmdet, are loaded by mmengine.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import sys
 from collections.abc import Mapping
@@ -22,6 +27,10 @@ from typing import Any
 
 # How many missing or unexpected keys an error names before it summarises.
 _SHOWN_KEYS = 5
+# unshare(2) flags: a user namespace (allowed without privileges where the kernel permits
+# it) holding a network namespace with no interface up.
+_CLONE_NEWUSER = 0x10000000
+_CLONE_NEWNET = 0x40000000
 
 
 def _history_buffer_getattr(obj: object, name: str) -> object:
@@ -32,7 +41,7 @@ def _history_buffer_getattr(obj: object, name: str) -> object:
     raise ValueError(f"getattr({obj!r}, {name!r}) is not allowed in a checkpoint")
 
 
-def _safe_globals() -> list[Any]:
+def safe_globals() -> list[Any]:
     import numpy
     from mmengine.logging.history_buffer import HistoryBuffer
     from numpy._core.multiarray import _reconstruct, scalar
@@ -51,7 +60,7 @@ def _safe_globals() -> list[Any]:
 def load_state_dict(path: str) -> Mapping[str, Any]:
     import torch
 
-    with torch.serialization.safe_globals(_safe_globals()):
+    with torch.serialization.safe_globals(safe_globals()):
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
@@ -84,20 +93,50 @@ def _strip_init_cfg(node: Any) -> None:
             _strip_init_cfg(value)
 
 
+def _registered_types_only() -> None:
+    """A `type` that no registry holds is not imported by its dotted name (mmengine's
+    fallback for lazy-import configs): the model is built from registered classes only."""
+    import mmengine.registry.registry as registry_module
+
+    def refuse(name: str) -> None:
+        raise ValueError(f"{name!r} is not a registered type")
+
+    if hasattr(registry_module, "get_object_from_string"):
+        registry_module.__dict__["get_object_from_string"] = refuse
+
+
 def _listed(keys: list[str]) -> str:
     shown = ", ".join(keys[:_SHOWN_KEYS])
     more = len(keys) - _SHOWN_KEYS
     return f"{shown} and {more} more" if more > 0 else shown
 
 
-def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
+def load_checked_config(config_path: str) -> Any:
+    """The config as an mmengine `Config`, read as data (shared.model_config) and merged
+    into the mmdet configs it inherits; ConfigRefused when it is not plain data."""
+    from pathlib import Path
+
     from mmengine.config import Config
 
+    from shared.model_config import mmdet_configs_root, read_config
+
+    checked = read_config(Path(config_path).read_bytes(), configs_root=mmdet_configs_root())
+    merged: dict[str, Any] = {}
+    for base in checked.bases:
+        merged.update(Config.fromfile(str(base)).to_dict())
+    return Config(Config._merge_a_into_b(checked.data, merged))
+
+
+def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
+    from shared.model_config import ConfigRefused
+
     try:
-        cfg = Config.fromfile(config_path)
+        cfg = load_checked_config(config_path)
         model_cfg = cfg.get("model")
         if not isinstance(model_cfg, Mapping) or "type" not in model_cfg:
             raise ValueError("defines no `model` with a `type`")
+    except ConfigRefused as error:
+        return {"ok": False, "errors": {"config": f"is refused: {error}"}}
     except Exception as error:
         return {"ok": False, "errors": {"config": f"not an MMDetection config: {error}"}}
 
@@ -114,6 +153,7 @@ def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
     from mmdet.utils import register_all_modules
 
     register_all_modules(init_default_scope=True)
+    _registered_types_only()
     model_dict = model_cfg.to_dict() if hasattr(model_cfg, "to_dict") else dict(model_cfg)
     _strip_init_cfg(model_dict)
     try:
@@ -145,10 +185,24 @@ def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
     }
 
 
+def without_network() -> bool:
+    """Moves this process into a network namespace of its own (Linux, where user namespaces
+    are allowed): nothing it loads can reach a database, NATS or anything else. True when
+    it did; elsewhere the check still runs, with the rest of its confinement."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        return bool(libc.unshare(_CLONE_NEWUSER | _CLONE_NEWNET) == 0)
+    except OSError:
+        return False
+
+
 def main(argv: list[str]) -> int:
     if len(argv) != 2:
         print("usage: python -m trainer_worker.verify CONFIG CHECKPOINT", file=sys.stderr)
         return 2
+    without_network()
     print(json.dumps(verify(argv[0], argv[1])), flush=True)
     return 0
 

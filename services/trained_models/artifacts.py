@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import sys
+import tempfile
 from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,11 @@ from shared.errors import FailedPrecondition
 from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
 
 CHUNK_BYTES = 1024 * 1024
+# The code this process runs (the verification child imports the same `trainer_worker`).
+_PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# All the verification child inherits: no credentials (database URL, TLS keys, cloud
+# keys), no proxy settings. Everything else it needs is set by `_child_env`.
+_CHILD_ENV = ("PATH", "LANG", "LC_ALL", "LC_CTYPE", "TZ")
 # Kinds a model cannot be used without.
 REQUIRED_KINDS = ("config", "checkpoint")
 
@@ -88,8 +95,31 @@ class Verdict:
     parameter_count: int = 0
 
 
+def _child_env(scratch: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k in _CHILD_ENV}
+    env |= {
+        "HOME": str(scratch),
+        "TMPDIR": str(scratch),
+        "PYTHONPATH": str(_PROJECT_ROOT),
+        "PYTHONNOUSERSITE": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        # The check runs on the CPU; nothing in it needs a GPU or a thread per core.
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "1",
+    }
+    return env
+
+
 async def verify_model_files(config: Path, checkpoint: Path, *, timeout_s: float) -> Verdict:
-    """Runs `trainer_worker.verify` in a child: torch and mmdet stay out of this process."""
+    """Runs `trainer_worker.verify` in a child: torch and mmdet stay out of this process.
+    The child gets a minimal environment (no secrets) and a fresh scratch directory as its
+    working directory and home, removed when it ends."""
+    config, checkpoint = await asyncio.to_thread(lambda: (config.resolve(), checkpoint.resolve()))
+    with tempfile.TemporaryDirectory(prefix="raven-verify-") as scratch:
+        return await _verify_in(Path(scratch), config, checkpoint, timeout_s)
+
+
+async def _verify_in(scratch: Path, config: Path, checkpoint: Path, timeout_s: float) -> Verdict:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -98,6 +128,9 @@ async def verify_model_files(config: Path, checkpoint: Path, *, timeout_s: float
         str(checkpoint),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        stdin=asyncio.subprocess.DEVNULL,
+        cwd=scratch,
+        env=_child_env(scratch),
     )
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout_s)

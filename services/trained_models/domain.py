@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import itertools
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -127,6 +128,7 @@ class LineageNode:
     dataset_fingerprint: str
     bbox_map: float | None
     depth: int
+    creator: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -135,6 +137,18 @@ class Lineage:
     ancestors: list[LineageNode]
     # Breadth first, depth 1 = direct children.
     descendants: list[LineageNode]
+
+    def seen_by(self, owner: str) -> Lineage:
+        """What a caller that may see only `owner`'s models sees: the ancestors up to the
+        first that is another's, the descendants reached through its own models only."""
+        ancestors = list(itertools.takewhile(lambda n: n.creator == owner, self.ancestors))
+        reachable = {n.id for n in ancestors[:1]}
+        descendants = []
+        for node in self.descendants:
+            if node.creator == owner and node.base_model_id in reachable:
+                descendants.append(node)
+                reachable.add(node.id)
+        return Lineage(ancestors=ancestors, descendants=descendants)
 
 
 class PublicationAction(enum.StrEnum):

@@ -28,6 +28,7 @@ from services.trained_models.domain import Origin, TrainedModel
 from services.trained_models.handlers import Clock, utcnow, validate_edit
 from services.trained_models.messages import created_message
 from services.trained_models.unit_of_work import UnitOfWork
+from shared import model_config
 from shared.errors import FieldViolation, InvalidArgument, Unavailable, Violations
 from shared.storage import ObjectNotFound, Storage, StorageError, UnsupportedUri
 
@@ -108,7 +109,9 @@ async def _receive(parts: AsyncIterator[Part], folder: Path, max_bytes: int) -> 
         async for kind, chunk in parts:
             if kind not in staged:
                 staged[kind] = _Staged(folder / FILE_NAMES[kind])
-                files[kind] = await asyncio.to_thread(staged[kind].path.open, "wb")
+                # Opened in this task: a file opened by a thread after a cancelled call's
+                # staging folder was removed would bring the folder back.
+                files[kind] = staged[kind].path.open("wb")
             total += len(chunk)
             if total > max_bytes:
                 raise InvalidArgument(
@@ -164,6 +167,16 @@ async def _stage(
         )
     violations.raise_if_any()
     return {k: (s.path, s.size, s.digest.hexdigest()) for k, s in staged.items()}
+
+
+def _check_config(path: Path, field_name: str) -> None:
+    """INVALID_ARGUMENT naming what makes the config unreadable as data (docs/imports.md)."""
+    try:
+        with path.open("rb") as file:
+            source = file.read(model_config.MAX_CONFIG_BYTES + 1)
+        model_config.read_config(source, configs_root=model_config.mmdet_configs_root())
+    except model_config.ConfigRefused as error:
+        raise InvalidArgument([FieldViolation(field_name, f"config: {error}")]) from None
 
 
 async def _keep(
@@ -232,10 +245,18 @@ async def import_model(
 
     storage = policy.storage
     staging = storage.artifact_root / "uploads" / uuid.uuid4().hex
-    await asyncio.to_thread(staging.mkdir, parents=True, exist_ok=True)
     model_id = uuid.uuid4()
     try:
+        # Made and removed in this task, not in a thread that could outlive a cancelled
+        # call (a client stream broken by an oversized message cancels the call at once).
+        staging.mkdir(parents=True, exist_ok=True)
         files = await _stage(command, parts, staging, policy)
+        # Read as data before anything loads it: an uploaded config is never executed.
+        await asyncio.to_thread(
+            _check_config,
+            files["config"][0],
+            "metadata.config_uri" if command.config_uri else "config_chunk",
+        )
         verdict = await artifacts.verify_model_files(
             files["config"][0], files["checkpoint"][0], timeout_s=policy.verify_timeout_s
         )
@@ -284,6 +305,6 @@ async def import_model(
                 raise
             return existing
     finally:
-        await asyncio.to_thread(artifacts.remove_tree, staging)
+        artifacts.remove_tree(staging)
     log.info("trained model imported", model_id=str(model_id), creator=command.creator)
     return model

@@ -240,8 +240,10 @@ async def history(
     channel: str,
     limit: int,
     before_id: int | None,
+    creator: str | None = None,
 ) -> Sequence[PublicationEvent]:
+    """Newest first; `creator`: of that identity's models only."""
     async with uow:
         return await uow.publications.list(
-            model_id=model_id, channel=channel, limit=limit, before_id=before_id
+            model_id=model_id, channel=channel, limit=limit, before_id=before_id, creator=creator
         )

@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, and_, insert, select, true
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.trained_models.domain import PublicationAction, PublicationEvent
-from shared.db.schema import trained_model_publications
+from shared.db.schema import trained_model_publications, trained_models
 
 _t = trained_model_publications.c
 
@@ -42,9 +42,16 @@ class PublicationRepository:
         channel: str,
         limit: int,
         before_id: int | None,
+        creator: str | None = None,
     ) -> Sequence[PublicationEvent]:
-        """Newest first."""
+        """Newest first; `creator`: events of that identity's (existing) models only."""
         conditions: list[ColumnElement[bool]] = []
+        if creator is not None:
+            conditions.append(
+                _t.trained_model_id.in_(
+                    select(trained_models.c.id).where(trained_models.c.creator == creator)
+                )
+            )
         if model_id is not None:
             conditions.append(_t.trained_model_id == model_id)
         if channel:

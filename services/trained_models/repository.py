@@ -112,30 +112,30 @@ _LINEAGE = text(
     WITH RECURSIVE
     ancestors AS (
         SELECT id, display_name, base_model_id, training_run_id, dataset_fingerprint,
-               bbox_map, 0 AS depth, ARRAY[id] AS path
+               bbox_map, creator, 0 AS depth, ARRAY[id] AS path
         FROM trained_models WHERE id = :id
         UNION ALL
         SELECT m.id, m.display_name, m.base_model_id, m.training_run_id, m.dataset_fingerprint,
-               m.bbox_map, a.depth + 1, a.path || m.id
+               m.bbox_map, m.creator, a.depth + 1, a.path || m.id
         FROM trained_models m JOIN ancestors a ON m.id = a.base_model_id
         WHERE NOT m.id = ANY(a.path)
     ),
     descendants AS (
         SELECT id, display_name, base_model_id, training_run_id, dataset_fingerprint,
-               bbox_map, 1 AS depth, create_time
+               bbox_map, creator, 1 AS depth, create_time
         FROM trained_models WHERE base_model_id = :id
         UNION ALL
         SELECT m.id, m.display_name, m.base_model_id, m.training_run_id, m.dataset_fingerprint,
-               m.bbox_map, d.depth + 1, m.create_time
+               m.bbox_map, m.creator, d.depth + 1, m.create_time
         FROM trained_models m JOIN descendants d ON m.base_model_id = d.id
         WHERE d.depth < :max_depth
     )
     SELECT 'ancestor' AS side, id, display_name, base_model_id, training_run_id,
-           dataset_fingerprint, bbox_map, depth, NULL::timestamptz AS create_time
+           dataset_fingerprint, bbox_map, creator, depth, NULL::timestamptz AS create_time
     FROM ancestors
     UNION ALL
     SELECT 'descendant', id, display_name, base_model_id, training_run_id,
-           dataset_fingerprint, bbox_map, depth, create_time
+           dataset_fingerprint, bbox_map, creator, depth, create_time
     FROM descendants
     ORDER BY side, depth, create_time
     """
@@ -327,6 +327,7 @@ class TrainedModelRepository:
                 dataset_fingerprint=row.dataset_fingerprint,
                 bbox_map=row.bbox_map,
                 depth=row.depth,
+                creator=row.creator,
             )
             (ancestors if row.side == "ancestor" else descendants).append(node)
         return Lineage(ancestors=ancestors, descendants=descendants)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
@@ -17,8 +18,8 @@ from services.trained_models.messages import (
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
-from shared.errors import FieldViolation, InvalidArgument, grpc_errors
-from shared.identity import caller_identity
+from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
@@ -53,7 +54,10 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def GetTrainedModel(
         self, request: pb.GetTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
-        model = await handlers.get_model(self._uow(), parse_name(request.name, TRAINED_MODELS))
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        model = await handlers.get_model(self._uow(), model_id)
+        if not visible(owner_scope(context, TRAINED_MODELS), model.creator):
+            raise missing(TRAINED_MODELS, model_id)
         return model_to_proto(model)
 
     @grpc_errors
@@ -75,7 +79,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             dataset_uri=request.dataset_uri,
             architecture=request.architecture,
             class_name=request.class_name,
-            creator=request.creator,
+            creator=owner_scope(context, TRAINED_MODELS) or request.creator,
             created_after=optional_time(request, "created_after"),
             created_before=optional_time(request, "created_before"),
             order_by=_ORDERS[request.order_by],
@@ -84,6 +88,9 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({k: str(v) for k, v in asdict(filter_).items()})
         after = pagination.decode(request.page_token, fingerprint, time_value=by_time)
+        if request.creator and request.creator != filter_.creator:
+            # Someone else's models, asked by a caller that may only see its own.
+            return pb.ListTrainedModelsResponse()
         models = await handlers.list_models(self._uow(), filter_, limit=size + 1, after=after)
 
         def cursor(last: TrainedModel) -> pagination.Cursor:
@@ -103,12 +110,15 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     ) -> pb.TrainedModelLineage:
         if request.descendant_depth < 0:
             raise InvalidArgument([FieldViolation("descendant_depth", "must not be negative")])
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        await self._require_visible(model_id, context)
         lineage = await handlers.lineage(
             self._uow(),
-            parse_name(request.name, TRAINED_MODELS),
+            model_id,
             depth=request.descendant_depth or DEFAULT_DESCENDANT_DEPTH,
         )
-        return lineage_to_proto(lineage)
+        owner = owner_scope(context, TRAINED_MODELS)
+        return lineage_to_proto(lineage if owner is None else lineage.seen_by(owner))
 
     @grpc_errors
     async def UpdateTrainedModel(
@@ -123,6 +133,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             etag=wanted.etag,
         )
         model_id = parse_name(wanted.name, TRAINED_MODELS, field="trained_model.name")
+        await self._require_visible(model_id, context)
         return model_to_proto(await handlers.update_model(self._uow(), model_id, edit))
 
     @grpc_errors
@@ -166,8 +177,10 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def PublishTrainedModel(
         self, request: pb.PublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        await self._require_visible(model_id, context)
         command = publication.PublishCommand(
-            model_id=parse_name(request.name, TRAINED_MODELS),
+            model_id=model_id,
             channel=request.channel,
             reason=request.reason,
             actor=caller_identity(context),
@@ -185,9 +198,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def UnpublishTrainedModel(
         self, request: pb.UnpublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        await self._require_visible(model_id, context)
         model = await publication.unpublish(
             self._uow(),
-            parse_name(request.name, TRAINED_MODELS),
+            model_id,
             reason=request.reason,
             actor=caller_identity(context),
             etag=request.etag,
@@ -203,6 +218,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             if request.trained_model
             else None
         )
+        if model_id is not None:
+            await self._require_visible(model_id, context)
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint(
             {"model": str(model_id), "channel": request.channel}
@@ -214,6 +231,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             channel=request.channel,
             limit=size + 1,
             before_id=int(after.value) if after else None,
+            creator=owner_scope(context, TRAINED_MODELS),
         )
         token = ""
         if len(events) > size:
@@ -231,9 +249,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         kind = request.artifact_kind or "checkpoint"
         if kind not in ("checkpoint", "config"):
             raise InvalidArgument([FieldViolation("artifact_kind", "'checkpoint' or 'config'")])
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        await self._require_visible(model_id, context)
         parts = handlers.download(
             self._uow(),
-            parse_name(request.name, TRAINED_MODELS),
+            model_id,
             kind=kind,
             storage=self._storage,
         )
@@ -247,11 +267,24 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def DeleteTrainedModel(
         self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainedModelResponse:
+        model_id = parse_name(request.name, TRAINED_MODELS)
+        await self._require_visible(model_id, context)
         await handlers.delete_model(
             self._uow(),
-            parse_name(request.name, TRAINED_MODELS),
+            model_id,
             etag=request.etag,
             actor=caller_identity(context),
             storage=self._storage,
         )
         return pb.DeleteTrainedModelResponse()
+
+    async def _require_visible(
+        self, model_id: uuid.UUID, context: grpc.aio.ServicerContext
+    ) -> None:
+        await require_visible(context, TRAINED_MODELS, model_id, self._creator_of)
+
+    async def _creator_of(self, model_id: uuid.UUID) -> str | None:
+        try:
+            return (await handlers.get_model(self._uow(), model_id)).creator
+        except NotFound:
+            return None

@@ -55,6 +55,8 @@ class CreateRun:
     creator: str
     # Fingerprint of the request body: the same request_id must come with the same body.
     request_hash: str
+    # Set for a caller that may read only its own models: the base model must be one.
+    base_model_owner: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -101,6 +103,9 @@ async def create_run(
         if base_model_id is not None:
             base = await uow.runs.base_model(base_model_id, lock=True)
             if base is None:
+                raise NotFound(f"base model {command.base_model} does not exist")
+            if command.base_model_owner not in (None, base.creator):
+                # Another's model, for a caller that may read only its own: as if missing.
                 raise NotFound(f"base model {command.base_model} does not exist")
             missing = await asyncio.to_thread(_missing_artifacts, base, storage)
             if missing:

@@ -36,6 +36,7 @@ class BaseModel:
     architecture: str
     classes: list[str]
     artifacts: list[dict[str, Any]]
+    creator: str = ""
 
 
 def _select_runs() -> Any:
@@ -252,6 +253,7 @@ class TrainingRunRepository:
             trained_models.c.architecture,
             trained_models.c.classes,
             trained_models.c.artifacts,
+            trained_models.c.creator,
         ).where(trained_models.c.id == model_id)
         if lock:
             query = query.with_for_update(read=True)
@@ -259,7 +261,11 @@ class TrainingRunRepository:
         if row is None:
             return None
         return BaseModel(
-            id=row.id, architecture=row.architecture, classes=row.classes, artifacts=row.artifacts
+            id=row.id,
+            architecture=row.architecture,
+            classes=row.classes,
+            artifacts=row.artifacts,
+            creator=row.creator,
         )
 
     async def mark_processed(self, consumer: str, message_id: str) -> bool:

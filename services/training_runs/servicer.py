@@ -18,7 +18,7 @@ from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
 from shared import catalog, pagination
 from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
-from shared.identity import caller_identity, owner_scope
+from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc
@@ -54,6 +54,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             request_id=request.request_id,
             creator=caller_identity(context),
             request_hash=hashlib.sha256(body.SerializeToString(deterministic=True)).hexdigest(),
+            base_model_owner=owner_scope(context, TRAINED_MODELS),
         )
         run = await handlers.create_run(self._uow(), command, storage=self._storage)
         return run_to_proto(run)
@@ -64,7 +65,8 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     ) -> pb.TrainingRun:
         run_id = parse_name(request.name, TRAINING_RUNS)
         run = await handlers.get_run(self._uow(), run_id)
-        _check_visible(run.creator, run_id, context)
+        if not visible(owner_scope(context), run.creator):
+            raise missing(TRAINING_RUNS, run_id)
         return run_to_proto(run)
 
     @grpc_errors
@@ -117,9 +119,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
                     )
                 ]
             )
+        run_id = parse_name(body.name, TRAINING_RUNS, field="training_run.name")
+        await self._require_visible(run_id, context)
         run = await handlers.update_run(
             self._uow(),
-            parse_name(body.name, TRAINING_RUNS, field="training_run.name"),
+            run_id,
             etag=body.etag,
             display_name=body.display_name if "display_name" in paths else None,
             labels=dict(body.labels) if "labels" in paths else None,
@@ -130,9 +134,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def CancelTrainingRun(
         self, request: pb.CancelTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        await self._require_visible(run_id, context)
         run = await handlers.cancel_run(
             self._uow(),
-            parse_name(request.name, TRAINING_RUNS),
+            run_id,
             reason=request.reason,
             actor=caller_identity(context),
         )
@@ -142,9 +148,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def DeleteTrainingRun(
         self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainingRunResponse:
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        await self._require_visible(run_id, context)
         await handlers.delete_run(
             self._uow(),
-            parse_name(request.name, TRAINING_RUNS),
+            run_id,
             etag=request.etag,
             storage=self._storage,
         )
@@ -154,9 +162,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def RetryTrainingRun(
         self, request: pb.RetryTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        await self._require_visible(run_id, context)
         run = await handlers.retry_run(
             self._uow(),
-            parse_name(request.name, TRAINING_RUNS),
+            run_id,
             request_id=request.request_id,
             creator=caller_identity(context),
         )
@@ -167,7 +177,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunEventsResponse:
         run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._check_owner(run_id, context)
+        await self._require_visible(run_id, context)
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
@@ -185,7 +195,10 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def GetTrainingRunMetrics(
         self, request: pb.GetTrainingRunMetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRunMetrics:
-        run = await handlers.get_run(self._uow(), parse_name(request.name, TRAINING_RUNS))
+        run_id = parse_name(request.name, TRAINING_RUNS)
+        run = await handlers.get_run(self._uow(), run_id)
+        if not visible(owner_scope(context), run.creator):
+            raise missing(TRAINING_RUNS, run_id)
         metrics = pb.TrainingRunMetrics(
             training_run=run_name(run.id), best_epoch=run.best_epoch or 0
         )
@@ -210,24 +223,20 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         if request.after_sequence < 0:
             raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
         run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._check_owner(run_id, context)
+        await self._require_visible(run_id, context)
         async for event in self._hub.watch(
             self._uow, run_id, after_sequence=request.after_sequence
         ):
             yield event
 
-    async def _check_owner(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
-        if owner_scope(context) is not None:
-            run = await handlers.get_run(self._uow(), run_id)
-            _check_visible(run.creator, run_id, context)
+    async def _require_visible(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
+        await require_visible(context, TRAINING_RUNS, run_id, self._creator_of)
 
-
-def _check_visible(creator: str, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
-    """A caller limited to its own runs is told another's run does not exist (the same
-    answer as for a missing run), so that names cannot be probed."""
-    owner = owner_scope(context)
-    if owner is not None and creator != owner:
-        raise NotFound(f"training run {run_id} does not exist")
+    async def _creator_of(self, run_id: uuid.UUID) -> str | None:
+        try:
+            return (await handlers.get_run(self._uow(), run_id)).creator
+        except NotFound:
+            return None
 
 
 def _recipe_defaults(architecture: catalog.Architecture, *, fine_tune: bool) -> pb.TrainingSpec:

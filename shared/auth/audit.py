@@ -21,6 +21,10 @@ log = structlog.get_logger(__name__)
 
 UNAUTHENTICATED_IDENTITY = "unauthenticated"
 AUDIT_RECORDS = "auditRecords/"
+# Every field of a record is at most this many characters: a refused call may carry a
+# name of megabytes, and its record and event must stay small.
+FIELD_CHARS = 256
+_ELLIPSIS = "\u2026"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -96,16 +100,25 @@ class AuditLog:
         ]
 
 
+def bounded(value: str, limit: int = FIELD_CHARS) -> str:
+    """`value` as a record field: NUL (which Postgres text cannot hold) shown as U+FFFD,
+    and cut to its first `limit` characters, the last one an ellipsis, when longer."""
+    value = value.replace("\x00", "\ufffd")
+    if len(value) > limit:
+        return value[: limit - 1] + _ELLIPSIS
+    return value
+
+
 def _values(entry: Entry) -> dict[str, str]:
     return {
-        "identity": entry.identity,
-        "on_behalf_of": entry.on_behalf_of,
-        "proxy": entry.proxy,
-        "rpc": entry.rpc,
-        "resource": entry.resource,
-        "outcome": entry.outcome,
-        "detail": entry.detail,
-        "peer": entry.peer,
+        "identity": bounded(entry.identity),
+        "on_behalf_of": bounded(entry.on_behalf_of),
+        "proxy": bounded(entry.proxy),
+        "rpc": bounded(entry.rpc),
+        "resource": bounded(entry.resource),
+        "outcome": bounded(entry.outcome),
+        "detail": bounded(entry.detail),
+        "peer": bounded(entry.peer),
     }
 
 

@@ -11,6 +11,7 @@ final status (for the audit).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -23,7 +24,15 @@ from google.protobuf.message import Message
 
 from shared.auth.audit import UNAUTHENTICATED_IDENTITY, AuditLog, Entry
 from shared.auth.authenticate import Authenticator, Principal, Unauthenticated
-from shared.auth.permissions import OPEN_SERVICES, RULES, Level, Rule, level, service_of
+from shared.auth.permissions import (
+    OPEN_SERVICES,
+    READ_RULES,
+    RULES,
+    Level,
+    Rule,
+    level,
+    service_of,
+)
 from shared.auth.policy import PolicyStore
 
 log = structlog.get_logger(__name__)
@@ -40,6 +49,9 @@ class Access:
     principal: Principal
     # Set when the caller may only touch what this identity created (a `.own` permission).
     owner: str | None = None
+    # By collection ("trainingRuns", "trainedModels"): the identity whose resources alone
+    # the caller may name, because it may read only its own (READ_RULES).
+    scopes: Mapping[str, str] = dataclasses.field(default_factory=dict)
 
 
 _access: ContextVar[Access | None] = ContextVar("raven_access", default=None)
@@ -120,7 +132,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 _entry(principal, method, request, "PERMISSION_DENIED", context, detail=detail),
             )
         owner = principal.acting_as if Level.OWN in (workload, user) else None
-        return Access(principal, owner)
+        scopes = {}
+        for collection, read in READ_RULES.items():
+            reads = (
+                level(policy.for_workload(principal.workload), read),
+                level(policy.for_claims(principal.user.claims), read) if principal.user else None,
+            )
+            if Level.OWN in reads:
+                scopes[collection] = principal.acting_as
+        return Access(principal, owner, scopes)
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, entry: Entry

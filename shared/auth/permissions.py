@@ -32,7 +32,9 @@ OWN_SUFFIX = ".own"
 # A permission with OWN_SUFFIX grants the RPC for resources the caller created
 # only; it exists for the RPCs marked `ownable`, whose servicer enforces it.
 KNOWN_PERMISSIONS = frozenset(
-    {p.value for p in Permission} | {Permission.TRAINING_RUNS_READ.value + OWN_SUFFIX}
+    {p.value for p in Permission}
+    | {Permission.TRAINING_RUNS_READ.value + OWN_SUFFIX}
+    | {Permission.TRAINED_MODELS_READ.value + OWN_SUFFIX}
 )
 
 
@@ -65,14 +67,14 @@ RULES: dict[str, Rule] = {
     _RUNS + "WatchTrainingRun": Rule(P.TRAINING_RUNS_READ, ownable=True),
     # The architectures and spec defaults a create may use: needed by whoever reads runs.
     _RUNS + "ListArchitectures": Rule(P.TRAINING_RUNS_READ),
-    _MODELS + "GetTrainedModel": Rule(P.TRAINED_MODELS_READ),
-    _MODELS + "ListTrainedModels": Rule(P.TRAINED_MODELS_READ),
+    _MODELS + "GetTrainedModel": Rule(P.TRAINED_MODELS_READ, ownable=True),
+    _MODELS + "ListTrainedModels": Rule(P.TRAINED_MODELS_READ, ownable=True),
     _MODELS + "UpdateTrainedModel": Rule(P.TRAINED_MODELS_UPDATE, mutates=True),
     _MODELS + "ImportTrainedModel": Rule(P.TRAINED_MODELS_IMPORT, mutates=True),
     _MODELS + "PublishTrainedModel": Rule(P.TRAINED_MODELS_PUBLISH, mutates=True),
     _MODELS + "UnpublishTrainedModel": Rule(P.TRAINED_MODELS_PUBLISH, mutates=True),
-    _MODELS + "ListPublicationEvents": Rule(P.TRAINED_MODELS_READ),
-    _MODELS + "GetTrainedModelLineage": Rule(P.TRAINED_MODELS_READ),
+    _MODELS + "ListPublicationEvents": Rule(P.TRAINED_MODELS_READ, ownable=True),
+    _MODELS + "GetTrainedModelLineage": Rule(P.TRAINED_MODELS_READ, ownable=True),
     _MODELS + "DownloadTrainedModel": Rule(P.TRAINED_MODELS_DOWNLOAD),
     _MODELS + "DeleteTrainedModel": Rule(P.TRAINED_MODELS_DELETE, mutates=True),
     _AUDIT + "ListAuditRecords": Rule(P.ADMIN),
@@ -86,6 +88,16 @@ OPEN_SERVICES = frozenset(
         "grpc.reflection.v1.ServerReflection",
     }
 )
+
+
+# The collections whose resources have a creator, and the permission to read them. A
+# caller that may read only its own resources of a collection (`<read>.own`) is limited
+# to them in every call that names one, whatever that call's own permission: another's
+# resource is reported missing. Enforced by shared.identity.require_visible.
+READ_RULES: dict[str, Rule] = {
+    "trainingRuns": Rule(P.TRAINING_RUNS_READ, ownable=True),
+    "trainedModels": Rule(P.TRAINED_MODELS_READ, ownable=True),
+}
 
 
 def service_of(method: str) -> str:

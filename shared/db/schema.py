@@ -222,6 +222,25 @@ outbox = Table(
     Column("msg_id", Text, nullable=False),
     Column("payload", LargeBinary, nullable=False),
     _time("create_time"),
+    # Failed publishes of this row while other rows of its batch were published.
+    Column("failures", Integer, nullable=False, server_default=text("0")),
+)
+
+# Outbox rows the relay cannot ever publish (larger than the NATS max payload, refused
+# by the server for themselves): moved here, logged and counted, so that one such row
+# never holds back the rows behind it.
+outbox_dead_letters = Table(
+    "outbox_dead_letters",
+    metadata,
+    # The outbox row's id.
+    Column("id", BigInteger, primary_key=True, autoincrement=False),
+    Column("subject", Text, nullable=False),
+    Column("msg_id", Text, nullable=False),
+    Column("payload", LargeBinary, nullable=False),
+    Column("size_bytes", Integer, nullable=False),
+    Column("error", Text, nullable=False),
+    Column("create_time", DateTime(timezone=True), nullable=False),
+    _time("dead_letter_time"),
 )
 
 # Messages a consumer has applied, written in the same transaction as their

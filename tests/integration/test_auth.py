@@ -9,6 +9,8 @@ import base64
 import hashlib
 import hmac
 import json
+import time
+import uuid
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -26,18 +28,23 @@ from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import (
     audit_pb2,
     audit_pb2_grpc,
+    trained_model_pb2,
+    trained_model_pb2_grpc,
     training_run_pb2,
     training_run_pb2_grpc,
+    worker_pb2,
 )
 from shared.settings import Settings
 from tests import pki as test_pki
 from tests.pki import ADMIN, PROXY, Pki, sa
-from tests.support import create_request, eventually
+from tests.support import WorkerDriver, create_request, eventually
 
 READER = sa("reader")
 NOBODY = sa("nobody")
 PORTAL = sa("portal")  # a service acting for end users
 OWN = sa("own-reader")
+# May read only its own runs and models, and do everything else to them.
+OWN_OPERATOR = sa("own-operator")
 CREATE = "/raven.training.v1.TrainingRunService/CreateTrainingRun"
 LIST = "/raven.training.v1.TrainingRunService/ListTrainingRuns"
 
@@ -46,6 +53,22 @@ GRANTS: list[tuple[str, Sequence[str]]] = [
     (READER, ["training_runs.read", "trained_models.read"]),
     (PORTAL, ["training_runs.read", "training_runs.create"]),
     (OWN, ["training_runs.read.own", "training_runs.create"]),
+    (
+        OWN_OPERATOR,
+        [
+            "training_runs.read.own",
+            "training_runs.create",
+            "training_runs.update",
+            "training_runs.cancel",
+            "training_runs.delete",
+            "training_runs.metrics.read",
+            "trained_models.read.own",
+            "trained_models.update",
+            "trained_models.publish",
+            "trained_models.download",
+            "trained_models.delete",
+        ],
+    ),
 ]
 USER_GRANTS = """
 [[grant]]
@@ -519,3 +542,239 @@ async def test_failed_state_changes_are_audited_with_their_status(runs, engine):
         ADMIN,
         "trainingRuns/00000000-0000-0000-0000-000000000000",
     )
+
+
+# --- Ownership in every call that names a resource --------------------------------------------
+
+MISSING_RUN = "trainingRuns/00000000-0000-4000-8000-000000000000"
+MISSING_MODEL = "trainedModels/00000000-0000-4000-8000-000000000000"
+
+
+async def _insert_model(engine: AsyncEngine, creator: str, base: str | None = None) -> str:
+    model_id = uuid.uuid4()
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "INSERT INTO trained_models (id, display_name, architecture, classes, artifacts,"
+                " creator, base_model_id) VALUES (:id, 'owned', 'retinanet_r18_fpn',"
+                " '[\"dump\"]', '[]', :creator, :base)"
+            ),
+            {
+                "id": model_id,
+                "creator": creator,
+                "base": uuid.UUID(base.split("/")[1]) if base else None,
+            },
+        )
+    return f"trainedModels/{model_id}"
+
+
+async def _refusal_of(call: object, request: object) -> tuple[grpc.StatusCode, str]:
+    try:
+        result = call(request, timeout=10)  # type: ignore[operator]
+        if hasattr(result, "__aiter__"):
+            async for _ in result:
+                pass
+        else:
+            await result
+    except grpc.aio.AioRpcError as error:
+        return error.code(), error.details() or ""
+    return grpc.StatusCode.OK, ""
+
+
+async def test_every_call_naming_anothers_resource_reads_it_as_missing(
+    pki, training_runs, trained_models, runs, engine, dataset_uri
+):
+    theirs = await runs.CreateTrainingRun(create_request(dataset_uri))
+    their_model = await _insert_model(engine, ADMIN)
+    # Mine, fine-tuned from theirs; then theirs from mine, and mine from that.
+    my_model = await _insert_model(engine, OWN_OPERATOR, base=their_model)
+    their_child = await _insert_model(engine, ADMIN, base=my_model)
+    my_child = await _insert_model(engine, OWN_OPERATOR, base=my_model)
+    await _insert_model(engine, OWN_OPERATOR, base=their_child)
+    rpb, mpb = training_run_pb2, trained_model_pb2
+    run_calls = {
+        "GetTrainingRun": lambda n: rpb.GetTrainingRunRequest(name=n),
+        "UpdateTrainingRun": lambda n: rpb.UpdateTrainingRunRequest(
+            training_run=rpb.TrainingRun(name=n, display_name="mine now"),
+            update_mask={"paths": ["display_name"]},
+        ),
+        "CancelTrainingRun": lambda n: rpb.CancelTrainingRunRequest(name=n),
+        "DeleteTrainingRun": lambda n: rpb.DeleteTrainingRunRequest(name=n),
+        "RetryTrainingRun": lambda n: rpb.RetryTrainingRunRequest(name=n),
+        "ListTrainingRunEvents": lambda n: rpb.ListTrainingRunEventsRequest(name=n),
+        "GetTrainingRunMetrics": lambda n: rpb.GetTrainingRunMetricsRequest(name=n),
+        "WatchTrainingRun": lambda n: rpb.WatchTrainingRunRequest(name=n),
+    }
+    model_calls = {
+        "GetTrainedModel": lambda n: mpb.GetTrainedModelRequest(name=n),
+        "UpdateTrainedModel": lambda n: mpb.UpdateTrainedModelRequest(
+            trained_model=mpb.TrainedModel(name=n, display_name="mine now"),
+            update_mask={"paths": ["display_name"]},
+        ),
+        "PublishTrainedModel": lambda n: mpb.PublishTrainedModelRequest(name=n, channel="prod"),
+        "UnpublishTrainedModel": lambda n: mpb.UnpublishTrainedModelRequest(name=n),
+        "GetTrainedModelLineage": lambda n: mpb.GetTrainedModelLineageRequest(name=n),
+        "ListPublicationEvents": lambda n: mpb.ListPublicationEventsRequest(trained_model=n),
+        "DownloadTrainedModel": lambda n: mpb.DownloadTrainedModelRequest(name=n),
+        "DeleteTrainedModel": lambda n: mpb.DeleteTrainedModelRequest(name=n),
+    }
+    before = await domain_state(engine)
+    async with (
+        pki.channel(training_runs.port, OWN_OPERATOR) as runs_channel,
+        pki.channel(trained_models.port, OWN_OPERATOR) as models_channel,
+    ):
+        run_stub = training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
+        model_stub = trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
+        for stub, calls, existing, absent in (
+            (run_stub, run_calls, theirs.name, MISSING_RUN),
+            (model_stub, model_calls, their_model, MISSING_MODEL),
+        ):
+            for rpc, request in calls.items():
+                code, details = await _refusal_of(getattr(stub, rpc), request(existing))
+                missing_code, missing_details = await _refusal_of(
+                    getattr(stub, rpc), request(absent)
+                )
+                assert code == grpc.StatusCode.NOT_FOUND, (rpc, code, details)
+                # Word for word the answer for a name that does not exist.
+                assert (code, details.replace(existing.split("/")[1], "ID")) == (
+                    missing_code,
+                    missing_details.replace(absent.split("/")[1], "ID"),
+                ), rpc
+        assert await domain_state(engine) == before, "a call on another's resource changed it"
+
+        # Its own model it sees; fine-tuning from another's model reads it as missing.
+        got = await model_stub.GetTrainedModel(mpb.GetTrainedModelRequest(name=my_model))
+        assert got.name == my_model
+        # Its lineage shows its own models only, reached through its own models.
+        lineage = await model_stub.GetTrainedModelLineage(
+            mpb.GetTrainedModelLineageRequest(name=my_model)
+        )
+        assert [n.trained_model for n in lineage.ancestors] == [my_model]
+        assert [n.trained_model for n in lineage.descendants] == [my_child]
+        assert their_child not in {n.trained_model for n in lineage.descendants}
+        listed = await model_stub.ListTrainedModels(mpb.ListTrainedModelsRequest(page_size=1000))
+        assert {m.creator for m in listed.trained_models} == {OWN_OPERATOR}
+        other = await model_stub.ListTrainedModels(mpb.ListTrainedModelsRequest(creator=ADMIN))
+        assert list(other.trained_models) == []
+        fine_tune = create_request(dataset_uri)
+        fine_tune.training_run.base_model = their_model
+        code, details = await _refusal_of(run_stub.CreateTrainingRun, fine_tune)
+        fine_tune.training_run.base_model = MISSING_MODEL
+        fine_tune.request_id = str(uuid.uuid4())
+        _, missing_details = await _refusal_of(run_stub.CreateTrainingRun, fine_tune)
+        assert code == grpc.StatusCode.NOT_FOUND
+        assert details.replace(their_model, "M") == missing_details.replace(MISSING_MODEL, "M")
+    assert await domain_state(engine) == before
+
+
+async def test_retry_of_anothers_run_creates_nothing(pki, training_runs, runs, engine, dataset_uri):
+    theirs = await runs.CreateTrainingRun(create_request(dataset_uri))
+    await runs.CancelTrainingRun(training_run_pb2.CancelTrainingRunRequest(name=theirs.name))
+    before = await domain_state(engine)
+    async with pki.channel(training_runs.port, OWN) as channel:
+        stub = training_run_pb2_grpc.TrainingRunServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.RetryTrainingRun(
+                training_run_pb2.RetryTrainingRunRequest(name=theirs.name), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await domain_state(engine) == before
+
+
+# --- Hostile input cannot block the event pipeline or escape the audit ------------------------
+
+
+async def test_a_refused_call_with_a_nul_in_its_name_is_audited(pki, training_runs, engine):
+    last = await last_audit_id(engine)
+    async with pki.channel(training_runs.port, NOBODY) as channel:
+        stub = training_run_pb2_grpc.TrainingRunServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as raised:
+            await stub.DeleteTrainingRun(
+                training_run_pb2.DeleteTrainingRunRequest(name="trainingRuns/\x00evil"), timeout=10
+            )
+    assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    [record] = await eventually(lambda: audit_rows(engine, last))
+    assert (record["identity"], record["outcome"]) == (NOBODY, "PERMISSION_DENIED")
+    assert record["resource"] == "trainingRuns/\ufffdevil"
+
+
+async def test_huge_refused_names_leave_the_event_pipeline_flowing(
+    pki, training_runs, runs, engine, nc: nats.NATS, subjects: Subjects, dataset_uri
+):
+    js = nc.jetstream()
+    received: dict[str, list[bytes]] = {"jobs": [], "events": [], "audit": []}
+
+    def collect(kind: str):  # type: ignore[no-untyped-def]
+        async def on_message(msg: nats.aio.msg.Msg) -> None:
+            received[kind].append(msg.data)
+
+        return on_message
+
+    subscriptions = [
+        await nc.subscribe(subjects.jobs, cb=collect("jobs")),
+        await nc.subscribe(subjects.run_events, cb=collect("events")),
+        await nc.subscribe(subjects.audit_recorded, cb=collect("audit")),
+    ]
+    try:
+        last = await last_audit_id(engine)
+        huge = "trainingRuns/" + "a" * (1024 * 1024)
+        async with pki.channel(training_runs.port, NOBODY) as channel:
+            stub = training_run_pb2_grpc.TrainingRunServiceStub(channel)
+            for _ in range(3):
+                with pytest.raises(grpc.aio.AioRpcError) as raised:
+                    await stub.DeleteTrainingRun(
+                        training_run_pb2.DeleteTrainingRunRequest(name=huge), timeout=10
+                    )
+                assert raised.value.code() == grpc.StatusCode.PERMISSION_DENIED
+                assert raised.value.details() == "permission denied"
+        records = await eventually(lambda: _at_least(audit_rows(engine, last), 3), timeout=10)
+        assert all(r["outcome"] == "PERMISSION_DENIED" for r in records)
+        assert all(len(str(r["resource"])) <= 256 for r in records)
+        assert all(str(r["resource"]).startswith("trainingRuns/aaa") for r in records)
+
+        # A valid run afterwards: its job and its events go out promptly.
+        started = time.monotonic()
+        run = await runs.CreateTrainingRun(create_request(dataset_uri))
+        run_id = run.name.split("/")[1]
+
+        def job_sent() -> bool:
+            return any(
+                worker_pb2.TrainingJob.FromString(d).training_run == run.name
+                for d in received["jobs"]
+            )
+
+        await eventually(_now(job_sent), timeout=10)
+        worker = WorkerDriver(js, subjects, run)
+        await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+
+        def preparing_published() -> bool:
+            events = [training_run_pb2.TrainingRunEvent.FromString(d) for d in received["events"]]
+            return any(
+                e.training_run == run.name
+                and e.state_changed.to_state == training_run_pb2.TrainingRun.PREPARING
+                for e in events
+            )
+
+        await eventually(_now(preparing_published), timeout=10)
+        elapsed = time.monotonic() - started
+        assert elapsed < 10, f"the run's events took {elapsed:.1f} s"
+        # The refusals' own audit events were small enough to publish too.
+        audited = [audit_pb2.AuditRecord.FromString(d) for d in received["audit"]]
+        refused = [a for a in audited if a.identity == NOBODY and a.resource.startswith(huge[:20])]
+        assert len(refused) >= 3 and all(len(a.resource) <= 256 for a in refused)
+        assert run_id
+    finally:
+        for subscription in subscriptions:
+            await subscription.unsubscribe()
+
+
+async def _at_least(rows, count: int):  # type: ignore[no-untyped-def]
+    found = await rows
+    return found if len(found) >= count else None
+
+
+def _now(predicate):  # type: ignore[no-untyped-def]
+    async def probe() -> bool:
+        return bool(predicate())
+
+    return probe

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import uuid
 
 import nats
@@ -13,7 +15,8 @@ from shared.db.engine import create_engine, session_factory
 from shared.db.migrate import upgrade
 from shared.infra import Infrastructure, create_database, drop_database
 from shared.messaging import Subjects
-from shared.outbox import OutboxMessage, OutboxRelay, pending_count
+from shared.outbox import OutboxMessage, OutboxRelay, dead_letter_count, pending_count
+from tests.support import eventually
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,3 +93,92 @@ async def test_a_rolled_back_transaction_publishes_nothing(engine, nc, subjects)
             await outbox.add(session, [_message(subjects, run_id, 0)])
             await session.rollback()
     assert await pending_count(engine) == before
+
+
+async def _dead_letters(engine, run_id: str) -> list[dict[str, object]]:
+    async with engine.connect() as connection:
+        rows = await connection.execute(
+            text(
+                "SELECT msg_id, size_bytes, error FROM outbox_dead_letters "
+                "WHERE msg_id LIKE :p ORDER BY id"
+            ),
+            {"p": f"test.{run_id}.%"},
+        )
+        return [dict(r) for r in rows.mappings()]
+
+
+@pytest.mark.parametrize("checked_by", ["relay", "client"])
+async def test_a_row_over_the_max_payload_is_set_aside_and_the_others_are_published(
+    engine, nc, subjects, checked_by
+):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    limit = nc.max_payload
+    # Written as any process writes rows, however it came to be this large.
+    oversized = OutboxMessage(
+        subject=subjects.run_event(run_id), payload=b"x" * (limit + 1), msg_id=f"test.{run_id}.big"
+    )
+    async with session_factory(engine)() as session, session.begin():
+        await outbox.add(session, [_message(subjects, run_id, 0), oversized])
+    # With the server's limit the relay sees it first; without, the NATS client refuses it.
+    relay = OutboxRelay(
+        engine=engine,
+        js=js,
+        poll_interval_s=0.05,
+        max_payload=limit if checked_by == "relay" else None,
+    )
+    task = asyncio.create_task(relay.run())
+    try:
+        # A row committed after the poisoned one still goes out.
+        async with session_factory(engine)() as session, session.begin():
+            await outbox.add(session, [_message(subjects, run_id, 1)])
+
+        async def published() -> list[bytes]:
+            stored = await _stored(js, subjects, run_id)
+            return stored if len(stored) == 2 else []
+
+        assert await eventually(published, timeout=10) == [b"event 0", b"event 1"]
+        [dead] = await eventually(lambda: _dead_letters(engine, run_id))
+        assert dead["msg_id"] == oversized.msg_id and dead["size_bytes"] == limit + 1
+        assert "max payload" in str(dead["error"])
+        assert relay.dead_lettered == 1
+        assert await _left(engine, run_id) == 0
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    assert await dead_letter_count(engine) >= 1
+
+
+async def _left(engine, run_id: str) -> int:
+    async with engine.connect() as connection:
+        left = await connection.execute(
+            text("SELECT count(*) FROM outbox WHERE msg_id LIKE :p"), {"p": f"test.{run_id}.%"}
+        )
+        return int(left.scalar_one())
+
+
+async def test_a_row_that_keeps_failing_while_others_publish_is_set_aside(engine, nc, subjects):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    # No stream takes this subject: its publish fails each time, the others' do not.
+    stray = OutboxMessage(
+        subject=f"nowhere.{run_id}", payload=b"lost", msg_id=f"test.{run_id}.stray"
+    )
+    async with session_factory(engine)() as session, session.begin():
+        await outbox.add(session, [stray])
+    relay = OutboxRelay(engine=engine, js=js)
+    for n in range(outbox.MAX_FAILURES):
+        async with session_factory(engine)() as session, session.begin():
+            await outbox.add(session, [_message(subjects, run_id, n)])
+        if n < outbox.MAX_FAILURES - 1:
+            with pytest.raises(RuntimeError, match="1 of 2 outbox rows were not published"):
+                await relay.publish_pending()
+        else:
+            assert await relay.publish_pending() == 2
+    assert await _stored(js, subjects, run_id) == [
+        f"event {n}".encode() for n in range(outbox.MAX_FAILURES)
+    ]
+    [dead] = await _dead_letters(engine, run_id)
+    assert dead["msg_id"] == stray.msg_id and "failed 5 times" in str(dead["error"])
+    assert await _left(engine, run_id) == 0

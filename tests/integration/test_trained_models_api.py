@@ -612,3 +612,79 @@ async def test_import_refuses_a_truncated_and_a_misfit_checkpoint_leaving_nothin
     assert len(after.trained_models) == len(before.trained_models)
     assert _leftovers(root) == before_files
     assert (model_files / "misfit.pth").exists(), "the caller's file is not consumed"
+
+
+@pytest.mark.timeout(180)
+async def test_import_never_executes_the_config(models, model_files, settings, tmp_path):
+    root = Path(settings.artifact_root)
+    before_files = _leftovers(root)
+    marker = tmp_path / "marker"
+    legit = (model_files / "config.py").read_text()
+    hostile = {
+        # Runs on load, as mmengine's Config.fromfile would run it.
+        "writes a file": (
+            f"{legit}\nopen({str(marker)!r}, 'w').write('ran')\n",
+            "calls open()",
+        ),
+        "reads the environment": (
+            f"import os\n{legit}\nleak = os.environ.get('RAVEN_DATABASE_URL')\n",
+            "line 1 has an import",
+        ),
+        "hides a call in a value": (
+            f"{legit}\nx = dict(a=__import__('os').system('touch {marker}'))\n",
+            "calls __import__().system()",
+        ),
+        "inherits a file outside mmdet": (
+            f"_base_ = [{str(model_files / 'config.py')!r}]\n{legit}",
+            "not a config shipped with mmdet",
+        ),
+        "names an importable type": (
+            "model = dict(type='subprocess.Popen', args=['touch', " + repr(str(marker)) + "])\n",
+            "has type=",
+        ),
+    }
+    for case, (text, problem) in hostile.items():
+        config = tmp_path / "hostile.py"
+        config.write_text(text)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await models.ImportTrainedModel(
+                _stream(_upload(config, model_files / "checkpoint.pth"))
+            )
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, case
+        found = violations(caught.value)["config_chunk"]
+        assert found.startswith("config: ") and problem in found, (case, found)
+        assert str(tmp_path) not in found and len(found) < 300, case
+    assert not marker.exists(), "the uploaded config was executed"
+    assert _leftovers(root) == before_files
+
+
+@pytest.mark.timeout(90)
+async def test_an_oversized_chunk_leaves_nothing_in_uploads(models, settings):
+    root = Path(settings.artifact_root)
+    before_files = _leftovers(root)
+    metadata = pb.ImportTrainedModelRequest.Metadata(
+        display_name="huge", architecture="retinanet_r18_fpn", classes=["dump"]
+    )
+    oversized = pb.ImportTrainedModelRequest(checkpoint_chunk=b"\0" * (16 * 1024 * 1024 + 1))
+
+    async def attempt(with_config: bool) -> grpc.StatusCode:
+        messages = [pb.ImportTrainedModelRequest(metadata=metadata)]
+        if with_config:
+            messages.append(
+                pb.ImportTrainedModelRequest(config_chunk=b"model = dict(type='RetinaNet')\n")
+            )
+        messages.append(oversized)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await models.ImportTrainedModel(_stream(messages), timeout=30)
+        return caught.value.code()
+
+    # The call ends while the handler is at any point of its first steps: several tries, at
+    # once and one after another, land in different ones.
+    codes = await asyncio.gather(*(attempt(i % 2 == 0) for i in range(6)))
+    codes += [await attempt(i % 2 == 0) for i in range(4)]
+    assert set(codes) == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+
+    async def cleaned() -> bool:
+        return _leftovers(root) == before_files
+
+    await eventually(cleaned, timeout=10)
