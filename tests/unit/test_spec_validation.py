@@ -171,3 +171,14 @@ def test_an_invalid_val_fraction_is_reported_once():
         )
     )
     assert set(problems) == {"val_fraction"}
+
+
+def test_deterministic_is_recorded_with_the_seed():
+    filled, _ = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    assert filled is not None and filled["deterministic"] is False
+    filled, _ = check(
+        SpecRequest(
+            dataset_uri="d/a.json", architecture="retinanet_r18_fpn", deterministic=True, seed=7
+        )
+    )
+    assert filled is not None and (filled["deterministic"], filled["seed"]) == (True, 7)
