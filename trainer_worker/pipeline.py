@@ -19,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 
 from shared import catalog
+from shared.metrics import best_epoch
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.storage import Storage, StorageError, sha256_file
 from trainer_worker import events, remote
@@ -39,7 +40,6 @@ from trainer_worker.devices import (
     per_device_batch,
 )
 from trainer_worker.events import EventPublisher
-from shared.metrics import best_epoch
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,

@@ -25,9 +25,9 @@ from pathlib import Path
 import psutil
 import structlog
 
+from shared.metrics import best_epoch
 from shared.storage import sha256_file
 from trainer_worker.devices import DataLoading
-from shared.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_PATH_ENV,
     EXIT_CANCELLED,

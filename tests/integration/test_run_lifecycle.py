@@ -15,6 +15,7 @@ from services.training_runs import handlers
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.db.engine import create_engine, session_factory
 from shared.db.schema import training_runs
+from shared.metrics import best_epoch
 from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import (
     common_pb2,
@@ -22,7 +23,6 @@ from shared.proto.raven.training.v1 import (
     worker_pb2,
 )
 from shared.settings import Settings
-from shared.metrics import best_epoch
 from tests.support import WorkerDriver, create_request, eventually
 from trainer_worker import events
 from trainer_worker.training import EpochRecord, TrainingSucceeded

@@ -351,3 +351,13 @@ def test_deterministic_training_is_on_request_with_a_seeded_sampler(
     assert cfg.raven.deterministic is deterministic
     sampler = cfg.train_dataloader.sampler
     assert (sampler.type, sampler.shuffle, sampler.seed) == ("DefaultSampler", True, seed)
+
+
+def test_the_specs_deterministic_flag_reaches_the_plan() -> None:
+    from shared.proto.raven.training.v1 import training_run_pb2
+    from trainer_worker.pipeline import plan_of
+
+    spec = training_run_pb2.TrainingSpec(architecture="retinanet_r18_fpn", seed=9)
+    assert plan_of(spec).deterministic is False
+    spec.deterministic = True
+    assert (plan_of(spec).deterministic, plan_of(spec).seed) == (True, 9)

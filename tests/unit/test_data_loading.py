@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from trainer_worker.devices import CPU_LOADER_WORKERS, DataLoading, data_loading
+from shared.settings import Settings
+from trainer_worker.devices import CPU_LOADER_WORKERS, DataLoading, GpuPool, data_loading
 from trainer_worker.pipeline import WorkerEnvironment, run_data_loading
-from trainer_worker.devices import GpuPool
-from pathlib import Path
 
 
 @pytest.mark.parametrize(
@@ -43,8 +44,6 @@ def test_the_setting_wins_on_any_device() -> None:
 
 
 def test_the_worker_setting_reaches_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    from shared.settings import Settings
-
     monkeypatch.setenv("RAVEN_WORKER_DATALOADER_WORKERS", "3")
     assert Settings().worker_dataloader_workers == 3
     monkeypatch.delenv("RAVEN_WORKER_DATALOADER_WORKERS")

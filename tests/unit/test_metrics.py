@@ -55,7 +55,13 @@ def test_the_train_entry_has_mmengines_names_and_nothing_else() -> None:
 def test_a_live_epoch_has_the_keys_the_workers_series_has() -> None:
     run = running()
     run.report_progress(
-        {"epoch": 1, "iteration": 3, "loss": 1.5, "losses": {"loss_cls": 1.0}, "learning_rate": 0.01},
+        {
+            "epoch": 1,
+            "iteration": 3,
+            "loss": 1.5,
+            "losses": {"loss_cls": 1.0},
+            "learning_rate": 0.01,
+        },
         actor="worker:w",
         now=NOW,
     )
