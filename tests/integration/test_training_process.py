@@ -404,11 +404,13 @@ async def test_a_diverged_rank_fails_a_launched_run_as_diverged(tmp_path: Path) 
     assert "is nan at epoch 1, iteration 1" in outcome.message
 
 
+@pytest.mark.timeout(480)
 async def test_a_deterministic_run_repeats_its_losses_epoch_by_epoch(tmp_path: Path) -> None:
     dataset = prepared(tmp_path, ("dump", "tire"), seed=2)
     repeats = []
     for attempt in ("first", "second"):
         folder = tmp_path / attempt
+        folder.mkdir()
         outcome, seen = await train(folder, dataset, epochs=2, seed=5, deterministic=True)
         assert isinstance(outcome, TrainingSucceeded), outcome
         assert "deterministic: True" in (folder / "train.log").read_text()
