@@ -47,6 +47,9 @@ class Settings(BaseSettings):
     worker_id: str = ""
     # "auto", "cpu" or "cuda".
     worker_device: str = "auto"
+    # Loader processes per dataloader of a run (per GPU); unset: 4 per GPU, at most each
+    # GPU's share of the worker's cores, and none on CPU (docs/training.md, "Data loading").
+    worker_dataloader_workers: int | None = Field(default=None, ge=0, le=64)
 
     # Publication policy: a model needs at least this coco/bbox_mAP to be published
     # (a request may ask for more, never less); None leaves it to the request.

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from shared.metrics import PRIMARY_METRIC
 from trainer_worker.architectures import MMDetArchitecture, architecture
 
 # Past this many warmup iterations the upstream 1x schedule stops warming up.
@@ -32,7 +33,10 @@ class TrainingPlan:
     frozen_stages: int
     image_size: int
     seed: int
+    # Loader processes of each dataloader (per rank), and whether batches go to pinned
+    # memory (CUDA only): the worker's data loading (trainer_worker.devices.data_loading).
     num_workers: int = 0
+    pin_memory: bool = False
     optimizer: str = "SGD"  # "SGD" | "ADAMW"
     # None: a tenth of the run, at most _MAX_WARMUP_ITERS; 0: no warm-up.
     warmup_iterations: int | None = None
@@ -42,6 +46,9 @@ class TrainingPlan:
     early_stopping_patience: int = 0
     # None: on when the child finds CUDA. Never on CPU, where mmengine's AMP gains nothing.
     mixed_precision: bool | None = None
+    # Deterministic algorithms and seeded loaders: the same spec and seed train the same
+    # weights on the same hardware and software, at some cost in speed.
+    deterministic: bool = False
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +136,7 @@ def generate_config(
     milestones = lr_milestones(plan.epochs)
     size = plan.image_size
     persistent = plan.num_workers > 0
+    seed = plan.seed % _SEED_MODULUS
     classes = tuple(dataset.classes)
     base_config = configs_root / arch.base_config
     if not base_config.is_file():
@@ -174,6 +182,9 @@ train_dataloader = dict(
     batch_size={plan.batch_size},
     num_workers={plan.num_workers},
     persistent_workers={persistent},
+    pin_memory={plan.pin_memory},
+    # The shuffling order follows the run's seed (mmengine's default is a random one).
+    sampler=dict(type="DefaultSampler", shuffle=True, seed={seed}),
     dataset=dict(
         data_root="",
         ann_file={str(dataset.train_path)!r},
@@ -186,6 +197,7 @@ val_dataloader = dict(
     batch_size=1,
     num_workers={plan.num_workers},
     persistent_workers={persistent},
+    pin_memory={plan.pin_memory},
     dataset=dict(
         data_root="",
         ann_file={str(dataset.val_path)!r},
@@ -202,7 +214,7 @@ val_evaluator = dict(
     format_only=False,
     backend_args=None,
 )
-{_test_split(dataset.test_path, plan.num_workers)}
+{_test_split(dataset.test_path, plan.num_workers, plan.pin_memory)}
 train_cfg = dict(
     _delete_=True,
     type="EpochBasedTrainLoop",
@@ -228,7 +240,8 @@ default_hooks = dict(
     logger=dict(type="LoggerHook", interval={max(1, min(50, iters_per_epoch))}),
 )
 {_custom_hooks(plan)}
-randomness = dict(seed={plan.seed % _SEED_MODULUS}, deterministic=False)
+# mmengine seeds python, numpy and torch, and each loader process from the seed.
+randomness = dict(seed={seed}, deterministic={plan.deterministic})
 work_dir = {str(work_dir)!r}
 load_from = {str(load_from) if load_from else None!r}
 resume = {resume_from is not None}
@@ -238,6 +251,7 @@ raven = dict(
     reset_weights={reset_prefixes!r},
     mixed_precision={plan.mixed_precision!r},
     test_after_training={dataset.test_path is not None},
+    deterministic={plan.deterministic},
 )
 """
     return GeneratedConfig(text=text, notices=tuple(notices))
@@ -294,13 +308,13 @@ def _custom_hooks(plan: TrainingPlan) -> str:
     # A validation without detections has no mAP: the hook skips it, it is not a bad epoch.
     return (
         "custom_hooks = [\n"
-        '    dict(type="EarlyStoppingHook", monitor="coco/bbox_mAP", rule="greater", '
+        f'    dict(type="EarlyStoppingHook", monitor="{PRIMARY_METRIC}", rule="greater", '
         f"patience={plan.early_stopping_patience}),\n"
         "]\n"
     )
 
 
-def _test_split(test_path: Path | None, num_workers: int) -> str:
+def _test_split(test_path: Path | None, num_workers: int, pin_memory: bool) -> str:
     if test_path is None:
         # The base config's test set is COCO's; the model's exported config points at val.
         return "test_dataloader = val_dataloader\ntest_evaluator = val_evaluator\n"
@@ -310,6 +324,7 @@ test_dataloader = dict(
     num_workers={num_workers},
     # Read once: workers that outlive the pass would only hold memory.
     persistent_workers=False,
+    pin_memory={pin_memory},
     dataset=dict(
         data_root="",
         ann_file={str(test_path)!r},

@@ -12,8 +12,15 @@ import re
 import subprocess
 from collections import deque
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 CUDA_VISIBLE_DEVICES = "CUDA_VISIBLE_DEVICES"
+# Loader processes per GPU when the worker's setting leaves it open: mmdet's own configs
+# use 2 to 4, so that decoding and augmenting images keeps up with the GPU.
+LOADER_WORKERS_PER_GPU = 4
+# On CPU the loader processes compete with training for the same cores
+# (docs/training.md, "Data loading", has the measurement).
+CPU_LOADER_WORKERS = 0
 _NVIDIA_SMI_TIMEOUT_S = 20.0
 # "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5c1f...)" and, under a GPU split into MIG
 # instances, "  MIG 1g.10gb     Device  0: (UUID: MIG-8c3a...)".
@@ -73,6 +80,33 @@ def parse_nvidia_smi_list(text: str) -> tuple[str, ...]:
 def worker_concurrency(configured: int | None, gpus: int) -> int:
     """Jobs a worker trains at once: as configured, else one per GPU, or one without GPUs."""
     return configured if configured is not None else max(1, gpus)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class DataLoading:
+    """How a run's dataloaders load: processes per dataloader (per rank), whether they
+    outlive an epoch, whether batches go to pinned memory for faster copies to the GPU."""
+
+    workers: int
+    persistent_workers: bool
+    pin_memory: bool
+
+
+def data_loading(
+    configured: int | None, *, run_gpus: int, worker_gpus: int, cpu_count: int
+) -> DataLoading:
+    """The data loading of a run on `run_gpus` GPUs (0: on CPU) of a worker with
+    `worker_gpus` and `cpu_count` cores. `configured` (RAVEN_WORKER_DATALOADER_WORKERS)
+    wins; unset: LOADER_WORKERS_PER_GPU per GPU, no more than each of the worker's GPUs'
+    share of the cores (jobs on its other GPUs load too), and CPU_LOADER_WORKERS on CPU."""
+    if configured is not None:
+        workers = configured
+    elif run_gpus > 0:
+        share = max(1, cpu_count // max(1, worker_gpus, run_gpus))
+        workers = min(LOADER_WORKERS_PER_GPU, share)
+    else:
+        workers = CPU_LOADER_WORKERS
+    return DataLoading(workers=workers, persistent_workers=workers > 0, pin_memory=run_gpus > 0)
 
 
 def per_device_batch(total: int, devices: int) -> int:

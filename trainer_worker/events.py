@@ -19,6 +19,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from shared.messaging import Subjects
+from shared.metrics import overall, per_class
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from trainer_worker.dataset import PreparedDataset
 from trainer_worker.protocol import Evaluated, ProgressReported
@@ -140,14 +141,25 @@ def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
             parameter_count=outcome.parameter_count,
             device=outcome.device,
         ),
-        evaluation=_evaluation(outcome.best_metrics, epoch=outcome.best_epoch),
+        evaluation=_evaluation(
+            outcome.best_metrics, epoch=outcome.best_epoch, image_count=outcome.val_image_count
+        ),
         epochs=[
+            # The keys of the live series: per-class APs are not part of it.
             training_run_pb2.TrainingRunMetrics.EpochMetrics(
-                epoch=r.epoch, train=dict(r.train), val=dict(r.val)
+                epoch=r.epoch, train=dict(r.train), val=overall(r.val)
             )
             for r in outcome.epochs
         ],
     )
+    if outcome.data_loading is not None:
+        message.facts.data_loading.CopyFrom(
+            common_pb2.DataLoading(
+                workers=outcome.data_loading.workers,
+                persistent_workers=outcome.data_loading.persistent_workers,
+                pin_memory=outcome.data_loading.pin_memory,
+            )
+        )
     if outcome.test_evaluation is not None:
         message.test_evaluation.CopyFrom(evaluation(outcome.test_evaluation))
     return message
@@ -163,26 +175,19 @@ def notice(code: str, message: str) -> training_run_pb2.TrainingRunEvent.Notice:
 
 # The IoU thresholds COCO's mAP averages over: 0.50 to 0.95 by 0.05.
 COCO_IOU_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
-_PER_CLASS = "_precision"
 
 
 def _evaluation(
     metrics: Mapping[str, float], *, epoch: int, split: str = "val", image_count: int = 0
 ) -> common_pb2.Evaluation:
-    """mmdet's CocoMetric with classwise=True adds `coco/<class>_precision` (the class's
-    AP): those travel as per_class_ap, the rest as metrics."""
-    overall = {k: v for k, v in metrics.items() if not k.endswith(_PER_CLASS)}
-    per_class = {
-        k.removeprefix("coco/").removesuffix(_PER_CLASS): v
-        for k, v in metrics.items()
-        if k.endswith(_PER_CLASS)
-    }
+    """The per-class APs travel as per_class_ap, the rest as metrics (shared.metrics)."""
+    values = overall(metrics)
     return common_pb2.Evaluation(
-        metrics=overall,
+        metrics=values,
         epoch=epoch,
         split=split,
-        per_class_ap=per_class,
-        iou_thresholds=COCO_IOU_THRESHOLDS if overall else (),
+        per_class_ap=per_class(metrics),
+        iou_thresholds=COCO_IOU_THRESHOLDS if values else (),
         image_count=image_count,
     )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 from mmengine.hooks import Hook
 
-from trainer_worker.metrics import best_epoch
+from shared.metrics import TOTAL_LOSS, best_epoch, is_loss, train_metrics
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,
@@ -176,8 +176,8 @@ class ProgressHook(Hook):  # type: ignore[misc]
             max_epochs=runner.max_epochs,
             iter=done,
             max_iters=runner.max_iters,
-            loss=values.get("loss"),
-            losses={k: v for k, v in values.items() if k.startswith("loss") and k != "loss"},
+            loss=values.get(TOTAL_LOSS),
+            losses={k: v for k, v in values.items() if is_loss(k) and k != TOTAL_LOSS},
             lr=_learning_rate(runner),
             eta_s=elapsed / done * max(0, runner.max_iters - done),
         )
@@ -192,6 +192,13 @@ class ProgressHook(Hook):  # type: ignore[misc]
             self._last_sent = time.monotonic()
         if self._count:
             means = {k: v / self._count for k, v in self._sums.items()}
+            # The live series' names (shared.metrics), with the learning rate of the
+            # epoch's last iteration, as the last progress report had it.
+            means = train_metrics(
+                loss=means.get(TOTAL_LOSS),
+                losses=means,
+                lr=self._last.lr if self._last is not None else None,
+            )
             self._train_history[runner.epoch + 1] = means
             self._writer.send(EpochTrained(epoch=runner.epoch + 1, losses=means))
 

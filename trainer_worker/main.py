@@ -71,6 +71,7 @@ async def main(settings: Settings | None = None) -> None:
             environment=WorkerEnvironment(
                 artifact_root=settings.resolved_artifact_root(),
                 device=settings.worker_device,
+                dataloader_workers=settings.worker_dataloader_workers,
                 gpus=GpuPool(gpus),
                 storage=Storage.from_settings(settings),
             ),

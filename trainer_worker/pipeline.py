@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import shutil
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -18,6 +19,7 @@ from urllib.parse import unquote, urlparse
 import structlog
 
 from shared import catalog
+from shared.metrics import best_epoch
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.storage import Storage, StorageError, sha256_file
 from trainer_worker import events, remote
@@ -30,9 +32,14 @@ from trainer_worker.config import (
     generate_config,
 )
 from trainer_worker.dataset import DatasetError, PreparedDataset, prepare_dataset, resolve_location
-from trainer_worker.devices import CUDA_VISIBLE_DEVICES, GpuPool, per_device_batch
+from trainer_worker.devices import (
+    CUDA_VISIBLE_DEVICES,
+    DataLoading,
+    GpuPool,
+    data_loading,
+    per_device_batch,
+)
 from trainer_worker.events import EventPublisher
-from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     CheckpointWritten,
     ChildEvent,
@@ -101,7 +108,9 @@ class WorkerEnvironment:
     artifact_root: Path
     # "auto", "cpu" or "cuda": what this worker may use, whatever a spec asks.
     device: str = "auto"
-    dataloader_workers: int = 0
+    # Loader processes per dataloader (RAVEN_WORKER_DATALOADER_WORKERS); None: chosen per
+    # run from its device (trainer_worker.devices.data_loading).
+    dataloader_workers: int | None = None
     # The GPUs its jobs lease; none known (no nvidia-smi): a child uses what torch finds.
     gpus: GpuPool = field(default_factory=GpuPool)
     # Where new checkpoints and models go, and how recorded URIs are read; None: the
@@ -173,6 +182,7 @@ def plan_of(spec: training_run_pb2.TrainingSpec, *, fine_tune: bool = False) -> 
             else catalog.DEFAULT_EARLY_STOPPING_PATIENCE
         ),
         mixed_precision=spec.mixed_precision if spec.HasField("mixed_precision") else None,
+        deterministic=spec.deterministic if spec.HasField("deterministic") else False,
     )
 
 
@@ -286,9 +296,13 @@ async def _train(
         configs_root = mmdet_configs_root()
     except RuntimeError as error:
         raise _Failed("worker_misconfigured", str(error)) from None
+    wanted, device_notice = gpus_wanted(spec, environment)
+    loading = run_data_loading(wanted, environment)
     try:
         generated = generate_config(
-            plan=dataclasses.replace(plan, num_workers=environment.dataloader_workers),
+            plan=dataclasses.replace(
+                plan, num_workers=loading.workers, pin_memory=loading.pin_memory
+            ),
             dataset=DatasetFiles(
                 train_path=prepared.train_path,
                 val_path=prepared.val_path,
@@ -313,7 +327,6 @@ async def _train(
         )
     for item in generated.notices:
         await publisher.publish(notice=events.notice(item.code, item.message))
-    wanted, device_notice = gpus_wanted(spec, environment)
     if device_notice:
         await publisher.publish(notice=events.notice("device", device_notice))
     if wanted and plan.batch_size % wanted:
@@ -373,7 +386,7 @@ async def _train(
             )
 
     try:
-        return await run_training(
+        outcome = await run_training(
             config_path=config_path,
             work_dir=folder / "work",
             artifact_dir=model_dir(environment.artifact_root, run_id),
@@ -386,6 +399,12 @@ async def _train(
         )
     finally:
         environment.gpus.release(leased)
+    if isinstance(outcome, TrainingSucceeded):
+        # The best epoch's evaluation, like every validation, covered the val split.
+        outcome = dataclasses.replace(
+            outcome, val_image_count=prepared.val_image_count, data_loading=loading
+        )
+    return outcome
 
 
 async def place_earlier_checkpoints(
@@ -513,6 +532,20 @@ def gpus_wanted(
     if asked > have:
         return have, f"{asked} GPUs requested, this worker has {have}: it trains on {have}"
     return asked, ""
+
+
+def run_data_loading(wanted: int | None, environment: WorkerEnvironment) -> DataLoading:
+    """The data loading of a run on `wanted` GPUs (gpus_wanted: None or 0, no GPU known)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cpus = os.cpu_count() or 1
+    return data_loading(
+        environment.dataloader_workers,
+        run_gpus=wanted or 0,
+        worker_gpus=len(environment.gpus.devices),
+        cpu_count=cpus,
+    )
 
 
 def device_env(leased: tuple[str, ...], *, cpu: bool) -> dict[str, str]:

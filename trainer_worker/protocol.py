@@ -59,7 +59,8 @@ class ProgressReported:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EpochTrained:
     epoch: int
-    # Mean of each logged loss over the epoch's iterations.
+    # The epoch's `train` series entry (shared.metrics.train_metrics): the mean of each
+    # loss over its iterations, and the learning rate of its last one.
     losses: Mapping[str, float] = field(default_factory=dict)
     kind: str = "epoch"
 

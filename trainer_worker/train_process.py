@@ -76,8 +76,18 @@ def main(argv: list[str]) -> int:
 
     _use_amp_on_cuda(cfg)
     use_launcher(cfg)
+    deterministic = bool(cfg.get("raven", {}).get("deterministic"))
+    if deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, read at its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 
     runner = Runner.from_cfg(cfg)
+    if deterministic:
+        import torch
+
+        # mmengine turned deterministic algorithms on (cfg.randomness); an operation that
+        # has no deterministic CUDA kernel warns in the log instead of ending the run.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     runner.register_hook(cancel)
     runner.register_hook(DivergenceHook())
     runner.register_hook(ProgressHook(writer))

@@ -25,9 +25,10 @@ from pathlib import Path
 import psutil
 import structlog
 
+from shared.metrics import best_epoch
 from shared.storage import sha256_file
+from trainer_worker.devices import DataLoading
 from trainer_worker.failures import describe_crash
-from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_PATH_ENV,
     EXIT_CANCELLED,
@@ -85,6 +86,10 @@ class TrainingSucceeded:
     device: str
     # The test split's evaluation with the best epoch's checkpoint; None without a test split.
     test_evaluation: Evaluated | None = None
+    # Images each validation evaluated (the worker knows its split); 0: unknown.
+    val_image_count: int = 0
+    # How the run's dataloaders loaded; None: unknown (a training outside a worker).
+    data_loading: DataLoading | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -12,11 +12,11 @@ from rich.table import Column, Table
 from rich.text import Text
 from rich.tree import Tree
 
+from shared.metrics import MAP, MAP_50, MAP_75
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, training_run_pb2
 
 State = training_run_pb2.TrainingRun.State
 TERMINAL_STATES = frozenset({State.SUCCEEDED, State.FAILED, State.CANCELLED})
-MAP = "coco/bbox_mAP"
 
 _STATE_STYLES: dict[int, str] = {
     State.QUEUED: "dim",
@@ -52,7 +52,7 @@ def map_value(evaluation: common_pb2.Evaluation) -> str:
 
 
 def metrics_text(evaluation: common_pb2.Evaluation) -> str:
-    short = {MAP: "mAP", "coco/bbox_mAP_50": "mAP50", "coco/bbox_mAP_75": "mAP75"}
+    short = {MAP: "mAP", MAP_50: "mAP50", MAP_75: "mAP75"}
     parts = [f"{label} {evaluation.metrics[key]:.3f}" for key, label in short.items()
              if key in evaluation.metrics]  # fmt: skip
     return ", ".join(parts) or "no mAP yet (no detections)"

@@ -10,8 +10,7 @@ from datetime import datetime
 from typing import Any
 
 from shared.errors import FailedPrecondition
-
-HEADLINE_METRIC = "coco/bbox_mAP"
+from shared.metrics import PRIMARY_METRIC as HEADLINE_METRIC
 
 
 class Origin(enum.StrEnum):

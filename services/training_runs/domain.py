@@ -18,10 +18,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
+from shared import metrics
 from shared.errors import FailedPrecondition
 
 Payload = Mapping[str, Any]
-HEADLINE_METRIC = "coco/bbox_mAP"
 # The Evaluation.split of the test split's evaluation (the others are "val").
 TEST_SPLIT = "test"
 # The actor of changes nobody asked for, such as a lost worker detected.
@@ -177,13 +177,15 @@ class TrainingRun:
 
     @property
     def best_epoch(self) -> int | None:
-        """The epoch with the highest coco/bbox_mAP, earliest on ties; None when no epoch has one."""
-        scored = [
-            (float(e["val"][HEADLINE_METRIC]), -int(e["epoch"]))
-            for e in self.epoch_metrics
-            if HEADLINE_METRIC in e.get("val", {})
-        ]
-        return -max(scored)[1] if scored else None
+        """The epoch with the highest coco/bbox_mAP, earliest on ties; the last validated
+        epoch when none has a mAP; None before any validation (shared.metrics.best_epoch,
+        the worker's rule). A finished run's is its facts': the epoch whose checkpoint its
+        model keeps."""
+        if self.facts and int(self.facts.get("best_epoch", 0)) > 0:
+            return int(self.facts["best_epoch"])
+        evaluations = {int(e["epoch"]): e.get("val", {}) for e in self.epoch_metrics}
+        validated = int(self.latest_evaluation.get("epoch", 0)) if self.latest_evaluation else 0
+        return metrics.best_epoch(evaluations, last_epoch=validated)
 
     # Construction.
 
@@ -320,11 +322,12 @@ class TrainingRun:
         ):
             return False
         self.progress = dict(progress)
-        train = {f"train/{k}": float(v) for k, v in progress.get("losses", {}).items()}
-        train["train/loss"] = float(progress.get("loss", 0.0))
-        if "learning_rate" in progress:
-            train["train/lr"] = float(progress["learning_rate"])
-        self._epoch(int(progress.get("epoch", 0)))["train"] = train
+        # The latest iteration's values until the worker's epoch means replace them.
+        self._epoch(int(progress.get("epoch", 0)))["train"] = metrics.train_metrics(
+            loss=float(progress.get("loss", 0.0)),
+            losses=progress.get("losses", {}),
+            lr=progress.get("learning_rate"),
+        )
         self._append(EventKind.PROGRESS, progress, actor, now)
         return True
 

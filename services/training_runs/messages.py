@@ -50,6 +50,7 @@ def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
         val_interval=opt("val_interval"),
         early_stopping_patience=opt("early_stopping_patience"),
         mixed_precision=opt("mixed_precision"),
+        deterministic=opt("deterministic"),
     )
 
 

@@ -274,6 +274,7 @@ _ARCHITECTURES = pb.ListArchitecturesResponse(
         val_fraction=catalog.DEFAULT_VAL_FRACTION,
         test_fraction=catalog.DEFAULT_TEST_FRACTION,
         device=pb.TrainingSpec.AUTO,
+        deterministic=False,
     ),
 )
 

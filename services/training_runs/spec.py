@@ -36,6 +36,7 @@ class SpecRequest:
     val_interval: int | None = None
     early_stopping_patience: int | None = None
     mixed_precision: bool | None = None
+    deterministic: bool | None = None
 
 
 def _within(
@@ -177,6 +178,8 @@ def validate_spec(
         "early_stopping_patience": catalog.DEFAULT_EARLY_STOPPING_PATIENCE
         if spec.early_stopping_patience is None
         else spec.early_stopping_patience,
+        # With the recorded seed, what a retry needs to train the same run again.
+        "deterministic": bool(spec.deterministic),
         # Unset warm-up and mixed precision stay unset: they depend on the run's length and
         # on the device the worker finds, which the service does not know.
         **({} if spec.warmup_iterations is None else {"warmup_iterations": spec.warmup_iterations}),

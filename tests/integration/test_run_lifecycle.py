@@ -15,6 +15,7 @@ from services.training_runs import handlers
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.db.engine import create_engine, session_factory
 from shared.db.schema import training_runs
+from shared.metrics import best_epoch
 from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import (
     common_pb2,
@@ -23,6 +24,8 @@ from shared.proto.raven.training.v1 import (
 )
 from shared.settings import Settings
 from tests.support import WorkerDriver, create_request, eventually
+from trainer_worker import events
+from trainer_worker.training import EpochRecord, TrainingSucceeded
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(90)
@@ -229,7 +232,11 @@ async def test_metrics_are_kept_per_epoch_as_they_arrive(runs, js, subjects, dat
     for epoch, value in ((1, 0.1), (2, 0.3), (3, 0.3)):
         await worker.send(
             progress=training_run_pb2.Progress(
-                epoch=epoch, iteration=epoch * 10, loss=1 / epoch, losses={"loss_cls": 0.5}
+                epoch=epoch,
+                iteration=epoch * 10,
+                loss=1 / epoch,
+                losses={"loss_cls": 0.5},
+                learning_rate=0.01,
             )
         )
         await worker.send(
@@ -246,26 +253,67 @@ async def test_metrics_are_kept_per_epoch_as_they_arrive(runs, js, subjects, dat
 
     metrics = await eventually(three_epochs)
     assert [e.epoch for e in metrics.epochs] == [1, 2, 3]
-    assert metrics.epochs[0].train["train/loss"] == pytest.approx(1.0)
-    assert metrics.epochs[0].train["train/loss_cls"] == pytest.approx(0.5)
+    # mmengine's names, the same as once the run has finished (docs/metrics.md).
+    assert metrics.epochs[0].train == {
+        "loss": pytest.approx(1.0),
+        "loss_cls": pytest.approx(0.5),
+        "lr": pytest.approx(0.01),
+    }
     assert metrics.epochs[1].val["coco/bbox_mAP_l"] == -1.0
     assert metrics.best_epoch == 2, "highest mAP, earliest on ties"
 
 
-async def test_no_best_epoch_without_a_map(runs, js, subjects, dataset_uri):
+async def test_without_a_map_the_last_validated_epoch_is_best_everywhere(
+    runs, js, subjects, dataset_uri
+):
     run, worker = await running(runs, js, subjects, dataset_uri)
+
+    async def metrics() -> training_run_pb2.TrainingRunMetrics:
+        return await runs.GetTrainingRunMetrics(
+            training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
+        )
+
+    async def noticed(code: str) -> bool:
+        return any(e.notice.code == code for e in await history(runs, run.name))
+
+    await worker.send(notice=training_run_pb2.TrainingRunEvent.Notice(code="started", message=""))
+    await eventually(lambda: noticed("started"))
+    assert (await metrics()).best_epoch == 0, "no validation yet"
     # An untrained model has no detections: the evaluator reports no mAP at all.
-    await worker.send(evaluation=common_pb2.Evaluation(epoch=1, split="val"))
+    for epoch in (1, 2):
+        await worker.send(
+            progress=training_run_pb2.Progress(epoch=epoch, iteration=epoch * 4, loss=1.0)
+        )
+        await worker.send(
+            evaluation=common_pb2.Evaluation(
+                epoch=epoch, split="val", metrics={"coco/bbox_mAP_l": -1.0}, image_count=5
+            )
+        )
+    await worker.send(progress=training_run_pb2.Progress(epoch=3, iteration=9, loss=1.0))
     await worker.send(notice=training_run_pb2.TrainingRunEvent.Notice(code="done", message=""))
+    await eventually(lambda: noticed("done"))
+    live = await metrics()
+    # Epoch 3 trains, unvalidated: the training child keeps epoch 2's checkpoint.
+    assert live.best_epoch == 2 and [e.epoch for e in live.epochs] == [1, 2, 3]
 
-    async def noticed() -> bool:
-        return any(e.notice.code == "done" for e in await history(runs, run.name))
-
-    await eventually(noticed)
-    metrics = await runs.GetTrainingRunMetrics(
-        training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
+    # The worker's own Succeeded event for a run like it (trainer_worker.events).
+    outcome = TrainingSucceeded(
+        artifacts=(),
+        best_epoch=best_epoch({1: {}, 2: {"coco/bbox_mAP_l": -1.0}}, last_epoch=2) or 0,
+        best_metrics={"coco/bbox_mAP_l": -1.0},
+        epochs=(EpochRecord(epoch=1, train={"loss": 1.0}), EpochRecord(epoch=2)),
+        epochs_trained=2,
+        duration_s=3.0,
+        parameter_count=10,
+        device="cpu",
+        val_image_count=5,
     )
-    assert metrics.best_epoch == 0 and [e.epoch for e in metrics.epochs] == [1]
+    await worker.send(succeeded=events.succeeded(outcome))
+    finished = await in_state(runs, run.name, TrainingRun.SUCCEEDED)
+    final = await metrics()
+    assert final.best_epoch == finished.facts.best_epoch == finished.best_evaluation.epoch == 2
+    assert finished.latest_evaluation.epoch == 2
+    assert finished.best_evaluation.image_count == finished.latest_evaluation.image_count == 5
 
 
 async def test_a_test_evaluation_is_kept_apart_from_the_epochs(runs, js, subjects, dataset_uri):
@@ -322,6 +370,21 @@ async def test_retry_creates_a_linked_run_of_the_same_spec(runs, js, subjects, d
     assert retry.state == TrainingRun.QUEUED and retry.retry_of == run.name
     assert retry.spec == failed.spec, "the same recorded spec, seed included"
     assert (await runs.RetryTrainingRun(request)).name == retry.name
+
+
+async def test_a_retry_of_a_deterministic_run_is_deterministic_with_its_seed(runs, dataset_uri):
+    run = await runs.CreateTrainingRun(create_request(dataset_uri, deterministic=True, seed=11))
+    assert (run.spec.deterministic, run.spec.seed) == (True, 11)
+    await runs.CancelTrainingRun(training_run_pb2.CancelTrainingRunRequest(name=run.name))
+    retry = await runs.RetryTrainingRun(
+        training_run_pb2.RetryTrainingRunRequest(name=run.name, request_id=str(uuid.uuid4()))
+    )
+    assert retry.spec.HasField("deterministic") and retry.spec.HasField("seed")
+    assert (retry.spec.deterministic, retry.spec.seed) == (True, 11)
+    assert retry.spec == run.spec
+    # Unset, it is recorded as false: what the run trained with is on the run.
+    plain = await runs.CreateTrainingRun(create_request(dataset_uri))
+    assert plain.spec.HasField("deterministic") and plain.spec.deterministic is False
 
 
 async def test_every_state_change_is_published_on_its_lifecycle_subject(

@@ -75,6 +75,8 @@ async def train(
     processes: int = 1,
     env: dict[str, str] | None = None,
     seen: list[ChildEvent] | None = None,
+    seed: int = 0,
+    deterministic: bool = False,
 ) -> tuple[TrainingOutcome, list[ChildEvent]]:
     generated = generate_config(
         plan=TrainingPlan(
@@ -84,7 +86,8 @@ async def train(
             learning_rate=0.01,
             frozen_stages=-1,
             image_size=128,
-            seed=0,
+            seed=seed,
+            deterministic=deterministic,
         ),
         dataset=DatasetFiles(
             train_path=dataset.train_path,
@@ -424,3 +427,26 @@ async def test_a_diverged_rank_fails_a_launched_run_as_diverged(tmp_path: Path) 
     assert isinstance(outcome, TrainingFailed), outcome
     assert outcome.reason == "diverged"
     assert "is nan at epoch 1, iteration 1" in outcome.message
+
+
+@pytest.mark.timeout(480)
+async def test_a_deterministic_run_repeats_its_losses_epoch_by_epoch(tmp_path: Path) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"), seed=2)
+    repeats = []
+    for attempt in ("first", "second"):
+        folder = tmp_path / attempt
+        folder.mkdir()
+        outcome, seen = await train(folder, dataset, epochs=2, seed=5, deterministic=True)
+        assert isinstance(outcome, TrainingSucceeded), outcome
+        assert "deterministic: True" in (folder / "train.log").read_text()
+        repeats.append(
+            (
+                [dict(e.losses) for e in seen if isinstance(e, EpochTrained)],
+                [dict(e.metrics) for e in seen if isinstance(e, Evaluated)],
+            )
+        )
+    (first_losses, first_val), (second_losses, second_val) = repeats
+    assert len(first_losses) == 2 and all("loss_cls" in e for e in first_losses)
+    # Bit for bit: the same shuffling, augmentation, initialisation and arithmetic.
+    assert first_losses == second_losses
+    assert first_val == second_val

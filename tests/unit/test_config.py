@@ -301,3 +301,63 @@ def test_defaults_flip_warm_up_and_leave_precision_to_the_device(tmp_path: Path)
             work_dir=tmp_path / "work",
             configs_root=CONFIGS,
         )
+
+
+def test_data_loading_reaches_every_dataloader(tmp_path: Path) -> None:
+    dataset = DatasetFiles(
+        train_path=tmp_path / "train.json",
+        val_path=tmp_path / "val.json",
+        classes=CLASSES,
+        train_image_count=30,
+        test_path=tmp_path / "test.json",
+    )
+    cfg = load(
+        tmp_path,
+        generate_config(
+            plan=plan(num_workers=4, pin_memory=True),
+            dataset=dataset,
+            work_dir=tmp_path,
+            configs_root=CONFIGS,
+        ).text,
+    )
+    for loader in (cfg.train_dataloader, cfg.val_dataloader):
+        assert (loader.num_workers, loader.persistent_workers, loader.pin_memory) == (4, True, True)
+    assert (cfg.test_dataloader.num_workers, cfg.test_dataloader.pin_memory) == (4, True)
+    on_cpu = load(
+        tmp_path,
+        generate_config(
+            plan=plan(), dataset=files(tmp_path), work_dir=tmp_path, configs_root=CONFIGS
+        ).text,
+    )
+    assert on_cpu.train_dataloader.pin_memory is False
+    assert on_cpu.train_dataloader.persistent_workers is False
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+def test_deterministic_training_is_on_request_with_a_seeded_sampler(
+    tmp_path: Path, deterministic: bool
+) -> None:
+    cfg = load(
+        tmp_path,
+        generate_config(
+            plan=plan(deterministic=deterministic),
+            dataset=files(tmp_path),
+            work_dir=tmp_path,
+            configs_root=CONFIGS,
+        ).text,
+    )
+    seed = (2**40 + 5) % 2**31
+    assert (cfg.randomness.seed, cfg.randomness.deterministic) == (seed, deterministic)
+    assert cfg.raven.deterministic is deterministic
+    sampler = cfg.train_dataloader.sampler
+    assert (sampler.type, sampler.shuffle, sampler.seed) == ("DefaultSampler", True, seed)
+
+
+def test_the_specs_deterministic_flag_reaches_the_plan() -> None:
+    from shared.proto.raven.training.v1 import training_run_pb2
+    from trainer_worker.pipeline import plan_of
+
+    spec = training_run_pb2.TrainingSpec(architecture="retinanet_r18_fpn", seed=9)
+    assert plan_of(spec).deterministic is False
+    spec.deterministic = True
+    assert (plan_of(spec).deterministic, plan_of(spec).seed) == (True, 9)

@@ -190,3 +190,14 @@ def test_a_dataset_cannot_climb_out_of_where_it_lives(
         )
     )
     assert list(problems) == [field] and "'..'" in problems[field]
+
+
+def test_deterministic_is_recorded_with_the_seed():
+    filled, _ = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    assert filled is not None and filled["deterministic"] is False
+    filled, _ = check(
+        SpecRequest(
+            dataset_uri="d/a.json", architecture="retinanet_r18_fpn", deterministic=True, seed=7
+        )
+    )
+    assert filled is not None and (filled["deterministic"], filled["seed"]) == (True, 7)
