@@ -26,6 +26,7 @@ import psutil
 import structlog
 
 from shared.storage import sha256_file
+from trainer_worker import storage_faults
 from trainer_worker.metrics import best_epoch
 from trainer_worker.protocol import (
     EVENT_PATH_ENV,
@@ -195,21 +196,32 @@ async def run_training(
     if returncode == EXIT_CANCELLED or (stop is not None and stop.is_set() and returncode != 0):
         return TrainingCancelled()
     if returncode != 0:
+        tail = _tail(log_path)
+        # A checkpoint or a log line that could not be written is no crash of the training.
+        fault = await asyncio.to_thread(storage_faults.diagnose, work_dir, tail)
+        if fault is not None:
+            return TrainingFailed(reason=fault[0], message=storage_faults.message(*fault))
         return TrainingFailed(
             reason="training_crashed",
-            message=f"training exited with status {returncode}; log tail:\n{_tail(log_path)}",
+            message=f"training exited with status {returncode}; log tail:\n{tail}",
         )
-    return await asyncio.to_thread(
-        _collect,
-        observed=observed,
-        placed=placed,
-        work_dir=work_dir,
-        config_path=config_path,
-        artifact_dir=artifact_dir,
-        split_path=split_path,
-        log_path=log_path,
-        duration_s=duration,
-    )
+    try:
+        return await asyncio.to_thread(
+            _collect,
+            observed=observed,
+            placed=placed,
+            work_dir=work_dir,
+            config_path=config_path,
+            artifact_dir=artifact_dir,
+            split_path=split_path,
+            log_path=log_path,
+            duration_s=duration,
+        )
+    except OSError as error:
+        fault = storage_faults.fault_of(error, within=artifact_dir.parent.parent)
+        if fault is None:
+            raise
+        return TrainingFailed(reason=fault[0], message=storage_faults.message(*fault))
 
 
 def place_checkpoint(source: Path, work_dir: Path, *, epoch: int) -> None:
