@@ -363,7 +363,11 @@ async def _train(
             await publisher.publish(progress=events.progress(event))
         elif isinstance(event, Evaluated):
             count = prepared.test_image_count if event.split == "test" else prepared.val_image_count
-            await publisher.publish(evaluation=events.evaluation(event, image_count=count))
+            # Stored before the epoch's checkpoint is reported: an attempt resuming from that
+            # checkpoint does not validate the epoch again.
+            await publisher.publish(
+                critical=True, evaluation=events.evaluation(event, image_count=count)
+            )
         elif isinstance(event, EpochsRestored):
             restored = {int(e["epoch"]): e.get("val") or {} for e in event.epochs}
             best = best_epoch(restored, last_epoch=0)
