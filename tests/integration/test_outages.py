@@ -7,8 +7,10 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -24,7 +26,12 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from services.trained_models.main import TrainedModelsApp
 from services.training_runs.main import TrainingRunsApp
-from shared.infra import Infrastructure, create_database, drop_database, ensure_infrastructure
+from shared.infra import (
+    Infrastructure,
+    create_database,
+    drop_database,
+    ensure_infrastructure,
+)
 from shared.infra import nats as infra_nats
 from shared.infra import postgres as infra_postgres
 from shared.messaging import Subjects
@@ -75,7 +82,9 @@ class PrivatePostgres:
         deadline = time.monotonic() + 30
         while True:
             try:
-                url = infra_postgres.start_embedded(self.pgdata, database=DATABASE, keep_running=True)
+                url = infra_postgres.start_embedded(
+                    self.pgdata, database=DATABASE, keep_running=True
+                )
                 break
             except Exception:
                 if time.monotonic() > deadline:
@@ -85,13 +94,17 @@ class PrivatePostgres:
 
 
 @pytest.fixture
-def private_postgres(tmp_path: Path) -> Iterator[PrivatePostgres]:
-    pgdata = tmp_path / "postgres"
+def private_postgres() -> Iterator[PrivatePostgres]:
+    # Outside pytest's private tmp folders: the server runs as its own system user.
+    base = Path(tempfile.mkdtemp(prefix="raven-outage-"))
+    base.chmod(0o755)
+    pgdata = base / "postgres"
     url = infra_postgres.start_embedded(pgdata, database=DATABASE, keep_running=True)
     try:
         yield PrivatePostgres(pgdata, create_database(url, DATABASE))
     finally:
         infra_postgres.stop_embedded(pgdata)
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @dataclass
@@ -247,7 +260,11 @@ async def test_rpcs_answer_unavailable_while_postgres_is_down_and_recover(
     )
     table = calls(outage_stack, run)
     # With the database up, each call gets its ordinary answer (the model does not exist).
-    before = {name: (await outcome(call))[0] for name, call in table.items() if name != "CancelTrainingRun"}
+    before = {
+        name: (await outcome(call))[0]
+        for name, call in table.items()
+        if name != "CancelTrainingRun"
+    }
     assert grpc.StatusCode.UNAVAILABLE not in before.values(), before
     assert grpc.StatusCode.INTERNAL not in before.values(), before
 
@@ -327,9 +344,13 @@ async def test_a_dead_embedded_nats_comes_back_on_the_port_its_clients_were_give
     tmp_path: Path, signum: int
 ) -> None:
     port = _free_port()
-    # As `make up` does: the configured address does not answer, an embedded server starts.
+    configured = Settings().database_url
+    if not infra_postgres.is_reachable(configured):
+        pytest.skip("no Postgres on the configured address")
+    name = f"raven_outage_{uuid.uuid4().hex[:12]}"
+    # As `make up` does: the configured NATS does not answer, an embedded server starts.
     settings = Settings(
-        database_url=f"postgresql+asyncpg://postgres@127.0.0.1:1/{DATABASE}",
+        database_url=infra_postgres.with_database(configured, name),
         nats_url=f"nats://127.0.0.1:{port}",
     )
     data_dir = tmp_path / "data"
@@ -351,13 +372,8 @@ async def test_a_dead_embedded_nats_comes_back_on_the_port_its_clients_were_give
         assert again.nats_url == infra.nats_url
         assert await _round_trip(again.nats_url) == 1
     finally:
-        await asyncio.to_thread(_stop_everything, data_dir)
-
-
-def _stop_everything(data_dir: Path) -> None:
-    from shared.infra import stop_embedded
-
-    stop_embedded(data_dir)
+        await asyncio.to_thread(infra_nats.stop_embedded, data_dir.resolve())
+        await asyncio.to_thread(drop_database, configured, name)
 
 
 async def test_a_dead_embedded_nats_whose_port_was_taken_says_so(

@@ -25,14 +25,14 @@ from trainer_worker.pipeline import WorkerEnvironment
 
 pytest.importorskip("mmdet")
 pytest.importorskip("PIL")
-from tests.integration.test_worker_consumer import (  # noqa: E402
+from tests.integration.test_worker_consumer import (
     events_until_terminal,
     job,
     kinds,
     queue_empty,
     submit,
 )
-from trainer_worker.synthetic import make_dataset  # noqa: E402
+from trainer_worker.synthetic import make_dataset
 
 pytestmark = pytest.mark.timeout(300)
 
