@@ -34,6 +34,7 @@ from shared.infra import (
 )
 from shared.infra import nats as infra_nats
 from shared.infra import postgres as infra_postgres
+from shared import logs
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import (
     audit_pb2,
@@ -123,6 +124,9 @@ async def outage_stack(
     tmp_path: Path,
 ) -> AsyncIterator[Stack]:
     """Both services on the private Postgres and the session's NATS (its own namespace)."""
+    # The services' own log format: their loops log each failed retry while the server is
+    # down, and the development renderer's rich tracebacks would hold the event loop.
+    logs.configure("INFO")
     artifact_root = tmp_path / "artifacts"
     annotations = artifact_root / "datasets" / "placeholder" / "annotations.json"
     annotations.parent.mkdir(parents=True)
@@ -183,7 +187,7 @@ def calls(stack: Stack, run: TrainingRun) -> dict[str, Call]:
         return []
 
     async def download() -> list[Any]:
-        request = trained_model_pb2.DownloadTrainedModelRequest(name=model, artifact_kind="log")
+        request = trained_model_pb2.DownloadTrainedModelRequest(name=model, artifact_kind="checkpoint")
         return [chunk async for chunk in models.DownloadTrainedModel(request, timeout=5)]
 
     return {
