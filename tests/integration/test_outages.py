@@ -26,6 +26,7 @@ from google.protobuf.field_mask_pb2 import FieldMask
 
 from services.trained_models.main import TrainedModelsApp
 from services.training_runs.main import TrainingRunsApp
+from shared import logs
 from shared.infra import (
     Infrastructure,
     create_database,
@@ -34,7 +35,6 @@ from shared.infra import (
 )
 from shared.infra import nats as infra_nats
 from shared.infra import postgres as infra_postgres
-from shared import logs
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import (
     audit_pb2,
@@ -187,7 +187,9 @@ def calls(stack: Stack, run: TrainingRun) -> dict[str, Call]:
         return []
 
     async def download() -> list[Any]:
-        request = trained_model_pb2.DownloadTrainedModelRequest(name=model, artifact_kind="checkpoint")
+        request = trained_model_pb2.DownloadTrainedModelRequest(
+            name=model, artifact_kind="checkpoint"
+        )
         return [chunk async for chunk in models.DownloadTrainedModel(request, timeout=5)]
 
     return {
