@@ -228,6 +228,8 @@ async def test_a_worker_lost_as_its_checkpoint_is_reported_leaves_no_epoch_unval
     metrics = await runs.GetTrainingRunMetrics(
         training_run_pb2.GetTrainingRunMetricsRequest(name=run.name)
     )
-    # No hole: every epoch has its losses and its validation.
+    # No hole: every epoch has its losses and was validated once (an early epoch's
+    # validation may find no box yet: its metrics can be empty, its evaluation is there).
     assert [e.epoch for e in metrics.epochs] == [1, 2]
-    assert all(e.train and e.val for e in metrics.epochs), metrics
+    assert all("loss" in e.train for e in metrics.epochs), metrics
+    assert [e.epoch for e in payloads(events, "evaluation")] == [1, 2]
