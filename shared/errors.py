@@ -129,6 +129,13 @@ def to_status(error: DomainError) -> grpc.Status:
 async def _abort(context: grpc.aio.ServicerContext, error: Exception) -> None:
     if isinstance(error, DomainError):
         await context.abort_with_status(to_status(error))
+    # Here, not at the top: the domain modules import this one, and the drivers stay out.
+    from shared.outages import unavailable_dependency
+
+    dependency = unavailable_dependency(error)
+    if dependency is not None:
+        log.warning("dependency unavailable", dependency=dependency, error=str(error)[:200])
+        await context.abort(grpc.StatusCode.UNAVAILABLE, f"{dependency} is unavailable; retry")
     log.exception("unhandled error in handler")
     await context.abort(grpc.StatusCode.INTERNAL, "internal error")
 

@@ -210,18 +210,42 @@ class ProgressHook(Hook):  # type: ignore[misc]
 
 
 class CheckpointReportHook(Hook):  # type: ignore[misc]
-    """Reports each epoch's checkpoint once mmengine's CheckpointHook has written it."""
+    """Reports each epoch's checkpoint once mmengine's CheckpointHook has written it and
+    the epoch's validation, if one follows, is over.
+
+    A reported checkpoint is where a later attempt resumes, after its epoch: reported
+    before its validation, a worker lost in between would leave the epoch never
+    validated. An epoch without a validation is reported when the next one starts or
+    training ends.
+    """
 
     priority = "LOWEST"
 
     def __init__(self, writer: EventWriter) -> None:
         self._writer = writer
+        self._pending: CheckpointWritten | None = None
 
     def after_train_epoch(self, runner: Any) -> None:
+        self._flush()
         epoch = runner.epoch + 1
         path = Path(runner.work_dir) / f"epoch_{epoch}.pth"
         if path.is_file():
-            self._writer.send(CheckpointWritten(epoch=epoch, iter=runner.iter, path=str(path)))
+            self._pending = CheckpointWritten(epoch=epoch, iter=runner.iter, path=str(path))
+
+    def after_val_epoch(self, runner: Any, metrics: Mapping[str, Any] | None = None) -> None:
+        # ProgressHook (a higher priority) sent the epoch's metrics already.
+        self._flush()
+
+    def before_train_epoch(self, runner: Any) -> None:
+        self._flush()
+
+    def after_train(self, runner: Any) -> None:
+        self._flush()
+
+    def _flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None and Path(pending.path).is_file():
+            self._writer.send(pending)
 
 
 class PruneCheckpointsHook(Hook):  # type: ignore[misc]

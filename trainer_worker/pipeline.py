@@ -22,7 +22,7 @@ from shared import catalog
 from shared.metrics import best_epoch
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.storage import Storage, StorageError, sha256_file
-from trainer_worker import events, remote
+from trainer_worker import events, remote, storage_faults
 from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
 from trainer_worker.config import (
     BaseCheckpoint,
@@ -193,6 +193,15 @@ class _Failed(Exception):
         self.message = message
 
 
+def _storage_failure(error: OSError, artifact_root: Path) -> _Failed | None:
+    """The run's failure when the worker could not write its files under the artifact
+    root (disk full, read-only); None for any other OSError."""
+    fault = storage_faults.fault_of(error, within=artifact_root)
+    if fault is None:
+        return None
+    return _Failed(fault[0], storage_faults.message(*fault))
+
+
 async def execute_job(
     job: worker_pb2.TrainingJob,
     *,
@@ -208,7 +217,13 @@ async def execute_job(
     await publisher.publish(preparing=worker_pb2.WorkerEvent.Preparing())
     folder = attempt_dir(environment.artifact_root, run_id, job.attempt)
     try:
-        outcome = await _train(job, run_id, folder, publisher, environment, control, resume)
+        try:
+            outcome = await _train(job, run_id, folder, publisher, environment, control, resume)
+        except OSError as error:
+            failure = _storage_failure(error, environment.artifact_root)
+            if failure is None:
+                raise
+            raise failure from None
     except (_Failed, DatasetError) as failure:
         log.info("job failed", run=run_id, reason=failure.reason, message=failure.message)
         await publisher.publish(
@@ -219,7 +234,15 @@ async def execute_job(
         succeeded = events.succeeded(outcome)
         try:
             await _store_results(succeeded, run_id, job.attempt, environment)
-        except StorageError as error:
+        except (StorageError, OSError) as error:
+            fault = storage_faults.fault_of(error, within=environment.artifact_root)
+            if fault is not None:
+                await publisher.publish(
+                    critical=True, failed=events.failure(fault[0], storage_faults.message(*fault))
+                )
+                return JobOutcome.FAILED
+            if not isinstance(error, StorageError):
+                raise
             message = f"the trained model could not be stored: {error}"
             log.warning("job failed", run=run_id, reason="artifact_upload_failed", message=message)
             await publisher.publish(
@@ -353,7 +376,11 @@ async def _train(
             await publisher.publish(progress=events.progress(event))
         elif isinstance(event, Evaluated):
             count = prepared.test_image_count if event.split == "test" else prepared.val_image_count
-            await publisher.publish(evaluation=events.evaluation(event, image_count=count))
+            # Stored before the epoch's checkpoint is reported: an attempt resuming from that
+            # checkpoint does not validate the epoch again.
+            await publisher.publish(
+                critical=True, evaluation=events.evaluation(event, image_count=count)
+            )
         elif isinstance(event, EpochsRestored):
             restored = {int(e["epoch"]): e.get("val") or {} for e in event.epochs}
             best = best_epoch(restored, last_epoch=0)

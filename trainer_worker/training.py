@@ -27,6 +27,7 @@ import structlog
 
 from shared.metrics import best_epoch
 from shared.storage import sha256_file
+from trainer_worker import storage_faults
 from trainer_worker.devices import DataLoading
 from trainer_worker.failures import describe_crash
 from trainer_worker.protocol import (
@@ -201,23 +202,33 @@ async def run_training(
         return TrainingCancelled()
     if returncode != 0:
         log_text = await asyncio.to_thread(_tail, log_path)
+        # A checkpoint or a log line that could not be written is no crash of the training.
+        fault = await asyncio.to_thread(storage_faults.diagnose, work_dir, log_text)
+        if fault is not None:
+            return TrainingFailed(reason=fault[0], message=storage_faults.message(*fault))
         return TrainingFailed(
             reason="training_crashed",
             message=describe_crash(
                 log_text, returncode=returncode, roots=(log_path.parent, _CHECKOUT)
             ),
         )
-    return await asyncio.to_thread(
-        _collect,
-        observed=observed,
-        placed=placed,
-        work_dir=work_dir,
-        config_path=config_path,
-        artifact_dir=artifact_dir,
-        split_path=split_path,
-        log_path=log_path,
-        duration_s=duration,
-    )
+    try:
+        return await asyncio.to_thread(
+            _collect,
+            observed=observed,
+            placed=placed,
+            work_dir=work_dir,
+            config_path=config_path,
+            artifact_dir=artifact_dir,
+            split_path=split_path,
+            log_path=log_path,
+            duration_s=duration,
+        )
+    except OSError as error:
+        fault = storage_faults.fault_of(error, within=artifact_dir.parent.parent)
+        if fault is None:
+            raise
+        return TrainingFailed(reason=fault[0], message=storage_faults.message(*fault))
 
 
 def place_checkpoint(source: Path, work_dir: Path, *, epoch: int) -> None:

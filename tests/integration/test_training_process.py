@@ -184,6 +184,51 @@ async def test_training_reports_and_produces_verified_artifacts(
     assert verify(str(kinds["config"].path), str(kinds["checkpoint"].path))["ok"]
 
 
+def reported_order(seen: list[ChildEvent]) -> list[tuple[str, int]]:
+    return [
+        ("checkpoint" if isinstance(e, CheckpointWritten) else "validation", e.epoch)
+        for e in seen
+        if isinstance(e, CheckpointWritten) or (isinstance(e, Evaluated) and e.split == "val")
+    ]
+
+
+async def test_each_checkpoint_is_reported_after_its_epochs_validation(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+) -> None:
+    """A reported checkpoint is where a later attempt resumes, after its epoch: reported
+    before the epoch's validation, a worker lost in between leaves the epoch unvalidated."""
+    _, _, seen = trained
+    assert reported_order(seen) == [
+        ("validation", 1),
+        ("checkpoint", 1),
+        ("validation", 2),
+        ("checkpoint", 2),
+    ]
+
+
+async def test_an_epoch_without_validation_reports_its_checkpoint_as_the_next_starts(
+    tmp_path: Path,
+) -> None:
+    dataset = prepared(tmp_path, ("dump", "tire"))
+
+    outcome, seen = await train(
+        tmp_path,
+        dataset,
+        epochs=2,
+        overrides=(
+            '\ntrain_cfg = dict(_delete_=True, type="EpochBasedTrainLoop", max_epochs=2,'
+            " val_interval=2)\n"
+        ),
+    )
+
+    assert isinstance(outcome, TrainingSucceeded), outcome
+    assert reported_order(seen) == [("checkpoint", 1), ("validation", 2), ("checkpoint", 2)]
+    trained_epochs = [i for i, e in enumerate(seen) if isinstance(e, EpochTrained)]
+    first_checkpoint = next(i for i, e in enumerate(seen) if isinstance(e, CheckpointWritten))
+    # Epoch 1 had no validation: its checkpoint goes out before epoch 2 ends, not with it.
+    assert trained_epochs[0] < first_checkpoint < trained_epochs[1]
+
+
 async def test_fine_tune_with_new_classes_loads_the_checkpoint(
     trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
     tmp_path: Path,
