@@ -57,6 +57,7 @@ from trainer_worker.training import (
 )
 
 log = structlog.get_logger(__name__)
+_LOG_NAME = "train.log"
 
 RUN_PREFIX = "trainingRuns/"
 Device = training_run_pb2.TrainingSpec.Device
@@ -252,9 +253,11 @@ async def execute_job(
         await publisher.publish(critical=True, succeeded=succeeded)
         return JobOutcome.SUCCEEDED
     if isinstance(outcome, TrainingFailed):
-        await publisher.publish(
-            critical=True, failed=events.failure(outcome.reason, outcome.message)
-        )
+        failure = events.failure(outcome.reason, outcome.message)
+        log_artifact = await _stored_log(folder / _LOG_NAME, run_id, job.attempt, environment)
+        if log_artifact is not None:
+            failure.artifacts.append(log_artifact)
+        await publisher.publish(critical=True, failed=failure)
         return JobOutcome.FAILED
     if control.reason is StopReason.CANCEL:
         await publisher.publish(critical=True, cancelled=worker_pb2.WorkerEvent.Cancelled())
@@ -418,7 +421,7 @@ async def _train(
             work_dir=folder / "work",
             artifact_dir=model_dir(environment.artifact_root, run_id),
             split_path=prepared.split_path,
-            log_path=folder / "train.log",
+            log_path=folder / _LOG_NAME,
             on_event=relay,
             stop=control.stop,
             env=device_env(leased, cpu=wanted is None),
@@ -589,6 +592,27 @@ def _fresh_dir(folder: Path) -> None:
 
 def _digest_if_present(path: Path) -> str | None:
     return sha256_file(path) if path.is_file() else None
+
+
+async def _stored_log(
+    path: Path, run_id: str, attempt: int, environment: WorkerEnvironment
+) -> common_pb2.Artifact | None:
+    """The attempt's training log as the failed run's `log` artifact, uploaded where
+    artifacts go; None when there is no log or it cannot be stored (the failure still is)."""
+    try:
+        storage = environment.store()
+        if storage.remote:
+            stored = await asyncio.to_thread(
+                storage.put_artifact, path, f"runs/{run_id}/attempt-{attempt}/{_LOG_NAME}"
+            )
+            return common_pb2.Artifact(
+                kind="log", uri=stored.uri, size_bytes=stored.size_bytes, sha256=stored.sha256
+            )
+        size, digest = await asyncio.to_thread(_size_and_digest, path)
+    except (OSError, StorageError) as error:
+        log.warning("the training log was not stored", run=run_id, error=str(error))
+        return None
+    return common_pb2.Artifact(kind="log", uri=path.as_uri(), size_bytes=size, sha256=digest)
 
 
 def _size_and_digest(path: Path) -> tuple[int, str]:

@@ -12,7 +12,7 @@ how they look.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -383,9 +383,20 @@ class TrainingRun:
             self.epoch_metrics = _merged_series(self.epoch_metrics, epoch_metrics)
         self.end_time = now
 
-    def fail(self, *, reason: str, message: str, actor: str, now: datetime) -> None:
+    def fail(
+        self,
+        *,
+        reason: str,
+        message: str,
+        actor: str,
+        now: datetime,
+        artifacts: Sequence[Mapping[str, Any]] = (),
+    ) -> None:
+        """`artifacts`: the files with the details (the training log of a crash)."""
         self._transition(RunState.FAILED, reason, message, actor, now)
         self.failure = Failure(reason=reason, message=message)
+        if artifacts:
+            self.artifacts = [dict(a) for a in artifacts]
         self.end_time = now
 
     # Caller-driven transitions.

@@ -491,6 +491,7 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
             run.fail(
                 reason=payload.get("reason") or "training_failed",
                 message=payload.get("message", ""),
+                artifacts=payload.get("artifacts", []),
                 actor=actor,
                 now=now,
             )

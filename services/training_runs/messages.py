@@ -88,6 +88,7 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
     if run.failure:
         message.failure.reason = run.failure.reason
         message.failure.message = run.failure.message
+        message.failure.artifacts.extend(a for a in message.artifacts if a.kind == "log")
     return message
 
 

@@ -447,3 +447,19 @@ async def test_paging_through_a_thousand_runs_returns_each_exactly_once(runs, se
             break
     assert len(seen) == 1000 and len(set(seen)) == 1000
     assert set(seen) == {f"trainingRuns/{r['id']}" for r in rows}
+
+
+async def test_a_crashed_run_lists_its_log_with_the_failure(runs, js, subjects, dataset_uri):
+    run, worker = await running(runs, js, subjects, dataset_uri)
+    log = common_pb2.Artifact(
+        kind="log", uri="s3://raven/runs/x/attempt-1/train.log", size_bytes=12, sha256="ab" * 32
+    )
+    failure = training_run_pb2.Failure(
+        reason="training_crashed", message="TypeError: bad option", artifacts=[log]
+    )
+    await worker.send(failed=failure)
+
+    failed = await in_state(runs, run.name, TrainingRun.FAILED)
+    assert failed.failure.message == "TypeError: bad option"
+    assert list(failed.failure.artifacts) == [log]
+    assert list(failed.artifacts) == [log], "the run's artifacts name its log too"
