@@ -19,6 +19,8 @@ def main(config: str, work_dir: str) -> None:
     from mmengine.hooks import Hook
     from mmengine.runner import Runner
 
+    from shared.metrics import MAP_50
+
     register_all_modules(init_default_scope=True)
     imported = time.perf_counter()
     cfg = Config.fromfile(config)
@@ -38,7 +40,7 @@ def main(config: str, work_dir: str) -> None:
             validations.append(
                 {
                     "s": time.perf_counter() - built,
-                    "map_50": float((metrics or {}).get("coco/bbox_mAP_50", 0.0)),
+                    "map_50": float((metrics or {}).get(MAP_50, 0.0)),
                 }
             )
 

@@ -16,6 +16,7 @@ from typing import Any
 from benchmarks.plan import Plan
 from benchmarks.stack import ROOT, Stack
 from benchmarks.stats import Results
+from shared.metrics import MAP_50
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc
 
@@ -135,7 +136,7 @@ async def measure_learning(stack: Stack, results: Results) -> None:
                 if kind == "progress" and math.isnan(started):
                     started = time.perf_counter()
                 elif kind == "evaluation" and math.isnan(reached):
-                    if event.evaluation.metrics.get("coco/bbox_mAP_50", 0.0) >= LEARNING_BAR:
+                    if event.evaluation.metrics.get(MAP_50, 0.0) >= LEARNING_BAR:
                         reached = time.perf_counter() - started
                 elif kind == "state_changed":
                     state = event.state_changed.to_state
