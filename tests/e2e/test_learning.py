@@ -110,7 +110,10 @@ async def model_of(runs, run: TrainingRun) -> str:
 
 
 @pytest.fixture(scope="module")
-async def root(runs_channel, worker, settings: Settings) -> tuple[TrainingRun, list[float]]:
+async def root(
+    runs_channel, trained_models, worker, settings: Settings
+) -> tuple[TrainingRun, list[float]]:
+    """The root run; the registry runs too, so that its model is registered."""
     runs = training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
     uri = dataset(settings, "learning-root", images=ROOT_IMAGES, seed=11)
     run = await train(runs, uri, epochs=ROOT_EPOCHS)

@@ -75,7 +75,7 @@ async def test_a_dataset_on_s3_must_exist_when_the_run_is_created(runs, s3: S3Se
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await runs.CreateTrainingRun(create_request(uri))
     assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert f"no annotation file at {uri}" in violations(caught.value)[FIELD]
+    assert f"no annotation file at {uri!r}" in violations(caught.value)[FIELD]
 
     s3.put(prefix + "annotations.json", b'{"images": [], "annotations": [], "categories": []}')
     request = create_request(uri)
