@@ -122,13 +122,14 @@ class _Scrubber:
         return _ABSOLUTE.sub(lambda match: self._relative(match.group(0)), text)
 
     def _relative(self, path: str) -> str:
+        # Installed packages first: a virtual environment may live inside a root.
+        for marker in _PACKAGE_DIRS:
+            if marker in path:
+                return path.split(marker, 1)[1]
         for root in self._roots:
             if path.startswith(root):
                 return path[len(root) :]
             if path == root.rstrip("/"):
                 return "."
-        for marker in _PACKAGE_DIRS:
-            if marker in path:
-                return path.split(marker, 1)[1]
         parts = [part for part in path.split("/") if part]
         return ".../" + "/".join(parts[-2:]) if len(parts) > 2 else path

@@ -27,7 +27,7 @@ Traceback (most recent call last):
     self.optim_wrapper = self.build_optim_wrapper(self.optim_wrapper)
   File "/usr/lib/python3.11/site-packages/mmengine/optim/builder.py", line 191, in build
     optimizer = OPTIMIZERS.build(optimizer_cfg)
-  File "/usr/lib/python3.11/site-packages/torch/optim/adamw.py", line 20, in __init__
+  File "/opt/raven/.venv/lib/python3.11/site-packages/torch/optim/adamw.py", line 20, in __init__
     super().__init__(params, defaults)
 TypeError: AdamW.__init__() got an unexpected keyword argument 'momentum'
 """
