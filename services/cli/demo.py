@@ -27,7 +27,6 @@ from shared.settings import DEFAULT_DATA_DIR, Settings
 ARCHITECTURE = "rtmdet_tiny"
 # 96 of them train, 24 are held out for validation.
 IMAGES = 120
-TRAIN_IMAGE_SIZE = 64
 # The model is registered from the run's result event after the run ends.
 MODEL_WAIT_S = 120.0
 
@@ -78,9 +77,7 @@ def _train(
         display_name=display_name,
         dataset=dataset_uri,
         epochs=epochs,
-        # The 128-pixel images at half size: a detector from random weights finds their
-        # flat-filled shapes in a few epochs (docs/training.md).
-        image_size=TRAIN_IMAGE_SIZE,
+        image_size=128,
         architecture=architecture,
         base_model=base_model,
     )
@@ -100,7 +97,7 @@ def demo(
     data_dir: Annotated[
         Path, typer.Option(help="Embedded databases, logs, pid files.", file_okay=False)
     ] = DEFAULT_DATA_DIR,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 8,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 6,
     fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 3,
 ) -> None:
     """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""

@@ -22,9 +22,9 @@ def test_defaults_are_filled_and_recorded():
     filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
     assert problems == {}
     assert filled is not None
-    assert filled["epochs"] == 12 and filled["batch_size"] == 4
+    assert filled["epochs"] == 12 and filled["batch_size"] == 2
     # From random weights: twice the upstream SGD rate per 16 images, nothing frozen.
-    assert filled["learning_rate"] == pytest.approx(0.02 * 4 / 16)
+    assert filled["learning_rate"] == pytest.approx(0.02 * 2 / 16)
     assert filled["frozen_stages"] == -1 and filled["optimizer"] == "SGD"
     assert isinstance(filled["seed"], int) and filled["seed"] >= 0
 
