@@ -163,10 +163,19 @@ async def test_a_fine_tune_with_one_more_class_keeps_the_old_ones(
     )
     assert list(model.classes) == list(classes)
     evaluations = {e.evaluation.epoch: e.evaluation for kind, e in payloads if kind == "evaluation"}
-    first = evaluations[1]
-    # Only the head started over: the old classes are found from the first epoch on, far
-    # better than the root found anything after its first epoch.
+    root_first = next(
+        e.evaluation
+        for e in await all_events(runs, run)
+        if e.WhichOneof("payload") == "evaluation" and e.evaluation.epoch == 1
+    )
+    first, last = evaluations[1], evaluations[max(evaluations)]
+    # Only the head started over: the old classes are found from the first epoch on, better
+    # than the root found them after its first epoch, and are still found at the end.
     for name in CLASSES:
-        assert first.per_class_ap[name] > 0.2, dict(first.per_class_ap)
-    assert first.metrics[MAP_50] > root_map_50[0] + 0.2, (dict(first.metrics), root_map_50)
-    assert evaluations[3].per_class_ap["barrel"] > 0.0, "the new class is being learnt"
+        assert first.per_class_ap[name] > root_first.per_class_ap[name] + 0.03, (
+            dict(first.per_class_ap),
+            dict(root_first.per_class_ap),
+        )
+        assert last.per_class_ap[name] > 0.05, dict(last.per_class_ap)
+    assert first.metrics[MAP_50] > root_map_50[0] + 0.1, (dict(first.metrics), root_map_50)
+    assert last.per_class_ap["barrel"] > 0.0, "the new class is being learnt"
