@@ -8,6 +8,7 @@ import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
+from services.training_runs.domain import ClaimRefusal
 from services.training_runs.handlers import claim_job
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.errors import InvalidArgument
@@ -29,7 +30,8 @@ class ClaimResponder:
             run_id = parse_name(request.training_run, TRAINING_RUNS)
         except (DecodeError, InvalidArgument):
             log.warning("unreadable job claim", subject=msg.subject)
-            await msg.respond(ClaimJobResponse(refusal="unknown_run").SerializeToString())
+            refusal = ClaimRefusal.UNKNOWN_RUN
+            await msg.respond(ClaimJobResponse(refusal=refusal).SerializeToString())
             return
         try:
             claim = await claim_job(
@@ -44,12 +46,12 @@ class ClaimResponder:
             log.exception("job claim failed", run_id=str(run_id))
             return
         response = ClaimJobResponse(
-            granted=claim.granted, attempt=claim.attempt, refusal=claim.refusal
+            granted=claim.granted, attempt=claim.attempt, refusal=claim.refusal or ""
         )
         if claim.resume_from is not None:
-            parse(claim.resume_from, response.resume_from)
-            response.resume_epoch = int(claim.resume_from.get("epoch", 0))
+            parse(claim.resume_from.to_json(), response.resume_from)
+            response.resume_epoch = claim.resume_from.epoch or 0
         if claim.best_checkpoint is not None:
-            parse(claim.best_checkpoint, response.best_checkpoint)
-            response.best_epoch = int(claim.best_checkpoint.get("epoch", 0))
+            parse(claim.best_checkpoint.to_json(), response.best_checkpoint)
+            response.best_epoch = claim.best_checkpoint.epoch or 0
         await msg.respond(response.SerializeToString())

@@ -15,12 +15,17 @@ from shared.errors import InvalidArgument
 from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1.worker_pb2 import WorkerEvent
 from shared.proto_json import to_dict
+from shared.reports import ReportKind, report_from_json
 
 
 def to_report(event: WorkerEvent) -> WorkerReport:
-    kind = event.WhichOneof("payload")
-    if kind is None or not event.event_id:
+    field = event.WhichOneof("payload")
+    if field is None or not event.event_id:
         raise Unprocessable(f"worker event without payload or id: {event.event_id!r}")
+    try:
+        kind = ReportKind(field)
+    except ValueError as error:
+        raise Unprocessable(f"worker event of an unknown kind: {field!r}") from error
     try:
         run_id = parse_name(event.training_run, TRAINING_RUNS)
     except InvalidArgument as error:
@@ -31,8 +36,7 @@ def to_report(event: WorkerEvent) -> WorkerReport:
         attempt=event.attempt,
         worker_id=event.worker_id,
         time=event.time.ToDatetime(tzinfo=UTC) if event.HasField("time") else datetime.now(UTC),
-        kind=kind,
-        payload=to_dict(getattr(event, kind)),
+        payload=report_from_json(kind, to_dict(getattr(event, field))),
     )
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from services.training_runs.domain import EventKind, RunEvent, RunState, TrainingRun
+from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
 from shared.messaging import Subjects
@@ -71,20 +71,20 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         end_time=timestamp(run.end_time),
         etag=run.etag,
         retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
-        artifacts=[parse(a, common_pb2.Artifact()) for a in run.artifacts],
+        artifacts=[parse(a.to_json(), common_pb2.Artifact()) for a in run.artifacts],
     )
     if run.progress:
-        parse(run.progress, message.progress)
+        parse(run.progress.to_json(), message.progress)
     if run.latest_evaluation:
-        parse(run.latest_evaluation, message.latest_evaluation)
+        parse(run.latest_evaluation.to_json(), message.latest_evaluation)
     if run.best_evaluation:
-        parse(run.best_evaluation, message.best_evaluation)
+        parse(run.best_evaluation.to_json(), message.best_evaluation)
     if run.test_evaluation:
-        parse(run.test_evaluation, message.test_evaluation)
+        parse(run.test_evaluation.to_json(), message.test_evaluation)
     if run.dataset:
-        parse(run.dataset, message.dataset)
+        parse(run.dataset.to_json(), message.dataset)
     if run.facts:
-        parse(run.facts, message.facts)
+        parse(run.facts.to_json(), message.facts)
     if run.failure:
         message.failure.reason = run.failure.reason
         message.failure.message = run.failure.message
@@ -102,7 +102,7 @@ def event_to_proto(event: RunEvent) -> training_run_pb2.TrainingRunEvent:
     )
     payload = getattr(message, event.kind.value)
     payload.SetInParent()
-    parse(event.payload, payload)
+    parse(event.payload.to_json(), payload)
     return message
 
 
@@ -140,13 +140,14 @@ def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]
                 msg_id=f"run_event.{run.id}.{event.sequence}",
             )
         )
-        if event.kind is EventKind.STATE_CHANGED:
+        change = event.state_change
+        if change is not None:
             snapshot = snapshot or run_to_proto(run)
             event_id = f"{run.id}.{event.sequence}"
             changed = training_run_pb2.TrainingRunStateChanged(
                 event_id=event_id, event=proto, training_run=snapshot
             )
-            verb = LIFECYCLE_SUBJECTS[RunState(event.payload["to_state"])]
+            verb = LIFECYCLE_SUBJECTS[change.to_state]
             messages.append(
                 OutboxMessage(
                     subject=subjects.run_lifecycle(verb),

@@ -13,8 +13,20 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
+from services.training_runs.domain.events import payload_from_json
 from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
 from shared.pagination import Cursor
+from shared.payloads import (
+    DatasetSummary,
+    EpochMetrics,
+    Evaluation,
+    Progress,
+    TrainingFacts,
+    artifacts_from_json,
+    artifacts_to_json,
+    from_json_or_none,
+    to_json_or_none,
+)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -65,15 +77,15 @@ def _to_run(row: Row[Any]) -> TrainingRun:
         request_hash=m["request_hash"],
         retry_of_id=m["retry_of_id"],
         attempt=m["attempt"],
-        progress=m["progress"],
-        latest_evaluation=m["latest_evaluation"],
-        best_evaluation=m["best_evaluation"],
-        test_evaluation=m["test_evaluation"],
-        dataset=m["dataset"],
+        progress=from_json_or_none(Progress, m["progress"]),
+        latest_evaluation=from_json_or_none(Evaluation, m["latest_evaluation"]),
+        best_evaluation=from_json_or_none(Evaluation, m["best_evaluation"]),
+        test_evaluation=from_json_or_none(Evaluation, m["test_evaluation"]),
+        dataset=from_json_or_none(DatasetSummary, m["dataset"]),
         failure=failure,
-        artifacts=m["artifacts"],
-        facts=m["facts"],
-        epoch_metrics=m["epoch_metrics"],
+        artifacts=artifacts_from_json(m["artifacts"]),
+        facts=from_json_or_none(TrainingFacts, m["facts"]),
+        epoch_metrics=[EpochMetrics.from_json(e) for e in m["epoch_metrics"]],
         worker_id=m["worker_id"],
         heartbeat_time=m["heartbeat_time"],
         start_time=m["start_time"],
@@ -100,16 +112,16 @@ def _values(run: TrainingRun) -> dict[str, Any]:
         "request_hash": run.request_hash,
         "retry_of_id": run.retry_of_id,
         "attempt": run.attempt,
-        "progress": run.progress,
-        "latest_evaluation": run.latest_evaluation,
-        "best_evaluation": run.best_evaluation,
-        "test_evaluation": run.test_evaluation,
-        "dataset": run.dataset,
+        "progress": to_json_or_none(run.progress),
+        "latest_evaluation": to_json_or_none(run.latest_evaluation),
+        "best_evaluation": to_json_or_none(run.best_evaluation),
+        "test_evaluation": to_json_or_none(run.test_evaluation),
+        "dataset": to_json_or_none(run.dataset),
         "failure_reason": run.failure.reason if run.failure else None,
         "failure_message": run.failure.message if run.failure else None,
-        "artifacts": run.artifacts,
-        "facts": run.facts,
-        "epoch_metrics": run.epoch_metrics,
+        "artifacts": artifacts_toto_json_or_none(run.artifacts),
+        "facts": to_json_or_none(run.facts),
+        "epoch_metrics": [e.to_json() for e in run.epoch_metrics],
         "worker_id": run.worker_id,
         "heartbeat_time": run.heartbeat_time,
         "start_time": run.start_time,
@@ -130,7 +142,7 @@ def _to_event(row: Row[Any]) -> RunEvent:
         attempt=m["attempt"],
         actor=m["actor"],
         kind=EventKind(m["kind"]),
-        payload=m["payload"],
+        payload=payload_from_json(EventKind(m["kind"]), m["payload"]),
     )
 
 
@@ -179,7 +191,7 @@ class TrainingRunRepository:
                     "attempt": e.attempt,
                     "actor": e.actor,
                     "kind": e.kind.value,
-                    "payload": dict(e.payload),
+                    "payload": e.payload.to_json(),
                 }
                 for e in run.new_events
             ],

@@ -203,11 +203,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             training_run=run_name(run.id), best_epoch=run.best_epoch or 0
         )
         for epoch in run.epoch_metrics:
-            metrics.epochs.add(
-                epoch=int(epoch.get("epoch", 0)),
-                train=epoch.get("train", {}),
-                val=epoch.get("val", {}),
-            )
+            metrics.epochs.add(epoch=epoch.epoch, train=dict(epoch.train), val=dict(epoch.val))
         return metrics
 
     @grpc_errors

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from services.training_runs.domain import TrainingRun
 from shared.metrics import LEARNING_RATE, MAP, TOTAL_LOSS, best_epoch, train_metrics
+from shared.payloads import Evaluation, Progress, TrainingFacts
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -29,7 +30,7 @@ def running() -> TrainingRun:
 
 def evaluated(run: TrainingRun, epoch: int, metrics: dict[str, float]) -> None:
     run.report_evaluation(
-        {"epoch": epoch, "split": "val", "metrics": metrics, "image_count": 5},
+        Evaluation(epoch=epoch, split="val", metrics=metrics, image_count=5),
         actor="worker:w",
         now=NOW,
     )
@@ -55,17 +56,11 @@ def test_the_train_entry_has_mmengines_names_and_nothing_else() -> None:
 def test_a_live_epoch_has_the_keys_the_workers_series_has() -> None:
     run = running()
     run.report_progress(
-        {
-            "epoch": 1,
-            "iteration": 3,
-            "loss": 1.5,
-            "losses": {"loss_cls": 1.0},
-            "learning_rate": 0.01,
-        },
+        Progress(epoch=1, iteration=3, loss=1.5, losses={"loss_cls": 1.0}, learning_rate=0.01),
         actor="worker:w",
         now=NOW,
     )
-    live = run.epoch_metrics[0]["train"]
+    live = run.epoch_metrics[0].train
     # What the training child's ProgressHook makes of the epoch's outputs.
     final = train_metrics(loss=1.2, losses={"loss": 1.2, "loss_cls": 0.8}, lr=0.01)
     assert set(live) == set(final) == {"loss", "loss_cls", "lr"}
@@ -76,7 +71,7 @@ def test_the_domain_follows_the_rule_while_running_and_the_facts_once_finished()
     run = running()
     assert run.best_epoch is None, "no validation yet"
     evaluated(run, 1, {})
-    run.report_progress({"epoch": 2, "iteration": 6, "loss": 1.0}, actor="worker:w", now=NOW)
+    run.report_progress(Progress(epoch=2, iteration=6, loss=1.0), actor="worker:w", now=NOW)
     # Epoch 2 trains but has no validation yet: the last validated epoch is the best.
     assert run.best_epoch == 1
     evaluated(run, 2, {"coco/bbox_mAP_l": -1.0})
@@ -87,10 +82,11 @@ def test_the_domain_follows_the_rule_while_running_and_the_facts_once_finished()
 
     run.succeed(
         artifacts=[],
-        facts={"best_epoch": 3, "epochs_trained": 4},
-        best_evaluation={"epoch": 3, "split": "val", "metrics": {MAP: 0.1}, "image_count": 5},
+        facts=TrainingFacts(best_epoch=3, epochs_trained=4),
+        best_evaluation=Evaluation(epoch=3, split="val", metrics={MAP: 0.1}, image_count=5),
         epoch_metrics=[],
         actor="worker:w",
         now=NOW,
     )
-    assert run.best_epoch == 3 == run.facts["best_epoch"] == run.best_evaluation["epoch"]
+    assert run.facts is not None and run.best_evaluation is not None
+    assert run.best_epoch == 3 == run.facts.best_epoch == run.best_evaluation.epoch

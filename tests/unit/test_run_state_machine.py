@@ -8,6 +8,7 @@ import pytest
 
 from services.training_runs.domain import EventKind, RunState, TrainingRun
 from shared.errors import FailedPrecondition
+from shared.payloads import Artifact, Evaluation, Progress, TrainingFacts
 
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -33,15 +34,19 @@ def running() -> TrainingRun:
 
 
 def states(run: TrainingRun) -> list[str]:
-    return [e.payload["to_state"] for e in run.new_events if e.kind is EventKind.STATE_CHANGED]
+    return [
+        e.state_change.to_state
+        for e in run.new_events
+        if e.kind is EventKind.STATE_CHANGED and e.state_change
+    ]
 
 
 def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
     run = running()
-    run.report_progress({"iteration": 1}, actor="worker:w", now=NOW)
+    run.report_progress(Progress(iteration=1), actor="worker:w", now=NOW)
     run.succeed(
-        artifacts=[{"kind": "checkpoint"}],
-        facts={"best_epoch": 1},
+        artifacts=[Artifact(kind="checkpoint")],
+        facts=TrainingFacts(best_epoch=1),
         best_evaluation=None,
         epoch_metrics=[],
         actor="worker:w",
@@ -58,10 +63,10 @@ def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
     [
         lambda r: r.start_running(device="cpu", actor="a", now=NOW),
         lambda r: r.succeed(
-            artifacts=[], facts={}, best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+            artifacts=[], facts=TrainingFacts(), best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
         ),
         lambda r: r.cancelled(actor="a", now=NOW),
-        lambda r: r.report_progress({"iteration": 1}, actor="a", now=NOW),
+        lambda r: r.report_progress(Progress(iteration=1), actor="a", now=NOW),
     ],
 )
 def test_illegal_transitions_from_queued_leave_the_run_unchanged(act):
@@ -79,7 +84,7 @@ def test_nothing_changes_a_finished_run():
         lambda: run.start_preparing(worker_id="w2", actor="w", now=NOW),
         lambda: run.request_cancel(reason="", actor="u", now=NOW),
         lambda: run.succeed(
-            artifacts=[], facts={}, best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+            artifacts=[], facts=TrainingFacts(), best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
         ),
     ):
         with pytest.raises(FailedPrecondition):
@@ -101,7 +106,7 @@ def test_cancelling_an_active_run_waits_for_the_worker():
     run = running()
     run.request_cancel(reason="wrong data", actor="user", now=NOW)
     assert run.state is RunState.CANCELLING
-    run.report_progress({"iteration": 5}, actor="worker:w", now=NOW)  # still reporting
+    run.report_progress(Progress(iteration=5), actor="worker:w", now=NOW)  # still reporting
     run.cancelled(actor="worker:w", now=NOW)
     assert run.state is RunState.CANCELLED
     assert states(run)[-2:] == ["CANCELLING", "CANCELLED"]
@@ -109,10 +114,10 @@ def test_cancelling_an_active_run_waits_for_the_worker():
 
 def test_progress_that_is_not_newer_is_ignored():
     run = running()
-    assert run.report_progress({"iteration": 3}, actor="w", now=NOW)
-    assert not run.report_progress({"iteration": 3}, actor="w", now=NOW)
-    assert not run.report_progress({"iteration": 2}, actor="w", now=NOW)
-    assert run.progress == {"iteration": 3}
+    assert run.report_progress(Progress(iteration=3), actor="w", now=NOW)
+    assert not run.report_progress(Progress(iteration=3), actor="w", now=NOW)
+    assert not run.report_progress(Progress(iteration=2), actor="w", now=NOW)
+    assert run.progress == Progress(iteration=3)
 
 
 def test_active_runs_cannot_be_deleted():
@@ -128,27 +133,27 @@ def test_a_takeover_gets_the_newest_and_the_best_epochs_checkpoints():
 
     def epoch(number: int, mAP: float) -> None:
         # A checkpoint is stored before its epoch's evaluation arrives.
-        run.record_checkpoint({"uri": f"file:///epoch_{number}.pth"}, epoch=number, now=NOW)
-        evaluation = {"epoch": number, "metrics": {"coco/bbox_mAP": mAP}}
+        run.record_checkpoint(Artifact(uri=f"file:///epoch_{number}.pth"), epoch=number, now=NOW)
+        evaluation = Evaluation(epoch=number, metrics={"coco/bbox_mAP": mAP})
         run.report_evaluation(evaluation, actor="worker:w", now=NOW)
 
     epoch(1, 0.2)
     epoch(2, 0.5)
     epoch(3, 0.5)  # a tie: the earlier epoch stays the best
-    run.record_checkpoint({"uri": "file:///epoch_4.pth"}, epoch=4, now=NOW)
+    run.record_checkpoint(Artifact(uri="file:///epoch_4.pth"), epoch=4, now=NOW)
 
     # Only the best and the newest stay recorded, as the worker keeps only their files.
-    assert sorted(a["epoch"] for a in run.artifacts) == [2, 4]
+    assert sorted(a.epoch or 0 for a in run.artifacts) == [2, 4]
     claim = run.claim(attempt=1, worker_id="w2", max_attempts=3, now=NOW)
     assert claim.granted and claim.attempt == 2
-    assert claim.resume_from is not None and claim.resume_from["epoch"] == 4
+    assert claim.resume_from is not None and claim.resume_from.epoch == 4
     assert claim.best_checkpoint is not None
-    assert claim.best_checkpoint["uri"] == "file:///epoch_2.pth"
+    assert claim.best_checkpoint.uri == "file:///epoch_2.pth"
 
     run.report_evaluation(
-        {"epoch": 4, "metrics": {"coco/bbox_mAP": 0.7}}, actor="worker:w2", now=NOW
+        Evaluation(epoch=4, metrics={"coco/bbox_mAP": 0.7}), actor="worker:w2", now=NOW
     )
-    assert [a["epoch"] for a in run.artifacts] == [4]
+    assert [a.epoch for a in run.artifacts] == [4]
     # The newest is the best: it is sent once, as the checkpoint to resume from.
     assert run.best_checkpoint is None and run.resume_checkpoint is not None
 
@@ -156,9 +161,9 @@ def test_a_takeover_gets_the_newest_and_the_best_epochs_checkpoints():
 def test_without_a_mAP_only_the_newest_checkpoint_is_kept():
     run = running()
     for number in (1, 2):
-        run.record_checkpoint({"uri": f"file:///epoch_{number}.pth"}, epoch=number, now=NOW)
-        run.report_evaluation({"epoch": number, "metrics": {}}, actor="worker:w", now=NOW)
-    assert [a["epoch"] for a in run.artifacts] == [2]
+        run.record_checkpoint(Artifact(uri=f"file:///epoch_{number}.pth"), epoch=number, now=NOW)
+        run.report_evaluation(Evaluation(epoch=number), actor="worker:w", now=NOW)
+    assert [a.epoch for a in run.artifacts] == [2]
     claim = run.claim(attempt=1, worker_id="w2", max_attempts=3, now=NOW)
     assert claim.best_checkpoint is None
-    assert claim.resume_from is not None and claim.resume_from["epoch"] == 2
+    assert claim.resume_from is not None and claim.resume_from.epoch == 2
