@@ -11,11 +11,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 # mmdet's CocoMetric names (Evaluation.metrics and TrainingRunMetrics val).
-MAP = "coco/bbox_mAP"
-MAP_50 = "coco/bbox_mAP_50"
-MAP_75 = "coco/bbox_mAP_75"
+COCO_PREFIX = "coco/"
+MAP = f"{COCO_PREFIX}bbox_mAP"
+MAP_50 = f"{MAP}_50"
+MAP_75 = f"{MAP}_75"
 # The headline metric: what chooses the best epoch and ranks models.
 PRIMARY_METRIC = MAP
+# ListTrainedModels' order_by that ranks models by it, best first.
+ORDER_BY_PRIMARY = f"{PRIMARY_METRIC} desc"
 
 # mmdet's CocoMetric with classwise=True adds `coco/<class>_precision`, the class's AP:
 # it travels as Evaluation.per_class_ap, never in the metrics or the val series.
@@ -54,7 +57,7 @@ def overall(metrics: Mapping[str, float]) -> dict[str, float]:
 def per_class(metrics: Mapping[str, float]) -> dict[str, float]:
     """The per-class APs of an evaluation's metrics, by class name."""
     return {
-        k.removeprefix("coco/").removesuffix(PER_CLASS_SUFFIX): v
+        k.removeprefix(COCO_PREFIX).removesuffix(PER_CLASS_SUFFIX): v
         for k, v in metrics.items()
         if k.endswith(PER_CLASS_SUFFIX)
     }

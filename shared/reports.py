@@ -19,8 +19,11 @@ from shared.payloads import (
     Evaluation,
     Notice,
     Progress,
+    Json,
     TrainingFacts,
     artifacts_from_json,
+    artifacts_to_json,
+    to_json_or_none,
 )
 
 
@@ -47,18 +50,27 @@ class Preparing:
 
     kind: ClassVar[ReportKind] = ReportKind.PREPARING
 
+    def to_json(self) -> Json:
+        return {}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class DatasetPrepared:
     kind: ClassVar[ReportKind] = ReportKind.DATASET_PREPARED
     summary: DatasetSummary
 
+    def to_json(self) -> Json:
+        return self.summary.to_json()
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Running:
     kind: ClassVar[ReportKind] = ReportKind.RUNNING
-    # "cpu", "cuda:0", ...
-    device: str = "cpu"
+    # "cpu", "cuda:0", ...; "" when not said.
+    device: str = ""
+
+    def to_json(self) -> Json:
+        return {"device": self.device} if self.device else {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -66,17 +78,26 @@ class ProgressReported:
     kind: ClassVar[ReportKind] = ReportKind.PROGRESS
     progress: Progress
 
+    def to_json(self) -> Json:
+        return self.progress.to_json()
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EvaluationReported:
     kind: ClassVar[ReportKind] = ReportKind.EVALUATION
     evaluation: Evaluation
 
+    def to_json(self) -> Json:
+        return self.evaluation.to_json()
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class NoticeReported:
     kind: ClassVar[ReportKind] = ReportKind.NOTICE
     notice: Notice
+
+    def to_json(self) -> Json:
+        return self.notice.to_json()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -90,6 +111,16 @@ class Succeeded:
     # The test split's evaluation of the best epoch's checkpoint, when there is a test split.
     test_evaluation: Evaluation | None = None
 
+    def to_json(self) -> Json:
+        data: Json = {
+            "artifacts": artifacts_to_json(self.artifacts),
+            "facts": self.facts.to_json(),
+            "evaluation": to_json_or_none(self.evaluation),
+            "epochs": [e.to_json() for e in self.epochs],
+            "test_evaluation": to_json_or_none(self.test_evaluation),
+        }
+        return {k: v for k, v in data.items() if v}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Failed:
@@ -99,6 +130,14 @@ class Failed:
     # The files with the details (the training log of a crash).
     artifacts: Sequence[Artifact] = ()
 
+    def to_json(self) -> Json:
+        data: Json = {
+            "reason": self.reason,
+            "message": self.message,
+            "artifacts": artifacts_to_json(self.artifacts),
+        }
+        return {k: v for k, v in data.items() if v}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Cancelled:
@@ -106,10 +145,16 @@ class Cancelled:
 
     kind: ClassVar[ReportKind] = ReportKind.CANCELLED
 
+    def to_json(self) -> Json:
+        return {}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Heartbeat:
     kind: ClassVar[ReportKind] = ReportKind.HEARTBEAT
+
+    def to_json(self) -> Json:
+        return {}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -121,6 +166,14 @@ class CheckpointSaved:
     iteration: int = 0
     checkpoint: Artifact = field(default_factory=Artifact)
 
+    def to_json(self) -> Json:
+        data: Json = {
+            "epoch": self.epoch,
+            "iteration": str(self.iteration) if self.iteration else None,
+            "checkpoint": self.checkpoint.to_json(),
+        }
+        return {k: v for k, v in data.items() if v}
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Released:
@@ -128,6 +181,9 @@ class Released:
 
     kind: ClassVar[ReportKind] = ReportKind.RELEASED
     reason: str = ""
+
+    def to_json(self) -> Json:
+        return {"reason": self.reason} if self.reason else {}
 
 
 Report = (
@@ -154,7 +210,7 @@ def _optional_evaluation(data: Mapping[str, Any] | None) -> Evaluation | None:
 _FROM_JSON: dict[ReportKind, Callable[[Mapping[str, Any]], Report]] = {
     ReportKind.PREPARING: lambda d: Preparing(),
     ReportKind.DATASET_PREPARED: lambda d: DatasetPrepared(summary=DatasetSummary.from_json(d)),
-    ReportKind.RUNNING: lambda d: Running(device=str(d.get("device", "cpu"))),
+    ReportKind.RUNNING: lambda d: Running(device=str(d.get("device", ""))),
     ReportKind.PROGRESS: lambda d: ProgressReported(progress=Progress.from_json(d)),
     ReportKind.EVALUATION: lambda d: EvaluationReported(evaluation=Evaluation.from_json(d)),
     ReportKind.NOTICE: lambda d: NoticeReported(notice=Notice.from_json(d)),
@@ -182,5 +238,6 @@ _FROM_JSON: dict[ReportKind, Callable[[Mapping[str, Any]], Report]] = {
 
 
 def report_from_json(kind: ReportKind, data: Mapping[str, Any]) -> Report:
-    """The payload of a WorkerEvent from its proto JSON (field `kind` of the oneof)."""
+    """The payload of a WorkerEvent from its proto JSON (field `kind` of the oneof);
+    `report.to_json()` is the way back."""
     return _FROM_JSON[kind](data)

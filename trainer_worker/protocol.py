@@ -11,8 +11,9 @@ import json
 import re
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
+from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 EVENT_PATH_ENV = "RAVEN_EVENT_PATH"
 # Exit status of a child that stopped on a cancel signal (SIGTERM/SIGUSR1).
@@ -34,17 +35,31 @@ def checkpoint_epochs(work_dir: Path) -> set[int]:
     return {int(match.group(1)) for match in matches if match}
 
 
+class ChildEventKind(StrEnum):
+    """The `kind` of an event line: which event it is."""
+
+    STARTED = "started"
+    PROGRESS = "progress"
+    EPOCH = "epoch"
+    EVALUATION = "evaluation"
+    CHECKPOINT = "checkpoint"
+    STOPPED = "stopped"
+    RESTORED = "restored"
+    DIVERGED = "diverged"
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingStarted:
+    kind: ClassVar[ChildEventKind] = ChildEventKind.STARTED
     max_epochs: int
     max_iters: int
     device: str
     parameter_count: int
-    kind: str = "started"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ProgressReported:
+    kind: ClassVar[ChildEventKind] = ChildEventKind.PROGRESS
     epoch: int  # 1-based, the epoch in progress
     max_epochs: int
     iter: int  # iterations done since the start of training
@@ -53,20 +68,20 @@ class ProgressReported:
     losses: Mapping[str, float] = field(default_factory=dict)
     lr: float | None = None
     eta_s: float | None = None
-    kind: str = "progress"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EpochTrained:
+    kind: ClassVar[ChildEventKind] = ChildEventKind.EPOCH
     epoch: int
     # The epoch's `train` series entry (shared.metrics.train_metrics): the mean of each
     # loss over its iterations, and the learning rate of its last one.
     losses: Mapping[str, float] = field(default_factory=dict)
-    kind: str = "epoch"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Evaluated:
+    kind: ClassVar[ChildEventKind] = ChildEventKind.EVALUATION
     # For "val", the epoch just trained; for "test", the best epoch, whose checkpoint was
     # evaluated once after training.
     epoch: int
@@ -75,26 +90,25 @@ class Evaluated:
     split: str = "val"  # "val" | "test"
     # Images evaluated; 0 when not counted.
     image_count: int = 0
-    kind: str = "evaluation"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class CheckpointWritten:
     """The checkpoint of a finished epoch is on disk: what a later attempt can resume from."""
 
+    kind: ClassVar[ChildEventKind] = ChildEventKind.CHECKPOINT
     epoch: int
     iter: int
     path: str
-    kind: str = "checkpoint"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class TrainingStopped:
     """The child stopped on a cancel signal, at `iter`."""
 
+    kind: ClassVar[ChildEventKind] = ChildEventKind.STOPPED
     epoch: int
     iter: int
-    kind: str = "stopped"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -102,17 +116,17 @@ class EpochsRestored:
     """The per-epoch series an earlier attempt stored in the checkpoint resumed from, so
     that the run's series stays whole although this attempt trains only the rest."""
 
+    kind: ClassVar[ChildEventKind] = ChildEventKind.RESTORED
     # [{"epoch": n, "train": {...}, "val": {...}}, ...]
     epochs: list[dict[str, Any]] = field(default_factory=list)
-    kind: str = "restored"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class LossDiverged:
     """A loss became NaN or infinite; the child stops with EXIT_DIVERGED."""
 
+    kind: ClassVar[ChildEventKind] = ChildEventKind.DIVERGED
     message: str
-    kind: str = "diverged"
 
 
 ChildEvent = (
@@ -126,15 +140,18 @@ ChildEvent = (
     | LossDiverged
 )
 
-_KINDS: dict[str, type[ChildEvent]] = {
-    "started": TrainingStarted,
-    "progress": ProgressReported,
-    "epoch": EpochTrained,
-    "evaluation": Evaluated,
-    "checkpoint": CheckpointWritten,
-    "stopped": TrainingStopped,
-    "restored": EpochsRestored,
-    "diverged": LossDiverged,
+_KINDS: dict[ChildEventKind, type[ChildEvent]] = {
+    cls.kind: cls
+    for cls in (
+        TrainingStarted,
+        ProgressReported,
+        EpochTrained,
+        Evaluated,
+        CheckpointWritten,
+        TrainingStopped,
+        EpochsRestored,
+        LossDiverged,
+    )
 }
 
 
@@ -143,12 +160,16 @@ class ProtocolError(ValueError):
 
 
 def encode(event: ChildEvent) -> bytes:
-    return (json.dumps(asdict(event), allow_nan=False) + "\n").encode()
+    data = {"kind": event.kind.value, **asdict(event)}
+    return (json.dumps(data, allow_nan=False) + "\n").encode()
 
 
 def decode(line: bytes) -> ChildEvent:
     try:
-        data: dict[str, Any] = json.loads(line)
-        return _KINDS[data["kind"]](**data)
+        data = json.loads(line)
+        if not isinstance(data, dict):
+            raise TypeError("not an object")
+        fields: dict[str, Any] = dict(data)
+        return _KINDS[ChildEventKind(fields.pop("kind"))](**fields)
     except (ValueError, KeyError, TypeError) as error:
         raise ProtocolError(f"bad event line {line[:200]!r}: {error}") from None

@@ -106,6 +106,35 @@ class TrainedModel:
         self._changed(now)
         return channel
 
+    def ensure_publishable(
+        self, *, evaluation_split: str, evaluation_epoch: int | None, min_bbox_map: float | None
+    ) -> None:
+        """The gate on the model's evaluation: the split and the epoch a publication relies
+        on (when it names them), and the least headline metric it requires."""
+        evaluation = self.evaluation or {}
+        if evaluation_split and evaluation.get("split", "") != evaluation_split:
+            raise FailedPrecondition(
+                f"the request relies on a {evaluation_split} evaluation; trained model "
+                f"{self.id} has {evaluation.get('split') or 'no'} evaluation"
+            )
+        if evaluation_epoch is not None and evaluation.get("epoch", 0) != evaluation_epoch:
+            raise FailedPrecondition(
+                f"the request relies on the evaluation of epoch {evaluation_epoch}; "
+                f"trained model {self.id} was evaluated at epoch {evaluation.get('epoch', 0)}"
+            )
+        if min_bbox_map is None:
+            return
+        if self.bbox_map is None:
+            raise FailedPrecondition(
+                f"trained model {self.id} has no {HEADLINE_METRIC}; "
+                f"at least {min_bbox_map} is required"
+            )
+        if self.bbox_map < min_bbox_map:
+            raise FailedPrecondition(
+                f"trained model {self.id} has {HEADLINE_METRIC} {self.bbox_map:.4f}, "
+                f"below the required {min_bbox_map}"
+            )
+
     def ensure_deletable(self) -> None:
         if self.published:
             raise FailedPrecondition(

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from services.trained_models.consumer import RunSucceededHandler
 from services.trained_models.handlers import remove_deleted_files
 from services.trained_models.importing import ImportPolicy
-from services.trained_models.publication import Policy
+from services.trained_models.publication import PublicationPolicy
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.consumer import consume
@@ -48,7 +48,7 @@ class TrainedModelsApp(ServiceApp):
         servicer = TrainedModelServicer(
             uow_factory=uow_factory,
             storage=storage,
-            publish_policy=Policy(
+            publish_policy=PublicationPolicy(
                 storage=storage,
                 default_channel=self.settings.default_publish_channel,
                 min_bbox_map=self.settings.publish_min_bbox_map,

@@ -44,8 +44,9 @@ class PublishCommand:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
-class Policy:
-    """What the server requires of every publication, whatever the request says."""
+class PublicationPolicy:
+    """What the server requires of every publication, whatever the request says, and
+    where it verifies the model's files."""
 
     storage: Storage
     default_channel: str
@@ -86,37 +87,17 @@ async def _check_origin(uow: UnitOfWork, model: TrainedModel) -> None:
         )
 
 
-def _check_evaluation(model: TrainedModel, command: PublishCommand, policy: Policy) -> None:
-    evaluation = model.evaluation or {}
-    if command.evaluation_split and evaluation.get("split", "") != command.evaluation_split:
-        raise FailedPrecondition(
-            f"the request relies on a {command.evaluation_split} evaluation; trained model "
-            f"{model.id} has {evaluation.get('split') or 'no'} evaluation"
-        )
-    if command.evaluation_epoch is not None and evaluation.get("epoch", 0) != (
-        command.evaluation_epoch
-    ):
-        raise FailedPrecondition(
-            f"the request relies on the evaluation of epoch {command.evaluation_epoch}; "
-            f"trained model {model.id} was evaluated at epoch {evaluation.get('epoch', 0)}"
-        )
+def _check_evaluation(model: TrainedModel, command: PublishCommand, policy: PublicationPolicy) -> None:
     thresholds = [t for t in (command.min_bbox_map, policy.min_bbox_map) if t is not None]
-    if not thresholds:
-        return
-    required = max(thresholds)
-    if model.bbox_map is None:
-        raise FailedPrecondition(
-            f"trained model {model.id} has no coco/bbox_mAP; at least {required} is required"
-        )
-    if model.bbox_map < required:
-        raise FailedPrecondition(
-            f"trained model {model.id} has coco/bbox_mAP {model.bbox_map:.4f}, "
-            f"below the required {required}"
-        )
+    model.ensure_publishable(
+        evaluation_split=command.evaluation_split,
+        evaluation_epoch=command.evaluation_epoch,
+        min_bbox_map=max(thresholds) if thresholds else None,
+    )
 
 
 async def publish(
-    uow: UnitOfWork, command: PublishCommand, policy: Policy, *, clock: Clock = utcnow
+    uow: UnitOfWork, command: PublishCommand, policy: PublicationPolicy, *, clock: Clock = utcnow
 ) -> TrainedModel:
     """Puts the model in its channel, replacing the model published there, in one
     transaction; the gate is passed first."""

@@ -28,6 +28,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.trained_models.domain import Lineage, LineageNode, Origin, TrainedModel
 from shared.db.schema import trained_model_deletions, trained_models, training_runs
+from shared.metrics import ORDER_BY_PRIMARY
 from shared.pagination import Cursor
 
 
@@ -42,7 +43,7 @@ class ModelFilter:
     creator: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
-    # "create_time desc" | "create_time" | "coco/bbox_mAP desc"
+    # "create_time desc" | "create_time" | ORDER_BY_PRIMARY ("coco/bbox_mAP desc")
     order_by: str = "create_time desc"
 
 
@@ -291,7 +292,7 @@ class TrainedModelRepository:
         if filter_.created_before:
             conditions.append(t.create_time < filter_.created_before)
 
-        if filter_.order_by == "coco/bbox_mAP desc":
+        if filter_.order_by == ORDER_BY_PRIMARY:
             # Models without a mAP sort last, as -1.
             sort = func.coalesce(t.bbox_map, -1.0)
             key, descending = tuple_(sort, t.id), True

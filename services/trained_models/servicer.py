@@ -19,6 +19,7 @@ from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
 from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.metrics import ORDER_BY_PRIMARY
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
@@ -31,7 +32,7 @@ _ORDERS = {
     "create_time desc": "create_time desc",
     "create_time": "create_time",
     "create_time asc": "create_time",
-    "coco/bbox_mAP desc": "coco/bbox_mAP desc",
+    ORDER_BY_PRIMARY: ORDER_BY_PRIMARY,
 }
 DEFAULT_DESCENDANT_DEPTH = 3
 
@@ -42,7 +43,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         *,
         uow_factory: Callable[[], UnitOfWork],
         storage: Storage,
-        publish_policy: publication.Policy,
+        publish_policy: publication.PublicationPolicy,
         import_policy: importing.ImportPolicy,
     ) -> None:
         self._uow = uow_factory
@@ -84,7 +85,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             created_before=optional_time(request, "created_before"),
             order_by=_ORDERS[request.order_by],
         )
-        by_time = filter_.order_by != "coco/bbox_mAP desc"
+        by_time = filter_.order_by != ORDER_BY_PRIMARY
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({k: str(v) for k, v in asdict(filter_).items()})
         after = pagination.decode(request.page_token, fingerprint, time_value=by_time)

@@ -125,7 +125,7 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
         case DatasetPrepared(summary=summary):
             run.record_dataset(summary, actor=actor, now=now)
         case Running(device=device):
-            run.start_running(device=device, actor=actor, now=now)
+            run.start_running(device=device or "cpu", actor=actor, now=now)
         case ProgressReported(progress=progress):
             return run.report_progress(progress, actor=actor, now=now)
         case EvaluationReported(evaluation=evaluation):
