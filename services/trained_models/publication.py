@@ -87,7 +87,9 @@ async def _check_origin(uow: UnitOfWork, model: TrainedModel) -> None:
         )
 
 
-def _check_evaluation(model: TrainedModel, command: PublishCommand, policy: PublicationPolicy) -> None:
+def _check_evaluation(
+    model: TrainedModel, command: PublishCommand, policy: PublicationPolicy
+) -> None:
     thresholds = [t for t in (command.min_bbox_map, policy.min_bbox_map) if t is not None]
     model.ensure_publishable(
         evaluation_split=command.evaluation_split,

@@ -19,8 +19,8 @@ from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
 from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
-from shared.metrics import ORDER_BY_PRIMARY
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
+from shared.metrics import ORDER_BY_PRIMARY
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb

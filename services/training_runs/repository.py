@@ -119,7 +119,7 @@ def _values(run: TrainingRun) -> dict[str, Any]:
         "dataset": to_json_or_none(run.dataset),
         "failure_reason": run.failure.reason if run.failure else None,
         "failure_message": run.failure.message if run.failure else None,
-        "artifacts": artifacts_toto_json_or_none(run.artifacts),
+        "artifacts": artifacts_to_json(run.artifacts),
         "facts": to_json_or_none(run.facts),
         "epoch_metrics": [e.to_json() for e in run.epoch_metrics],
         "worker_id": run.worker_id,

@@ -21,6 +21,7 @@ from nats.aio.client import Client as NATS
 from nats.aio.msg import Msg
 from nats.aio.subscription import Subscription
 
+from services.training_runs.domain import TERMINAL
 from services.training_runs.messages import event_to_proto
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.errors import NotFound
@@ -30,7 +31,8 @@ from shared.proto.raven.training.v1.training_run_pb2 import TrainingRun, Trainin
 
 log = structlog.get_logger(__name__)
 
-_TERMINAL = frozenset({TrainingRun.SUCCEEDED, TrainingRun.FAILED, TrainingRun.CANCELLED})
+# The domain's terminal states, as wire values.
+_TERMINAL = frozenset(TrainingRun.State.Value(state.value) for state in TERMINAL)
 _REPLAY_PAGE = 500
 
 

@@ -147,9 +147,7 @@ def test_a_success_report_reads_what_the_worker_sends() -> None:
     assert isinstance(report, Succeeded)
     assert report.artifacts == [Artifact(kind="checkpoint", uri="file:///m.pth", size_bytes=9)]
     assert report.facts == TrainingFacts(best_epoch=2, epochs_trained=3)
-    assert report.evaluation == Evaluation(
-        metrics={"coco/bbox_mAP": 0.4}, epoch=2, split="val"
-    )
+    assert report.evaluation == Evaluation(metrics={"coco/bbox_mAP": 0.4}, epoch=2, split="val")
     assert report.epochs == [EpochMetrics(epoch=1, train={"loss": 2.0})]
     assert report.test_evaluation is None
 

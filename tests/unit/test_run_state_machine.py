@@ -63,7 +63,12 @@ def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
     [
         lambda r: r.start_running(device="cpu", actor="a", now=NOW),
         lambda r: r.succeed(
-            artifacts=[], facts=TrainingFacts(), best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+            artifacts=[],
+            facts=TrainingFacts(),
+            best_evaluation=None,
+            epoch_metrics=[],
+            actor="a",
+            now=NOW,
         ),
         lambda r: r.cancelled(actor="a", now=NOW),
         lambda r: r.report_progress(Progress(iteration=1), actor="a", now=NOW),
@@ -84,7 +89,12 @@ def test_nothing_changes_a_finished_run():
         lambda: run.start_preparing(worker_id="w2", actor="w", now=NOW),
         lambda: run.request_cancel(reason="", actor="u", now=NOW),
         lambda: run.succeed(
-            artifacts=[], facts=TrainingFacts(), best_evaluation=None, epoch_metrics=[], actor="a", now=NOW
+            artifacts=[],
+            facts=TrainingFacts(),
+            best_evaluation=None,
+            epoch_metrics=[],
+            actor="a",
+            now=NOW,
         ),
     ):
         with pytest.raises(FailedPrecondition):

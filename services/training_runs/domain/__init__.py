@@ -16,7 +16,7 @@ from services.training_runs.domain.claims import ClaimDecision, ClaimRefusal
 from services.training_runs.domain.events import EventKind, RunEvent, StateChange
 from services.training_runs.domain.record import TEST_SPLIT, Failure
 from services.training_runs.domain.run import TrainingRun
-from services.training_runs.domain.states import TERMINAL, SYSTEM, IllegalTransition, RunState
+from services.training_runs.domain.states import SYSTEM, TERMINAL, IllegalTransition, RunState
 
 __all__ = [
     "RESUME_CHECKPOINT",

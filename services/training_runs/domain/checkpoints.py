@@ -33,7 +33,9 @@ def of_epoch(artifacts: Iterable[Artifact], epoch: int) -> Artifact | None:
     return next((a for a in stored(artifacts) if a.epoch == epoch), None)
 
 
-def with_checkpoint(artifacts: Sequence[Artifact], checkpoint: Artifact, *, epoch: int) -> list[Artifact]:
+def with_checkpoint(
+    artifacts: Sequence[Artifact], checkpoint: Artifact, *, epoch: int
+) -> list[Artifact]:
     """`artifacts` with `checkpoint` as the stored one of `epoch` (replacing an earlier one)."""
     entry = replace(checkpoint, kind=RESUME_CHECKPOINT, epoch=epoch)
     return [*(a for a in artifacts if not is_checkpoint(a) or a.epoch != epoch), entry]
@@ -67,7 +69,9 @@ def with_epoch(
     return sorted([*(e for e in series if e.epoch != epoch), entry], key=lambda e: e.epoch)
 
 
-def merged_series(live: Sequence[EpochMetrics], final: Sequence[EpochMetrics]) -> list[EpochMetrics]:
+def merged_series(
+    live: Sequence[EpochMetrics], final: Sequence[EpochMetrics]
+) -> list[EpochMetrics]:
     """The worker's series (epoch means) wins; the live one fills what it lacks: a resumed
     attempt does not know the validation of the epoch it resumed from, which the earlier
     attempt reported."""

@@ -1,6 +1,7 @@
-"""What a training run holds: its recorded state, the readings derived from it, and the
-appending of its history. Pure Python. The transitions are TrainingRun's
-(services.training_runs.domain.run)."""
+"""What a training run holds, what follows from it (the best epoch, the checkpoints to
+resume from), what a worker reports that changes no state (progress, evaluations,
+checkpoints, the prepared dataset), and the appending of the run's history. Pure Python.
+The state transitions are TrainingRun's (services.training_runs.domain.run)."""
 
 from __future__ import annotations
 
@@ -42,6 +43,8 @@ class Failure:
 
 @dataclass(slots=True, kw_only=True)
 class RunRecord:
+    """A training run's record; TrainingRun adds its state transitions."""
+
     id: uuid.UUID
     display_name: str
     labels: dict[str, str]
@@ -127,9 +130,6 @@ class RunRecord:
         self._require_active("record a prepared dataset")
         self.dataset = summary
         self._append(EventKind.DATASET_PREPARED, summary, actor, now)
-
-    def start_running(self, *, device: str, actor: str, now: datetime) -> None:
-        self._transition(RunState.RUNNING, "training", f"training on {device}", actor, now)
 
     def report_progress(self, progress: Progress, *, actor: str, now: datetime) -> bool:
         """Records progress; a report not newer than the last one is ignored (returns False)."""

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -19,6 +18,7 @@ from services.training_runs.domain.record import Failure, RunRecord
 from services.training_runs.domain.states import SYSTEM, IllegalTransition, RunState
 from shared.errors import FailedPrecondition
 from shared.payloads import Artifact, EpochMetrics, Evaluation, TrainingFacts
+
 
 class TrainingRun(RunRecord):
     """The aggregate: every change of a run's state is one of these methods."""
@@ -92,6 +92,9 @@ class TrainingRun(RunRecord):
         self.heartbeat_time = now
         if self.start_time is None:
             self.start_time = now
+
+    def start_running(self, *, device: str, actor: str, now: datetime) -> None:
+        self._transition(RunState.RUNNING, "training", f"training on {device}", actor, now)
 
     def claim(
         self, *, attempt: int, worker_id: str, max_attempts: int, now: datetime
@@ -215,4 +218,3 @@ class TrainingRun(RunRecord):
             raise FailedPrecondition(
                 f"training run {self.id} is {self.state}; cancel it before deleting it"
             )
-

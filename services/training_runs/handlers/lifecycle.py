@@ -151,4 +151,3 @@ async def retry_run(
         uow.publish(job_message(run, base, uow.subjects))
         await uow.commit()
     return run
-
