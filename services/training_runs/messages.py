@@ -14,16 +14,8 @@ from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.proto_json import parse, timestamp
 
-# The subject of each state: `training_run.<verb>`.
-LIFECYCLE_SUBJECTS = {
-    RunState.QUEUED: "queued",
-    RunState.PREPARING: "started",
-    RunState.RUNNING: "running",
-    RunState.CANCELLING: "cancelling",
-    RunState.SUCCEEDED: "succeeded",
-    RunState.FAILED: "failed",
-    RunState.CANCELLED: "cancelled",
-}
+# The lifecycle subject of each state: `training_run.<state>`, e.g. `training_run.preparing`.
+LIFECYCLE_SUBJECTS = {state: state.value.lower() for state in RunState}
 
 
 def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:

@@ -405,7 +405,7 @@ async def test_every_state_change_is_published_on_its_lifecycle_subject(
         if changed.training_run.name == run.name:
             seen[msg.subject.rsplit(".", 1)[1]] = changed
     await sub.unsubscribe()
-    assert list(seen) == ["queued", "started", "running", "failed"]
+    assert list(seen) == ["queued", "preparing", "running", "failed"]
     failed = seen["failed"]
     assert failed.training_run.failure.reason == "dataset_invalid"
     assert failed.event_id == f"{run.name.split('/')[1]}.{failed.event.sequence}"
