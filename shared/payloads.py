@@ -293,13 +293,14 @@ def artifacts_from_json(data: Sequence[Mapping[str, Any]] | None) -> list[Artifa
 
 
 def _drop_defaults(data: Json) -> Json:
-    """What proto JSON leaves out: unset messages and scalars, empty lists and maps, at
-    their default. (int64 zeros arrive here as "0".)"""
-    return {k: v for k, v in data.items() if v not in (None, "", "0", 0, 0.0, False, [], {})}
+    """What proto JSON leaves out: unset messages, and scalars, lists and maps at their
+    default."""
+    return {k: v for k, v in data.items() if v not in (None, "", 0, False, [], {})}
 
 
-def _int64(value: int) -> str:
-    return str(value)
+def _int64(value: int) -> str | None:
+    """proto JSON writes an int64 as a string; None (left out) for 0."""
+    return str(value) if value else None
 
 
 def _floats(data: Mapping[str, Any]) -> dict[str, float]:

@@ -183,3 +183,8 @@ def test_a_report_writes_the_proto_json_of_its_worker_event_field() -> None:
         assert field is not None
         stored = to_dict(getattr(message, field))
         assert report_from_json(ReportKind(field), stored).to_json() == stored
+
+
+def test_a_text_that_reads_zero_is_a_value_not_a_default() -> None:
+    artifact = common_pb2.Artifact(kind="0", sha256="0", size_bytes=0)
+    assert Artifact.from_json(to_dict(artifact)).to_json() == {"kind": "0", "sha256": "0"}
