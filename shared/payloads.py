@@ -9,6 +9,7 @@ how the wire translation builds protobuf messages from them.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Self, TypeVar
@@ -120,11 +121,11 @@ class Evaluation:
     def to_json(self) -> Json:
         return _drop_defaults(
             {
-                "metrics": dict(self.metrics),
+                "metrics": _doubles(self.metrics),
                 "epoch": self.epoch,
                 "split": self.split,
-                "per_class_ap": dict(self.per_class_ap),
-                "iou_thresholds": list(self.iou_thresholds),
+                "per_class_ap": _doubles(self.per_class_ap),
+                "iou_thresholds": [_double(t) for t in self.iou_thresholds],
                 "image_count": self.image_count,
             }
         )
@@ -161,9 +162,9 @@ class Progress:
                 "max_epochs": self.max_epochs,
                 "iteration": _int64(self.iteration),
                 "max_iterations": _int64(self.max_iterations),
-                "loss": self.loss,
-                "losses": dict(self.losses),
-                "learning_rate": self.learning_rate,
+                "loss": _double(self.loss),
+                "losses": _doubles(self.losses),
+                "learning_rate": _double(self.learning_rate),
                 "eta": _duration(self.eta_s) if self.eta_s is not None else None,
             }
         )
@@ -252,7 +253,7 @@ class EpochMetrics:
 
     def to_json(self) -> Json:
         # The stored series keeps every key, empty or not.
-        return {"epoch": self.epoch, "train": dict(self.train), "val": dict(self.val)}
+        return {"epoch": self.epoch, "train": _doubles(self.train), "val": _doubles(self.val)}
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
@@ -305,6 +306,18 @@ def _int64(value: int) -> str | None:
 
 def _floats(data: Mapping[str, Any]) -> dict[str, float]:
     return {str(k): float(v) for k, v in data.items()}
+
+
+def _double(value: float) -> float | str:
+    """proto JSON writes a double that is not finite as "NaN", "Infinity" or "-Infinity"
+    (which a JSON column could not hold as a number)."""
+    if math.isfinite(value):
+        return value
+    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+
+
+def _doubles(data: Mapping[str, float]) -> dict[str, float | str]:
+    return {k: _double(v) for k, v in data.items()}
 
 
 def _duration(seconds: float) -> str:

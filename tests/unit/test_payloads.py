@@ -188,3 +188,9 @@ def test_a_report_writes_the_proto_json_of_its_worker_event_field() -> None:
 def test_a_text_that_reads_zero_is_a_value_not_a_default() -> None:
     artifact = common_pb2.Artifact(kind="0", sha256="0", size_bytes=0)
     assert Artifact.from_json(to_dict(artifact)).to_json() == {"kind": "0", "sha256": "0"}
+
+
+def test_a_metric_that_is_not_finite_is_stored_as_proto_json_writes_it() -> None:
+    message = common_pb2.Evaluation(metrics={"a": float("nan"), "b": float("inf")}, epoch=1)
+    stored = to_dict(message)
+    assert Evaluation.from_json(stored).to_json() == stored
