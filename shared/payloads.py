@@ -9,22 +9,12 @@ how the wire translation builds protobuf messages from them.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, Self, TypeVar
+from typing import Any, Self
 
-Json = dict[str, Any]
-
-
-class Payload(Protocol):
-    def to_json(self) -> Json: ...
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Self: ...
-
-
-P = TypeVar("P", bound=Payload)
+from shared import json_shape
+from shared.json_shape import Json
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -37,11 +27,11 @@ class Artifact:
     epoch: int | None = None
 
     def to_json(self) -> Json:
-        data = _drop_defaults(
+        data = json_shape.drop_defaults(
             {
                 "kind": self.kind,
                 "uri": self.uri,
-                "size_bytes": _int64(self.size_bytes),
+                "size_bytes": json_shape.int64(self.size_bytes),
                 "sha256": self.sha256,
             }
         )
@@ -75,7 +65,7 @@ class DatasetSummary:
     split_source: str = ""
 
     def to_json(self) -> Json:
-        return _drop_defaults(
+        return json_shape.drop_defaults(
             {
                 "fingerprint": self.fingerprint,
                 "image_count": self.image_count,
@@ -85,7 +75,7 @@ class DatasetSummary:
                 "train_image_count": self.train_image_count,
                 "val_image_count": self.val_image_count,
                 "test_image_count": self.test_image_count,
-                "split_seed": _int64(self.split_seed),
+                "split_seed": json_shape.int64(self.split_seed),
                 "split_source": self.split_source,
             }
         )
@@ -119,13 +109,13 @@ class Evaluation:
     image_count: int = 0
 
     def to_json(self) -> Json:
-        return _drop_defaults(
+        return json_shape.drop_defaults(
             {
-                "metrics": _doubles(self.metrics),
+                "metrics": json_shape.doubles(self.metrics),
                 "epoch": self.epoch,
                 "split": self.split,
-                "per_class_ap": _doubles(self.per_class_ap),
-                "iou_thresholds": [_double(t) for t in self.iou_thresholds],
+                "per_class_ap": json_shape.doubles(self.per_class_ap),
+                "iou_thresholds": [json_shape.double(t) for t in self.iou_thresholds],
                 "image_count": self.image_count,
             }
         )
@@ -133,10 +123,10 @@ class Evaluation:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         return cls(
-            metrics=_floats(data.get("metrics", {})),
+            metrics=json_shape.floats(data.get("metrics", {})),
             epoch=int(data.get("epoch", 0)),
             split=str(data.get("split", "")),
-            per_class_ap=_floats(data.get("per_class_ap", {})),
+            per_class_ap=json_shape.floats(data.get("per_class_ap", {})),
             iou_thresholds=tuple(float(t) for t in data.get("iou_thresholds", ())),
             image_count=int(data.get("image_count", 0)),
         )
@@ -156,16 +146,16 @@ class Progress:
     eta_s: float | None = None
 
     def to_json(self) -> Json:
-        return _drop_defaults(
+        return json_shape.drop_defaults(
             {
                 "epoch": self.epoch,
                 "max_epochs": self.max_epochs,
-                "iteration": _int64(self.iteration),
-                "max_iterations": _int64(self.max_iterations),
-                "loss": _double(self.loss),
-                "losses": _doubles(self.losses),
-                "learning_rate": _double(self.learning_rate),
-                "eta": _duration(self.eta_s) if self.eta_s is not None else None,
+                "iteration": json_shape.int64(self.iteration),
+                "max_iterations": json_shape.int64(self.max_iterations),
+                "loss": json_shape.double(self.loss),
+                "losses": json_shape.doubles(self.losses),
+                "learning_rate": json_shape.double(self.learning_rate),
+                "eta": json_shape.duration(self.eta_s) if self.eta_s is not None else None,
             }
         )
 
@@ -178,9 +168,9 @@ class Progress:
             iteration=int(data.get("iteration", 0)),
             max_iterations=int(data.get("max_iterations", 0)),
             loss=float(data.get("loss", 0.0)),
-            losses=_floats(data.get("losses", {})),
+            losses=json_shape.floats(data.get("losses", {})),
             learning_rate=float(data.get("learning_rate", 0.0)),
-            eta_s=_seconds(eta) if eta is not None else None,
+            eta_s=json_shape.seconds(eta) if eta is not None else None,
         )
 
 
@@ -191,7 +181,7 @@ class DataLoading:
     pin_memory: bool = False
 
     def to_json(self) -> Json:
-        return _drop_defaults(
+        return json_shape.drop_defaults(
             {
                 "workers": self.workers,
                 "persistent_workers": self.persistent_workers,
@@ -219,12 +209,14 @@ class TrainingFacts:
     data_loading: DataLoading | None = None
 
     def to_json(self) -> Json:
-        return _drop_defaults(
+        return json_shape.drop_defaults(
             {
-                "duration": _duration(self.duration_s) if self.duration_s is not None else None,
+                "duration": json_shape.duration(self.duration_s)
+                if self.duration_s is not None
+                else None,
                 "epochs_trained": self.epochs_trained,
                 "best_epoch": self.best_epoch,
-                "parameter_count": _int64(self.parameter_count),
+                "parameter_count": json_shape.int64(self.parameter_count),
                 "device": self.device,
                 "data_loading": self.data_loading.to_json() if self.data_loading else None,
             }
@@ -234,7 +226,7 @@ class TrainingFacts:
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         duration, loading = data.get("duration"), data.get("data_loading")
         return cls(
-            duration_s=_seconds(duration) if duration is not None else None,
+            duration_s=json_shape.seconds(duration) if duration is not None else None,
             epochs_trained=int(data.get("epochs_trained", 0)),
             best_epoch=int(data.get("best_epoch", 0)),
             parameter_count=int(data.get("parameter_count", 0)),
@@ -253,14 +245,18 @@ class EpochMetrics:
 
     def to_json(self) -> Json:
         # The stored series keeps every key, empty or not.
-        return {"epoch": self.epoch, "train": _doubles(self.train), "val": _doubles(self.val)}
+        return {
+            "epoch": self.epoch,
+            "train": json_shape.doubles(self.train),
+            "val": json_shape.doubles(self.val),
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         return cls(
             epoch=int(data.get("epoch", 0)),
-            train=_floats(data.get("train", {})),
-            val=_floats(data.get("val", {})),
+            train=json_shape.floats(data.get("train", {})),
+            val=json_shape.floats(data.get("val", {})),
         )
 
 
@@ -270,19 +266,11 @@ class Notice:
     message: str = ""
 
     def to_json(self) -> Json:
-        return _drop_defaults({"code": self.code, "message": self.message})
+        return json_shape.drop_defaults({"code": self.code, "message": self.message})
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> Self:
         return cls(code=str(data.get("code", "")), message=str(data.get("message", "")))
-
-
-def to_json_or_none(value: Payload | None) -> Json | None:
-    return value.to_json() if value is not None else None
-
-
-def from_json_or_none(cls: type[P], data: Mapping[str, Any] | None) -> P | None:
-    return cls.from_json(data) if data is not None else None
 
 
 def artifacts_to_json(artifacts: Sequence[Artifact]) -> list[Json]:
@@ -291,50 +279,3 @@ def artifacts_to_json(artifacts: Sequence[Artifact]) -> list[Json]:
 
 def artifacts_from_json(data: Sequence[Mapping[str, Any]] | None) -> list[Artifact]:
     return [Artifact.from_json(a) for a in data or ()]
-
-
-def _drop_defaults(data: Json) -> Json:
-    """What proto JSON leaves out: unset messages, and scalars, lists and maps at their
-    default."""
-    return {k: v for k, v in data.items() if v not in (None, "", 0, False, [], {})}
-
-
-def _int64(value: int) -> str | None:
-    """proto JSON writes an int64 as a string; None (left out) for 0."""
-    return str(value) if value else None
-
-
-def _floats(data: Mapping[str, Any]) -> dict[str, float]:
-    return {str(k): float(v) for k, v in data.items()}
-
-
-def _double(value: float) -> float | str:
-    """proto JSON writes a double that is not finite as "NaN", "Infinity" or "-Infinity"
-    (which a JSON column could not hold as a number)."""
-    if math.isfinite(value):
-        return value
-    return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-
-
-def _doubles(data: Mapping[str, float]) -> dict[str, float | str]:
-    return {k: _double(v) for k, v in data.items()}
-
-
-def _duration(seconds: float) -> str:
-    """A Duration's proto JSON: "3s", "1.500s", "0.000001s" (3, 6 or 9 decimals)."""
-    nanos_total = round(seconds * 1e9)
-    whole, nanos = divmod(abs(nanos_total), 1_000_000_000)
-    sign = "-" if nanos_total < 0 else ""
-    if nanos == 0:
-        return f"{sign}{whole}s"
-    if nanos % 1_000_000 == 0:
-        return f"{sign}{whole}.{nanos // 1_000_000:03d}s"
-    if nanos % 1000 == 0:
-        return f"{sign}{whole}.{nanos // 1000:06d}s"
-    return f"{sign}{whole}.{nanos:09d}s"
-
-
-def _seconds(duration: str | float) -> float:
-    if isinstance(duration, str):
-        return float(duration.removesuffix("s"))
-    return float(duration)

@@ -12,18 +12,17 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
 
+from shared.json_shape import Json, to_json_or_none
 from shared.payloads import (
     Artifact,
     DatasetSummary,
     EpochMetrics,
     Evaluation,
-    Json,
     Notice,
     Progress,
     TrainingFacts,
     artifacts_from_json,
     artifacts_to_json,
-    to_json_or_none,
 )
 
 

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
 from services.training_runs.domain.events import payload_from_json
 from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
+from shared.json_shape import from_json_or_none, to_json_or_none
 from shared.pagination import Cursor
 from shared.payloads import (
     DatasetSummary,
@@ -24,8 +25,6 @@ from shared.payloads import (
     TrainingFacts,
     artifacts_from_json,
     artifacts_to_json,
-    from_json_or_none,
-    to_json_or_none,
 )
 
 

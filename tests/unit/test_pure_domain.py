@@ -15,6 +15,7 @@ PURE = (
     "services.training_runs.domain",
     "services.trained_models.domain",
     "shared.metrics",
+    "shared.json_shape",
     "shared.payloads",
     "shared.reports",
     "trainer_worker.protocol",

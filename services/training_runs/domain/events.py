@@ -10,7 +10,8 @@ from enum import StrEnum
 from typing import Any, Self
 
 from services.training_runs.domain.states import RunState
-from shared.payloads import DatasetSummary, Evaluation, Json, Notice, Progress
+from shared.json_shape import Json
+from shared.payloads import DatasetSummary, Evaluation, Notice, Progress
 
 # The state a new run comes from, in its first history entry.
 NO_STATE = "STATE_UNSPECIFIED"
