@@ -14,7 +14,6 @@ from typing import Any
 from urllib.parse import unquote, urlparse
 
 import structlog
-from sqlalchemy.exc import IntegrityError
 
 from services.training_runs.domain import Claim, RunEvent, RunState, TrainingRun
 from services.training_runs.messages import job_message
@@ -127,15 +126,14 @@ async def create_run(
             request_hash=command.request_hash,
             now=clock(),
         )
-        uow.add(run)
+        uow.runs.add(run)
         uow.publish(job_message(run, base, uow.subjects))
         try:
             await uow.commit()
-        except IntegrityError:
+        except AlreadyExists:
             # The same request raced this one and committed first.
             if request_id is None:
                 raise
-            await uow.session.rollback()
             existing = await _repeated(uow, command, request_id)
             if existing is None:
                 raise
@@ -260,7 +258,6 @@ async def update_run(
         run = await _locked(uow, run_id)
         _check_etag(run, etag)
         run.rename(display_name=display_name, labels=labels, now=clock())
-        uow.changed(run)
         await uow.commit()
     return run
 
@@ -271,7 +268,6 @@ async def cancel_run(
     async with uow:
         run = await _locked(uow, run_id)
         run.request_cancel(reason=reason, actor=actor, now=clock())
-        uow.changed(run)
         await uow.commit()
     return run
 
@@ -283,7 +279,7 @@ async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str, storage: 
         run = await _locked(uow, run_id)
         _check_etag(run, etag)
         run.ensure_deletable()
-        await uow.runs.delete(run_id)
+        uow.runs.delete(run)
         await uow.commit()
     work_dir = storage.artifact_root / "runs" / str(run_id)
     await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
@@ -328,7 +324,7 @@ async def retry_run(
         run = original.retried(
             creator=creator, request_id=parsed_request_id, request_hash=request_hash, now=clock()
         )
-        uow.add(run)
+        uow.runs.add(run)
         uow.publish(job_message(run, base, uow.subjects))
         await uow.commit()
     return run
@@ -351,7 +347,6 @@ async def claim_job(
         claim = run.claim(
             attempt=attempt, worker_id=worker_id, max_attempts=max_attempts, now=clock()
         )
-        uow.changed(run)
         await uow.commit()
     log.info(
         "job claimed" if claim.granted else "job claim refused",
@@ -379,7 +374,6 @@ async def recover_lost_runs(
             assert run.heartbeat_time is not None
             silent_s = (now - run.heartbeat_time).total_seconds()
             run.lose_worker(max_attempts=max_attempts, silent_s=silent_s, now=now)
-            uow.changed(run)
             if run.state is RunState.QUEUED:
                 base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
                 uow.publish(job_message(run, base, uow.subjects))
@@ -423,6 +417,11 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
     """Applies what a worker reported, once. Returns False when the report was
     ignored: a duplicate, a stale attempt, or a run that no longer accepts it."""
     async with uow:
+        if report.kind == "heartbeat" and await uow.runs.record_heartbeat(
+            report.run_id, attempt=report.attempt, time=report.time
+        ):
+            await uow.commit()
+            return True
         run = await uow.runs.get(report.run_id, for_update=True)
         if run is None:
             log.warning("report for an unknown run", run_id=str(report.run_id), kind=report.kind)
@@ -435,7 +434,6 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
             return False
         if report.kind == "heartbeat":
             run.heartbeat(now=report.time)
-            uow.changed(run)
             await uow.commit()
             return True
         if not await uow.runs.mark_processed(WORKER_EVENTS_CONSUMER, report.event_id):
@@ -446,7 +444,6 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
             log.warning("report refused", run_id=str(run.id), kind=report.kind, error=error.message)
             return False
         if applied:
-            uow.changed(run)
             if report.kind == "released" and run.state is RunState.QUEUED:
                 base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
                 uow.publish(job_message(run, base, uow.subjects))
