@@ -70,8 +70,8 @@ class TrackingRepository(Generic[A]):
         self._session = session
         self._tracking = tracking
         self._tracked: dict[uuid.UUID, _Tracked[A]] = {}
-        # What the last flush wrote.
-        self._written: list[_Tracked[A]] = []
+        # What the last flush wrote, and how.
+        self._written: list[tuple[_Tracked[A], Change]] = []
 
     # What subclasses provide.
 
@@ -106,7 +106,9 @@ class TrackingRepository(Generic[A]):
 
     async def _delete(self, aggregate: A, *, version: int) -> None:
         result = await self._session.execute(
-            delete(self.table).where(self.table.c.id == aggregate.id, self.table.c.version == version)
+            delete(self.table).where(
+                self.table.c.id == aggregate.id, self.table.c.version == version
+            )
         )
         if not result.rowcount:  # type: ignore[attr-defined]
             raise Conflict(f"{self.noun} {aggregate.id} was changed concurrently")
@@ -126,7 +128,9 @@ class TrackingRepository(Generic[A]):
 
     def _inserted(self, aggregate: A) -> None:
         """Tracks an aggregate the repository inserted itself: announced, not written again."""
-        self._tracked[aggregate.id] = _Tracked(aggregate, _State.INSERTED, self._snapshot(aggregate))
+        self._tracked[aggregate.id] = _Tracked(
+            aggregate, _State.INSERTED, self._snapshot(aggregate)
+        )
 
     def _removed(self, aggregate: A) -> None:
         tracked = self._tracked.get(aggregate.id)
@@ -148,48 +152,47 @@ class TrackingRepository(Generic[A]):
         return copy.deepcopy(self._row(aggregate))
 
     async def flush(self) -> list[tuple[A, Change]]:
-        """Writes what changed since the aggregates were loaded; what it wrote."""
+        """Writes what changed since the aggregates were loaded; what it wrote, in order."""
         by_id = {id(t.aggregate): t for t in self._tracked.values()}
-        written: list[tuple[A, Change]] = []
         self._written = []
         for aggregate in self._write_order([t.aggregate for t in self._tracked.values()]):
             tracked = by_id[id(aggregate)]
-            if tracked.state is _State.REMOVED:
-                assert tracked.loaded is not None
-                await self._delete(aggregate, version=tracked.loaded["version"])
-                written.append((aggregate, Change.REMOVED))
-                self._written.append(tracked)
-                continue
-            row = self._row(aggregate)
-            if tracked.state is _State.NEW:
-                try:
-                    await self._insert(aggregate, row)
-                except IntegrityError as error:
-                    constraint = unique_violation(error)
-                    if constraint is None:
-                        raise
-                    # Not written, and never will be: the use case may go on without it.
-                    del self._tracked[aggregate.id]
-                    raise self._already_exists(aggregate, constraint) from error
-                written.append((aggregate, Change.ADDED))
-                self._written.append(tracked)
-                continue
-            assert tracked.loaded is not None
-            changes = {k: v for k, v in row.items() if tracked.loaded.get(k) != v}
-            if tracked.state is _State.INSERTED:
-                await self._update(aggregate, changes, version=tracked.loaded["version"])
-                written.append((aggregate, Change.ADDED))
-                self._written.append(tracked)
-            elif self._has_changes(aggregate, changes):
-                await self._update(aggregate, changes, version=tracked.loaded["version"])
-                written.append((aggregate, Change.CHANGED))
-                self._written.append(tracked)
-        return written
+            change = await self._write(tracked)
+            if change is not None:
+                self._written.append((tracked, change))
+        return [(tracked.aggregate, change) for tracked, change in self._written]
+
+    async def _write(self, tracked: _Tracked[A]) -> Change | None:
+        aggregate = tracked.aggregate
+        if tracked.state is _State.NEW:
+            try:
+                await self._insert(aggregate, self._row(aggregate))
+            except IntegrityError as error:
+                constraint = unique_violation(error)
+                if constraint is None:
+                    raise
+                # Not written, and never will be: the use case may go on without it.
+                del self._tracked[aggregate.id]
+                raise self._already_exists(aggregate, constraint) from error
+            return Change.ADDED
+        assert tracked.loaded is not None
+        version = tracked.loaded["version"]
+        if tracked.state is _State.REMOVED:
+            await self._delete(aggregate, version=version)
+            return Change.REMOVED
+        changes = {k: v for k, v in self._row(aggregate).items() if tracked.loaded.get(k) != v}
+        if tracked.state is _State.INSERTED:
+            await self._update(aggregate, changes, version=version)
+            return Change.ADDED
+        if not self._has_changes(aggregate, changes):
+            return None
+        await self._update(aggregate, changes, version=version)
+        return Change.CHANGED
 
     def committed(self) -> None:
         """After the commit: what was written is the new loaded state."""
-        for tracked in self._written:
-            if tracked.state is _State.REMOVED:
+        for tracked, change in self._written:
+            if change is Change.REMOVED:
                 del self._tracked[tracked.aggregate.id]
                 continue
             self._committed(tracked.aggregate)

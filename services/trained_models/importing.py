@@ -22,14 +22,15 @@ import structlog
 from services.trained_models import artifacts, import_files
 from services.trained_models.domain import Origin, TrainedModel
 from services.trained_models.handlers import Clock, utcnow, validate_edit
-from services.trained_models.unit_of_work import UnitOfWork
-from shared import model_config
 from services.trained_models.import_files import FILE_NAMES
 from services.trained_models.import_files import Part as Part
+from services.trained_models.unit_of_work import UnitOfWork
+from shared import model_config
 from shared.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
 from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ImportCommand:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, and_, func, literal, or_, select, true, tuple_, update
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
@@ -234,4 +234,6 @@ class TrainedModelRepository(TrackingRepository[TrainedModel]):
         query = (
             select(trained_models).where(and_(true(), *conditions)).order_by(*order).limit(limit)
         )
-        return [self._loaded(rows.to_model(row)) for row in (await self._session.execute(query)).all()]
+        return [
+            self._loaded(rows.to_model(row)) for row in (await self._session.execute(query)).all()
+        ]

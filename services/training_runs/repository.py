@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
@@ -153,7 +153,9 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         else:
             order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
         query = query.where(*conditions).order_by(*order).limit(limit)
-        return [self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()]
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
 
     async def events(
         self, run_id: uuid.UUID, *, after_sequence: int, limit: int
@@ -182,7 +184,9 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
             .limit(limit)
             .with_for_update(of=training_runs, skip_locked=True)
         )
-        return [self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()]
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
 
     async def base_model(self, model_id: uuid.UUID, *, lock: bool = False) -> BaseModel | None:
         """The model a run fine-tunes. `lock` holds it (FOR SHARE) until the transaction

@@ -601,10 +601,17 @@ async def refusing_trigger(engine: AsyncEngine) -> AsyncIterator[None]:
         )
         await connection.execute(
             text(
+                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN"
+                " IF EXISTS (SELECT 1 FROM training_runs WHERE display_name = 'unaudited') THEN"
+                " RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW;"
+                " END $$ LANGUAGE plpgsql"
+            )
+        )
+        await connection.execute(
+            text(
                 "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_records FOR EACH ROW"
-                " WHEN (NEW.outcome = 'OK' AND NEW.rpc LIKE '%UpdateTrainingRun'"
-                " AND EXISTS (SELECT 1 FROM training_runs WHERE display_name = 'unaudited'))"
-                " EXECUTE FUNCTION refuse_write()"
+                " WHEN (NEW.outcome = 'OK' AND NEW.rpc LIKE '%UpdateTrainingRun')"
+                " EXECUTE FUNCTION refuse_audit()"
             )
         )
     yield
@@ -612,6 +619,7 @@ async def refusing_trigger(engine: AsyncEngine) -> AsyncIterator[None]:
         await connection.execute(text("DROP TRIGGER refuse_rename ON training_runs"))
         await connection.execute(text("DROP TRIGGER refuse_audit ON audit_records"))
         await connection.execute(text("DROP FUNCTION refuse_write()"))
+        await connection.execute(text("DROP FUNCTION refuse_audit()"))
 
 
 @pytest.mark.parametrize("display_name", ["refused", "unaudited"])

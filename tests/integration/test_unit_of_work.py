@@ -167,7 +167,9 @@ async def test_a_duplicate_insert_is_already_exists_and_the_unit_of_work_goes_on
         existing.rename(display_name="the first", labels=None, now=datetime.now(UTC))
         await unit.commit()
 
-    name = await scalar(engine, "SELECT display_name FROM training_runs WHERE id = :id", id=first.id)
+    name = await scalar(
+        engine, "SELECT display_name FROM training_runs WHERE id = :id", id=first.id
+    )
     assert name == "the first"
     assert await outbox_ids(engine, f"%{again.id}%") == []
     count = await scalar(engine, "SELECT count(*) FROM training_runs WHERE id = :id", id=again.id)
