@@ -1,19 +1,28 @@
-"""One transaction per use case, with the outbox messages it produces.
+"""One transaction per use case: the aggregates it changed, their events as outbox
+messages and the audit record of the call, written together or not at all.
 
-Handlers never commit on their own: they call `commit()` once, which writes
-the aggregates (through the subclass's `flush`), the outbox rows, and commits.
+Repositories track the aggregates they load or add (`shared.repository`, an identity
+map per unit of work). Handlers mutate aggregates and call `commit()` once; it writes
+each tracked aggregate that changed (only its changed columns, and only if its row
+still has the version it was loaded at), turns the new events of each into outbox
+rows, adds the pending audit record of the call (`shared.auth.audit.pending_change`),
+and commits. Handlers never see the session nor write rows themselves.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import replace
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared import outbox
+from shared.auth import audit
 from shared.messaging import Subjects
 from shared.outbox import OutboxMessage
+from shared.repository import Change, TrackingRepository
 
 
 class SqlUnitOfWork:
@@ -36,6 +45,11 @@ class SqlUnitOfWork:
         self._reading = self._read_sessions is not None
         return self
 
+    @property
+    def tracking(self) -> bool:
+        """Whether repositories track what they load (not in a block opened for reading)."""
+        return not self._reading
+
     async def __aenter__(self) -> Self:
         if self._reading:
             assert self._read_sessions is not None
@@ -44,7 +58,7 @@ class SqlUnitOfWork:
             self.session = self._sessions()
             await self.session.begin()
         self._messages: list[OutboxMessage] = []
-        self.enter()
+        self._repositories = self.enter()
         return self
 
     async def __aexit__(
@@ -57,24 +71,57 @@ class SqlUnitOfWork:
         await self.session.close()
         self._reading = False
 
-    def enter(self) -> None:
-        """Builds the repositories on `self.session`."""
+    def enter(self) -> Sequence[TrackingRepository[Any]]:
+        """Builds the repositories on `self.session`; those whose aggregates commit writes."""
+        return ()
 
-    async def flush(self) -> list[OutboxMessage]:
-        """Writes pending aggregates; returns the messages they produced."""
+    def outbox_messages(self, aggregate: Any, change: Change) -> list[OutboxMessage]:
+        """The messages that announce what a commit did to an aggregate."""
         return []
 
-    def after_commit(self) -> None:
-        """Forgets what was just written."""
+    def resource_name(self, aggregate: Any) -> str:
+        """The aggregate's resource name, for the audit record of the call."""
+        return ""
 
     def publish(self, message: OutboxMessage) -> None:
+        """A message that is no aggregate's event (a training job), sent with the commit."""
         self._messages.append(message)
 
     async def commit(self) -> None:
+        """Writes everything or nothing. A commit that raises (Conflict, AlreadyExists)
+        leaves the transaction as it was before the call, less the messages published
+        for it: the use case may go on in this unit of work."""
         if self._reading:
             raise RuntimeError("a unit of work opened for reading cannot commit")
-        messages = [*self._messages, *await self.flush()]
-        await outbox.add(self.session, messages)
+        call = audit.pending_change()
+        try:
+            async with self.session.begin_nested():
+                written: list[tuple[Any, Change]] = []
+                for repository in self._repositories:
+                    written.extend(await repository.flush())
+                messages = list(self._messages)
+                for aggregate, change in written:
+                    messages.extend(self.outbox_messages(aggregate, change))
+                await outbox.add(self.session, messages)
+                if call is not None:
+                    entry = self._audit_entry(call.entry, written)
+                    await audit.write(self.session, entry, self.subjects)
+        except BaseException:
+            self._messages.clear()
+            raise
         await self.session.commit()
+        if call is not None:
+            call.written = True
         self._messages.clear()
-        self.after_commit()
+        for repository in self._repositories:
+            repository.committed()
+
+    def _audit_entry(self, entry: audit.Entry, written: list[tuple[Any, Change]]) -> audit.Entry:
+        """The call's record names what it created, else what its request named, else
+        what it changed (as the response would: `Create...` answers with the new one)."""
+        added = [a for a, change in written if change is Change.ADDED]
+        if added:
+            return replace(entry, resource=self.resource_name(added[0]))
+        if not entry.resource and written:
+            return replace(entry, resource=self.resource_name(written[0][0]))
+        return entry

@@ -18,6 +18,14 @@ class Origin(enum.StrEnum):
     IMPORT = "import"
 
 
+class ModelEvent(enum.StrEnum):
+    """A change of a model, announced as `trained_model.<value>` once committed."""
+
+    UPDATED = "updated"
+    PUBLISHED = "published"
+    UNPUBLISHED = "unpublished"
+
+
 @dataclass(slots=True, kw_only=True)
 class TrainedModel:
     id: uuid.UUID
@@ -48,6 +56,8 @@ class TrainedModel:
     origin: Origin = Origin.RUN
     request_id: uuid.UUID | None = None
     version: int = 1
+    # Changes since the model was loaded; the unit of work announces them.
+    new_events: list[ModelEvent] = field(default_factory=list)
 
     @property
     def etag(self) -> str:
@@ -76,7 +86,7 @@ class TrainedModel:
             self.description = description
         if labels is not None:
             self.labels = dict(labels)
-        self._changed(now)
+        self._changed(now, ModelEvent.UPDATED)
 
     def publish(self, *, channel: str, actor: str, now: datetime) -> bool:
         """Puts the model in `channel`; False when it already is there (nothing changes)."""
@@ -91,7 +101,7 @@ class TrainedModel:
         self.channel = channel
         self.publish_time = now
         self.published_by = actor
-        self._changed(now)
+        self._changed(now, ModelEvent.PUBLISHED)
         return True
 
     def unpublish(self, *, now: datetime) -> str:
@@ -103,7 +113,7 @@ class TrainedModel:
         self.channel = None
         self.publish_time = None
         self.published_by = None
-        self._changed(now)
+        self._changed(now, ModelEvent.UNPUBLISHED)
         return channel
 
     def ensure_publishable(
@@ -142,9 +152,10 @@ class TrainedModel:
                 "unpublish it first"
             )
 
-    def _changed(self, now: datetime) -> None:
+    def _changed(self, now: datetime, event: ModelEvent) -> None:
         self.update_time = now
         self.version += 1
+        self.new_events.append(event)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

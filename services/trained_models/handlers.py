@@ -14,7 +14,6 @@ import structlog
 
 from services.trained_models import artifacts
 from services.trained_models.domain import Lineage, TrainedModel
-from services.trained_models.messages import created_message, lifecycle_message
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import limits
@@ -56,7 +55,6 @@ async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
             return False
         if not await uow.models.add_if_absent(model):
             return False
-        uow.publish(created_message(model, uow.subjects))
         await uow.commit()
     log.info("trained model registered", model_id=str(model.id), run_id=str(model.training_run_id))
     return True
@@ -79,7 +77,7 @@ async def list_models(
 
 async def lineage(uow: UnitOfWork, model_id: uuid.UUID, *, depth: int) -> Lineage:
     async with uow.reading():
-        result = await uow.models.lineage(model_id, max_depth=min(depth, MAX_LINEAGE_DEPTH))
+        result = await uow.lineage.get(model_id, max_depth=min(depth, MAX_LINEAGE_DEPTH))
     if not result.ancestors:
         raise NotFound(f"trained model {model_id} does not exist")
     return result
@@ -143,11 +141,7 @@ async def update_model(
         if model is None:
             raise NotFound(f"trained model {model_id} does not exist")
         check_etag(model, edit.etag)
-        version = model.version
         model.edit(now=clock(), **changes)
-        if not await uow.models.save(model, expected_version=version):
-            raise Conflict(f"trained model {model_id} was changed concurrently")
-        uow.publish(lifecycle_message("updated", model, uow.subjects))
         await uow.commit()
     return model
 
@@ -177,8 +171,7 @@ async def delete_model(
                 f"trained model {model_id} is the base model of trainingRuns/{run_id}, "
                 f"which is {state} and {what}"
             )
-        await uow.models.delete(model, actor=actor)
-        uow.publish(lifecycle_message("deleted", model, uow.subjects))
+        uow.models.delete(model, actor=actor)
         await uow.commit()
     log.info("trained model deleted", model_id=str(model_id))
     await remove_deleted_files(uow, storage, model_id=model_id)

@@ -12,31 +12,24 @@ removes what it wrote, uploaded objects included.
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import os
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import structlog
-from sqlalchemy.exc import IntegrityError
 
-from services.trained_models import artifacts
+from services.trained_models import artifacts, import_files
 from services.trained_models.domain import Origin, TrainedModel
 from services.trained_models.handlers import Clock, utcnow, validate_edit
-from services.trained_models.messages import created_message
+from services.trained_models.import_files import FILE_NAMES
+from services.trained_models.import_files import Part as Part
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import model_config
-from shared.errors import FieldViolation, InvalidArgument, Unavailable, Violations
-from shared.storage import ObjectNotFound, Storage, StorageError, UnsupportedUri
+from shared.errors import AlreadyExists, FieldViolation, InvalidArgument, Violations
+from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
-
-# Upload parts: ("config" | "checkpoint", bytes).
-Part = tuple[str, bytes]
-FILE_NAMES = {"config": "config.py", "checkpoint": "checkpoint.pth"}
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -58,13 +51,6 @@ class ImportPolicy:
     storage: Storage
     verify_timeout_s: float
     max_bytes: int
-
-
-@dataclass(slots=True)
-class _Staged:
-    path: Path
-    size: int = 0
-    digest: Any = field(default_factory=hashlib.sha256)
 
 
 def _validate(command: ImportCommand) -> uuid.UUID | None:
@@ -101,55 +87,11 @@ def _validate(command: ImportCommand) -> uuid.UUID | None:
     return request_id
 
 
-async def _receive(parts: AsyncIterator[Part], folder: Path, max_bytes: int) -> dict[str, _Staged]:
-    staged: dict[str, _Staged] = {}
-    files: dict[str, Any] = {}
-    total = 0
-    try:
-        async for kind, chunk in parts:
-            if kind not in staged:
-                staged[kind] = _Staged(folder / FILE_NAMES[kind])
-                # Opened in this task: a file opened by a thread after a cancelled call's
-                # staging folder was removed would bring the folder back.
-                files[kind] = staged[kind].path.open("wb")
-            total += len(chunk)
-            if total > max_bytes:
-                raise InvalidArgument(
-                    [FieldViolation(f"{kind}_chunk", f"the upload exceeds {max_bytes} bytes")]
-                )
-            staged[kind].size += len(chunk)
-            staged[kind].digest.update(chunk)
-            await asyncio.to_thread(files[kind].write, chunk)
-    finally:
-        for file in files.values():
-            await asyncio.to_thread(file.close)
-    return staged
-
-
-def _copy_in(uri: str, kind: str, folder: Path, storage: Storage) -> tuple[Path, int, str]:
-    field_name = f"metadata.{kind}_uri"
-    if not storage.owns(uri):
-        raise InvalidArgument([FieldViolation(field_name, "not a file in the artifact store")])
-    # The model owns a copy: deleting it later must not delete the caller's file.
-    target = folder / FILE_NAMES[kind]
-    try:
-        stored = storage.get_file(uri, target)
-    except ObjectNotFound:
-        raise InvalidArgument([FieldViolation(field_name, f"{uri} does not exist")]) from None
-    except UnsupportedUri:
-        raise InvalidArgument(
-            [FieldViolation(field_name, "not a file in the artifact store")]
-        ) from None
-    except StorageError as error:
-        raise Unavailable(f"the {kind} at {uri} cannot be read: {error}") from None
-    return target, stored.size_bytes, stored.sha256
-
-
 async def _stage(
     command: ImportCommand, parts: AsyncIterator[Part], folder: Path, policy: ImportPolicy
 ) -> dict[str, tuple[Path, int, str]]:
     """The staged files by kind: (path, size, sha256)."""
-    staged = await _receive(parts, folder, policy.max_bytes)
+    staged = await import_files.receive(parts, folder, policy.max_bytes)
     if command.config_uri:
         if staged:
             raise InvalidArgument(
@@ -157,7 +99,7 @@ async def _stage(
             )
         uris = {"config": command.config_uri, "checkpoint": command.checkpoint_uri}
         return {
-            kind: await asyncio.to_thread(_copy_in, uri, kind, folder, policy.storage)
+            kind: await asyncio.to_thread(import_files.copy_in, uri, kind, folder, policy.storage)
             for kind, uri in uris.items()
         }
     violations = Violations()
@@ -177,48 +119,6 @@ def _check_config(path: Path, field_name: str) -> None:
         model_config.read_config(source, configs_root=model_config.mmdet_configs_root())
     except model_config.ConfigRefused as error:
         raise InvalidArgument([FieldViolation(field_name, f"config: {error}")]) from None
-
-
-async def _keep(
-    files: dict[str, tuple[Path, int, str]], model_id: uuid.UUID, storage: Storage
-) -> list[dict[str, str]]:
-    """Puts the verified files at models/<model_id>/ in the artifact store (a rename under
-    the artifact root, an upload to an object store); their records. Whatever it stored is
-    removed if it fails."""
-    records = []
-    try:
-        for kind, (path, size, digest) in files.items():
-            key = f"models/{model_id}/{path.name}"
-            if storage.remote:
-                stored = await asyncio.to_thread(storage.put_artifact, path, key)
-                if stored.sha256 != digest:
-                    raise StorageError(
-                        f"{stored.uri} was stored with sha256 {stored.sha256}, "
-                        f"{digest} was verified"
-                    )
-                uri = stored.uri
-            else:
-                final = storage.artifact_root / key
-                await asyncio.to_thread(final.parent.mkdir, parents=True, exist_ok=True)
-                await asyncio.to_thread(os.replace, path, final)
-                uri = final.as_uri()
-            records.append({"kind": kind, "uri": uri, "size_bytes": str(size), "sha256": digest})
-    except BaseException as error:
-        await _discard(storage, model_id)
-        if isinstance(error, StorageError):
-            raise Unavailable(f"the model's files cannot be stored: {error}") from None
-        raise
-    return records
-
-
-async def _discard(storage: Storage, model_id: uuid.UUID) -> None:
-    """Removes models/<model_id>/ from the artifact store. A failure is logged, not raised
-    in place of the error that led here."""
-    uri = storage.artifact_uri(f"models/{model_id}/")
-    try:
-        await asyncio.to_thread(storage.delete_prefix, uri)
-    except StorageError as error:
-        log.warning("files of a failed import were not removed", uri=uri, error=str(error))
 
 
 async def _drain(parts: AsyncIterator[Part]) -> None:
@@ -272,7 +172,7 @@ async def import_model(
             )
         violations.raise_if_any()
 
-        records = await _keep(files, model_id, storage)
+        records = await import_files.keep(files, model_id, storage)
         try:
             now = clock()
             model = TrainedModel(
@@ -291,12 +191,11 @@ async def import_model(
                 update_time=now,
             )
             async with uow_factory() as uow:
-                await uow.models.add(model)
-                uow.publish(created_message(model, uow.subjects))
+                uow.models.add(model)
                 await uow.commit()
         except BaseException as error:
-            await _discard(storage, model_id)
-            if not isinstance(error, IntegrityError) or request_id is None:
+            await import_files.discard(storage, model_id)
+            if not isinstance(error, AlreadyExists) or request_id is None:
                 raise
             # The same request_id raced this one and won: answer with its model.
             async with uow_factory() as uow:

@@ -9,7 +9,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 import structlog
-from sqlalchemy.exc import IntegrityError
 
 from services.trained_models import artifacts
 from services.trained_models.domain import (
@@ -19,10 +18,9 @@ from services.trained_models.domain import (
     TrainedModel,
 )
 from services.trained_models.handlers import Clock, check_etag, get_model, utcnow
-from services.trained_models.messages import lifecycle_message
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import limits
-from shared.errors import Conflict, FailedPrecondition, NotFound, Violations
+from shared.errors import FailedPrecondition, NotFound, Violations
 from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -124,14 +122,11 @@ async def publish(
         model = locked
         check_etag(model, command.etag)
         now = clock()
-        version = model.version
         if not model.publish(channel=command.channel, actor=command.actor, now=now):
             return model
         replaced = await uow.models.published_in(command.channel)
         if replaced is not None:
-            replaced_version = replaced.version
             replaced.unpublish(now=now)
-            await uow.models.save(replaced, expected_version=replaced_version)
             await uow.publications.add(
                 PublicationEvent(
                     trained_model_id=replaced.id,
@@ -143,9 +138,6 @@ async def publish(
                     bbox_map=replaced.bbox_map,
                 )
             )
-            uow.publish(lifecycle_message("unpublished", replaced, uow.subjects))
-        if not await uow.models.save(model, expected_version=version):
-            raise Conflict(f"trained model {model.id} was changed concurrently")
         event_id = await uow.publications.add(
             PublicationEvent(
                 trained_model_id=model.id,
@@ -158,12 +150,7 @@ async def publish(
                 bbox_map=model.bbox_map,
             )
         )
-        uow.publish(lifecycle_message("published", model, uow.subjects))
-        try:
-            await uow.commit()
-        except IntegrityError as error:
-            # The unique index on published channels caught what the lock should have.
-            raise Conflict(f"channel {command.channel!r} changed concurrently; retry") from error
+        await uow.commit()
     log.info(
         "trained model published",
         model_id=str(model.id),
@@ -196,10 +183,7 @@ async def unpublish(
             raise NotFound(f"trained model {model_id} was deleted")
         check_etag(model, etag)
         now = clock()
-        version = model.version
         channel = model.unpublish(now=now)
-        if not await uow.models.save(model, expected_version=version):
-            raise Conflict(f"trained model {model_id} was changed concurrently")
         await uow.publications.add(
             PublicationEvent(
                 trained_model_id=model.id,
@@ -211,7 +195,6 @@ async def unpublish(
                 bbox_map=model.bbox_map,
             )
         )
-        uow.publish(lifecycle_message("unpublished", model, uow.subjects))
         await uow.commit()
     return model
 

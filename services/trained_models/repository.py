@@ -8,28 +8,19 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import (
-    ColumnElement,
-    Row,
-    and_,
-    delete,
-    func,
-    literal,
-    or_,
-    select,
-    text,
-    true,
-    tuple_,
-    update,
-)
+from sqlalchemy import ColumnElement, and_, func, literal, or_, select, true, tuple_, update
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from services.trained_models.domain import Lineage, LineageNode, Origin, TrainedModel
+from services.trained_models import rows
+from services.trained_models.domain import TrainedModel
 from shared.db.schema import trained_model_deletions, trained_models, training_runs
+from shared.errors import AlreadyExists, Conflict
 from shared.metrics import ORDER_BY_PRIMARY
 from shared.pagination import Cursor
+from shared.repository import TrackingRepository, unique_violation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -43,149 +34,78 @@ class ModelFilter:
     creator: str = ""
     created_after: datetime | None = None
     created_before: datetime | None = None
-    # "create_time desc" | "create_time" | ORDER_BY_PRIMARY ("coco/bbox_mAP desc")
+    # "create_time desc" | "create_time" | "coco/bbox_mAP desc"
     order_by: str = "create_time desc"
 
 
-def _to_model(row: Row[Any]) -> TrainedModel:
-    m = row._mapping
-    return TrainedModel(
-        id=m["id"],
-        display_name=m["display_name"],
-        description=m["description"],
-        labels=m["labels"],
-        training_run_id=m["training_run_id"],
-        base_model_id=m["base_model_id"],
-        dataset_uri=m["dataset_uri"],
-        dataset_fingerprint=m["dataset_fingerprint"],
-        architecture=m["architecture"],
-        classes=m["classes"],
-        artifacts=m["artifacts"],
-        evaluation=m["evaluation"],
-        val_evaluation=m["val_evaluation"],
-        facts=m["facts"],
-        published=m["published"],
-        channel=m["channel"],
-        publish_time=m["publish_time"],
-        published_by=m["published_by"],
-        creator=m["creator"],
-        origin=Origin(m["origin"]),
-        request_id=m["request_id"],
-        version=m["version"],
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-    )
+class TrainedModelRepository(TrackingRepository[TrainedModel]):
+    """Models and the queries around them. The models it returns are tracked: the unit
+    of work writes what changed in them."""
 
+    table = trained_models
+    noun = "trained model"
 
-def _values(model: TrainedModel) -> dict[str, Any]:
-    return {
-        "id": model.id,
-        "display_name": model.display_name,
-        "description": model.description,
-        "labels": model.labels,
-        "training_run_id": model.training_run_id,
-        "base_model_id": model.base_model_id,
-        "dataset_uri": model.dataset_uri,
-        "dataset_fingerprint": model.dataset_fingerprint,
-        "architecture": model.architecture,
-        "classes": model.classes,
-        "artifacts": model.artifacts,
-        "evaluation": model.evaluation,
-        "val_evaluation": model.val_evaluation,
-        "facts": model.facts,
-        "bbox_map": model.bbox_map,
-        "published": model.published,
-        "channel": model.channel,
-        "publish_time": model.publish_time,
-        "published_by": model.published_by,
-        "creator": model.creator,
-        "origin": model.origin.value,
-        "request_id": model.request_id,
-        "version": model.version,
-        "create_time": model.create_time,
-        "update_time": model.update_time,
-    }
+    def __init__(self, session: AsyncSession, *, tracking: bool = True) -> None:
+        super().__init__(session, tracking=tracking)
+        # Who deleted the models removed in this unit of work.
+        self._deleted_by: dict[uuid.UUID, str] = {}
 
+    def _row(self, aggregate: TrainedModel) -> dict[str, Any]:
+        return rows.model_values(aggregate)
 
-# Both directions of the lineage in one recursive statement.
-_LINEAGE = text(
-    """
-    WITH RECURSIVE
-    ancestors AS (
-        SELECT id, display_name, base_model_id, training_run_id, dataset_fingerprint,
-               bbox_map, creator, 0 AS depth, ARRAY[id] AS path
-        FROM trained_models WHERE id = :id
-        UNION ALL
-        SELECT m.id, m.display_name, m.base_model_id, m.training_run_id, m.dataset_fingerprint,
-               m.bbox_map, m.creator, a.depth + 1, a.path || m.id
-        FROM trained_models m JOIN ancestors a ON m.id = a.base_model_id
-        WHERE NOT m.id = ANY(a.path)
-    ),
-    descendants AS (
-        SELECT id, display_name, base_model_id, training_run_id, dataset_fingerprint,
-               bbox_map, creator, 1 AS depth, create_time
-        FROM trained_models WHERE base_model_id = :id
-        UNION ALL
-        SELECT m.id, m.display_name, m.base_model_id, m.training_run_id, m.dataset_fingerprint,
-               m.bbox_map, m.creator, d.depth + 1, m.create_time
-        FROM trained_models m JOIN descendants d ON m.base_model_id = d.id
-        WHERE d.depth < :max_depth
-    )
-    SELECT 'ancestor' AS side, id, display_name, base_model_id, training_run_id,
-           dataset_fingerprint, bbox_map, creator, depth, NULL::timestamptz AS create_time
-    FROM ancestors
-    UNION ALL
-    SELECT 'descendant', id, display_name, base_model_id, training_run_id,
-           dataset_fingerprint, bbox_map, creator, depth, create_time
-    FROM descendants
-    ORDER BY side, depth, create_time
-    """
-)
+    def _already_exists(self, aggregate: TrainedModel, constraint: str) -> Exception:
+        if constraint == "uq_trained_models_creator_request_id":
+            return AlreadyExists(f"request_id {aggregate.request_id} was used already")
+        return super()._already_exists(aggregate, constraint)
 
+    def _write_order(self, aggregates: list[TrainedModel]) -> list[TrainedModel]:
+        # Models leaving a channel first: one entering it must not meet them in the
+        # unique index of published channels.
+        return sorted(aggregates, key=lambda m: m.published)
 
-class TrainedModelRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+    def _committed(self, aggregate: TrainedModel) -> None:
+        aggregate.new_events.clear()
+
+    async def _update(
+        self, aggregate: TrainedModel, changes: dict[str, Any], *, version: int
+    ) -> None:
+        try:
+            await super()._update(aggregate, changes, version=version)
+        except IntegrityError as error:
+            if unique_violation(error) != "uq_trained_models_published_channel":
+                raise
+            # The lock on the channel should have kept this out.
+            raise Conflict(f"channel {aggregate.channel!r} changed concurrently; retry") from error
+
+    async def _delete(self, aggregate: TrainedModel, *, version: int) -> None:
+        await super()._delete(aggregate, version=version)
+        await self._session.execute(
+            trained_model_deletions.insert().values(
+                trained_model_id=aggregate.id,
+                training_run_id=aggregate.training_run_id,
+                artifacts=aggregate.artifacts,
+                actor=self._deleted_by[aggregate.id],
+            )
+        )
 
     async def get(self, model_id: uuid.UUID, *, for_update: bool = False) -> TrainedModel | None:
         query = select(trained_models).where(trained_models.c.id == model_id)
         if for_update:
             query = query.with_for_update()
         row = (await self._session.execute(query)).first()
-        return _to_model(row) if row else None
+        return self._loaded(rows.to_model(row)) if row else None
 
     async def get_by_request(self, creator: str, request_id: uuid.UUID) -> TrainedModel | None:
         query = select(trained_models).where(
             trained_models.c.creator == creator, trained_models.c.request_id == request_id
         )
         row = (await self._session.execute(query)).first()
-        return _to_model(row) if row else None
+        return self._loaded(rows.to_model(row)) if row else None
 
-    async def add(self, model: TrainedModel) -> None:
-        await self._session.execute(trained_models.insert().values(**_values(model)))
-
-    async def save(self, model: TrainedModel, *, expected_version: int) -> bool:
-        """Writes the model unless someone else changed it since `expected_version`."""
-        values = _values(model)
-        del values["id"], values["create_time"]
-        result = await self._session.execute(
-            update(trained_models)
-            .where(trained_models.c.id == model.id, trained_models.c.version == expected_version)
-            .values(**values)
-        )
-        return bool(result.rowcount)  # type: ignore[attr-defined]
-
-    async def delete(self, model: TrainedModel, *, actor: str) -> None:
-        """Deletes the row and records its files for removal after the commit."""
-        await self._session.execute(delete(trained_models).where(trained_models.c.id == model.id))
-        await self._session.execute(
-            trained_model_deletions.insert().values(
-                trained_model_id=model.id,
-                training_run_id=model.training_run_id,
-                artifacts=model.artifacts,
-                actor=actor,
-            )
-        )
+    def delete(self, model: TrainedModel, *, actor: str) -> None:
+        """Deletes the row with the next commit, and records its files for removal after it."""
+        self._removed(model)
+        self._deleted_by[model.id] = actor
 
     async def deletions_with_files(
         self, *, model_id: uuid.UUID | None = None, limit: int = 100
@@ -219,7 +139,7 @@ class TrainedModelRepository:
             .with_for_update()
         )
         row = (await self._session.execute(query)).first()
-        return _to_model(row) if row else None
+        return self._loaded(rows.to_model(row)) if row else None
 
     async def run_state(self, run_id: uuid.UUID) -> str | None:
         """The state of a training run; None when the run does not exist (any more)."""
@@ -259,14 +179,18 @@ class TrainedModelRepository:
         return (row.id, row.state) if row else None
 
     async def add_if_absent(self, model: TrainedModel) -> bool:
-        """Inserts unless a model of the same training run exists; True if inserted."""
+        """Inserts unless a model of the same training run exists; True if inserted (and
+        then announced by the commit, as an added model is)."""
         result = await self._session.execute(
             pg_insert(trained_models)
-            .values(**_values(model))
+            .values(id=model.id, **rows.model_values(model))
             .on_conflict_do_nothing(index_elements=[trained_models.c.training_run_id])
             .returning(trained_models.c.id)
         )
-        return result.first() is not None
+        if result.first() is None:
+            return False
+        self._inserted(model)
+        return True
 
     async def list(
         self, filter_: ModelFilter, *, limit: int, after: Cursor | None
@@ -311,24 +235,6 @@ class TrainedModelRepository:
         query = (
             select(trained_models).where(and_(true(), *conditions)).order_by(*order).limit(limit)
         )
-        return [_to_model(row) for row in (await self._session.execute(query)).all()]
-
-    async def lineage(self, model_id: uuid.UUID, *, max_depth: int) -> Lineage:
-        rows = (
-            await self._session.execute(_LINEAGE, {"id": model_id, "max_depth": max_depth})
-        ).all()
-        ancestors: list[LineageNode] = []
-        descendants: list[LineageNode] = []
-        for row in rows:
-            node = LineageNode(
-                id=row.id,
-                display_name=row.display_name,
-                base_model_id=row.base_model_id,
-                training_run_id=row.training_run_id,
-                dataset_fingerprint=row.dataset_fingerprint,
-                bbox_map=row.bbox_map,
-                depth=row.depth,
-                creator=row.creator,
-            )
-            (ancestors if row.side == "ancestor" else descendants).append(node)
-        return Lineage(ancestors=ancestors, descendants=descendants)
+        return [
+            self._loaded(rows.to_model(row)) for row in (await self._session.execute(query)).all()
+        ]

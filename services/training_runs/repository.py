@@ -8,24 +8,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, Row, delete, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, insert, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.exc import IntegrityError
 
-from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
-from services.training_runs.domain.events import payload_from_json
+from services.training_runs import rows
+from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
-from shared.json_shape import from_json_or_none, to_json_or_none
+from shared.errors import AlreadyExists, Conflict
 from shared.pagination import Cursor
-from shared.payloads import (
-    DatasetSummary,
-    EpochMetrics,
-    Evaluation,
-    Progress,
-    TrainingFacts,
-    artifacts_from_json,
-    artifacts_to_json,
-)
+from shared.repository import TrackingRepository, unique_violation
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -57,147 +49,83 @@ def _select_runs() -> Any:
     ).outerjoin(trained_models, trained_models.c.training_run_id == training_runs.c.id)
 
 
-def _to_run(row: Row[Any]) -> TrainingRun:
-    m = row._mapping
-    failure = (
-        Failure(reason=m["failure_reason"], message=m["failure_message"] or "")
-        if m["failure_reason"]
-        else None
-    )
-    return TrainingRun(
-        id=m["id"],
-        display_name=m["display_name"],
-        labels=m["labels"],
-        state=RunState(m["state"]),
-        spec=m["spec"],
-        base_model_id=m["base_model_id"],
-        creator=m["creator"],
-        request_id=m["request_id"],
-        request_hash=m["request_hash"],
-        retry_of_id=m["retry_of_id"],
-        attempt=m["attempt"],
-        progress=from_json_or_none(Progress, m["progress"]),
-        latest_evaluation=from_json_or_none(Evaluation, m["latest_evaluation"]),
-        best_evaluation=from_json_or_none(Evaluation, m["best_evaluation"]),
-        test_evaluation=from_json_or_none(Evaluation, m["test_evaluation"]),
-        dataset=from_json_or_none(DatasetSummary, m["dataset"]),
-        failure=failure,
-        artifacts=artifacts_from_json(m["artifacts"]),
-        facts=from_json_or_none(TrainingFacts, m["facts"]),
-        epoch_metrics=[EpochMetrics.from_json(e) for e in m["epoch_metrics"]],
-        worker_id=m["worker_id"],
-        heartbeat_time=m["heartbeat_time"],
-        start_time=m["start_time"],
-        end_time=m["end_time"],
-        last_sequence=m["last_sequence"],
-        version=m["version"],
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-        trained_model_id=m["trained_model_id"],
-    )
-
-
-def _values(run: TrainingRun) -> dict[str, Any]:
-    return {
-        "display_name": run.display_name,
-        "labels": run.labels,
-        "state": run.state.value,
-        "spec": run.spec,
-        "architecture": run.architecture,
-        "dataset_uri": run.dataset_uri,
-        "base_model_id": run.base_model_id,
-        "creator": run.creator,
-        "request_id": run.request_id,
-        "request_hash": run.request_hash,
-        "retry_of_id": run.retry_of_id,
-        "attempt": run.attempt,
-        "progress": to_json_or_none(run.progress),
-        "latest_evaluation": to_json_or_none(run.latest_evaluation),
-        "best_evaluation": to_json_or_none(run.best_evaluation),
-        "test_evaluation": to_json_or_none(run.test_evaluation),
-        "dataset": to_json_or_none(run.dataset),
-        "failure_reason": run.failure.reason if run.failure else None,
-        "failure_message": run.failure.message if run.failure else None,
-        "artifacts": artifacts_to_json(run.artifacts),
-        "facts": to_json_or_none(run.facts),
-        "epoch_metrics": [e.to_json() for e in run.epoch_metrics],
-        "worker_id": run.worker_id,
-        "heartbeat_time": run.heartbeat_time,
-        "start_time": run.start_time,
-        "end_time": run.end_time,
-        "last_sequence": run.last_sequence,
-        "version": run.version,
-        "create_time": run.create_time,
-        "update_time": run.update_time,
-    }
-
-
-def _to_event(row: Row[Any]) -> RunEvent:
-    m = row._mapping
-    return RunEvent(
-        run_id=m["run_id"],
-        sequence=m["sequence"],
-        time=m["time"],
-        attempt=m["attempt"],
-        actor=m["actor"],
-        kind=EventKind(m["kind"]),
-        payload=payload_from_json(EventKind(m["kind"]), m["payload"]),
-    )
-
-
 # The states of the partial index ix_training_runs_active_heartbeat.
-ACTIVE_STATES = (RunState.PREPARING.value, RunState.RUNNING.value, RunState.CANCELLING.value)
+ACTIVE_STATES = tuple(s.value for s in RunState if s.is_active)
 
 
-class TrainingRunRepository:
-    def __init__(self, session: AsyncSession) -> None:
-        self._session = session
+class TrainingRunRepository(TrackingRepository[TrainingRun]):
+    """Runs, their history and the queries around them. The runs it returns are tracked:
+    the unit of work writes what changed in them, and their new history entries."""
+
+    table = training_runs
+    noun = "training run"
+
+    def _row(self, aggregate: TrainingRun) -> dict[str, Any]:
+        return rows.run_values(aggregate)
+
+    def _has_changes(self, aggregate: TrainingRun, changes: dict[str, Any]) -> bool:
+        return bool(changes or aggregate.new_events)
+
+    def _already_exists(self, aggregate: TrainingRun, constraint: str) -> Exception:
+        if constraint == "uq_training_runs_creator_request_id":
+            return AlreadyExists(f"request_id {aggregate.request_id} was used already")
+        return super()._already_exists(aggregate, constraint)
+
+    def _committed(self, aggregate: TrainingRun) -> None:
+        aggregate.new_events.clear()
+
+    async def _insert(self, aggregate: TrainingRun, row: dict[str, Any]) -> None:
+        await super()._insert(aggregate, row)
+        await self._add_events(aggregate)
+
+    async def _update(
+        self, aggregate: TrainingRun, changes: dict[str, Any], *, version: int
+    ) -> None:
+        await super()._update(aggregate, changes, version=version)
+        await self._add_events(aggregate)
 
     async def get(self, run_id: uuid.UUID, *, for_update: bool = False) -> TrainingRun | None:
         query = _select_runs().where(training_runs.c.id == run_id)
         if for_update:
             query = query.with_for_update(of=training_runs)
         row = (await self._session.execute(query)).first()
-        return _to_run(row) if row else None
+        return self._loaded(rows.to_run(row)) if row else None
 
     async def get_by_request(self, creator: str, request_id: uuid.UUID) -> TrainingRun | None:
         query = _select_runs().where(
             training_runs.c.creator == creator, training_runs.c.request_id == request_id
         )
         row = (await self._session.execute(query)).first()
-        return _to_run(row) if row else None
+        return self._loaded(rows.to_run(row)) if row else None
 
-    async def add(self, run: TrainingRun) -> None:
-        await self._session.execute(insert(training_runs).values(id=run.id, **_values(run)))
-        await self._add_events(run)
+    def delete(self, run: TrainingRun) -> None:
+        """Deleted by the next commit (its history with it: ON DELETE CASCADE)."""
+        self._removed(run)
 
-    async def save(self, run: TrainingRun) -> None:
-        await self._session.execute(
-            update(training_runs).where(training_runs.c.id == run.id).values(**_values(run))
+    async def record_heartbeat(self, run_id: uuid.UUID, *, attempt: int, time: datetime) -> bool:
+        """Sets the heartbeat time of an active run of this attempt, reading and writing
+        no other column (TrainingRun.heartbeat's rule: active runs only). False when no
+        such run: unknown, another attempt's, or not active. For a run not loaded in
+        this unit of work."""
+        c = training_runs.c
+        result = await self._session.execute(
+            update(training_runs)
+            .where(c.id == run_id, c.attempt == attempt, c.state.in_(ACTIVE_STATES))
+            .values(heartbeat_time=time)
+            .returning(c.id)
         )
-        await self._add_events(run)
+        return result.first() is not None
 
     async def _add_events(self, run: TrainingRun) -> None:
         if not run.new_events:
             return
-        await self._session.execute(
-            insert(training_run_events),
-            [
-                {
-                    "run_id": e.run_id,
-                    "sequence": e.sequence,
-                    "time": e.time,
-                    "attempt": e.attempt,
-                    "actor": e.actor,
-                    "kind": e.kind.value,
-                    "payload": e.payload.to_json(),
-                }
-                for e in run.new_events
-            ],
-        )
-
-    async def delete(self, run_id: uuid.UUID) -> None:
-        await self._session.execute(delete(training_runs).where(training_runs.c.id == run_id))
+        try:
+            await self._session.execute(insert(training_run_events), rows.event_rows(run))
+        except IntegrityError as error:
+            if unique_violation(error) is None:
+                raise
+            # Another writer appended the same sequence numbers first.
+            raise Conflict(f"training run {run.id} was changed concurrently") from error
 
     async def list(
         self, filter_: RunFilter, *, limit: int, after: Cursor | None
@@ -225,7 +153,9 @@ class TrainingRunRepository:
         else:
             order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
         query = query.where(*conditions).order_by(*order).limit(limit)
-        return [_to_run(row) for row in (await self._session.execute(query)).all()]
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
 
     async def events(
         self, run_id: uuid.UUID, *, after_sequence: int, limit: int
@@ -239,7 +169,7 @@ class TrainingRunRepository:
             .order_by(training_run_events.c.sequence)
             .limit(limit)
         )
-        return [_to_event(row) for row in (await self._session.execute(query)).all()]
+        return [rows.to_event(row) for row in (await self._session.execute(query)).all()]
 
     async def silent_runs(self, *, since: datetime, limit: int) -> Sequence[TrainingRun]:
         """Active runs without a heartbeat since `since`, locked; runs another process
@@ -254,7 +184,9 @@ class TrainingRunRepository:
             .limit(limit)
             .with_for_update(of=training_runs, skip_locked=True)
         )
-        return [_to_run(row) for row in (await self._session.execute(query)).all()]
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
 
     async def base_model(self, model_id: uuid.UUID, *, lock: bool = False) -> BaseModel | None:
         """The model a run fine-tunes. `lock` holds it (FOR SHARE) until the transaction

@@ -1,9 +1,16 @@
 """The audit trail: one append-only row per state-changing call and per refused call,
-written with its `audit.recorded` event through the outbox (same transaction)."""
+written with its `audit.recorded` event through the outbox (same transaction).
+
+A state-changing call's row is written by the unit of work that commits the change, in
+the same transaction (`expect_change` / `pending_change`): a change that fails to commit
+leaves no row claiming success, a committed one always has its row. A call that commits
+nothing (refused, failed, or with nothing to change) is recorded on its own
+(`AuditLog.record`)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -47,34 +54,75 @@ class AuditFilter:
     resource: str = ""
 
 
+@dataclass(slots=True)
+class PendingChange:
+    """The record of a state-changing call in progress, until a commit writes it."""
+
+    # Its outcome is OK: written only with a change that commits.
+    entry: Entry
+    written: bool = False
+    # Set when the call is over: a commit after it (a task it left behind) writes none.
+    closed: bool = False
+
+    def close(self) -> bool:
+        """Ends the call; True when its record was written with a commit."""
+        self.closed = True
+        return self.written
+
+
+_pending: ContextVar[PendingChange | None] = ContextVar("raven_audit_pending", default=None)
+
+
+def expect_change(entry: Entry) -> PendingChange:
+    """Makes `entry` the record the next commit of this call (this task) writes."""
+    pending = PendingChange(entry)
+    _pending.set(pending)
+    return pending
+
+
+def pending_change() -> PendingChange | None:
+    """The record a commit in this call must write; None outside a state-changing call
+    or once written."""
+    pending = _pending.get()
+    if pending is None or pending.written or pending.closed:
+        return None
+    return pending
+
+
+async def write(session: AsyncSession, entry: Entry, subjects: Subjects) -> None:
+    """Writes the row and its event in the session's transaction."""
+    row = (
+        await session.execute(
+            insert(audit_records)
+            .values(**_values(entry))
+            .returning(audit_records.c.id, audit_records.c.time)
+        )
+    ).one()
+    message = to_proto(entry, row.id, row.time)
+    await outbox.add(
+        session,
+        [
+            outbox.OutboxMessage(
+                subject=subjects.audit_recorded,
+                payload=message.SerializeToString(),
+                msg_id=f"audit-{row.id}",
+            )
+        ],
+    )
+
+
 class AuditLog:
     def __init__(self, sessions: async_sessionmaker[AsyncSession], subjects: Subjects) -> None:
         self._sessions = sessions
         self._subjects = subjects
 
     async def record(self, entry: Entry) -> None:
-        """Writes the row and its event. Failing to audit is logged, never raised: the call
-        it describes has already happened (or been refused)."""
+        """Writes the row and its event on their own, for a call that committed nothing.
+        Failing to audit is logged, never raised: the call it describes has already
+        happened (or been refused)."""
         try:
             async with self._sessions() as session, session.begin():
-                row = (
-                    await session.execute(
-                        insert(audit_records)
-                        .values(**_values(entry))
-                        .returning(audit_records.c.id, audit_records.c.time)
-                    )
-                ).one()
-                message = to_proto(entry, row.id, row.time)
-                await outbox.add(
-                    session,
-                    [
-                        outbox.OutboxMessage(
-                            subject=self._subjects.audit_recorded,
-                            payload=message.SerializeToString(),
-                            msg_id=f"audit-{row.id}",
-                        )
-                    ],
-                )
+                await write(session, entry, self._subjects)
         except Exception:
             log.exception("audit record not written", **_values(entry))
 

@@ -22,7 +22,7 @@ import grpc
 import structlog
 from google.protobuf.message import Message
 
-from shared.auth.audit import UNAUTHENTICATED_IDENTITY, AuditLog, Entry
+from shared.auth.audit import UNAUTHENTICATED_IDENTITY, AuditLog, Entry, expect_change
 from shared.auth.authenticate import Authenticator, Principal, Unauthenticated
 from shared.auth.permissions import (
     OPEN_SERVICES,
@@ -159,10 +159,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         request: Message | None,
         run: Callable[[], Awaitable[Any]],
     ) -> Any:
-        """Runs the handler; records the outcome of a state-changing call."""
+        """Runs the handler; records the outcome of a state-changing call: with the
+        change, by the unit of work that commits it, or here when none committed."""
         rule = self._rules.get(call.method)
         if self._audit is None or rule is None or not rule.mutates:
             return await run()
+        change = expect_change(_entry(access.principal, call.method, request, "OK", context))
         response = None
         try:
             response = await run()
@@ -170,17 +172,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return response
         except asyncio.CancelledError:
             outcome = grpc.StatusCode.CANCELLED.name
-            entry = _entry(access.principal, call.method, request, outcome, context)
-            task = asyncio.create_task(self._audit.record(entry))
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+            if not change.close():
+                entry = _entry(access.principal, call.method, request, outcome, context)
+                task = asyncio.create_task(self._audit.record(entry))
+                self._pending.add(task)
+                task.add_done_callback(self._pending.discard)
             raise
         except BaseException:
             code = context.code()
             outcome = code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
             raise
         finally:
-            if outcome != grpc.StatusCode.CANCELLED.name:
+            if outcome != grpc.StatusCode.CANCELLED.name and not change.close():
                 await self._audit.record(
                     _entry(access.principal, call.method, request, outcome, context, response)
                 )

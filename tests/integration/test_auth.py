@@ -544,6 +544,103 @@ async def test_failed_state_changes_are_audited_with_their_status(runs, engine):
     )
 
 
+UPDATE = "/raven.training.v1.TrainingRunService/UpdateTrainingRun"
+
+
+def rename(name: str, display_name: str) -> training_run_pb2.UpdateTrainingRunRequest:
+    return training_run_pb2.UpdateTrainingRunRequest(
+        training_run=training_run_pb2.TrainingRun(name=name, display_name=display_name),
+        update_mask={"paths": ["display_name"]},
+    )
+
+
+async def _same_transaction(engine: AsyncEngine, name: str, rpc: str) -> bool:
+    """Whether the run's row was last written where the call's OK record was: rows one
+    (sub)transaction wrote carry its id in xmin."""
+    async with engine.connect() as connection:
+        return bool(
+            (
+                await connection.execute(
+                    text(
+                        "SELECT (SELECT xmin::text FROM training_runs WHERE id = :id)"
+                        " = (SELECT xmin::text FROM audit_records"
+                        "    WHERE resource = :name AND rpc = :rpc AND outcome = 'OK')"
+                    ),
+                    {"id": name.removeprefix("trainingRuns/"), "name": name, "rpc": rpc},
+                )
+            ).scalar_one()
+        )
+
+
+async def test_a_change_is_committed_with_its_audit_record(runs, engine, dataset_uri):
+    created = await runs.CreateTrainingRun(create_request(dataset_uri))
+    # Written before the response: no waiting.
+    records = await audit_rows(engine, 0)
+    assert [r["outcome"] for r in records if r["resource"] == created.name] == ["OK"]
+    assert await _same_transaction(engine, created.name, CREATE)
+    await runs.UpdateTrainingRun(rename(created.name, "renamed"))
+    assert await _same_transaction(engine, created.name, UPDATE)
+
+
+@pytest.fixture
+async def refusing_trigger(engine: AsyncEngine) -> AsyncIterator[None]:
+    """Makes Postgres refuse any run renamed to "refused" and any OK record of a rename
+    to "unaudited": a commit that fails, whichever of its rows fails it."""
+    async with engine.begin() as connection:
+        await connection.execute(
+            text(
+                "CREATE FUNCTION refuse_write() RETURNS trigger AS $$ BEGIN"
+                " RAISE EXCEPTION 'refused by a test trigger'; END $$ LANGUAGE plpgsql"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE TRIGGER refuse_rename BEFORE UPDATE ON training_runs FOR EACH ROW"
+                " WHEN (NEW.display_name = 'refused') EXECUTE FUNCTION refuse_write()"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE FUNCTION refuse_audit() RETURNS trigger AS $$ BEGIN"
+                " IF EXISTS (SELECT 1 FROM training_runs WHERE display_name = 'unaudited') THEN"
+                " RAISE EXCEPTION 'refused by a test trigger'; END IF; RETURN NEW;"
+                " END $$ LANGUAGE plpgsql"
+            )
+        )
+        await connection.execute(
+            text(
+                "CREATE TRIGGER refuse_audit BEFORE INSERT ON audit_records FOR EACH ROW"
+                " WHEN (NEW.outcome = 'OK' AND NEW.rpc LIKE '%UpdateTrainingRun')"
+                " EXECUTE FUNCTION refuse_audit()"
+            )
+        )
+    yield
+    async with engine.begin() as connection:
+        await connection.execute(text("DROP TRIGGER refuse_rename ON training_runs"))
+        await connection.execute(text("DROP TRIGGER refuse_audit ON audit_records"))
+        await connection.execute(text("DROP FUNCTION refuse_write()"))
+        await connection.execute(text("DROP FUNCTION refuse_audit()"))
+
+
+@pytest.mark.parametrize("display_name", ["refused", "unaudited"])
+async def test_a_change_whose_commit_fails_has_no_record_of_success(
+    runs, engine, dataset_uri, refusing_trigger, display_name
+):
+    created = await runs.CreateTrainingRun(create_request(dataset_uri))
+    last = await last_audit_id(engine)
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await runs.UpdateTrainingRun(rename(created.name, display_name))
+    assert raised.value.code() == grpc.StatusCode.INTERNAL
+    current = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=created.name))
+    assert current.display_name == created.display_name and current.etag == created.etag
+    [record] = await eventually(lambda: audit_rows(engine, last))
+    assert (record["rpc"], record["outcome"], record["resource"]) == (
+        UPDATE,
+        "INTERNAL",
+        created.name,
+    )
+
+
 # --- Ownership in every call that names a resource --------------------------------------------
 
 MISSING_RUN = "trainingRuns/00000000-0000-4000-8000-000000000000"

@@ -11,7 +11,6 @@ from pathlib import Path
 from urllib.parse import unquote, urlparse
 
 import structlog
-from sqlalchemy.exc import IntegrityError
 
 from services.training_runs.domain import TrainingRun
 from services.training_runs.handlers.common import Clock, parse_request_id, utcnow
@@ -98,15 +97,14 @@ async def create_run(
             request_hash=command.request_hash,
             now=clock(),
         )
-        uow.add(run)
+        uow.runs.add(run)
         uow.publish(job_message(run, base, uow.subjects))
         try:
             await uow.commit()
-        except IntegrityError:
+        except AlreadyExists:
             # The same request raced this one and committed first.
             if parsed_request_id is None:
                 raise
-            await uow.session.rollback()
             existing = await _repeated(uow, command, parsed_request_id)
             if existing is None:
                 raise

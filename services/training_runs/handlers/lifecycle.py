@@ -79,7 +79,6 @@ async def update_run(
         run = await locked(uow, run_id)
         check_etag(run, etag)
         run.rename(display_name=display_name, labels=labels, now=clock())
-        uow.changed(run)
         await uow.commit()
     return run
 
@@ -90,7 +89,6 @@ async def cancel_run(
     async with uow:
         run = await locked(uow, run_id)
         run.request_cancel(reason=reason, actor=actor, now=clock())
-        uow.changed(run)
         await uow.commit()
     return run
 
@@ -102,7 +100,7 @@ async def delete_run(uow: UnitOfWork, run_id: uuid.UUID, *, etag: str, storage: 
         run = await locked(uow, run_id)
         check_etag(run, etag)
         run.ensure_deletable()
-        await uow.runs.delete(run_id)
+        uow.runs.delete(run)
         await uow.commit()
     work_dir = storage.artifact_root / "runs" / str(run_id)
     await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
@@ -147,7 +145,7 @@ async def retry_run(
         run = original.retried(
             creator=creator, request_id=parsed_request_id, request_hash=request_hash, now=clock()
         )
-        uow.add(run)
+        uow.runs.add(run)
         uow.publish(job_message(run, base, uow.subjects))
         await uow.commit()
     return run

@@ -31,7 +31,6 @@ async def recover_lost_runs(
             assert run.heartbeat_time is not None
             silent_s = (now - run.heartbeat_time).total_seconds()
             run.lose_worker(max_attempts=max_attempts, silent_s=silent_s, now=now)
-            uow.changed(run)
             if run.state is RunState.QUEUED:
                 await publish_job(uow, run)
             log.warning(

@@ -69,7 +69,6 @@ async def claim_job(
         claim = run.claim(
             attempt=attempt, worker_id=worker_id, max_attempts=max_attempts, now=clock()
         )
-        uow.changed(run)
         await uow.commit()
     log.info(
         "job claimed" if claim.granted else "job claim refused",
@@ -85,6 +84,11 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
     """Applies what a worker reported, once. Returns False when the report was
     ignored: a duplicate, a stale attempt, or a run that no longer accepts it."""
     async with uow:
+        if isinstance(report.payload, Heartbeat) and await uow.runs.record_heartbeat(
+            report.run_id, attempt=report.attempt, time=report.time
+        ):
+            await uow.commit()
+            return True
         run = await uow.runs.get(report.run_id, for_update=True)
         if run is None:
             log.warning("report for an unknown run", run_id=str(report.run_id), kind=report.kind)
@@ -97,7 +101,6 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
             return False
         if isinstance(report.payload, Heartbeat):
             run.heartbeat(now=report.time)
-            uow.changed(run)
             await uow.commit()
             return True
         if not await uow.runs.mark_processed(WORKER_EVENTS_CONSUMER, report.event_id):
@@ -108,7 +111,6 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
             log.warning("report refused", run_id=str(run.id), kind=report.kind, error=error.message)
             return False
         if applied:
-            uow.changed(run)
             if isinstance(report.payload, Released) and run.state is RunState.QUEUED:
                 await publish_job(uow, run)
         await uow.commit()
