@@ -17,7 +17,7 @@ from shared.proto_json import parse, timestamp
 # The subject of each state: `training_run.<verb>`.
 LIFECYCLE_SUBJECTS = {
     RunState.QUEUED: "queued",
-    RunState.PREPARING: "started",
+    RunState.PREPARING: "preparing",
     RunState.RUNNING: "running",
     RunState.CANCELLING: "cancelling",
     RunState.SUCCEEDED: "succeeded",
@@ -145,6 +145,13 @@ def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]
             event_id = f"{run.id}.{event.sequence}"
             changed = training_run_pb2.TrainingRunStateChanged(
                 event_id=event_id, event=proto, training_run=snapshot
+            )
+            messages.append(
+                OutboxMessage(
+                    subject=subjects.run_state(str(run.id)),
+                    payload=proto.SerializeToString(),
+                    msg_id=f"run_state.{run.id}.{event.sequence}",
+                )
             )
             verb = LIFECYCLE_SUBJECTS[RunState(event.payload["to_state"])]
             messages.append(

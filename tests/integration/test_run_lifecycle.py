@@ -25,7 +25,7 @@ from shared.proto.raven.training.v1 import (
 from shared.settings import Settings
 from tests.support import WorkerDriver, create_request, eventually
 from trainer_worker import events
-from trainer_worker.training import EpochRecord, TrainingSucceeded
+from trainer_worker.outcomes import EpochRecord, TrainingSucceeded
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(90)
@@ -405,7 +405,7 @@ async def test_every_state_change_is_published_on_its_lifecycle_subject(
         if changed.training_run.name == run.name:
             seen[msg.subject.rsplit(".", 1)[1]] = changed
     await sub.unsubscribe()
-    assert list(seen) == ["queued", "started", "running", "failed"]
+    assert list(seen) == ["queued", "preparing", "running", "failed"]
     failed = seen["failed"]
     assert failed.training_run.failure.reason == "dataset_invalid"
     assert failed.event_id == f"{run.name.split('/')[1]}.{failed.event.sequence}"
