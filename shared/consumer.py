@@ -165,9 +165,7 @@ class _PullLoop:
             if stop.is_set():
                 return
             try:
-                messages = await subscription.fetch(
-                    min(batch, self._free), timeout=fetch_timeout_s
-                )
+                messages = await subscription.fetch(min(batch, self._free), timeout=fetch_timeout_s)
             except TimeoutError:
                 continue
             for msg in messages:

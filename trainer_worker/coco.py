@@ -3,6 +3,7 @@ becomes a `DatasetError` whose message says what is wrong, where, and how many t
 
 from __future__ import annotations
 
+import json
 import math
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence

@@ -154,7 +154,7 @@ class JobConsumer:
 
     async def _claim(
         self, job: worker_pb2.TrainingJob, run_id: str, delivered: int
-    ) -> ResumePoint | None | _NotGranted:
+    ) -> ResumePoint | _NotGranted | None:
         """Claims the job from the service (the claim moves the run to PREPARING) and sets
         the attempt it grants; where to resume from, if anywhere."""
         assert self._claims is not None

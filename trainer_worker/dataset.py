@@ -1,8 +1,8 @@
-"""COCO dataset preparation: read, validate, fingerprint and split.
+"""COCO dataset preparation: read and validate (trainer_worker.coco), check the images,
+fingerprint, split (trainer_worker.splits), and write the files training reads.
 
-Every problem a person can fix in their data becomes a `DatasetError` whose
-message says what is wrong, where, and how many times; the worker reports it
-as the run's failure and does not retry the job.
+Every problem a person can fix in their data becomes a `DatasetError`; the worker
+reports it as the run's failure and does not retry the job.
 
 A dataset defines its own splits when its images carry a `"split"` key
 ("train", "val" or "test"): all of them or none. Without one, the worker splits

@@ -87,7 +87,7 @@ class DivergenceHook(Hook):  # type: ignore[misc]
         for key, value in (outputs or {}).items():
             if not key.startswith("loss"):
                 continue
-            number = number(value)
+            number = as_number(value)
             if number is not None and not math.isfinite(number):
                 raise TrainingDiverged(
                     f"{key} is {number} at epoch {runner.epoch + 1}, iteration {runner.iter + 1}: "
@@ -99,13 +99,13 @@ def finite_floats(values: Mapping[str, Any]) -> dict[str, float]:
     """Finite numbers only: NaN and infinity cannot travel as JSON, and mean nothing."""
     out: dict[str, float] = {}
     for key, value in values.items():
-        number = number(value)
+        number = as_number(value)
         if number is not None and math.isfinite(number):
             out[key] = number
     return out
 
 
-def number(value: Any) -> float | None:
+def as_number(value: Any) -> float | None:
     # The total loss still carries its graph: converting it directly makes torch warn.
     if hasattr(value, "detach"):
         value = value.detach()

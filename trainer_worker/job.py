@@ -140,9 +140,7 @@ class Attempt:
     async def notice(self, code: str, message: str) -> None:
         await self.publisher.publish(notice=events.notice(code, message))
 
-    async def fail(
-        self, reason: str, message: str, *artifacts: common_pb2.Artifact
-    ) -> JobOutcome:
+    async def fail(self, reason: str, message: str, *artifacts: common_pb2.Artifact) -> JobOutcome:
         failure = events.failure(reason, message)
         failure.artifacts.extend(artifacts)
         await self.publisher.publish(critical=True, failed=failure)

@@ -14,7 +14,13 @@ from mmengine.hooks import Hook
 
 from shared.metrics import TOTAL_LOSS, is_loss, train_metrics
 from trainer_worker.hooks import HISTORY_KEY, EventWriter, finite_floats
-from trainer_worker.protocol import EpochsRestored, EpochTrained, Evaluated, ProgressReported, TrainingStarted
+from trainer_worker.protocol import (
+    EpochsRestored,
+    EpochTrained,
+    Evaluated,
+    ProgressReported,
+    TrainingStarted,
+)
 
 
 class ProgressHook(Hook):  # type: ignore[misc]

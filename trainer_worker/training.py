@@ -142,5 +142,3 @@ def place_checkpoint(source: Path, work_dir: Path, *, epoch: int) -> None:
     except OSError:
         # Another file system: training prunes and moves the work dir's files, so a copy.
         shutil.copyfile(source, target)
-
-
