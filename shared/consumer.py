@@ -178,12 +178,13 @@ class _PullLoop:
 
     def _take(self, msg: Msg, handling: asyncio.TaskGroup) -> None:
         self._free -= 1
-        key = self._ordering_key(msg) if self._ordering_key is not None else None
-        before = self._lanes.get(key) if key is not None else None
-        task = handling.create_task(self._handle_after(before, msg))
-        if key is not None:
-            self._lanes[key] = task
-            task.add_done_callback(lambda done: self._leave_lane(key, done))
+        if self._ordering_key is None:
+            handling.create_task(self._handle_after(None, msg))
+            return
+        key = self._ordering_key(msg)
+        task = handling.create_task(self._handle_after(self._lanes.get(key), msg))
+        self._lanes[key] = task
+        task.add_done_callback(lambda done: self._leave_lane(key, done))
 
     def _leave_lane(self, key: str, task: asyncio.Task[None]) -> None:
         if self._lanes.get(key) is task:

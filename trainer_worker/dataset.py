@@ -23,9 +23,9 @@ from urllib.parse import unquote, urlparse
 from trainer_worker.coco import (
     DatasetError,
     invalid,
-    sample,
     parse,
     read,
+    sample,
     unreadable,
     validated_annotations,
     validated_categories,

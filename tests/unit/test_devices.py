@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.proto.raven.training.v1 import training_run_pb2
+from trainer_worker.child import child_command, free_port
 from trainer_worker.devices import (
     GpuPool,
     parse_cuda_visible_devices,
@@ -19,7 +20,6 @@ from trainer_worker.devices import (
     visible_gpus,
     worker_concurrency,
 )
-from trainer_worker.child import child_command, free_port
 from trainer_worker.job import WorkerEnvironment
 from trainer_worker.placement import device_env, gpus_wanted
 
