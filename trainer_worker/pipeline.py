@@ -17,8 +17,6 @@ import structlog
 from shared.proto.raven.training.v1 import worker_pb2
 from shared.storage import StorageError
 from trainer_worker import events, storage_faults
-from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
-from trainer_worker.config import DatasetFiles, GeneratedConfig, generate_config
 from trainer_worker.dataset import DatasetError, PreparedDataset
 from trainer_worker.events import EventPublisher
 from trainer_worker.inputs import Checkpoints, prepare, verified_checkpoints
@@ -36,6 +34,7 @@ from trainer_worker.job import (
 from trainer_worker.placement import Placement, device_env, place
 from trainer_worker.plan import ConfigError, TrainingPlan, plan_of
 from trainer_worker.relay import ChildEventRelay
+from trainer_worker.run_config import write_config
 from trainer_worker.training import (
     TrainingCancelled,
     TrainingFailed,
@@ -116,7 +115,7 @@ async def _train(attempt: Attempt) -> TrainingOutcome:
         environment=attempt.environment,
     )
     placement = place(attempt.job.spec, attempt.environment, batch_size=plan.batch_size)
-    config_path = await _write_config(attempt, plan, prepared, checkpoints, placement)
+    config_path = await write_config(attempt, plan, prepared, checkpoints, placement)
     leased = await _lease_gpus(attempt, placement)
     if leased is None:
         return TrainingCancelled()
@@ -152,61 +151,6 @@ async def _prepare_dataset(attempt: Attempt, plan: TrainingPlan) -> PreparedData
             "val_fraction and test_fraction do not apply",
         )
     return prepared
-
-
-async def _write_config(
-    attempt: Attempt,
-    plan: TrainingPlan,
-    prepared: PreparedDataset,
-    checkpoints: Checkpoints,
-    placement: Placement,
-) -> Path:
-    """Writes the run's config and publishes what a person should know about it."""
-    generated = _generate_config(attempt, plan, prepared, checkpoints, placement)
-    config_path = attempt.folder / "config.py"
-    config_path.write_text(generated.text)
-    if attempt.resume is not None:
-        await attempt.notice(
-            "resumed", f"training resumes after epoch {attempt.resume.epoch} of an earlier attempt"
-        )
-    for item in generated.notices:
-        await attempt.notice(item.code, item.message)
-    for code, message in placement.notices:
-        await attempt.notice(code, message)
-    return config_path
-
-
-def _generate_config(
-    attempt: Attempt,
-    plan: TrainingPlan,
-    prepared: PreparedDataset,
-    checkpoints: Checkpoints,
-    placement: Placement,
-) -> GeneratedConfig:
-    try:
-        configs_root = mmdet_configs_root()
-    except RuntimeError as error:
-        raise JobFailed("worker_misconfigured", str(error)) from None
-    loading = placement.loading
-    try:
-        return generate_config(
-            plan=dataclasses.replace(
-                plan, num_workers=loading.workers, pin_memory=loading.pin_memory
-            ),
-            dataset=DatasetFiles(
-                train_path=prepared.train_path,
-                val_path=prepared.val_path,
-                classes=prepared.classes,
-                train_image_count=prepared.train_image_count,
-                test_path=prepared.test_path,
-            ),
-            work_dir=attempt.work_dir,
-            configs_root=configs_root,
-            base=checkpoints.base,
-            resume_from=checkpoints.resume_from,
-        )
-    except (ConfigError, UnknownArchitecture) as error:
-        raise JobFailed("invalid_spec", str(error)) from None
 
 
 async def _lease_gpus(attempt: Attempt, placement: Placement) -> tuple[str, ...] | None:
