@@ -4,6 +4,7 @@ trains as the service would have recorded it."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,23 +57,14 @@ def plan_of(spec: Spec, *, fine_tune: bool = False) -> TrainingPlan:
         completed = spec_defaults.complete(_set_fields(spec), fine_tune=fine_tune)
     except spec_defaults.UnknownArchitecture as error:
         raise ConfigError(str(error)) from None
+    # The worker's own fields (data loading) keep their defaults; so do the open ones
+    # (warm-up, mixed precision) when the spec leaves them unset.
     return TrainingPlan(
-        architecture=completed["architecture"],
-        epochs=completed["epochs"],
-        batch_size=completed["batch_size"],
-        learning_rate=completed["learning_rate"],
-        frozen_stages=completed["frozen_stages"],
-        image_size=completed["image_size"],
-        seed=completed["seed"],
-        optimizer=completed["optimizer"],
-        warmup_iterations=completed.get("warmup_iterations"),
-        augment=completed["augment"],
-        val_interval=completed["val_interval"],
-        early_stopping_patience=completed["early_stopping_patience"],
-        mixed_precision=completed.get("mixed_precision"),
-        deterministic=completed["deterministic"],
-        val_fraction=completed["val_fraction"],
-        test_fraction=completed["test_fraction"],
+        **{
+            f.name: completed[f.name]
+            for f in dataclasses.fields(TrainingPlan)
+            if f.name in completed
+        }
     )
 
 
