@@ -76,6 +76,11 @@ class Subjects:
     def run_events(self) -> str:
         return f"{self._root}.training_run.*.event"
 
+    def run_state(self, run_id: str) -> str:
+        """The state changes of one run alone (its `state_changed` TrainingRunEvents): the
+        last message is the run's state, which is all a worker asks to learn a cancel."""
+        return f"{self._root}.training_run.{run_id}.state"
+
     def run_lifecycle(self, what: str) -> str:
         """`training_run.succeeded`, `.failed`, `.cancelled`, `.created` with a TrainingRun."""
         return f"{self._root}.training_run.{what}"

@@ -1,8 +1,10 @@
-"""Cancel requests: the service records them as run events; the worker follows them.
+"""Cancel requests: the service records them as state changes; the worker follows them.
 
-While a job runs, the worker reads the run's event subject from the start (an
-ordered, ephemeral JetStream consumer), so a cancel requested before the job
-began is seen too. A CANCELLING (or CANCELLED) state change stops the job.
+While a job runs, the worker follows the run's state subject, which carries the run's
+state changes alone, from its last message (an ordered, ephemeral JetStream consumer
+with DeliverPolicy.LAST): the run's state when the job begins, so a cancel requested
+before then is seen too, and every change after. A CANCELLING (or CANCELLED) state
+stops the job.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from nats.js.errors import Error as JetStreamError
 
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2
-from trainer_worker.pipeline import JobControl, StopReason
+from trainer_worker.job import JobControl, StopReason
 
 log = structlog.get_logger(__name__)
 
@@ -54,11 +56,11 @@ async def cancel_watch(
     subscription = None
     try:
         subscription = await js.subscribe(
-            subjects.run_event(run_id),
+            subjects.run_state(run_id),
             stream=subjects.events_stream,
             cb=on_event,
             ordered_consumer=True,
-            deliver_policy=DeliverPolicy.ALL,
+            deliver_policy=DeliverPolicy.LAST,
         )
     except (NatsError, JetStreamError) as error:
         log.warning("cancel requests will not be seen", run=run_id, error=repr(error))

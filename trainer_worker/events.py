@@ -22,8 +22,8 @@ from shared.messaging import Subjects
 from shared.metrics import overall, per_class
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from trainer_worker.dataset import PreparedDataset
+from trainer_worker.outcomes import TrainingSucceeded
 from trainer_worker.protocol import Evaluated, ProgressReported
-from trainer_worker.training import TrainingSucceeded
 
 log = structlog.get_logger(__name__)
 

@@ -40,17 +40,19 @@ def main(argv: list[str]) -> int:
     _die_with_parent()
 
     # Imported after the usage check: they take seconds (torch).
-    from trainer_worker.hooks import (
-        CancelHook,
+    from trainer_worker.checkpoint_hooks import (
         CheckpointReportHook,
-        DivergenceHook,
-        EventWriter,
-        ProgressHook,
         PruneCheckpointsHook,
-        TrainingCancelled,
-        TrainingDiverged,
         evaluate_test_split,
     )
+    from trainer_worker.hooks import (
+        CancelHook,
+        DivergenceHook,
+        EventWriter,
+        TrainingCancelled,
+        TrainingDiverged,
+    )
+    from trainer_worker.progress_hook import ProgressHook
 
     cancel = CancelHook()
     for signum in (signal.SIGTERM, signal.SIGUSR1):

@@ -14,6 +14,7 @@ import structlog
 
 from services.trained_models import artifacts
 from services.trained_models.domain import Lineage, TrainedModel
+from services.trained_models.messages import model_from_run
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import limits
@@ -39,24 +40,21 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-async def register_from_run(uow: UnitOfWork, model: TrainedModel) -> bool:
-    """Registers the model of a succeeded run, once per run however often the
-    completion is delivered. Returns False when it was already registered."""
-    assert model.training_run_id is not None
+async def register_from_run(uow: UnitOfWork, run_id: uuid.UUID) -> bool:
+    """Registers the model of a succeeded run, once per run however often its completion
+    is delivered. The run's record, read once, is the model's one source: a stale or
+    forged completion event names a run, it does not describe it. Returns False when the
+    model was already registered, or the run did not succeed."""
     async with uow:
-        state = await uow.models.run_state(model.training_run_id)
-        if state != "SUCCEEDED":
-            # A stale or forged completion: the database, not the event, says how the run ended.
-            log.warning(
-                "completion of a run that did not succeed ignored",
-                run_id=str(model.training_run_id),
-                state=state or "deleted",
-            )
+        run = await uow.models.succeeded_run(run_id)
+        if run is None:
+            log.warning("completion of a run that did not succeed ignored", run_id=str(run_id))
             return False
+        model = model_from_run(run_id, run)
         if not await uow.models.add_if_absent(model):
             return False
         await uow.commit()
-    log.info("trained model registered", model_id=str(model.id), run_id=str(model.training_run_id))
+    log.info("trained model registered", model_id=str(model.id), run_id=str(run_id))
     return True
 
 

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import UTC, datetime
+from typing import Any
+
+from google.protobuf.message import Message
 
 from services.trained_models.domain import Lineage, LineageNode, PublicationEvent, TrainedModel
 from shared.messaging import Subjects
-from shared.names import TRAINED_MODELS, TRAINING_RUNS, model_name, parse_name, run_name
+from shared.names import model_name, run_name
 from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, training_run_pb2
 from shared.proto_json import parse, timestamp, to_dict
@@ -47,31 +51,38 @@ def model_to_proto(model: TrainedModel) -> trained_model_pb2.TrainedModel:
     return message
 
 
-def model_from_run(run: training_run_pb2.TrainingRun) -> TrainedModel:
-    """The model a succeeded run produced, as its completion event describes it. It is
-    judged by its test evaluation when the run had a test split: the validation chose the
-    checkpoint, so its mAP flatters the model."""
+def model_from_run(run_id: uuid.UUID, run: Mapping[str, Any]) -> TrainedModel:
+    """The model a succeeded run produced, from the run's record (Repository.succeeded_run).
+    It is judged by its test evaluation when the run had a test split: the validation
+    chose the checkpoint, so its mAP flatters the model."""
     now = datetime.now(UTC)
-    val = to_dict(run.best_evaluation) if run.HasField("best_evaluation") else None
-    test = to_dict(run.test_evaluation) if run.HasField("test_evaluation") else None
+    spec = parse(run["spec"], training_run_pb2.TrainingSpec())
+    dataset = parse(run["dataset"], common_pb2.DatasetSummary())
+    val = _normalised(run["best_evaluation"], common_pb2.Evaluation())
+    test = _normalised(run["test_evaluation"], common_pb2.Evaluation())
     return TrainedModel(
         id=uuid.uuid4(),
-        display_name=run.display_name,
-        labels=dict(run.labels),
-        training_run_id=parse_name(run.name, TRAINING_RUNS),
-        base_model_id=parse_name(run.base_model, TRAINED_MODELS) if run.base_model else None,
-        dataset_uri=run.spec.dataset_uri,
-        dataset_fingerprint=run.dataset.fingerprint,
-        architecture=run.spec.architecture,
-        classes=list(run.dataset.classes),
-        artifacts=[to_dict(a) for a in run.artifacts],
+        display_name=run["display_name"],
+        labels=dict(run["labels"] or {}),
+        training_run_id=run_id,
+        base_model_id=run["base_model_id"],
+        dataset_uri=spec.dataset_uri,
+        dataset_fingerprint=dataset.fingerprint,
+        architecture=spec.architecture,
+        classes=list(dataset.classes),
+        artifacts=[to_dict(parse(a, common_pb2.Artifact())) for a in run["artifacts"] or ()],
         evaluation=test or val,
         val_evaluation=val,
-        facts=to_dict(run.facts) if run.HasField("facts") else None,
-        creator=run.creator,
+        facts=_normalised(run["facts"], common_pb2.TrainingFacts()),
+        creator=run["creator"],
         create_time=now,
         update_time=now,
     )
+
+
+def _normalised(stored: Mapping[str, Any] | None, message: Message) -> dict[str, Any] | None:
+    """A stored proto JSON payload in the shape the registry stores; None when unset."""
+    return to_dict(parse(stored, message)) if stored else None
 
 
 def created_message(model: TrainedModel, subjects: Subjects) -> OutboxMessage:

@@ -141,6 +141,25 @@ class TrainedModelRepository(TrackingRepository[TrainedModel]):
         row = (await self._session.execute(query)).first()
         return self._loaded(rows.to_model(row)) if row else None
 
+    async def succeeded_run(self, run_id: uuid.UUID) -> dict[str, Any] | None:
+        """What the model of a succeeded run is made of, as its row records it; None when
+        the run did not succeed or does not exist (any more)."""
+        r = training_runs.c
+        query = select(
+            r.display_name,
+            r.labels,
+            r.spec,
+            r.base_model_id,
+            r.dataset,
+            r.artifacts,
+            r.best_evaluation,
+            r.test_evaluation,
+            r.facts,
+            r.creator,
+        ).where(r.id == run_id, r.state == "SUCCEEDED")
+        row = (await self._session.execute(query)).first()
+        return dict(row._mapping) if row else None
+
     async def run_state(self, run_id: uuid.UUID) -> str | None:
         """The state of a training run; None when the run does not exist (any more)."""
         query = select(training_runs.c.state).where(training_runs.c.id == run_id)

@@ -139,6 +139,13 @@ def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]
             changed = training_run_pb2.TrainingRunStateChanged(
                 event_id=event_id, event=proto, training_run=snapshot
             )
+            messages.append(
+                OutboxMessage(
+                    subject=subjects.run_state(str(run.id)),
+                    payload=proto.SerializeToString(),
+                    msg_id=f"run_state.{run.id}.{event.sequence}",
+                )
+            )
             verb = LIFECYCLE_SUBJECTS[change.to_state]
             messages.append(
                 OutboxMessage(

@@ -1,13 +1,15 @@
-"""Validation of a requested training spec, and the defaults that complete it. Pure."""
+"""Validation of a requested training spec, completed by the defaults of shared.spec_defaults.
+
+Pure."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-import random
 from dataclasses import dataclass
 from typing import Any
 
-from shared import catalog
+from shared import catalog, spec_defaults
 from shared.datasets import DatasetUriError, parse_dataset_uri, parse_image_root
 from shared.errors import Violations
 from shared.limits import quote
@@ -146,42 +148,16 @@ def validate_spec(
 
     if violations or architecture not in catalog.ARCHITECTURES:
         return None
-    batch_size = spec.batch_size or catalog.DEFAULT_BATCH_SIZE
-    arch = catalog.ARCHITECTURES[architecture]
-    # A fine-tune starts from learnt weights; a root run from random ones.
-    recipe = arch.recipe(fine_tune=base_architecture is not None)
-    optimizer = spec.optimizer if spec.optimizer in catalog.OPTIMIZERS else recipe.optimizer
+    training = {
+        f.name: getattr(spec, f.name)
+        for f in dataclasses.fields(spec)
+        if f.name not in ("dataset_uri", "image_root", "architecture")
+    }
     return {
         "dataset_uri": spec.dataset_uri,
         "image_root": spec.image_root,
-        "architecture": architecture,
-        "epochs": spec.epochs or catalog.DEFAULT_EPOCHS,
-        "batch_size": batch_size,
-        "learning_rate": spec.learning_rate
-        or catalog.default_learning_rate(
-            arch,
-            optimizer=optimizer,
-            batch_size=batch_size,
-            fine_tune=base_architecture is not None,
+        # A fine-tune starts from learnt weights; a root run from random ones.
+        **spec_defaults.complete(
+            {**training, "architecture": architecture}, fine_tune=base_architecture is not None
         ),
-        "frozen_stages": recipe.frozen_stages if spec.frozen_stages is None else spec.frozen_stages,
-        "image_size": spec.image_size or catalog.DEFAULT_IMAGE_SIZE,
-        "val_fraction": spec.val_fraction or catalog.DEFAULT_VAL_FRACTION,
-        "test_fraction": spec.test_fraction or catalog.DEFAULT_TEST_FRACTION,
-        # Recorded so that the split, and the run, can be reproduced.
-        "seed": random.randrange(2**31) if spec.seed is None else spec.seed,
-        "device": spec.device if spec.device != "DEVICE_UNSPECIFIED" else "AUTO",
-        "gpu_count": spec.gpu_count or 1,
-        "optimizer": optimizer,
-        "augment": True if spec.augment is None else spec.augment,
-        "val_interval": spec.val_interval or catalog.DEFAULT_VAL_INTERVAL,
-        "early_stopping_patience": catalog.DEFAULT_EARLY_STOPPING_PATIENCE
-        if spec.early_stopping_patience is None
-        else spec.early_stopping_patience,
-        # With the recorded seed, what a retry needs to train the same run again.
-        "deterministic": bool(spec.deterministic),
-        # Unset warm-up and mixed precision stay unset: they depend on the run's length and
-        # on the device the worker finds, which the service does not know.
-        **({} if spec.warmup_iterations is None else {"warmup_iterations": spec.warmup_iterations}),
-        **({} if spec.mixed_precision is None else {"mixed_precision": spec.mixed_precision}),
     }

@@ -9,7 +9,8 @@ import pytest
 
 from shared.proto.raven.training.v1 import common_pb2
 from shared.storage import sha256_file
-from trainer_worker.pipeline import ResumePoint, WorkerEnvironment, place_earlier_checkpoints
+from trainer_worker.inputs import place_earlier_checkpoints
+from trainer_worker.job import ResumePoint, WorkerEnvironment
 
 pytestmark = pytest.mark.timeout(30)
 

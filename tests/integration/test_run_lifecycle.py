@@ -25,7 +25,7 @@ from shared.proto.raven.training.v1 import (
 from shared.settings import Settings
 from tests.support import WorkerDriver, create_request, eventually
 from trainer_worker import events
-from trainer_worker.training import EpochRecord, TrainingSucceeded
+from trainer_worker.outcomes import EpochRecord, TrainingSucceeded
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(90)

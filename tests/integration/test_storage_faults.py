@@ -21,7 +21,7 @@ from shared.messaging import Subjects, ensure_streams
 from tests.support import eventually
 from trainer_worker import storage_faults
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
-from trainer_worker.pipeline import WorkerEnvironment
+from trainer_worker.job import WorkerEnvironment
 
 pytest.importorskip("mmdet")
 pytest.importorskip("PIL")

@@ -22,6 +22,8 @@ from shared.db.migrate import upgrade
 from shared.errors import AlreadyExists, Conflict
 from shared.infra import Infrastructure, create_database, drop_database
 from shared.messaging import Subjects
+from shared.payloads import Progress
+from shared.reports import Heartbeat
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -108,6 +110,7 @@ async def test_a_loaded_run_that_changed_is_written_with_its_events(uow, engine)
     assert events == 2  # queued, cancelled
     assert await outbox_ids(engine, f"%{run.id}.2") == [
         f"run_event.{run.id}.2",
+        f"run_state.{run.id}.2",
         f"training_run.cancelled.{run.id}.2",
     ]
 
@@ -198,7 +201,12 @@ async def test_a_heartbeat_names_no_json_column(uow, engine):
     try:
         beat = datetime.now(UTC) + timedelta(seconds=5)
         report = handlers.WorkerReport(
-            event_id="beat-1", run_id=run.id, attempt=1, worker_id="w1", time=beat, kind="heartbeat"
+            event_id="beat-1",
+            run_id=run.id,
+            attempt=1,
+            worker_id="w1",
+            time=beat,
+            payload=Heartbeat(),
         )
         assert await handlers.apply_worker_report(uow(), report)
         heartbeat = await scalar(
@@ -208,7 +216,12 @@ async def test_a_heartbeat_names_no_json_column(uow, engine):
         assert await scalar(engine, "SELECT count(*) FROM json_writes") == 0
         # A stale attempt's heartbeat changes nothing.
         stale = handlers.WorkerReport(
-            event_id="beat-2", run_id=run.id, attempt=2, worker_id="w0", time=beat, kind="heartbeat"
+            event_id="beat-2",
+            run_id=run.id,
+            attempt=2,
+            worker_id="w0",
+            time=beat,
+            payload=Heartbeat(),
         )
         assert not await handlers.apply_worker_report(uow(), stale)
     finally:
@@ -230,12 +243,12 @@ async def test_a_change_writes_only_its_columns_and_keeps_a_concurrent_one(uow, 
         async with reporting:
             busy = await reporting.runs.get(run.id)
             assert busy is not None
-            busy.report_progress({"epoch": 1, "iteration": 3}, actor="w1", now=datetime.now(UTC))
+            busy.report_progress(Progress(epoch=1, iteration=3), actor="w1", now=datetime.now(UTC))
             await reporting.commit()
         await beating.commit()
 
     progress = await scalar(engine, "SELECT progress FROM training_runs WHERE id = :id", id=run.id)
-    assert progress == {"epoch": 1, "iteration": 3}
+    assert progress == {"epoch": 1, "iteration": "3"}
 
 
 def new_model(*, request_id: uuid.UUID | None = None) -> TrainedModel:

@@ -24,7 +24,7 @@ from tests.support import eventually
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.devices import GpuPool
-from trainer_worker.pipeline import WorkerEnvironment
+from trainer_worker.job import WorkerEnvironment
 
 pytest.importorskip("mmdet")
 pytest.importorskip("PIL")
@@ -303,7 +303,7 @@ async def test_refused_datasets_fail_before_training_and_the_worker_serves_the_n
             reason="cancel_requested",
         ),
     )
-    await js.publish(subjects.run_event(good), cancel.SerializeToString())
+    await js.publish(subjects.run_state(good), cancel.SerializeToString())
     rest = await events_until_terminal(js, subjects, good, timeout_s=90)
     assert kinds(rest)[-1] == "cancelled"
     await eventually(lambda: queue_empty(js, subjects))
@@ -329,11 +329,36 @@ async def test_a_cancel_request_stops_the_running_job(
             reason="cancel_requested",
         ),
     )
-    await js.publish(subjects.run_event(run_id), cancel.SerializeToString())
+    await js.publish(subjects.run_state(run_id), cancel.SerializeToString())
 
     rest = await events_until_terminal(js, subjects, run_id, timeout_s=60)
     assert kinds(rest)[-1] == "cancelled"
     assert not (tmp_path / "models" / run_id).exists()
+
+
+async def test_a_cancel_recorded_before_the_job_began_stops_it(
+    worker: tuple[JetStreamContext, Subjects], tmp_path: Path
+) -> None:
+    js, subjects = worker
+    make_dataset(tmp_path / "tiny", images=16, size=128)
+    run_id = uuid.uuid4().hex
+    # The run's state subject ends with CANCELLING; a later state change of another run
+    # does not hide it.
+    for run, to_state in (
+        (run_id, training_run_pb2.TrainingRun.State.PREPARING),
+        (run_id, training_run_pb2.TrainingRun.State.CANCELLING),
+        (uuid.uuid4().hex, training_run_pb2.TrainingRun.State.RUNNING),
+    ):
+        changed = training_run_pb2.TrainingRunEvent(
+            training_run=f"trainingRuns/{run}",
+            state_changed=training_run_pb2.TrainingRunEvent.StateChanged(to_state=to_state),
+        )
+        await js.publish(subjects.run_state(run), changed.SerializeToString())
+    await submit(js, subjects, job(run_id, str(tmp_path / "tiny" / "annotations.json"), epochs=50))
+
+    # Fifty epochs would outlast the wait: the job stops on the recorded cancel.
+    events = await events_until_terminal(js, subjects, run_id, timeout_s=60)
+    assert kinds(events)[-1] == "cancelled"
 
 
 # Names CUDA knows nothing of: the ranks find no GPU and train on CPU over gloo, and what
@@ -383,7 +408,8 @@ async def test_claims_fence_the_attempt_and_drop_refused_jobs(
     await submit(js, subjects, job(GRANTED_AS_ATTEMPT_2, "file:///nowhere/granted.json"))
 
     events = await events_until_terminal(js, subjects, GRANTED_AS_ATTEMPT_2, timeout_s=30)
-    assert kinds(events) == ["preparing", "failed"]
+    # The granted claim moved the run to PREPARING: a `preparing` report would be refused.
+    assert kinds(events) == ["failed"]
     # Redelivered as attempt 1, granted as attempt 2: every report says 2.
     assert {e.attempt for e in events} == {2}
     # The refused job was acked without a single event.

@@ -355,7 +355,7 @@ def test_deterministic_training_is_on_request_with_a_seeded_sampler(
 
 def test_the_specs_deterministic_flag_reaches_the_plan() -> None:
     from shared.proto.raven.training.v1 import training_run_pb2
-    from trainer_worker.pipeline import plan_of
+    from trainer_worker.plan import plan_of
 
     spec = training_run_pb2.TrainingSpec(architecture="retinanet_r18_fpn", seed=9)
     assert plan_of(spec).deterministic is False

@@ -8,7 +8,8 @@ import pytest
 
 from shared.settings import Settings
 from trainer_worker.devices import CPU_LOADER_WORKERS, DataLoading, GpuPool, data_loading
-from trainer_worker.pipeline import WorkerEnvironment, run_data_loading
+from trainer_worker.job import WorkerEnvironment
+from trainer_worker.placement import run_data_loading
 
 
 @pytest.mark.parametrize(

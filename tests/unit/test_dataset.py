@@ -8,12 +8,8 @@ from typing import Any
 import pytest
 
 from tests.images import write_image
-from trainer_worker.dataset import (
-    DatasetError,
-    prepare_dataset,
-    resolve_location,
-    stratified_split,
-)
+from trainer_worker.dataset import DatasetError, prepare_dataset, resolve_location
+from trainer_worker.splits import stratified_split
 
 Document = dict[str, Any]
 

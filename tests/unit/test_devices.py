@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shared.proto.raven.training.v1 import training_run_pb2
+from trainer_worker.child import child_command, free_port
 from trainer_worker.devices import (
     GpuPool,
     parse_cuda_visible_devices,
@@ -19,8 +20,8 @@ from trainer_worker.devices import (
     visible_gpus,
     worker_concurrency,
 )
-from trainer_worker.pipeline import WorkerEnvironment, device_env, gpus_wanted
-from trainer_worker.training import child_command, free_port
+from trainer_worker.job import WorkerEnvironment
+from trainer_worker.placement import device_env, gpus_wanted
 
 Spec = training_run_pb2.TrainingSpec
 

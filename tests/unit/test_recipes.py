@@ -13,7 +13,7 @@ from shared import catalog
 from shared.proto.raven.training.v1 import training_run_pb2
 from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, generate_config
-from trainer_worker.pipeline import plan_of
+from trainer_worker.plan import plan_of
 
 torch = pytest.importorskip("torch")
 mmengine_config = pytest.importorskip("mmengine.config")

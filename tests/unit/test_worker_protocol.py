@@ -78,7 +78,7 @@ def test_an_evaluation_separates_per_class_ap() -> None:
 
 def test_a_test_evaluation_travels_as_the_test_split() -> None:
     from trainer_worker.events import evaluation, succeeded
-    from trainer_worker.training import TrainingSucceeded
+    from trainer_worker.outcomes import TrainingSucceeded
 
     # A line from a child that predates test splits is a validation.
     assert decode(b'{"kind": "evaluation", "epoch": 1, "metrics": {}}').split == "val"
