@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import StrEnum, auto
 from typing import Any, ClassVar
 
 from shared.json_shape import Json, to_json_or_none
@@ -29,18 +29,18 @@ from shared.payloads import (
 class ReportKind(StrEnum):
     """The WorkerEvent `payload` oneof: each value is a field name."""
 
-    PREPARING = "preparing"
-    DATASET_PREPARED = "dataset_prepared"
-    RUNNING = "running"
-    PROGRESS = "progress"
-    EVALUATION = "evaluation"
-    NOTICE = "notice"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    HEARTBEAT = "heartbeat"
-    CHECKPOINT_SAVED = "checkpoint_saved"
-    RELEASED = "released"
+    PREPARING = auto()
+    DATASET_PREPARED = auto()
+    RUNNING = auto()
+    PROGRESS = auto()
+    EVALUATION = auto()
+    NOTICE = auto()
+    SUCCEEDED = auto()
+    FAILED = auto()
+    CANCELLED = auto()
+    HEARTBEAT = auto()
+    CHECKPOINT_SAVED = auto()
+    RELEASED = auto()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from typing import Any
 
+from google.protobuf.message import Message
+
 from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
+from shared.json_shape import Payload
 from shared.messaging import Subjects
 from shared.names import model_name, run_name
 from shared.outbox import OutboxMessage
@@ -65,18 +68,17 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
         artifacts=[parse(a.to_json(), common_pb2.Artifact()) for a in run.artifacts],
     )
-    if run.progress:
-        parse(run.progress.to_json(), message.progress)
-    if run.latest_evaluation:
-        parse(run.latest_evaluation.to_json(), message.latest_evaluation)
-    if run.best_evaluation:
-        parse(run.best_evaluation.to_json(), message.best_evaluation)
-    if run.test_evaluation:
-        parse(run.test_evaluation.to_json(), message.test_evaluation)
-    if run.dataset:
-        parse(run.dataset.to_json(), message.dataset)
-    if run.facts:
-        parse(run.facts.to_json(), message.facts)
+    payloads: tuple[tuple[Payload | None, Message], ...] = (
+        (run.progress, message.progress),
+        (run.latest_evaluation, message.latest_evaluation),
+        (run.best_evaluation, message.best_evaluation),
+        (run.test_evaluation, message.test_evaluation),
+        (run.dataset, message.dataset),
+        (run.facts, message.facts),
+    )
+    for payload, field in payloads:
+        if payload:
+            parse(payload.to_json(), field)
     if run.failure:
         message.failure.reason = run.failure.reason
         message.failure.message = run.failure.message
