@@ -3,7 +3,7 @@ responses, outbox events and training jobs."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
 
 from google.protobuf.message import Message
 
@@ -22,30 +22,20 @@ LIFECYCLE_SUBJECTS = {state: state.value.lower() for state in RunState}
 
 
 def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
-    def opt(field: str) -> Any:
-        return getattr(spec, field) if spec.HasField(field) else None
-
+    """The spec as sent: a SpecRequest field whose default is None is an optional field of
+    TrainingSpec, None when the caller left it unset."""
+    optional = {
+        field.name: getattr(spec, field.name) if spec.HasField(field.name) else None
+        for field in dataclasses.fields(SpecRequest)
+        if field.default is None
+    }
     return SpecRequest(
         dataset_uri=spec.dataset_uri.strip(),
         image_root=spec.image_root.strip(),
         architecture=spec.architecture.strip(),
-        epochs=opt("epochs"),
-        batch_size=opt("batch_size"),
-        learning_rate=opt("learning_rate"),
-        frozen_stages=opt("frozen_stages"),
-        image_size=opt("image_size"),
-        val_fraction=opt("val_fraction"),
-        test_fraction=opt("test_fraction"),
-        seed=opt("seed"),
         device=training_run_pb2.TrainingSpec.Device.Name(spec.device),
-        gpu_count=opt("gpu_count"),
         optimizer=training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer),
-        warmup_iterations=opt("warmup_iterations"),
-        augment=opt("augment"),
-        val_interval=opt("val_interval"),
-        early_stopping_patience=opt("early_stopping_patience"),
-        mixed_precision=opt("mixed_precision"),
-        deterministic=opt("deterministic"),
+        **optional,
     )
 
 
