@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum, auto
 from typing import Any, ClassVar
 
-from shared.json_shape import Json, to_json_or_none
+from shared.json_shape import Json, drop_defaults, int64, to_json_or_none
 from shared.payloads import (
     Artifact,
     DatasetSummary,
@@ -69,7 +69,7 @@ class Running:
     device: str = ""
 
     def to_json(self) -> Json:
-        return {"device": self.device} if self.device else {}
+        return drop_defaults({"device": self.device})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,14 +111,15 @@ class Succeeded:
     test_evaluation: Evaluation | None = None
 
     def to_json(self) -> Json:
-        data: Json = {
-            "artifacts": artifacts_to_json(self.artifacts),
-            "facts": self.facts.to_json(),
-            "evaluation": to_json_or_none(self.evaluation),
-            "epochs": [e.to_json() for e in self.epochs],
-            "test_evaluation": to_json_or_none(self.test_evaluation),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "artifacts": artifacts_to_json(self.artifacts),
+                "facts": self.facts.to_json(),
+                "evaluation": to_json_or_none(self.evaluation),
+                "epochs": [e.to_json() for e in self.epochs],
+                "test_evaluation": to_json_or_none(self.test_evaluation),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,12 +131,13 @@ class Failed:
     artifacts: Sequence[Artifact] = ()
 
     def to_json(self) -> Json:
-        data: Json = {
-            "reason": self.reason,
-            "message": self.message,
-            "artifacts": artifacts_to_json(self.artifacts),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "reason": self.reason,
+                "message": self.message,
+                "artifacts": artifacts_to_json(self.artifacts),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,12 +168,13 @@ class CheckpointSaved:
     checkpoint: Artifact = field(default_factory=Artifact)
 
     def to_json(self) -> Json:
-        data: Json = {
-            "epoch": self.epoch,
-            "iteration": str(self.iteration) if self.iteration else None,
-            "checkpoint": self.checkpoint.to_json(),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "epoch": self.epoch,
+                "iteration": int64(self.iteration),
+                "checkpoint": self.checkpoint.to_json(),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +185,7 @@ class Released:
     reason: str = ""
 
     def to_json(self) -> Json:
-        return {"reason": self.reason} if self.reason else {}
+        return drop_defaults({"reason": self.reason})
 
 
 Report = (
