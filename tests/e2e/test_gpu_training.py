@@ -14,14 +14,7 @@ import pytest
 
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
-from tests.training import (
-    local_dataset,
-    model_of,
-    payloads,
-    run_request,
-    watch_to_the_end,
-    worker_fixture,
-)
+from tests import training
 
 TrainingRun = training_run_pb2.TrainingRun
 Spec = training_run_pb2.TrainingSpec
@@ -29,18 +22,18 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
 # With the machine's GPUs: one job per GPU at once.
-worker = worker_fixture("e2e-gpu-worker", RAVEN_WORKER_DEVICE="cuda")
+worker = training.worker_fixture("e2e-gpu-worker", RAVEN_WORKER_DEVICE="cuda")
 
 
 @pytest.fixture(scope="module")
 def dataset_uri(settings: Settings) -> str:
-    return local_dataset(settings, "gpu", images=16, size=128)
+    return training.local_dataset(settings, "gpu", images=16, size=128)
 
 
 async def train_to_the_end(runs, models, dataset_uri: str, **spec: object):
     """Creates a GPU run, follows it to SUCCEEDED; its events and its trained model."""
     run = await runs.CreateTrainingRun(
-        run_request(
+        training.run_request(
             "on cuda",
             dataset_uri,
             architecture="retinanet_r18_fpn",
@@ -51,11 +44,11 @@ async def train_to_the_end(runs, models, dataset_uri: str, **spec: object):
             **spec,
         )
     )
-    events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 300)
-    states = payloads(events, "state_changed")
+    events = await asyncio.wait_for(training.watch_to_the_end(runs, run.name), 300)
+    states = training.payloads(events, "state_changed")
     assert states[-1].to_state == TrainingRun.SUCCEEDED, states[-1]
 
-    name = await model_of(runs, run.name)
+    name = await training.model_of(runs, run.name)
     model = await models.GetTrainedModel(trained_model_pb2.GetTrainedModelRequest(name=name))
     return events, model
 
@@ -75,7 +68,7 @@ async def test_a_gpu_run_records_its_device_and_trains_with_mixed_precision(
     device = re.compile(r"^cuda:0 \(.+, \d+ GiB, 1 visible\)$")
     assert device.match(model.facts.device), model.facts.device
     running = next(
-        s for s in payloads(events, "state_changed") if s.to_state == TrainingRun.RUNNING
+        s for s in training.payloads(events, "state_changed") if s.to_state == TrainingRun.RUNNING
     )
     assert model.facts.device in running.message
     # Mixed precision is on by default on CUDA: the config the run ran says so.
@@ -90,9 +83,9 @@ async def test_a_run_over_two_gpus_trains_under_the_distributed_launcher(
 
     assert re.match(r"^cuda:0 \(.+, 2 visible\)$", model.facts.device), model.facts.device
     # Rank 0 alone reports: each epoch is evaluated once, progress only moves forward.
-    evaluations = [e.epoch for e in payloads(events, "evaluation")]
+    evaluations = [e.epoch for e in training.payloads(events, "evaluation")]
     assert evaluations == [1, 2]
-    progress = [p.iteration for p in payloads(events, "progress")]
+    progress = [p.iteration for p in training.payloads(events, "progress")]
     assert progress == sorted(set(progress))
     config = artifact_text(model, "config")
     assert "launcher = 'pytorch'" in config
