@@ -8,8 +8,8 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import nats
 import pytest
+from nats.aio.client import Client as NATS
 
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2
@@ -70,7 +70,7 @@ def worker_fixture(worker_id: str, **overrides: str) -> Any:
 
     @pytest.fixture(scope="module")
     async def worker(
-        settings: Settings, nc: nats.NATS, subjects: Subjects, tmp_path_factory: Any
+        settings: Settings, nc: NATS, subjects: Subjects, tmp_path_factory: Any
     ) -> AsyncIterator[asyncio.subprocess.Process]:
         """`python -m trainer_worker` as its own process, as it runs in production."""
         folder = tmp_path_factory.mktemp(worker_id)
