@@ -12,7 +12,7 @@ import itertools
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 
 import grpc
 import nats
@@ -21,7 +21,7 @@ from nats.aio.msg import Msg
 
 from benchmarks.plan import Plan
 from benchmarks.stack import Stack
-from benchmarks.stats import Results, percentile
+from benchmarks.stats import Results
 from benchmarks.unary import create_request
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc, worker_pb2
@@ -30,6 +30,8 @@ _WATCHERS_PER_CHANNEL = 100
 _DRAIN_TIMEOUT_S = 20.0
 # Watchers opened at once: each replays the run's history from Postgres first.
 _OPEN_BATCH = 50
+# The latency figures of each event path.
+_STATS = ("p50", "p99", "max")
 
 
 class Tracker:
@@ -297,24 +299,24 @@ async def _one_run_rounds(
             base.expect((run.name, it), count)
             await subscribers.publish(run, it, stack.nc)
             await base.drained()
-        _record(
-            results,
+        results.add_latencies(
             f"events.nats.w{count}",
             base.take(),
-            f"bare NATS publish -> {count} subscriber(s) of one subject (baseline)",
-            None,
+            what=f"bare NATS publish -> {count} subscriber(s) of one subject (baseline)",
+            baseline=None,
+            stats=_STATS,
         )
         for _ in range(plan.events_per_round):
             it = worker.next_iteration(run)
             system.expect((run.name, it), count)
             await worker.progress(run, it)
             await system.drained()
-        _record(
-            results,
+        results.add_latencies(
             f"events.run1.w{count}",
             system.take(),
-            f"worker progress event -> {count} WatchTrainingRun client(s) of one run",
-            f"events.nats.w{count}",
+            what=f"worker progress event -> {count} WatchTrainingRun client(s) of one run",
+            baseline=f"events.nats.w{count}",
+            stats=_STATS,
         )
 
 
@@ -338,52 +340,44 @@ async def _fleet_rounds(
     system.take()
     interval = 1 / plan.fanout_rate_per_s
     label = f"{n} runs x {per_run} watchers, {plan.fanout_rate_per_s:g} events/s"
+    count = n * plan.fanout_events_per_run
+
+    async def bare(i: int) -> None:
+        r = fleet[i % n]
+        it = worker.next_iteration(r)
+        base.expect((r.name, it), per_run)
+        await subscribers.publish(r, it, stack.nc)
+
+    async def through_the_system(i: int) -> None:
+        r = fleet[i % n]
+        it = worker.next_iteration(r)
+        system.expect((r.name, it), per_run)
+        await worker.progress(r, it)
+
     for _ in range(plan.event_rounds):
-        start = time.perf_counter()
-        for i in range(n * plan.fanout_events_per_run):
-            r = fleet[i % n]
-            it = worker.next_iteration(r)
-            base.expect((r.name, it), per_run)
-            await subscribers.publish(r, it, stack.nc)
-            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+        await _paced(bare, count, interval)
         await base.drained()
-        _record(
-            results,
+        results.add_latencies(
             "events.nats.fleet",
             base.take(),
-            f"bare NATS publish -> subscribers, {label} (baseline)",
-            None,
+            what=f"bare NATS publish -> subscribers, {label} (baseline)",
+            baseline=None,
+            stats=_STATS,
         )
-        start = time.perf_counter()
-        for i in range(n * plan.fanout_events_per_run):
-            r = fleet[i % n]
-            it = worker.next_iteration(r)
-            system.expect((r.name, it), per_run)
-            await worker.progress(r, it)
-            await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+        await _paced(through_the_system, count, interval)
         await system.drained()
-        _record(
-            results,
+        results.add_latencies(
             "events.fleet",
             system.take(),
-            f"worker progress event -> WatchTrainingRun clients, {label}",
-            "events.nats.fleet",
+            what=f"worker progress event -> WatchTrainingRun clients, {label}",
+            baseline="events.nats.fleet",
+            stats=_STATS,
         )
 
 
-def _record(
-    results: Results, prefix: str, latencies: list[float], what: str, baseline: str | None
-) -> None:
-    values = {
-        "p50": percentile(latencies, 50),
-        "p99": percentile(latencies, 99),
-        "max": max(latencies, default=float("nan")),
-    }
-    for key, value in values.items():
-        results.add(
-            f"{prefix}.{key}",
-            value * 1000,
-            unit="ms",
-            description=f"{what}: {key} latency",
-            baseline=baseline and f"{baseline}.{key}",
-        )
+async def _paced(send: Callable[[int], Awaitable[None]], count: int, interval: float) -> None:
+    """send(0) .. send(count - 1), the i-th at `i * interval` seconds from the start."""
+    start = time.perf_counter()
+    for i in range(count):
+        await send(i)
+        await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))

@@ -92,6 +92,32 @@ class Results:
             base = self.figures[baseline].rounds[-1]
             figure.ratios.append(value / base if base else math.nan)
 
+    def add_latencies(
+        self,
+        prefix: str,
+        samples_s: Sequence[float],
+        *,
+        what: str,
+        baseline: str | None,
+        stats: Sequence[str] = ("p50", "p99"),
+        suffix: str = " latency",
+    ) -> None:
+        """Records latencies given in seconds as figures `prefix.<stat>` in ms, for each of
+        `stats` (percentiles "p50", "p99", ..., or "max"); with `baseline`, each against
+        `baseline.<stat>`."""
+        for stat in stats:
+            if stat == "max":
+                value = max(samples_s, default=math.nan)
+            else:
+                value = percentile(samples_s, float(stat.removeprefix("p")))
+            self.add(
+                f"{prefix}.{stat}",
+                value * 1000,
+                unit="ms",
+                description=f"{what}: {stat}{suffix}",
+                baseline=baseline and f"{baseline}.{stat}",
+            )
+
     def median(self, name: str) -> float:
         return spread(self.figures[name].rounds)["median"] if name in self.figures else math.nan
 

@@ -24,21 +24,23 @@ _TIMEOUT_S = 600.0
 DATASET = "datasets/tiny/annotations.json"
 
 
-def tiny_request(seed: int) -> pb.CreateTrainingRunRequest:
+def _request(display_name: str, spec: pb.TrainingSpec) -> pb.CreateTrainingRunRequest:
     return pb.CreateTrainingRunRequest(
-        training_run=pb.TrainingRun(
-            display_name="bench tiny run",
-            spec=pb.TrainingSpec(
-                dataset_uri=DATASET,
-                architecture="retinanet_r18_fpn",
-                epochs=2,
-                batch_size=4,
-                image_size=128,
-                seed=seed,
-                device=pb.TrainingSpec.CPU,
-            ),
-        ),
+        training_run=pb.TrainingRun(display_name=display_name, spec=spec)
     )
+
+
+def tiny_request(seed: int) -> pb.CreateTrainingRunRequest:
+    spec = pb.TrainingSpec(
+        dataset_uri=DATASET,
+        architecture="retinanet_r18_fpn",
+        epochs=2,
+        batch_size=4,
+        image_size=128,
+        seed=seed,
+        device=pb.TrainingSpec.CPU,
+    )
+    return _request("bench tiny run", spec)
 
 
 async def measure_training(stack: Stack, plan: Plan, results: Results) -> None:
@@ -105,17 +107,13 @@ LEARNING_EPOCHS = 8
 
 def learning_request() -> pb.CreateTrainingRunRequest:
     """The defaults: only the dataset, the architecture, the epochs and the image size."""
-    return pb.CreateTrainingRunRequest(
-        training_run=pb.TrainingRun(
-            display_name="bench learning run",
-            spec=pb.TrainingSpec(
-                dataset_uri=LEARNING_DATASET,
-                architecture="rtmdet_tiny",
-                epochs=LEARNING_EPOCHS,
-                image_size=128,
-            ),
-        ),
+    spec = pb.TrainingSpec(
+        dataset_uri=LEARNING_DATASET,
+        architecture="rtmdet_tiny",
+        epochs=LEARNING_EPOCHS,
+        image_size=128,
     )
+    return _request("bench learning run", spec)
 
 
 async def measure_learning(stack: Stack, results: Results) -> None:

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
+from enum import StrEnum, auto
 from typing import Any, ClassVar
 
-from shared.json_shape import Json, to_json_or_none
+from shared.json_shape import Json, drop_defaults, int64, to_json_or_none
 from shared.payloads import (
     Artifact,
     DatasetSummary,
@@ -29,18 +29,18 @@ from shared.payloads import (
 class ReportKind(StrEnum):
     """The WorkerEvent `payload` oneof: each value is a field name."""
 
-    PREPARING = "preparing"
-    DATASET_PREPARED = "dataset_prepared"
-    RUNNING = "running"
-    PROGRESS = "progress"
-    EVALUATION = "evaluation"
-    NOTICE = "notice"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-    HEARTBEAT = "heartbeat"
-    CHECKPOINT_SAVED = "checkpoint_saved"
-    RELEASED = "released"
+    PREPARING = auto()
+    DATASET_PREPARED = auto()
+    RUNNING = auto()
+    PROGRESS = auto()
+    EVALUATION = auto()
+    NOTICE = auto()
+    SUCCEEDED = auto()
+    FAILED = auto()
+    CANCELLED = auto()
+    HEARTBEAT = auto()
+    CHECKPOINT_SAVED = auto()
+    RELEASED = auto()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,7 +69,7 @@ class Running:
     device: str = ""
 
     def to_json(self) -> Json:
-        return {"device": self.device} if self.device else {}
+        return drop_defaults({"device": self.device})
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -111,14 +111,15 @@ class Succeeded:
     test_evaluation: Evaluation | None = None
 
     def to_json(self) -> Json:
-        data: Json = {
-            "artifacts": artifacts_to_json(self.artifacts),
-            "facts": self.facts.to_json(),
-            "evaluation": to_json_or_none(self.evaluation),
-            "epochs": [e.to_json() for e in self.epochs],
-            "test_evaluation": to_json_or_none(self.test_evaluation),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "artifacts": artifacts_to_json(self.artifacts),
+                "facts": self.facts.to_json(),
+                "evaluation": to_json_or_none(self.evaluation),
+                "epochs": [e.to_json() for e in self.epochs],
+                "test_evaluation": to_json_or_none(self.test_evaluation),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -130,12 +131,13 @@ class Failed:
     artifacts: Sequence[Artifact] = ()
 
     def to_json(self) -> Json:
-        data: Json = {
-            "reason": self.reason,
-            "message": self.message,
-            "artifacts": artifacts_to_json(self.artifacts),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "reason": self.reason,
+                "message": self.message,
+                "artifacts": artifacts_to_json(self.artifacts),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -166,12 +168,13 @@ class CheckpointSaved:
     checkpoint: Artifact = field(default_factory=Artifact)
 
     def to_json(self) -> Json:
-        data: Json = {
-            "epoch": self.epoch,
-            "iteration": str(self.iteration) if self.iteration else None,
-            "checkpoint": self.checkpoint.to_json(),
-        }
-        return {k: v for k, v in data.items() if v}
+        return drop_defaults(
+            {
+                "epoch": self.epoch,
+                "iteration": int64(self.iteration),
+                "checkpoint": self.checkpoint.to_json(),
+            }
+        )
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -182,7 +185,7 @@ class Released:
     reason: str = ""
 
     def to_json(self) -> Json:
-        return {"reason": self.reason} if self.reason else {}
+        return drop_defaults({"reason": self.reason})
 
 
 Report = (

@@ -3,11 +3,14 @@ responses, outbox events and training jobs."""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+
+from google.protobuf.message import Message
 
 from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
+from shared.json_shape import Payload
 from shared.messaging import Subjects
 from shared.names import model_name, run_name
 from shared.outbox import OutboxMessage
@@ -19,30 +22,20 @@ LIFECYCLE_SUBJECTS = {state: state.value.lower() for state in RunState}
 
 
 def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
-    def opt(field: str) -> Any:
-        return getattr(spec, field) if spec.HasField(field) else None
-
+    """The spec as sent: a SpecRequest field whose default is None is an optional field of
+    TrainingSpec, None when the caller left it unset."""
+    optional = {
+        field.name: getattr(spec, field.name) if spec.HasField(field.name) else None
+        for field in dataclasses.fields(SpecRequest)
+        if field.default is None
+    }
     return SpecRequest(
         dataset_uri=spec.dataset_uri.strip(),
         image_root=spec.image_root.strip(),
         architecture=spec.architecture.strip(),
-        epochs=opt("epochs"),
-        batch_size=opt("batch_size"),
-        learning_rate=opt("learning_rate"),
-        frozen_stages=opt("frozen_stages"),
-        image_size=opt("image_size"),
-        val_fraction=opt("val_fraction"),
-        test_fraction=opt("test_fraction"),
-        seed=opt("seed"),
         device=training_run_pb2.TrainingSpec.Device.Name(spec.device),
-        gpu_count=opt("gpu_count"),
         optimizer=training_run_pb2.TrainingSpec.Optimizer.Name(spec.optimizer),
-        warmup_iterations=opt("warmup_iterations"),
-        augment=opt("augment"),
-        val_interval=opt("val_interval"),
-        early_stopping_patience=opt("early_stopping_patience"),
-        mixed_precision=opt("mixed_precision"),
-        deterministic=opt("deterministic"),
+        **optional,
     )
 
 
@@ -65,18 +58,17 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
         artifacts=[parse(a.to_json(), common_pb2.Artifact()) for a in run.artifacts],
     )
-    if run.progress:
-        parse(run.progress.to_json(), message.progress)
-    if run.latest_evaluation:
-        parse(run.latest_evaluation.to_json(), message.latest_evaluation)
-    if run.best_evaluation:
-        parse(run.best_evaluation.to_json(), message.best_evaluation)
-    if run.test_evaluation:
-        parse(run.test_evaluation.to_json(), message.test_evaluation)
-    if run.dataset:
-        parse(run.dataset.to_json(), message.dataset)
-    if run.facts:
-        parse(run.facts.to_json(), message.facts)
+    payloads: tuple[tuple[Payload | None, Message], ...] = (
+        (run.progress, message.progress),
+        (run.latest_evaluation, message.latest_evaluation),
+        (run.best_evaluation, message.best_evaluation),
+        (run.test_evaluation, message.test_evaluation),
+        (run.dataset, message.dataset),
+        (run.facts, message.facts),
+    )
+    for payload, field in payloads:
+        if payload:
+            parse(payload.to_json(), field)
     if run.failure:
         message.failure.reason = run.failure.reason
         message.failure.message = run.failure.message

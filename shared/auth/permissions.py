@@ -53,28 +53,31 @@ _AUDIT = "/raven.training.v1.AuditService/"
 
 P = Permission
 
+# Reading a run or a model: also granted, for the caller's own, by `<read>.own`.
+_READ_RUN = Rule(P.TRAINING_RUNS_READ, ownable=True)
+_READ_MODEL = Rule(P.TRAINED_MODELS_READ, ownable=True)
 RULES: dict[str, Rule] = {
     _RUNS + "CreateTrainingRun": Rule(P.TRAINING_RUNS_CREATE, mutates=True),
-    _RUNS + "GetTrainingRun": Rule(P.TRAINING_RUNS_READ, ownable=True),
-    _RUNS + "ListTrainingRuns": Rule(P.TRAINING_RUNS_READ, ownable=True),
+    _RUNS + "GetTrainingRun": _READ_RUN,
+    _RUNS + "ListTrainingRuns": _READ_RUN,
     _RUNS + "UpdateTrainingRun": Rule(P.TRAINING_RUNS_UPDATE, mutates=True),
     _RUNS + "CancelTrainingRun": Rule(P.TRAINING_RUNS_CANCEL, mutates=True),
     _RUNS + "DeleteTrainingRun": Rule(P.TRAINING_RUNS_DELETE, mutates=True),
     # A retry creates a new run from an old one's spec.
     _RUNS + "RetryTrainingRun": Rule(P.TRAINING_RUNS_CREATE, mutates=True),
-    _RUNS + "ListTrainingRunEvents": Rule(P.TRAINING_RUNS_READ, ownable=True),
+    _RUNS + "ListTrainingRunEvents": _READ_RUN,
     _RUNS + "GetTrainingRunMetrics": Rule(P.TRAINING_RUNS_METRICS_READ),
-    _RUNS + "WatchTrainingRun": Rule(P.TRAINING_RUNS_READ, ownable=True),
+    _RUNS + "WatchTrainingRun": _READ_RUN,
     # The architectures and spec defaults a create may use: needed by whoever reads runs.
     _RUNS + "ListArchitectures": Rule(P.TRAINING_RUNS_READ),
-    _MODELS + "GetTrainedModel": Rule(P.TRAINED_MODELS_READ, ownable=True),
-    _MODELS + "ListTrainedModels": Rule(P.TRAINED_MODELS_READ, ownable=True),
+    _MODELS + "GetTrainedModel": _READ_MODEL,
+    _MODELS + "ListTrainedModels": _READ_MODEL,
     _MODELS + "UpdateTrainedModel": Rule(P.TRAINED_MODELS_UPDATE, mutates=True),
     _MODELS + "ImportTrainedModel": Rule(P.TRAINED_MODELS_IMPORT, mutates=True),
     _MODELS + "PublishTrainedModel": Rule(P.TRAINED_MODELS_PUBLISH, mutates=True),
     _MODELS + "UnpublishTrainedModel": Rule(P.TRAINED_MODELS_PUBLISH, mutates=True),
-    _MODELS + "ListPublicationEvents": Rule(P.TRAINED_MODELS_READ, ownable=True),
-    _MODELS + "GetTrainedModelLineage": Rule(P.TRAINED_MODELS_READ, ownable=True),
+    _MODELS + "ListPublicationEvents": _READ_MODEL,
+    _MODELS + "GetTrainedModelLineage": _READ_MODEL,
     _MODELS + "DownloadTrainedModel": Rule(P.TRAINED_MODELS_DOWNLOAD),
     _MODELS + "DeleteTrainedModel": Rule(P.TRAINED_MODELS_DELETE, mutates=True),
     _AUDIT + "ListAuditRecords": Rule(P.ADMIN),
@@ -95,8 +98,8 @@ OPEN_SERVICES = frozenset(
 # to them in every call that names one, whatever that call's own permission: another's
 # resource is reported missing. Enforced by shared.identity.require_visible.
 READ_RULES: dict[str, Rule] = {
-    "trainingRuns": Rule(P.TRAINING_RUNS_READ, ownable=True),
-    "trainedModels": Rule(P.TRAINED_MODELS_READ, ownable=True),
+    "trainingRuns": _READ_RUN,
+    "trainedModels": _READ_MODEL,
 }
 
 

@@ -10,74 +10,47 @@ import re
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
-import nats
 import pytest
 
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
-from tests.support import eventually, running_worker
-from trainer_worker.synthetic import make_dataset
+from tests import training
 
 TrainingRun = training_run_pb2.TrainingRun
 Spec = training_run_pb2.TrainingSpec
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
-@pytest.fixture(scope="module")
-async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
-    """`python -m trainer_worker` with the machine's GPUs: one job per GPU at once."""
-    async with running_worker(
-        settings,
-        nc,
-        subjects,
-        tmp_path_factory.mktemp("gpu-worker"),
-        "e2e-gpu-worker",
-        RAVEN_WORKER_DEVICE="cuda",
-    ) as process:
-        yield process
+# With the machine's GPUs: one job per GPU at once.
+worker = training.worker_fixture("e2e-gpu-worker", RAVEN_WORKER_DEVICE="cuda")
 
 
 @pytest.fixture(scope="module")
 def dataset_uri(settings: Settings) -> str:
-    make_dataset(Path(settings.artifact_root) / "datasets" / "gpu", images=16, size=128)
-    return "datasets/gpu/annotations.json"
+    return training.local_dataset(settings, "gpu", images=16, size=128)
 
 
 async def train_to_the_end(runs, models, dataset_uri: str, **spec: object):
     """Creates a GPU run, follows it to SUCCEEDED; its events and its trained model."""
     run = await runs.CreateTrainingRun(
-        training_run_pb2.CreateTrainingRunRequest(
-            training_run=TrainingRun(
-                display_name="on cuda",
-                spec=Spec(
-                    dataset_uri=dataset_uri,
-                    architecture="retinanet_r18_fpn",
-                    epochs=2,
-                    batch_size=4,
-                    image_size=128,
-                    seed=7,
-                    device=Spec.GPU,
-                    **spec,  # type: ignore[arg-type]
-                ),
-            ),
+        training.run_request(
+            "on cuda",
+            dataset_uri,
+            architecture="retinanet_r18_fpn",
+            epochs=2,
+            image_size=128,
+            seed=7,
+            device=Spec.GPU,
+            **spec,
         )
     )
-    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=run.name))
-    events = await asyncio.wait_for(_collect(stream), 300)
-    states = [e.state_changed for e in events if e.WhichOneof("payload") == "state_changed"]
+    events = await asyncio.wait_for(training.watch_to_the_end(runs, run.name), 300)
+    states = training.payloads(events, "state_changed")
     assert states[-1].to_state == TrainingRun.SUCCEEDED, states[-1]
 
-    async def registered() -> str | None:
-        found = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
-        return found.trained_model or None
-
-    name = await eventually(registered, timeout=15)
+    name = await training.model_of(runs, run.name)
     model = await models.GetTrainedModel(trained_model_pb2.GetTrainedModelRequest(name=name))
     return events, model
-
-
-async def _collect(stream) -> list[training_run_pb2.TrainingRunEvent]:
-    return [event async for event in stream]
 
 
 def artifact_text(model: trained_model_pb2.TrainedModel, kind: str) -> str:
@@ -95,10 +68,7 @@ async def test_a_gpu_run_records_its_device_and_trains_with_mixed_precision(
     device = re.compile(r"^cuda:0 \(.+, \d+ GiB, 1 visible\)$")
     assert device.match(model.facts.device), model.facts.device
     running = next(
-        e.state_changed
-        for e in events
-        if e.WhichOneof("payload") == "state_changed"
-        and e.state_changed.to_state == TrainingRun.RUNNING
+        s for s in training.payloads(events, "state_changed") if s.to_state == TrainingRun.RUNNING
     )
     assert model.facts.device in running.message
     # Mixed precision is on by default on CUDA: the config the run ran says so.
@@ -113,9 +83,9 @@ async def test_a_run_over_two_gpus_trains_under_the_distributed_launcher(
 
     assert re.match(r"^cuda:0 \(.+, 2 visible\)$", model.facts.device), model.facts.device
     # Rank 0 alone reports: each epoch is evaluated once, progress only moves forward.
-    evaluations = [e.evaluation.epoch for e in events if e.WhichOneof("payload") == "evaluation"]
+    evaluations = [e.epoch for e in training.payloads(events, "evaluation")]
     assert evaluations == [1, 2]
-    progress = [e.progress.iteration for e in events if e.WhichOneof("payload") == "progress"]
+    progress = [p.iteration for p in training.payloads(events, "progress")]
     assert progress == sorted(set(progress))
     config = artifact_text(model, "config")
     assert "launcher = 'pytorch'" in config

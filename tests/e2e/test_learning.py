@@ -8,9 +8,7 @@ on; the fine-tunes train on new images drawn with other seeds.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
-import nats
 import pytest
 
 from shared.metrics import MAP_50
@@ -20,8 +18,7 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2_grpc,
 )
 from shared.settings import Settings
-from tests.support import eventually, running_worker
-from trainer_worker.synthetic import make_dataset
+from tests.training import local_dataset, model_of, watch_to_the_end, worker_fixture
 
 TrainingRun = training_run_pb2.TrainingRun
 Spec = training_run_pb2.TrainingSpec
@@ -35,23 +32,11 @@ CLASSES = ("dump", "tire")
 ROOT_MAP_50 = 0.5
 
 
-@pytest.fixture(scope="module")
-async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
-    async with running_worker(
-        settings, nc, subjects, tmp_path_factory.mktemp("learning-worker"), "learning-worker"
-    ) as process:
-        yield process
+worker = worker_fixture("learning-worker")
 
 
 def dataset(settings: Settings, name: str, *, images: int, seed: int, classes=CLASSES) -> str:
-    make_dataset(
-        Path(settings.artifact_root) / "datasets" / name,
-        images=images,
-        size=IMAGE_SIZE,
-        classes=classes,
-        seed=seed,
-    )
-    return f"datasets/{name}/annotations.json"
+    return local_dataset(settings, name, images=images, size=IMAGE_SIZE, classes=classes, seed=seed)
 
 
 async def train(runs, dataset_uri: str, *, epochs: int, base_model: str = "") -> TrainingRun:
@@ -70,16 +55,10 @@ async def train(runs, dataset_uri: str, *, epochs: int, base_model: str = "") ->
             )
         )
     )
-    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=run.name))
-    await asyncio.wait_for(_drain(stream), 420)
+    await asyncio.wait_for(watch_to_the_end(runs, run.name), 420)
     finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert finished.state == TrainingRun.SUCCEEDED, finished.failure
     return finished
-
-
-async def _drain(stream) -> None:
-    async for _ in stream:
-        pass
 
 
 async def val_series(runs, run: TrainingRun, key: str) -> list[float]:
@@ -99,14 +78,6 @@ async def all_events(runs, run: TrainingRun) -> list[training_run_pb2.TrainingRu
         events.extend(page.events)
         if not (token := page.next_page_token):
             return events
-
-
-async def model_of(runs, run: TrainingRun) -> str:
-    async def registered() -> str | None:
-        got = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
-        return got.trained_model or None
-
-    return await eventually(registered, timeout=15)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +105,7 @@ async def test_a_fine_tune_on_new_images_starts_where_the_root_ended(
     runs, root, settings: Settings
 ) -> None:
     run, root_map_50 = root
-    base = await model_of(runs, run)
+    base = await model_of(runs, run.name)
     uri = dataset(settings, "learning-tune", images=48, seed=12)
 
     tuned = await train(runs, uri, epochs=2, base_model=base)
@@ -150,7 +121,7 @@ async def test_a_fine_tune_with_one_more_class_keeps_the_old_ones(
     runs, models, root, settings: Settings
 ) -> None:
     run, root_map_50 = root
-    base = await model_of(runs, run)
+    base = await model_of(runs, run.name)
     classes = (*CLASSES, "barrel")
     uri = dataset(settings, "learning-extend", images=72, seed=13, classes=classes)
 
@@ -159,7 +130,7 @@ async def test_a_fine_tune_with_one_more_class_keeps_the_old_ones(
     payloads = [(e.WhichOneof("payload"), e) for e in await all_events(runs, tuned)]
     assert "head_reinitialised" in [e.notice.code for kind, e in payloads if kind == "notice"]
     model = await models.GetTrainedModel(
-        trained_model_pb2.GetTrainedModelRequest(name=await model_of(runs, tuned))
+        trained_model_pb2.GetTrainedModelRequest(name=await model_of(runs, tuned.name))
     )
     assert list(model.classes) == list(classes)
     evaluations = {e.evaluation.epoch: e.evaluation for kind, e in payloads if kind == "evaluation"}

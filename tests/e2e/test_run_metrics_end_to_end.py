@@ -4,7 +4,6 @@ same keys, one best epoch, and the worker's data loading on the run's facts."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import nats
 import pytest
@@ -12,7 +11,7 @@ import pytest
 from shared.proto.raven.training.v1 import training_run_pb2
 from shared.settings import Settings
 from tests.support import create_request, start_worker_process, stop_worker_process, worker_env
-from trainer_worker.synthetic import make_dataset
+from tests.training import local_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
@@ -37,10 +36,9 @@ def keys(metrics: training_run_pb2.TrainingRunMetrics) -> dict[int, tuple[set[st
 async def test_a_runs_metrics_keep_their_keys_and_agree_on_the_best_epoch(
     runs, worker, settings: Settings
 ):
-    make_dataset(Path(settings.artifact_root) / "datasets" / "metrics", images=16, size=128)
     run = await runs.CreateTrainingRun(
         create_request(
-            "datasets/metrics/annotations.json",
+            local_dataset(settings, "metrics", images=16, size=128),
             epochs=2,
             image_size=128,
             seed=3,

@@ -15,7 +15,8 @@ from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import Settings
 from tests.s3 import S3Server
-from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
+from tests.support import start_worker_process, stop_worker_process, worker_env
+from tests.training import model_of, payloads, run_request, watch_to_the_end
 from trainer_worker.synthetic import make_dataset
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -54,27 +55,6 @@ async def s3_worker(settings: Settings, nc: nats.NATS, subjects, s3: S3Server, t
     await stop_worker_process(process, log_path)
 
 
-def request(dataset_uri: str) -> training_run_pb2.CreateTrainingRunRequest:
-    return training_run_pb2.CreateTrainingRunRequest(
-        training_run=TrainingRun(
-            display_name="s3",
-            spec=training_run_pb2.TrainingSpec(
-                dataset_uri=dataset_uri,
-                architecture="retinanet_r18_fpn",
-                epochs=1,
-                batch_size=4,
-                image_size=64,
-                seed=3,
-                device=training_run_pb2.TrainingSpec.CPU,
-            ),
-        ),
-    )
-
-
-async def _collect(stream) -> list:
-    return [event async for event in stream]
-
-
 async def download(models, name: str) -> tuple[str, bytes]:
     header, data = "", b""
     stream = models.DownloadTrainedModel(trained_model_pb2.DownloadTrainedModelRequest(name=name))
@@ -89,24 +69,21 @@ async def download(models, name: str) -> tuple[str, bytes]:
 async def test_train_on_an_s3_dataset_and_store_the_model_in_s3(
     runs, models, s3_worker, s3_dataset, s3: S3Server
 ):
-    run = await runs.CreateTrainingRun(request(s3_dataset))
-    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=run.name))
-    events = await asyncio.wait_for(_collect(stream), 180)
+    run = await runs.CreateTrainingRun(
+        run_request(
+            "s3", s3_dataset, architecture="retinanet_r18_fpn", epochs=1, image_size=64, seed=3
+        )
+    )
+    events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 180)
     finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert finished.state == TrainingRun.SUCCEEDED, finished.failure
-    (dataset,) = [
-        e.dataset_prepared for e in events if e.WhichOneof("payload") == "dataset_prepared"
-    ]
+    (dataset,) = payloads(events, "dataset_prepared")
     assert dataset.image_count == 8 and list(dataset.classes) == ["dump", "tire"]
-    notices = [e.notice.code for e in events if e.WhichOneof("payload") == "notice"]
+    notices = [n.code for n in payloads(events, "notice")]
     assert "checkpoint_not_stored" not in notices, "each epoch's checkpoint was uploaded"
 
-    async def registered() -> str:
-        again = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
-        return again.trained_model
-
     model = await models.GetTrainedModel(
-        trained_model_pb2.GetTrainedModelRequest(name=await eventually(registered, timeout=15))
+        trained_model_pb2.GetTrainedModelRequest(name=await model_of(runs, run.name))
     )
 
     run_id = parse_name(run.name, TRAINING_RUNS)

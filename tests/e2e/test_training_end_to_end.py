@@ -8,7 +8,6 @@ import asyncio
 import json
 from pathlib import Path
 
-import nats
 import pytest
 
 from shared.proto.raven.training.v1 import (
@@ -16,63 +15,39 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2,
 )
 from shared.settings import Settings
-from tests.support import eventually, running_worker
-from trainer_worker.synthetic import make_dataset
+from tests.training import (
+    local_dataset,
+    model_of,
+    payloads,
+    run_request,
+    watch_to_the_end,
+    worker_fixture,
+)
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(420)]
 
 
-@pytest.fixture(scope="module")
-async def worker(settings: Settings, nc: nats.NATS, subjects, tmp_path_factory):
-    """`python -m trainer_worker` as its own process, as it runs in production."""
-    async with running_worker(
-        settings, nc, subjects, tmp_path_factory.mktemp("worker"), "e2e-worker"
-    ) as process:
-        yield process
+worker = worker_fixture("e2e-worker")
 
 
 @pytest.fixture(scope="module")
 def dataset_uri(settings: Settings) -> str:
-    make_dataset(Path(settings.artifact_root) / "datasets" / "e2e", images=16, size=128)
-    return "datasets/e2e/annotations.json"
+    return local_dataset(settings, "e2e", images=16, size=128)
 
 
 def request(
     name: str, dataset_uri: str, *, architecture: str = "", base_model: str = "", epochs: int = 2
 ) -> training_run_pb2.CreateTrainingRunRequest:
-    return training_run_pb2.CreateTrainingRunRequest(
-        training_run=TrainingRun(
-            display_name=name,
-            base_model=base_model,
-            spec=training_run_pb2.TrainingSpec(
-                dataset_uri=dataset_uri,
-                architecture=architecture,
-                epochs=epochs,
-                batch_size=4,
-                image_size=128,
-                seed=3,
-                device=training_run_pb2.TrainingSpec.CPU,
-            ),
-        ),
+    return run_request(
+        name,
+        dataset_uri,
+        base_model=base_model,
+        architecture=architecture,
+        epochs=epochs,
+        image_size=128,
+        seed=3,
     )
-
-
-async def watch_to_the_end(runs, name: str) -> list[training_run_pb2.TrainingRunEvent]:
-    stream = runs.WatchTrainingRun(training_run_pb2.WatchTrainingRunRequest(name=name))
-    return [event async for event in stream]
-
-
-def kinds(events, kind: str) -> list:
-    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
-
-
-async def model_of(runs, name: str) -> str:
-    async def registered() -> str | None:
-        run = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=name))
-        return run.trained_model or None
-
-    return await eventually(registered, timeout=15)
 
 
 async def test_an_unreadable_dataset_fails_the_run_and_the_worker_goes_on(
@@ -85,7 +60,7 @@ async def test_an_unreadable_dataset_fails_the_run_and_the_worker_goes_on(
         request("broken", "datasets/broken/annotations.json", architecture="retinanet_r18_fpn")
     )
     events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 60)
-    last = kinds(events, "state_changed")[-1]
+    last = payloads(events, "state_changed")[-1]
     assert last.to_state == TrainingRun.FAILED
     finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert finished.failure.reason.startswith("dataset_"), finished.failure
@@ -101,22 +76,22 @@ async def test_train_a_root_model_then_fine_tune_it(runs, models, worker, datase
     events = await asyncio.wait_for(watch_to_the_end(runs, root_run.name), 180)
 
     assert [e.sequence for e in events] == list(range(1, len(events) + 1))
-    states = [s.to_state for s in kinds(events, "state_changed")]
+    states = [s.to_state for s in payloads(events, "state_changed")]
     assert states == [
         TrainingRun.QUEUED,
         TrainingRun.PREPARING,
         TrainingRun.RUNNING,
         TrainingRun.SUCCEEDED,
     ]
-    (dataset,) = kinds(events, "dataset_prepared")
+    (dataset,) = payloads(events, "dataset_prepared")
     assert list(dataset.classes) == ["dump", "tire"] and dataset.image_count == 16
     assert dataset.split_seed == 3 and len(dataset.fingerprint) == 64
-    progress = kinds(events, "progress")
+    progress = payloads(events, "progress")
     assert progress, "progress is streamed while training"
     iterations = [p.iteration for p in progress]
     assert iterations == sorted(set(iterations)), "progress only moves forward"
     assert progress[-1].max_iterations == progress[-1].iteration
-    assert {e.epoch for e in kinds(events, "evaluation")} == {1, 2}
+    assert {e.epoch for e in payloads(events, "evaluation")} == {1, 2}
 
     root_model_name = await model_of(runs, root_run.name)
     root_model = await models.GetTrainedModel(
@@ -133,7 +108,7 @@ async def test_train_a_root_model_then_fine_tune_it(runs, models, worker, datase
     )
     assert tuned_run.spec.architecture == "retinanet_r18_fpn", "inherited from the base model"
     events = await asyncio.wait_for(watch_to_the_end(runs, tuned_run.name), 180)
-    assert kinds(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
+    assert payloads(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
 
     tuned_model_name = await model_of(runs, tuned_run.name)
     tuned_model = await models.GetTrainedModel(
@@ -159,9 +134,9 @@ async def test_a_test_split_is_evaluated_once_with_the_best_checkpoint(
     tested.training_run.spec.test_fraction = 0.25
     run = await runs.CreateTrainingRun(tested)
     events = await asyncio.wait_for(watch_to_the_end(runs, run.name), 180)
-    assert kinds(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
+    assert payloads(events, "state_changed")[-1].to_state == TrainingRun.SUCCEEDED
 
-    (dataset,) = kinds(events, "dataset_prepared")
+    (dataset,) = payloads(events, "dataset_prepared")
     # 16 images: a fifth (3) for val, a quarter (4) for test.
     assert (dataset.train_image_count, dataset.val_image_count, dataset.test_image_count) == (
         9,
@@ -169,7 +144,7 @@ async def test_a_test_split_is_evaluated_once_with_the_best_checkpoint(
         4,
     )
     assert dataset.split_source == "seed"
-    assert [(e.split, e.epoch, e.image_count) for e in kinds(events, "evaluation")] == [
+    assert [(e.split, e.epoch, e.image_count) for e in payloads(events, "evaluation")] == [
         ("val", 1, 3),
         ("test", 1, 4),
     ]
@@ -216,7 +191,7 @@ async def test_cancelling_a_training_run_stops_it_and_keeps_its_progress(runs, w
                 await runs.CancelTrainingRun(
                     training_run_pb2.CancelTrainingRunRequest(name=run.name, reason="e2e")
                 )
-    states = [s.to_state for s in kinds(events, "state_changed")]
+    states = [s.to_state for s in payloads(events, "state_changed")]
     assert states[-2:] == [TrainingRun.CANCELLING, TrainingRun.CANCELLED]
     finished = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
     assert finished.progress.iteration >= (cancelled_at or 0) > 0, "partial progress is kept"

@@ -17,7 +17,7 @@ import pytest
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2, worker_pb2
 from shared.settings import Settings
 from tests.support import eventually, start_worker_process, stop_worker_process, worker_env
-from trainer_worker.synthetic import make_dataset
+from tests.training import local_dataset, payloads, run_request
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(360)]
@@ -29,8 +29,7 @@ EPOCHS = 3
 
 @pytest.fixture(scope="module")
 def dataset_uri(settings: Settings) -> str:
-    make_dataset(Path(settings.artifact_root) / "datasets" / "loss", images=16, size=128)
-    return "datasets/loss/annotations.json"
+    return local_dataset(settings, "loss", images=16, size=128)
 
 
 @pytest.fixture
@@ -54,24 +53,9 @@ async def start_worker(
 
 
 def request(name: str, dataset_uri: str) -> training_run_pb2.CreateTrainingRunRequest:
-    return training_run_pb2.CreateTrainingRunRequest(
-        training_run=TrainingRun(
-            display_name=name,
-            spec=training_run_pb2.TrainingSpec(
-                dataset_uri=dataset_uri,
-                architecture="retinanet_r18_fpn",
-                epochs=EPOCHS,
-                batch_size=4,
-                image_size=128,
-                seed=5,
-                device=training_run_pb2.TrainingSpec.CPU,
-            ),
-        ),
+    return run_request(
+        name, dataset_uri, architecture="retinanet_r18_fpn", epochs=EPOCHS, image_size=128, seed=5
     )
-
-
-def payloads(events, kind: str) -> list:
-    return [getattr(e, kind) for e in events if e.WhichOneof("payload") == kind]
 
 
 async def events_until_evaluation(runs, name: str, epoch: int, events: list) -> None:

@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from shared.catalog import ARCHITECTURES
+from tests.configs import dataset_files, load_config
 from trainer_worker.architectures import MMDET_ARCHITECTURES, mmdet_configs_root
 from trainer_worker.config import (
     BaseCheckpoint,
@@ -37,19 +38,25 @@ def plan(**changes: Any) -> TrainingPlan:
     return TrainingPlan(**{**values, **changes})
 
 
-def files(tmp_path: Path, classes: tuple[str, ...] = CLASSES) -> DatasetFiles:
-    return DatasetFiles(
-        train_path=tmp_path / "train.json",
-        val_path=tmp_path / "val.json",
-        classes=classes,
-        train_image_count=30,
-    )
+def files(
+    tmp_path: Path, classes: tuple[str, ...] = CLASSES, *, test: bool = False
+) -> DatasetFiles:
+    return dataset_files(tmp_path, classes, train_image_count=30, test=test)
 
 
 def load(tmp_path: Path, text: str) -> Any:
-    path = tmp_path / "config.py"
-    path.write_text(text)
-    return mmengine_config.Config.fromfile(str(path))
+    return load_config(tmp_path / "config.py", text)
+
+
+def config(tmp_path: Path, training: TrainingPlan, dataset: DatasetFiles | None = None) -> Any:
+    """The loaded config generated for `training` on `dataset` (files(tmp_path) by default)."""
+    generated = generate_config(
+        plan=training,
+        dataset=dataset or files(tmp_path),
+        work_dir=tmp_path / "work",
+        configs_root=CONFIGS,
+    )
+    return load(tmp_path, generated.text)
 
 
 def test_retinanet_config(tmp_path: Path) -> None:
@@ -89,17 +96,7 @@ def test_retinanet_config(tmp_path: Path) -> None:
 
 def test_a_test_split_has_its_own_loader_and_evaluator(tmp_path: Path) -> None:
     test_path = tmp_path / "test.json"
-    dataset = DatasetFiles(
-        train_path=tmp_path / "train.json",
-        val_path=tmp_path / "val.json",
-        classes=CLASSES,
-        train_image_count=30,
-        test_path=test_path,
-    )
-    generated = generate_config(
-        plan=plan(num_workers=2), dataset=dataset, work_dir=tmp_path, configs_root=CONFIGS
-    )
-    cfg = load(tmp_path, generated.text)
+    cfg = config(tmp_path, plan(num_workers=2), files(tmp_path, test=True))
 
     assert cfg.raven.test_after_training is True
     assert cfg.test_dataloader.dataset.ann_file == str(test_path)
@@ -110,12 +107,7 @@ def test_a_test_split_has_its_own_loader_and_evaluator(tmp_path: Path) -> None:
     assert cfg.test_evaluator.ann_file == str(test_path)
     assert cfg.val_evaluator.ann_file == str(tmp_path / "val.json")
 
-    without = load(
-        tmp_path,
-        generate_config(
-            plan=plan(), dataset=files(tmp_path), work_dir=tmp_path, configs_root=CONFIGS
-        ).text,
-    )
+    without = config(tmp_path, plan())
     assert without.raven.test_after_training is False
     # The exported config's test loop evaluates val, never the base config's COCO files.
     assert without.test_dataloader.dataset.ann_file == str(tmp_path / "val.json")
@@ -123,18 +115,11 @@ def test_a_test_split_has_its_own_loader_and_evaluator(tmp_path: Path) -> None:
 
 
 def test_faster_rcnn_r18_is_derived_from_r50(tmp_path: Path) -> None:
-    generated = generate_config(
-        plan=plan(architecture="faster_rcnn_r18_fpn", epochs=2),
-        dataset=DatasetFiles(
-            train_path=tmp_path / "train.json",
-            val_path=tmp_path / "val.json",
-            classes=CLASSES,
-            train_image_count=4,
-        ),
-        work_dir=tmp_path,
-        configs_root=CONFIGS,
+    cfg = config(
+        tmp_path,
+        plan(architecture="faster_rcnn_r18_fpn", epochs=2),
+        dataset_files(tmp_path, CLASSES, train_image_count=4),
     )
-    cfg = load(tmp_path, generated.text)
 
     assert cfg.model.backbone.depth == 18
     assert cfg.model.neck.in_channels == [64, 128, 256, 512]
@@ -147,13 +132,7 @@ def test_faster_rcnn_r18_is_derived_from_r50(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("key", sorted(MMDET_ARCHITECTURES))
 def test_every_architecture_loads(tmp_path: Path, key: str) -> None:
-    generated = generate_config(
-        plan=plan(architecture=key),
-        dataset=files(tmp_path),
-        work_dir=tmp_path,
-        configs_root=CONFIGS,
-    )
-    cfg = load(tmp_path, generated.text)
+    cfg = config(tmp_path, plan(architecture=key))
     assert cfg.model.backbone.get("depth", 0) == ARCHITECTURES[key].depth
     assert cfg.model.backbone.init_cfg is None
     assert "Pretrained" not in cfg.pretty_text
@@ -230,36 +209,23 @@ def test_refuses_what_cannot_train(tmp_path: Path) -> None:
 def test_lr_milestones_scale_with_the_epoch_count(
     tmp_path: Path, epochs: int, milestones: list[int]
 ) -> None:
-    cfg = load(
-        tmp_path,
-        generate_config(
-            plan=plan(epochs=epochs),
-            dataset=files(tmp_path),
-            work_dir=tmp_path / "work",
-            configs_root=CONFIGS,
-        ).text,
-    )
+    cfg = config(tmp_path, plan(epochs=epochs))
     steps = [s for s in cfg.param_scheduler if s.type == "MultiStepLR"]
     assert [list(s.milestones) for s in steps] == ([milestones] if milestones else [])
     assert all(s.end == epochs for s in steps)
 
 
 def test_hyperparameters_reach_the_config(tmp_path: Path) -> None:
-    cfg = load(
+    cfg = config(
         tmp_path,
-        generate_config(
-            plan=plan(
-                optimizer="ADAMW",
-                warmup_iterations=0,
-                augment=False,
-                val_interval=3,
-                early_stopping_patience=2,
-                mixed_precision=False,
-            ),
-            dataset=files(tmp_path),
-            work_dir=tmp_path / "work",
-            configs_root=CONFIGS,
-        ).text,
+        plan(
+            optimizer="ADAMW",
+            warmup_iterations=0,
+            augment=False,
+            val_interval=3,
+            early_stopping_patience=2,
+            mixed_precision=False,
+        ),
     )
     assert cfg.optim_wrapper.optimizer.type == "AdamW"
     # Nothing of the base config's SGD (momentum) reaches AdamW, which refuses it.
@@ -279,15 +245,7 @@ def test_hyperparameters_reach_the_config(tmp_path: Path) -> None:
 
 
 def test_defaults_flip_warm_up_and_leave_precision_to_the_device(tmp_path: Path) -> None:
-    cfg = load(
-        tmp_path,
-        generate_config(
-            plan=plan(warmup_iterations=40),
-            dataset=files(tmp_path),
-            work_dir=tmp_path / "work",
-            configs_root=CONFIGS,
-        ).text,
-    )
+    cfg = config(tmp_path, plan(warmup_iterations=40))
     assert cfg.optim_wrapper.optimizer.type == "SGD"
     assert "RandomFlip" in [s.type for s in cfg.train_dataloader.dataset.pipeline]
     assert cfg.param_scheduler[0].end == 40
@@ -304,31 +262,11 @@ def test_defaults_flip_warm_up_and_leave_precision_to_the_device(tmp_path: Path)
 
 
 def test_data_loading_reaches_every_dataloader(tmp_path: Path) -> None:
-    dataset = DatasetFiles(
-        train_path=tmp_path / "train.json",
-        val_path=tmp_path / "val.json",
-        classes=CLASSES,
-        train_image_count=30,
-        test_path=tmp_path / "test.json",
-    )
-    cfg = load(
-        tmp_path,
-        generate_config(
-            plan=plan(num_workers=4, pin_memory=True),
-            dataset=dataset,
-            work_dir=tmp_path,
-            configs_root=CONFIGS,
-        ).text,
-    )
+    cfg = config(tmp_path, plan(num_workers=4, pin_memory=True), files(tmp_path, test=True))
     for loader in (cfg.train_dataloader, cfg.val_dataloader):
         assert (loader.num_workers, loader.persistent_workers, loader.pin_memory) == (4, True, True)
     assert (cfg.test_dataloader.num_workers, cfg.test_dataloader.pin_memory) == (4, True)
-    on_cpu = load(
-        tmp_path,
-        generate_config(
-            plan=plan(), dataset=files(tmp_path), work_dir=tmp_path, configs_root=CONFIGS
-        ).text,
-    )
+    on_cpu = config(tmp_path, plan())
     assert on_cpu.train_dataloader.pin_memory is False
     assert on_cpu.train_dataloader.persistent_workers is False
 
@@ -337,15 +275,7 @@ def test_data_loading_reaches_every_dataloader(tmp_path: Path) -> None:
 def test_deterministic_training_is_on_request_with_a_seeded_sampler(
     tmp_path: Path, deterministic: bool
 ) -> None:
-    cfg = load(
-        tmp_path,
-        generate_config(
-            plan=plan(deterministic=deterministic),
-            dataset=files(tmp_path),
-            work_dir=tmp_path,
-            configs_root=CONFIGS,
-        ).text,
-    )
+    cfg = config(tmp_path, plan(deterministic=deterministic))
     seed = (2**40 + 5) % 2**31
     assert (cfg.randomness.seed, cfg.randomness.deterministic) == (seed, deterministic)
     assert cfg.raven.deterministic is deterministic

@@ -3,29 +3,10 @@ service's domain applies them."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 from services.training_runs.domain import TrainingRun
 from shared.metrics import LEARNING_RATE, MAP, TOTAL_LOSS, best_epoch, train_metrics
 from shared.payloads import Evaluation, Progress, TrainingFacts
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def running() -> TrainingRun:
-    run = TrainingRun.create(
-        display_name="run",
-        labels={},
-        spec={"architecture": "retinanet_r18_fpn", "dataset_uri": "d.json"},
-        base_model_id=None,
-        creator="user",
-        request_id=None,
-        request_hash=None,
-        now=NOW,
-    )
-    run.start_preparing(worker_id="w", actor="worker:w", now=NOW)
-    run.start_running(device="cpu", actor="worker:w", now=NOW)
-    return run
+from tests.runs import NOW, running
 
 
 def evaluated(run: TrainingRun, epoch: int, metrics: dict[str, float]) -> None:

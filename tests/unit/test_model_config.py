@@ -102,8 +102,9 @@ def test_base_names_only_configs_inside_the_configs_root(tmp_path: Path):
 
 @pytest.mark.parametrize("fine_tune", [False, True])
 def test_the_configs_the_worker_generates_read_as_data(fine_tune: bool):
+    from tests.configs import dataset_files
     from trainer_worker.architectures import MMDET_ARCHITECTURES
-    from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
+    from trainer_worker.config import BaseCheckpoint, TrainingPlan, generate_config
 
     root = mmdet_configs_root()
     assert root is not None, "mmdet (the worker extra) is installed for the tests"
@@ -118,12 +119,8 @@ def test_the_configs_the_worker_generates_read_as_data(fine_tune: bool):
             seed=7,
             early_stopping_patience=3 if fine_tune else 0,
         )
-        dataset = DatasetFiles(
-            train_path=Path("/data/train.json"),
-            val_path=Path("/data/val.json"),
-            test_path=Path("/data/test.json") if fine_tune else None,
-            classes=("dump", "tire"),
-            train_image_count=10,
+        dataset = dataset_files(
+            Path("/data"), ("dump", "tire"), train_image_count=10, test=fine_tune
         )
         base = BaseCheckpoint(path=Path("/base.pth"), architecture=key, classes=("dump",))
         generated = generate_config(

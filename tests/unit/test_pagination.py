@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import pytest
@@ -62,26 +63,21 @@ def test_keys_rotate_the_first_signs_and_every_one_verifies(keys):
 
 
 def test_a_page_ends_before_its_items_pass_the_byte_budget():
-    rows = list(range(10))
-    kept, token = pagination.page(
-        rows,
-        9,
-        lambda row: pagination.Cursor(row, str(row)),
-        "q",
-        weight=lambda row: 400,
-        max_bytes=1000,
-    )
+    def page_of_ten(item_bytes: int) -> tuple[Sequence[int], str]:
+        return pagination.page(
+            list(range(10)),
+            9,
+            lambda row: pagination.Cursor(row, str(row)),
+            "q",
+            weight=lambda row: item_bytes,
+            max_bytes=1000,
+        )
+
+    kept, token = page_of_ten(400)
     assert kept == [0, 1]
     assert pagination.decode(token, "q", time_value=False) == pagination.Cursor(1, "1")
     # One item over the budget still makes a page: the caller moves on.
-    kept, token = pagination.page(
-        rows,
-        9,
-        lambda row: pagination.Cursor(row, str(row)),
-        "q",
-        weight=lambda row: 5000,
-        max_bytes=1000,
-    )
+    kept, token = page_of_ten(5000)
     assert kept == [0] and token
 
 

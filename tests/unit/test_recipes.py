@@ -11,8 +11,9 @@ import pytest
 
 from shared import catalog
 from shared.proto.raven.training.v1 import training_run_pb2
+from tests.configs import dataset_files, load_config
 from trainer_worker.architectures import mmdet_configs_root
-from trainer_worker.config import BaseCheckpoint, DatasetFiles, generate_config
+from trainer_worker.config import BaseCheckpoint, generate_config
 from trainer_worker.plan import plan_of
 
 torch = pytest.importorskip("torch")
@@ -33,21 +34,14 @@ def _config(tmp_path: Path, key: str, optimizer: str, *, fine_tune: bool) -> tup
     plan = plan_of(spec, fine_tune=fine_tune)
     generated = generate_config(
         plan=plan,
-        dataset=DatasetFiles(
-            train_path=tmp_path / "train.json",
-            val_path=tmp_path / "val.json",
-            classes=CLASSES,
-            train_image_count=40,
-        ),
+        dataset=dataset_files(tmp_path, CLASSES, train_image_count=40),
         work_dir=tmp_path / "work",
         configs_root=CONFIGS,
         base=BaseCheckpoint(path=tmp_path / "base.pth", architecture=key, classes=CLASSES)
         if fine_tune
         else None,
     )
-    path = tmp_path / f"{optimizer}-{fine_tune}.py"
-    path.write_text(generated.text)
-    return plan, mmengine_config.Config.fromfile(str(path))
+    return plan, load_config(tmp_path / f"{optimizer}-{fine_tune}.py", generated.text)
 
 
 def _batch() -> dict[str, Any]:

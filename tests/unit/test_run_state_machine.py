@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
-
 import pytest
 
 from services.training_runs.domain import EventKind, RunState, TrainingRun
 from shared.errors import FailedPrecondition
 from shared.payloads import Artifact, Evaluation, Progress, TrainingFacts
-
-NOW = datetime(2026, 1, 1, tzinfo=UTC)
-
-
-def queued() -> TrainingRun:
-    return TrainingRun.create(
-        display_name="run",
-        labels={},
-        spec={"architecture": "retinanet_r18_fpn", "dataset_uri": "d.json"},
-        base_model_id=None,
-        creator="user",
-        request_id=None,
-        request_hash=None,
-        now=NOW,
-    )
-
-
-def running() -> TrainingRun:
-    run = queued()
-    run.start_preparing(worker_id="w", actor="worker:w", now=NOW)
-    run.start_running(device="cpu", actor="worker:w", now=NOW)
-    return run
+from tests.runs import NOW, queued, running
 
 
 def states(run: TrainingRun) -> list[str]:
@@ -39,6 +16,17 @@ def states(run: TrainingRun) -> list[str]:
         for e in run.new_events
         if e.kind is EventKind.STATE_CHANGED and e.state_change
     ]
+
+
+def succeed_with_nothing(run: TrainingRun) -> None:
+    run.succeed(
+        artifacts=[],
+        facts=TrainingFacts(),
+        best_evaluation=None,
+        epoch_metrics=[],
+        actor="a",
+        now=NOW,
+    )
 
 
 def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
@@ -62,14 +50,7 @@ def test_a_run_goes_through_its_lifecycle_with_a_gapless_history():
     "act",
     [
         lambda r: r.start_running(device="cpu", actor="a", now=NOW),
-        lambda r: r.succeed(
-            artifacts=[],
-            facts=TrainingFacts(),
-            best_evaluation=None,
-            epoch_metrics=[],
-            actor="a",
-            now=NOW,
-        ),
+        succeed_with_nothing,
         lambda r: r.cancelled(actor="a", now=NOW),
         lambda r: r.report_progress(Progress(iteration=1), actor="a", now=NOW),
     ],
@@ -88,14 +69,7 @@ def test_nothing_changes_a_finished_run():
     for act in (
         lambda: run.start_preparing(worker_id="w2", actor="w", now=NOW),
         lambda: run.request_cancel(reason="", actor="u", now=NOW),
-        lambda: run.succeed(
-            artifacts=[],
-            facts=TrainingFacts(),
-            best_evaluation=None,
-            epoch_metrics=[],
-            actor="a",
-            now=NOW,
-        ),
+        lambda: succeed_with_nothing(run),
     ):
         with pytest.raises(FailedPrecondition):
             act()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from services.training_runs.spec import SpecRequest, validate_spec
@@ -18,8 +20,14 @@ def check(spec: SpecRequest, base: str | None = None) -> tuple[dict | None, dict
     return filled, {}
 
 
+def check_spec(**fields: Any) -> tuple[dict | None, dict[str, str]]:
+    """check() of a spec of a RetinaNet on d/a.json, with `fields` set."""
+    base = {"dataset_uri": "d/a.json", "architecture": "retinanet_r18_fpn"}
+    return check(SpecRequest(**{**base, **fields}))
+
+
 def test_defaults_are_filled_and_recorded():
-    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    filled, problems = check_spec()
     assert problems == {}
     assert filled is not None
     assert filled["epochs"] == 12 and filled["batch_size"] == 2
@@ -69,14 +77,12 @@ def test_a_fine_tune_keeps_the_base_architecture():
 
 @pytest.mark.parametrize("lr", [float("nan"), float("inf"), 0.0, 1.5])
 def test_learning_rate_must_be_a_sane_positive_number(lr):
-    _, problems = check(
-        SpecRequest(dataset_uri="a.json", architecture="retinanet_r18_fpn", learning_rate=lr)
-    )
+    _, problems = check_spec(dataset_uri="a.json", learning_rate=lr)
     assert "learning_rate" in problems
 
 
 def test_hyperparameter_defaults_are_recorded():
-    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    filled, problems = check_spec()
     assert problems == {} and filled is not None
     assert filled["optimizer"] == "SGD" and filled["augment"] is True
     assert filled["val_interval"] == 1 and filled["early_stopping_patience"] == 0
@@ -85,17 +91,13 @@ def test_hyperparameter_defaults_are_recorded():
 
 
 def test_hyperparameters_are_bounded():
-    _, problems = check(
-        SpecRequest(
-            dataset_uri="d/a.json",
-            architecture="retinanet_r18_fpn",
-            epochs=4,
-            warmup_iterations=-1,
-            val_interval=5,
-            early_stopping_patience=101,
-            mixed_precision=True,
-            device="CPU",
-        )
+    _, problems = check_spec(
+        epochs=4,
+        warmup_iterations=-1,
+        val_interval=5,
+        early_stopping_patience=101,
+        mixed_precision=True,
+        device="CPU",
     )
     assert set(problems) == {
         "warmup_iterations",
@@ -103,15 +105,7 @@ def test_hyperparameters_are_bounded():
         "early_stopping_patience",
         "mixed_precision",
     }
-    filled, problems = check(
-        SpecRequest(
-            dataset_uri="d/a.json",
-            architecture="retinanet_r18_fpn",
-            optimizer="ADAMW",
-            augment=False,
-            warmup_iterations=0,
-        )
-    )
+    filled, problems = check_spec(optimizer="ADAMW", augment=False, warmup_iterations=0)
     assert problems == {} and filled is not None
     assert (filled["optimizer"], filled["augment"], filled["warmup_iterations"]) == (
         "ADAMW",
@@ -121,17 +115,10 @@ def test_hyperparameters_are_bounded():
 
 
 def test_test_fraction_defaults_to_no_test_split():
-    filled, problems = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    filled, problems = check_spec()
     assert problems == {} and filled is not None
     assert filled["test_fraction"] == 0.0
-    filled, problems = check(
-        SpecRequest(
-            dataset_uri="d/a.json",
-            architecture="retinanet_r18_fpn",
-            val_fraction=0.5,
-            test_fraction=0.3,
-        )
-    )
+    filled, problems = check_spec(val_fraction=0.5, test_fraction=0.3)
     assert problems == {} and filled is not None
     assert (filled["val_fraction"], filled["test_fraction"]) == (0.5, 0.3)
 
@@ -149,27 +136,13 @@ def test_test_fraction_defaults_to_no_test_split():
 def test_test_fraction_is_bounded_and_leaves_images_to_train_on(
     val_fraction, test_fraction, needle
 ):
-    _, problems = check(
-        SpecRequest(
-            dataset_uri="d/a.json",
-            architecture="retinanet_r18_fpn",
-            val_fraction=val_fraction,
-            test_fraction=test_fraction,
-        )
-    )
+    _, problems = check_spec(val_fraction=val_fraction, test_fraction=test_fraction)
     assert set(problems) == {"test_fraction"}
     assert needle in problems["test_fraction"]
 
 
 def test_an_invalid_val_fraction_is_reported_once():
-    _, problems = check(
-        SpecRequest(
-            dataset_uri="d/a.json",
-            architecture="retinanet_r18_fpn",
-            val_fraction=0.9,
-            test_fraction=0.3,
-        )
-    )
+    _, problems = check_spec(val_fraction=0.9, test_fraction=0.3)
     assert set(problems) == {"val_fraction"}
 
 
@@ -184,20 +157,12 @@ def test_an_invalid_val_fraction_is_reported_once():
 def test_a_dataset_cannot_climb_out_of_where_it_lives(
     dataset_uri: str, image_root: str, field: str
 ) -> None:
-    _, problems = check(
-        SpecRequest(
-            dataset_uri=dataset_uri, image_root=image_root, architecture="retinanet_r18_fpn"
-        )
-    )
+    _, problems = check_spec(dataset_uri=dataset_uri, image_root=image_root)
     assert list(problems) == [field] and "'..'" in problems[field]
 
 
 def test_deterministic_is_recorded_with_the_seed():
-    filled, _ = check(SpecRequest(dataset_uri="d/a.json", architecture="retinanet_r18_fpn"))
+    filled, _ = check_spec()
     assert filled is not None and filled["deterministic"] is False
-    filled, _ = check(
-        SpecRequest(
-            dataset_uri="d/a.json", architecture="retinanet_r18_fpn", deterministic=True, seed=7
-        )
-    )
+    filled, _ = check_spec(deterministic=True, seed=7)
     assert filled is not None and (filled["deterministic"], filled["seed"]) == (True, 7)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from enum import StrEnum, auto
 from typing import TYPE_CHECKING
 
 from services.training_runs.domain.states import SYSTEM, RunState
@@ -17,11 +17,11 @@ if TYPE_CHECKING:
 class ClaimRefusal(StrEnum):
     """Why a claim was refused (ClaimJobResponse.refusal)."""
 
-    FINISHED = "finished"
-    CANCELLED = "cancelled"
-    SUPERSEDED = "superseded"
-    ATTEMPTS_EXHAUSTED = "attempts_exhausted"
-    UNKNOWN_RUN = "unknown_run"
+    FINISHED = auto()
+    CANCELLED = auto()
+    SUPERSEDED = auto()
+    ATTEMPTS_EXHAUSTED = auto()
+    UNKNOWN_RUN = auto()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -6,7 +6,7 @@ import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
-from enum import StrEnum
+from enum import StrEnum, auto
 from typing import Any, Self
 
 from services.training_runs.domain.states import RunState
@@ -20,11 +20,11 @@ NO_STATE = "STATE_UNSPECIFIED"
 class EventKind(StrEnum):
     """The TrainingRunEvent payload a history entry carries."""
 
-    STATE_CHANGED = "state_changed"
-    PROGRESS = "progress"
-    EVALUATION = "evaluation"
-    DATASET_PREPARED = "dataset_prepared"
-    NOTICE = "notice"
+    STATE_CHANGED = auto()
+    PROGRESS = auto()
+    EVALUATION = auto()
+    DATASET_PREPARED = auto()
+    NOTICE = auto()
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
