@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from shared.auth.interceptor import current_access
+from shared.auth.admission import current_access
 from shared.errors import NotFound
 from shared.names import TRAINED_MODELS, TRAINING_RUNS
 

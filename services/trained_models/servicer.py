@@ -18,7 +18,7 @@ from services.trained_models.messages import (
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
-from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
@@ -50,7 +50,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         self._publish_policy = publish_policy
         self._import_policy = import_policy
 
-    @grpc_errors
     async def GetTrainedModel(
         self, request: pb.GetTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -60,7 +59,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             raise missing(TRAINED_MODELS, model_id)
         return model_to_proto(model)
 
-    @grpc_errors
     async def ListTrainedModels(
         self, request: pb.ListTrainedModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainedModelsResponse:
@@ -104,7 +102,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         page, token = pagination.rendered_page(models, size, cursor, fingerprint, model_to_proto)
         return pb.ListTrainedModelsResponse(trained_models=page, next_page_token=token)
 
-    @grpc_errors
     async def GetTrainedModelLineage(
         self, request: pb.GetTrainedModelLineageRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModelLineage:
@@ -120,7 +117,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         owner = owner_scope(context, TRAINED_MODELS)
         return lineage_to_proto(lineage if owner is None else lineage.seen_by(owner))
 
-    @grpc_errors
     async def UpdateTrainedModel(
         self, request: pb.UpdateTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -136,7 +132,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         await self._require_visible(model_id, context)
         return model_to_proto(await handlers.update_model(self._uow(), model_id, edit))
 
-    @grpc_errors
     async def ImportTrainedModel(
         self,
         request_iterator: AsyncIterator[pb.ImportTrainedModelRequest],
@@ -173,7 +168,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         model = await importing.import_model(self._uow, command, parts(), self._import_policy)
         return model_to_proto(model)
 
-    @grpc_errors
     async def PublishTrainedModel(
         self, request: pb.PublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -194,7 +188,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         model = await publication.publish(self._uow(), command, self._publish_policy)
         return model_to_proto(model)
 
-    @grpc_errors
     async def UnpublishTrainedModel(
         self, request: pb.UnpublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -209,7 +202,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         )
         return model_to_proto(model)
 
-    @grpc_errors
     async def ListPublicationEvents(
         self, request: pb.ListPublicationEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPublicationEventsResponse:
@@ -242,7 +234,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             events=[publication_event_to_proto(e) for e in events], next_page_token=token
         )
 
-    @grpc_errors
     async def DownloadTrainedModel(
         self, request: pb.DownloadTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadTrainedModelResponse]:
@@ -263,7 +254,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             else:
                 yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
 
-    @grpc_errors
     async def DeleteTrainedModel(
         self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainedModelResponse:

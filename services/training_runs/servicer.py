@@ -17,7 +17,7 @@ from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
 from shared import catalog, pagination
-from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
@@ -41,7 +41,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self._hub = hub
         self._storage = storage
 
-    @grpc_errors
     async def CreateTrainingRun(
         self, request: pb.CreateTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -59,7 +58,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         run = await handlers.create_run(self._uow(), command, storage=self._storage)
         return run_to_proto(run)
 
-    @grpc_errors
     async def GetTrainingRun(
         self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -69,7 +67,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             raise missing(TRAINING_RUNS, run_id)
         return run_to_proto(run)
 
-    @grpc_errors
     async def ListTrainingRuns(
         self, request: pb.ListTrainingRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunsResponse:
@@ -103,7 +100,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return pb.ListTrainingRunsResponse(training_runs=runs, next_page_token=token)
 
-    @grpc_errors
     async def UpdateTrainingRun(
         self, request: pb.UpdateTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -130,7 +126,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def CancelTrainingRun(
         self, request: pb.CancelTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -144,7 +139,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def DeleteTrainingRun(
         self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainingRunResponse:
@@ -158,7 +152,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return pb.DeleteTrainingRunResponse()
 
-    @grpc_errors
     async def RetryTrainingRun(
         self, request: pb.RetryTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -172,7 +165,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def ListTrainingRunEvents(
         self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunEventsResponse:
@@ -191,7 +183,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return pb.ListTrainingRunEventsResponse(events=events, next_page_token=token)
 
-    @grpc_errors
     async def GetTrainingRunMetrics(
         self, request: pb.GetTrainingRunMetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRunMetrics:
@@ -210,13 +201,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             )
         return metrics
 
-    @grpc_errors
     async def ListArchitectures(
         self, request: pb.ListArchitecturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListArchitecturesResponse:
         return _ARCHITECTURES
 
-    @grpc_errors
     async def WatchTrainingRun(
         self, request: pb.WatchTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TrainingRunEvent]:

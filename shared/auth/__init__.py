@@ -1,7 +1,7 @@
 """Service identity and authorization: mTLS transport, caller identity (SPIFFE ids,
 trusted-proxy forwarding, end-user JWTs), the permission table, the policy file, audit.
 
-`build_interceptor` is what a composition root calls; servicers only use
+`build_admission` is what a composition root calls; servicers only use
 `shared.identity`.
 """
 
@@ -12,19 +12,19 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from shared.auth.audit import AuditLog
 from shared.auth.authenticate import Authenticator
-from shared.auth.interceptor import Access, AuthInterceptor, current_access
+from shared.auth.admission import Access, Admission, current_access
 from shared.auth.permissions import Permission
 from shared.auth.policy import Policy, PolicyStore
 from shared.auth.tokens import TokenVerifier
 from shared.messaging import Subjects
 from shared.settings import Settings
 
-__all__ = ["Access", "AuthInterceptor", "Permission", "build_interceptor", "current_access"]
+__all__ = ["Access", "Admission", "Permission", "build_admission", "current_access"]
 
 log = structlog.get_logger(__name__)
 
 
-def build_interceptor(settings: Settings, audit: AuditLog | None) -> AuthInterceptor:
+def build_admission(settings: Settings, audit: AuditLog | None) -> Admission:
     tokens = (
         TokenVerifier.from_files(
             issuer=settings.jwt_issuer,
@@ -42,7 +42,7 @@ def build_interceptor(settings: Settings, audit: AuditLog | None) -> AuthInterce
             fallback = Policy(exact={settings.dev_identity: frozenset({Permission.ADMIN.value})})
         else:
             log.warning("no RAVEN_AUTH_POLICY_FILE: every RPC but health and reflection is denied")
-    return AuthInterceptor(
+    return Admission(
         authenticator=Authenticator(
             tls=not settings.insecure_dev,
             trusted_proxies=frozenset(settings.trusted_proxies),

@@ -1,19 +1,17 @@
 """Authentication and authorization of every call, before the servicer runs.
 
-The interceptor resolves the handler and returns it wrapped: the wrapper runs
-in the call's own task, with the servicer context, so it can read the verified
+`Admission` is what the one handler wrapper (`shared.calls`) asks: it runs in
+the call's own task, with the servicer context, so it can read the verified
 peer certificate, refuse the call, and publish the caller through a context
-variable that `shared.identity` reads. Domain errors are still mapped by
-`shared.errors.grpc_errors` inside the handler; the wrapper only sees their
-final status (for the audit).
+variable that `shared.identity` reads. The wrapper maps the handler's errors to
+a status inside `audited`, so the audit records the final status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -62,7 +60,9 @@ def current_access() -> Access | None:
     return _access.get()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Admission:
+    """Admits or refuses each call to a service outside `OPEN_SERVICES`; audits changes."""
+
     def __init__(
         self,
         *,
@@ -78,15 +78,22 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Audit writes of cancelled calls finish in the background; keep them referenced.
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def intercept_service(
+    def guards(self, method: str) -> bool:
+        """Whether calls of `method` are admitted here (health and reflection are open)."""
+        return service_of(method) not in OPEN_SERVICES
+
+    async def enter(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or service_of(details.method) in OPEN_SERVICES:
-            return handler
-        return _wrap(handler, _Call(self, details.method, tuple(details.invocation_metadata or ())))
+        context: grpc.aio.ServicerContext,
+        method: str,
+        metadata: tuple[Any, ...],
+        request: Message | None,
+    ) -> Access:
+        """Admits the caller and publishes it to this call's task (`current_access`)."""
+        access = await self.admit(context, method, metadata, request)
+        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
+        _access.set(access)
+        return access
 
     async def admit(
         self,
@@ -153,14 +160,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def audited(
         self,
-        call: _Call,
+        method: str,
         access: Access,
         context: grpc.aio.ServicerContext,
         request: Message | None,
         run: Callable[[], Awaitable[Any]],
     ) -> Any:
         """Runs the handler; records the outcome of a state-changing call."""
-        rule = self._rules.get(call.method)
+        rule = self._rules.get(method)
         if self._audit is None or rule is None or not rule.mutates:
             return await run()
         response = None
@@ -170,7 +177,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return response
         except asyncio.CancelledError:
             outcome = grpc.StatusCode.CANCELLED.name
-            entry = _entry(access.principal, call.method, request, outcome, context)
+            entry = _entry(access.principal, method, request, outcome, context)
             task = asyncio.create_task(self._audit.record(entry))
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
@@ -182,21 +189,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         finally:
             if outcome != grpc.StatusCode.CANCELLED.name:
                 await self._audit.record(
-                    _entry(access.principal, call.method, request, outcome, context, response)
+                    _entry(access.principal, method, request, outcome, context, response)
                 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    interceptor: AuthInterceptor
-    method: str
-    metadata: tuple[Any, ...]
-
-    async def enter(self, context: grpc.aio.ServicerContext, request: Message | None) -> Access:
-        access = await self.interceptor.admit(context, self.method, self.metadata, request)
-        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
-        _access.set(access)
-        return access
 
 
 def _entry(
@@ -241,67 +235,3 @@ def resource_of(message: Any) -> str:
             if isinstance(name, str) and name:
                 return name
     return ""
-
-
-async def _result(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _items(value: Any) -> AsyncIterator[Any]:
-    if hasattr(value, "__aiter__"):
-        async for item in value:
-            yield item
-    elif inspect.isawaitable(value):
-        await value  # A handler that writes with context.write() and returns nothing.
-    else:
-        for item in value:
-            yield item
-
-
-def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
-    interceptor = call.interceptor
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
-            access = await call.enter(context, request)
-            return await interceptor.audited(
-                call, access, context, request, lambda: _result(inner_uu(request, context))
-            )
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            access = await call.enter(context, None)
-            return await interceptor.audited(
-                call, access, context, None, lambda: _result(inner_su(requests, context))
-            )
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    # Streaming responses: reads only in our table, never audited as changes. A state-changing
-    # streaming RPC would need its outcome recorded after the stream ends.
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(
-            request: Message, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            await call.enter(context, request)
-            async for item in _items(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await call.enter(context, None)
-        async for item in _items(inner_ss(requests, context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
