@@ -13,7 +13,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from typer.testing import CliRunner
 
-from services.cli.main import app
+from cli.main import app
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
 
 pytestmark = pytest.mark.timeout(30)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from services.cli.client import model_name, run_name
-from services.cli.runs import create_request, dataset_uri
+from cli.client import model_name, run_name
+from cli.runs import create_request, dataset_uri
 
 
 def test_unset_options_stay_unset() -> None:
@@ -64,7 +64,7 @@ def test_the_image_root_is_sent(tmp_path: Path) -> None:
 def test_create_has_an_image_root_option() -> None:
     from typer.testing import CliRunner
 
-    from services.cli.main import app
+    from cli.main import app
 
     result = CliRunner().invoke(app, ["runs", "create", "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0 and "--image-root" in result.output

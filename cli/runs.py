@@ -11,11 +11,11 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
-from services.cli.client import model_name as to_model_name
-from services.cli.client import run_name as to_run_name
-from services.cli.render import event_text, run_details, runs_table, state_text
-from services.cli.watch import watch_run
+from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from cli.client import model_name as to_model_name
+from cli.client import run_name as to_run_name
+from cli.render import event_text, run_details, runs_table, state_text
+from cli.watch import watch_run
 from shared.proto.raven.training.v1 import training_run_pb2
 
 app = typer.Typer(help="Training runs.", no_args_is_help=True)
