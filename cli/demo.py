@@ -18,7 +18,7 @@ from cli import devstack
 from cli.client import UNARY_TIMEOUT_S, Clients, client_tls, connect, exit_on_rpc_error
 from cli.models import lineage_view
 from cli.render import model_details, run_details
-from cli.runs import create_request
+from cli.requests import create_request
 from cli.watch import watch_run
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import DEFAULT_DATA_DIR, Settings

@@ -17,8 +17,10 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from shared import auth, messaging, pagination
+from shared import messaging, pagination
 from shared.auth import transport
+from shared.auth.admission import build_admission
+from shared.auth.audit import AuditLog
 from shared.auth.audit_service import SERVICE_NAME as AUDIT_SERVICE
 from shared.auth.audit_service import AuditServicer
 from shared.db.engine import create_engine, read_session_factory, session_factory
@@ -84,10 +86,10 @@ class ServiceApp:
         await messaging.ensure_streams(js, self.subjects)
         sessions = session_factory(self._engine)
         self.read_sessions = read_session_factory(self._engine)
-        audit = auth.audit_log(sessions, self.subjects)
+        audit = AuditLog(sessions, self.subjects)
         self._server = Server(
             (*self.service_names, AUDIT_SERVICE),
-            admission=auth.build_admission(self.settings, audit),
+            admission=build_admission(self.settings, audit),
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
         loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))

@@ -31,7 +31,10 @@ from shared.auth.permissions import (
     level,
     service_of,
 )
-from shared.auth.policy import PolicyStore
+from shared.auth.permissions import Permission
+from shared.auth.policy import Policy, PolicyStore
+from shared.auth.tokens import TokenVerifier
+from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -235,3 +238,38 @@ def resource_of(message: Any) -> str:
             if isinstance(name, str) and name:
                 return name
     return ""
+
+
+def build_admission(settings: Settings, audit: AuditLog | None) -> Admission:
+    """The admission of a service process from its settings; `audit` None: no audit."""
+    tokens = (
+        TokenVerifier.from_files(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            key_files=settings.jwt_public_key_files,
+            leeway_s=settings.jwt_leeway_s,
+        )
+        if settings.jwt_public_key_files
+        else None
+    )
+    fallback = None
+    if settings.auth_policy_file is None:
+        if settings.insecure_dev:
+            # Development plaintext: the one local identity may do everything.
+            fallback = Policy(exact={settings.dev_identity: frozenset({Permission.ADMIN.value})})
+        else:
+            log.warning("no RAVEN_AUTH_POLICY_FILE: every RPC but health and reflection is denied")
+    return Admission(
+        authenticator=Authenticator(
+            tls=not settings.insecure_dev,
+            trusted_proxies=frozenset(settings.trusted_proxies),
+            tokens=tokens,
+            dev_identity=settings.dev_identity,
+        ),
+        policies=PolicyStore(
+            settings.auth_policy_file,
+            check_interval_s=settings.auth_policy_check_interval_s,
+            fallback=fallback,
+        ),
+        audit=audit,
+    )

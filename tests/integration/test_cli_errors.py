@@ -1,4 +1,5 @@
-"""RPC errors reach the user as a status code, a message and field violations: no traceback."""
+"""RPC errors reach the user as a status code, a message and field violations: no traceback;
+the commands offer their options."""
 
 from __future__ import annotations
 
@@ -75,3 +76,8 @@ def test_field_violations_are_printed(
     assert "INVALID_ARGUMENT: invalid request" in result.output
     assert "name: expected trainingRuns/{uuid}, got 'trainingRuns/nope'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_create_has_an_image_root_option() -> None:
+    result = CliRunner().invoke(app, ["runs", "create", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--image-root" in result.output
