@@ -10,6 +10,7 @@ a status (`shared.status`) inside the admission's audit, which records that stat
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ class _Call:
     ) -> Access | None:
         if self.admission is None:
             return None
-        return await self.admission.enter(context, self.method, self.metadata, request)
+        return await self.admission.admit(context, self.method, self.metadata, request)
 
     async def unary(
         self,
@@ -71,14 +72,8 @@ class _Call:
         run: Callable[[], Awaitable[Any]],
     ) -> Any:
         async def mapped() -> Any:
-            try:
+            async with self.mapping(context):
                 return await run()
-            except grpc.aio.AbortError:
-                raise
-            except Exception as error:
-                if not self.map_errors:
-                    raise
-                await status.abort(context, error)
 
         if self.admission is None or access is None:
             return await mapped()
@@ -87,9 +82,15 @@ class _Call:
     async def stream(
         self, context: grpc.aio.ServicerContext, items: AsyncIterator[Any]
     ) -> AsyncIterator[Any]:
-        try:
+        async with self.mapping(context):
             async for item in items:
                 yield item
+
+    @contextlib.asynccontextmanager
+    async def mapping(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Ends the call with the status of what the handler raised (`shared.status`)."""
+        try:
+            yield
         except grpc.aio.AbortError:
             raise
         except Exception as error:

@@ -85,19 +85,6 @@ class Admission:
         """Whether calls of `method` are admitted here (health and reflection are open)."""
         return service_of(method) not in OPEN_SERVICES
 
-    async def enter(
-        self,
-        context: grpc.aio.ServicerContext,
-        method: str,
-        metadata: tuple[Any, ...],
-        request: Message | None,
-    ) -> Access:
-        """Admits the caller and publishes it to this call's task (`current_access`)."""
-        access = await self.admit(context, method, metadata, request)
-        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
-        _access.set(access)
-        return access
-
     async def admit(
         self,
         context: grpc.aio.ServicerContext,
@@ -105,7 +92,8 @@ class Admission:
         metadata: tuple[Any, ...],
         request: Message | None,
     ) -> Access:
-        """The caller and its scope, or the call aborted with UNAUTHENTICATED or PERMISSION_DENIED."""
+        """The caller and its scope, published to this call's task (`current_access`); or
+        the call aborted with UNAUTHENTICATED or PERMISSION_DENIED."""
         try:
             principal = self._authenticator.authenticate(context, metadata)
         except Unauthenticated as error:
@@ -150,7 +138,10 @@ class Admission:
             )
             if Level.OWN in reads:
                 scopes[collection] = principal.acting_as
-        return Access(principal, owner, scopes)
+        access = Access(principal, owner, scopes)
+        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
+        _access.set(access)
+        return access
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, entry: Entry
