@@ -20,7 +20,7 @@ from sqlalchemy import text
 
 from benchmarks.plan import Plan
 from benchmarks.stack import Stack
-from benchmarks.stats import Results, percentile
+from benchmarks.stats import Results
 from shared import outbox
 from shared.db.engine import create_engine, session_factory
 from shared.db.migrate import upgrade
@@ -91,12 +91,11 @@ async def measure_outbox(stack: Stack, plan: Plan, results: Results) -> None:
                             subject, _PAYLOAD, headers={"Nats-Msg-Id": uuid.uuid4().hex}
                         )
                         bare.append(time.perf_counter() - began)
-                    _latency(
-                        results,
+                    results.add_latencies(
                         "outbox.bare_publish_ack",
                         bare,
-                        "bare JetStream publish -> ack (baseline)",
-                        None,
+                        description="bare JetStream publish -> ack (baseline)",
+                        baseline=None,
                     )
                     relayed = []
                     for _ in range(plan.outbox_samples):
@@ -108,12 +107,11 @@ async def measure_outbox(stack: Stack, plan: Plan, results: Results) -> None:
                             )
                         committed = time.perf_counter()
                         relayed.append(await asyncio.wait_for(acked, 30) - committed)
-                    _latency(
-                        results,
+                    results.add_latencies(
                         "outbox.commit_to_ack",
                         relayed,
-                        "outbox commit -> relay publishes -> JetStream ack",
-                        "outbox.bare_publish_ack",
+                        description="outbox commit -> relay publishes -> JetStream ack",
+                        baseline="outbox.bare_publish_ack",
                     )
             finally:
                 relay_task.cancel()
@@ -177,16 +175,3 @@ async def _throughput_round(
         baseline="outbox.bare_publish_rate",
         lower_is_better=False,
     )
-
-
-def _latency(
-    results: Results, prefix: str, samples: list[float], what: str, baseline: str | None
-) -> None:
-    for q in (50, 99):
-        results.add(
-            f"{prefix}.p{q}",
-            percentile(samples, q) * 1000,
-            unit="ms",
-            description=f"{what}: p{q}",
-            baseline=baseline and f"{baseline}.p{q}",
-        )

@@ -92,6 +92,20 @@ class Results:
             base = self.figures[baseline].rounds[-1]
             figure.ratios.append(value / base if base else math.nan)
 
+    def add_latencies(
+        self, prefix: str, seconds: list[float], *, description: str, baseline: str | None
+    ) -> None:
+        """Records the p50 and p99 of `seconds` in ms as `<prefix>.p50` and `<prefix>.p99`,
+        each against the same percentile of `baseline` when given."""
+        for q in (50, 99):
+            self.add(
+                f"{prefix}.p{q}",
+                percentile(seconds, q) * 1000,
+                unit="ms",
+                description=f"{description}: p{q} latency",
+                baseline=baseline and f"{baseline}.p{q}",
+            )
+
     def median(self, name: str) -> float:
         return spread(self.figures[name].rounds)["median"] if name in self.figures else math.nan
 

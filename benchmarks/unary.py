@@ -19,7 +19,7 @@ from sqlalchemy import text
 from benchmarks.echo import METHOD
 from benchmarks.plan import Plan
 from benchmarks.stack import Stack, free_port, spawn, wait_for_grpc
-from benchmarks.stats import Results, percentile
+from benchmarks.stats import Results
 from services.training_runs.repository import RunFilter
 from shared import pagination
 from shared.db.engine import create_engine
@@ -183,11 +183,4 @@ def _record(
         baseline=baseline and f"{base}.throughput",
         lower_is_better=False,
     )
-    for q in (50, 99):
-        results.add(
-            f"{prefix}.p{q}",
-            percentile(latencies, q) * 1000,
-            unit="ms",
-            description=f"{what}: p{q} latency",
-            baseline=baseline and f"{base}.p{q}",
-        )
+    results.add_latencies(prefix, latencies, description=what, baseline=baseline)

@@ -10,10 +10,9 @@ from rich.console import Console
 from rich.text import Text
 
 from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
-from cli.requests import create_request
-from cli.requests import model_name as to_model_name
-from cli.requests import run_name as to_run_name
 from cli.render import event_text, run_details, runs_table, state_text
+from cli.requests import create_request
+from cli.requests import run_name as to_run_name
 from cli.watch import watch_run
 from shared.proto.raven.training.v1 import training_run_pb2
 

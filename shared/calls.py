@@ -21,6 +21,7 @@ from google.protobuf.message import Message
 
 from shared import status
 from shared.auth.admission import Access, Admission
+from shared.auth.permissions import OPEN_SERVICES, service_of
 from shared.errors import InvalidArgument
 from shared.request_guard import Unparsed, check_request, safe_deserializer
 
@@ -39,13 +40,13 @@ class CallWrapper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return None
-        guarded = self._admission is None or self._admission.guards(details.method)
+        # Health and reflection admit everyone and report their own statuses.
+        open_service = service_of(details.method) in OPEN_SERVICES
         call = _Call(
-            admission=self._admission if guarded else None,
+            admission=None if open_service else self._admission,
             method=details.method,
             metadata=tuple(details.invocation_metadata or ()),
-            # Health and reflection report their own statuses.
-            map_errors=guarded,
+            map_errors=not open_service,
         )
         return _wrap(handler, call)
 
@@ -72,8 +73,10 @@ class _Call:
         run: Callable[[], Awaitable[Any]],
     ) -> Any:
         async def mapped() -> Any:
+            result = None
             async with self.mapping(context):
-                return await run()
+                result = await run()
+            return result
 
         if self.admission is None or access is None:
             return await mapped()

@@ -61,5 +61,3 @@ def _cuda_devices() -> int:
         return int(counted.stdout.strip())
     except (OSError, subprocess.SubprocessError, ValueError):
         return 0
-
-

@@ -7,6 +7,7 @@ unit tests import neither grpc, nats nor SQLAlchemy."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -21,9 +22,12 @@ from services.training_runs.main import TrainingRunsApp
 from shared.infra import Infrastructure, create_database, drop_database, ensure_infrastructure
 from shared.messaging import Subjects, ensure_streams
 from shared.proto.raven.training.v1 import trained_model_pb2_grpc, training_run_pb2_grpc
+from shared.runtime import ServiceApp
 from shared.settings import Settings
 from tests import pki as test_pki
 from tests import s3 as test_s3
+
+Channel = grpc.aio.Channel
 
 
 @pytest.fixture(scope="session")
@@ -96,45 +100,48 @@ async def nc(settings: Settings, subjects: Subjects) -> AsyncIterator[nats.NATS]
     await connection.close()
 
 
+@contextlib.asynccontextmanager
+async def _serving(app: ServiceApp) -> AsyncIterator[None]:
+    await app.start()
+    try:
+        yield
+    finally:
+        await app.stop(grace_s=1)
+
+
 @pytest.fixture(scope="session")
 async def training_runs(settings: Settings, nc: nats.NATS) -> AsyncIterator[TrainingRunsApp]:
     app = TrainingRunsApp(settings)
-    await app.start()
-    yield app
-    await app.stop(grace_s=1)
+    async with _serving(app):
+        yield app
 
 
 @pytest.fixture(scope="session")
 async def trained_models(settings: Settings, nc: nats.NATS) -> AsyncIterator[TrainedModelsApp]:
     app = TrainedModelsApp(settings)
-    await app.start()
-    yield app
-    await app.stop(grace_s=1)
+    async with _serving(app):
+        yield app
 
 
 @pytest.fixture(scope="session")
-async def runs_channel(
-    training_runs: TrainingRunsApp, pki: test_pki.Pki
-) -> AsyncIterator[grpc.aio.Channel]:
+async def runs_channel(training_runs: ServiceApp, pki: test_pki.Pki) -> AsyncIterator[Channel]:
     async with pki.channel(training_runs.port, test_pki.ADMIN) as channel:
         yield channel
 
 
 @pytest.fixture(scope="session")
-async def models_channel(
-    trained_models: TrainedModelsApp, pki: test_pki.Pki
-) -> AsyncIterator[grpc.aio.Channel]:
+async def models_channel(trained_models: ServiceApp, pki: test_pki.Pki) -> AsyncIterator[Channel]:
     async with pki.channel(trained_models.port, test_pki.ADMIN) as channel:
         yield channel
 
 
 @pytest.fixture
-def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
+def runs(runs_channel: Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
     return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
 
 
 @pytest.fixture
-def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
+def models(models_channel: Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
     return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
 
 

@@ -22,16 +22,7 @@ from google.protobuf.message import Message
 
 from shared.auth.audit import UNAUTHENTICATED_IDENTITY, AuditLog, Entry
 from shared.auth.authenticate import Authenticator, Principal, Unauthenticated
-from shared.auth.permissions import (
-    OPEN_SERVICES,
-    READ_RULES,
-    RULES,
-    Level,
-    Rule,
-    level,
-    service_of,
-)
-from shared.auth.permissions import Permission
+from shared.auth.permissions import READ_RULES, RULES, Level, Permission, Rule, level
 from shared.auth.policy import Policy, PolicyStore
 from shared.auth.tokens import TokenVerifier
 from shared.settings import Settings
@@ -64,7 +55,7 @@ def current_access() -> Access | None:
 
 
 class Admission:
-    """Admits or refuses each call to a service outside `OPEN_SERVICES`; audits changes."""
+    """Admits or refuses each call (but health and reflection: `OPEN_SERVICES`); audits changes."""
 
     def __init__(
         self,
@@ -80,10 +71,6 @@ class Admission:
         self._rules = rules
         # Audit writes of cancelled calls finish in the background; keep them referenced.
         self._pending: set[asyncio.Task[None]] = set()
-
-    def guards(self, method: str) -> bool:
-        """Whether calls of `method` are admitted here (health and reflection are open)."""
-        return service_of(method) not in OPEN_SERVICES
 
     async def admit(
         self,

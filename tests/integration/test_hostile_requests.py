@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -160,28 +160,23 @@ def spec_request(dataset_uri: str, **spec: Any) -> pb.CreateTrainingRunRequest:
     return request
 
 
-async def count_runs(runs: Any) -> int:
+async def count_all(list_rpc: Callable[[Any], Awaitable[Any]], request: Any, items: str) -> int:
+    """How many `items` all the pages of a List RPC hold; `request` is its request type."""
     total, token = 0, ""
     while True:
-        page = await runs.ListTrainingRuns(
-            pb.ListTrainingRunsRequest(page_size=1000, page_token=token)
-        )
-        total += len(page.training_runs)
+        page = await list_rpc(request(page_size=1000, page_token=token))
+        total += len(getattr(page, items))
         token = page.next_page_token
         if not token:
             return total
+
+
+async def count_runs(runs: Any) -> int:
+    return await count_all(runs.ListTrainingRuns, pb.ListTrainingRunsRequest, "training_runs")
 
 
 async def count_models(models: Any) -> int:
-    total, token = 0, ""
-    while True:
-        page = await models.ListTrainedModels(
-            mpb.ListTrainedModelsRequest(page_size=1000, page_token=token)
-        )
-        total += len(page.trained_models)
-        token = page.next_page_token
-        if not token:
-            return total
+    return await count_all(models.ListTrainedModels, mpb.ListTrainedModelsRequest, "trained_models")
 
 
 def tampered(token: str) -> list[str]:

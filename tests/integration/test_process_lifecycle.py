@@ -68,7 +68,11 @@ async def namespace(settings: Settings, nc: nats.NATS):
 
 async def _run(code: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
     return await asyncio.create_subprocess_exec(
-        sys.executable, *code, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+        sys.executable,
+        *code,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
     )
 
 
@@ -86,9 +90,7 @@ async def test_a_background_loop_that_raises_stops_the_process_with_an_error(
 
 
 async def test_sigterm_stops_the_process_cleanly(settings: Settings, namespace: str) -> None:
-    process = await _run(
-        ["-m", "services.training_runs.main"], _env(settings, namespace)
-    )
+    process = await _run(["-m", "services.training_runs.main"], _env(settings, namespace))
     assert process.stdout is not None
     lines: list[str] = []
 

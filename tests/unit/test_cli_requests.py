@@ -58,4 +58,3 @@ def test_the_image_root_is_sent(tmp_path: Path) -> None:
     assert remote.training_run.spec.image_root == "s3://b/img/"
     unset = create_request(display_name="r", dataset="s3://b/a.json")
     assert unset.training_run.spec.image_root == ""
-
