@@ -107,8 +107,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     ) -> pb.TrainedModelLineage:
         if request.descendant_depth < 0:
             raise InvalidArgument([FieldViolation("descendant_depth", "must not be negative")])
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         lineage = await handlers.lineage(
             self._uow(),
             model_id,
@@ -128,8 +127,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             fields=frozenset(request.update_mask.paths),
             etag=wanted.etag,
         )
-        model_id = parse_name(wanted.name, TRAINED_MODELS, field="trained_model.name")
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(wanted.name, context, field="trained_model.name")
         return model_to_proto(await handlers.update_model(self._uow(), model_id, edit))
 
     async def ImportTrainedModel(
@@ -171,8 +169,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def PublishTrainedModel(
         self, request: pb.PublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         command = publication.PublishCommand(
             model_id=model_id,
             channel=request.channel,
@@ -191,8 +188,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def UnpublishTrainedModel(
         self, request: pb.UnpublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         model = await publication.unpublish(
             self._uow(),
             model_id,
@@ -240,14 +236,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         kind = request.artifact_kind or "checkpoint"
         if kind not in ("checkpoint", "config"):
             raise InvalidArgument([FieldViolation("artifact_kind", "'checkpoint' or 'config'")])
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
-        parts = handlers.download(
-            self._uow(),
-            model_id,
-            kind=kind,
-            storage=self._storage,
-        )
+        model_id = await self._visible_id(request.name, context)
+        parts = handlers.download(self._uow(), model_id, kind=kind, storage=self._storage)
         async for part in parts:
             if isinstance(part, bytes):
                 yield pb.DownloadTrainedModelResponse(chunk=part)
@@ -257,8 +247,7 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
     async def DeleteTrainedModel(
         self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainedModelResponse:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         await handlers.delete_model(
             self._uow(),
             model_id,
@@ -267,6 +256,14 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             storage=self._storage,
         )
         return pb.DeleteTrainedModelResponse()
+
+    async def _visible_id(
+        self, name: str, context: grpc.aio.ServicerContext, *, field: str = "name"
+    ) -> uuid.UUID:
+        """The id of the model `name` names, which the caller may see (else NOT_FOUND)."""
+        model_id = parse_name(name, TRAINED_MODELS, field=field)
+        await self._require_visible(model_id, context)
+        return model_id
 
     async def _require_visible(
         self, model_id: uuid.UUID, context: grpc.aio.ServicerContext

@@ -115,8 +115,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
                     )
                 ]
             )
-        run_id = parse_name(body.name, TRAINING_RUNS, field="training_run.name")
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(body.name, context, field="training_run.name")
         run = await handlers.update_run(
             self._uow(),
             run_id,
@@ -129,8 +128,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def CancelTrainingRun(
         self, request: pb.CancelTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         run = await handlers.cancel_run(
             self._uow(),
             run_id,
@@ -142,21 +140,14 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def DeleteTrainingRun(
         self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainingRunResponse:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
-        await handlers.delete_run(
-            self._uow(),
-            run_id,
-            etag=request.etag,
-            storage=self._storage,
-        )
+        run_id = await self._visible_id(request.name, context)
+        await handlers.delete_run(self._uow(), run_id, etag=request.etag, storage=self._storage)
         return pb.DeleteTrainingRunResponse()
 
     async def RetryTrainingRun(
         self, request: pb.RetryTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         run = await handlers.retry_run(
             self._uow(),
             run_id,
@@ -168,8 +159,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     async def ListTrainingRunEvents(
         self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunEventsResponse:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
@@ -211,15 +201,19 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
     ) -> AsyncIterator[pb.TrainingRunEvent]:
         if request.after_sequence < 0:
             raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         async for event in self._hub.watch(
             self._uow, run_id, after_sequence=request.after_sequence
         ):
             yield event
 
-    async def _require_visible(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
+    async def _visible_id(
+        self, name: str, context: grpc.aio.ServicerContext, *, field: str = "name"
+    ) -> uuid.UUID:
+        """The id of the run `name` names, which the caller may see (else NOT_FOUND)."""
+        run_id = parse_name(name, TRAINING_RUNS, field=field)
         await require_visible(context, TRAINING_RUNS, run_id, self._creator_of)
+        return run_id
 
     async def _creator_of(self, run_id: uuid.UUID) -> str | None:
         try:
