@@ -24,20 +24,22 @@ _TIMEOUT_S = 600.0
 DATASET = "datasets/tiny/annotations.json"
 
 
-def tiny_request(seed: int) -> pb.CreateTrainingRunRequest:
+def create_request(display_name: str, **spec: Any) -> pb.CreateTrainingRunRequest:
     return pb.CreateTrainingRunRequest(
-        training_run=pb.TrainingRun(
-            display_name="bench tiny run",
-            spec=pb.TrainingSpec(
-                dataset_uri=DATASET,
-                architecture="retinanet_r18_fpn",
-                epochs=2,
-                batch_size=4,
-                image_size=128,
-                seed=seed,
-                device=pb.TrainingSpec.CPU,
-            ),
-        ),
+        training_run=pb.TrainingRun(display_name=display_name, spec=pb.TrainingSpec(**spec))
+    )
+
+
+def tiny_request(seed: int) -> pb.CreateTrainingRunRequest:
+    return create_request(
+        "bench tiny run",
+        dataset_uri=DATASET,
+        architecture="retinanet_r18_fpn",
+        epochs=2,
+        batch_size=4,
+        image_size=128,
+        seed=seed,
+        device=pb.TrainingSpec.CPU,
     )
 
 
@@ -105,16 +107,12 @@ LEARNING_EPOCHS = 8
 
 def learning_request() -> pb.CreateTrainingRunRequest:
     """The defaults: only the dataset, the architecture, the epochs and the image size."""
-    return pb.CreateTrainingRunRequest(
-        training_run=pb.TrainingRun(
-            display_name="bench learning run",
-            spec=pb.TrainingSpec(
-                dataset_uri=LEARNING_DATASET,
-                architecture="rtmdet_tiny",
-                epochs=LEARNING_EPOCHS,
-                image_size=128,
-            ),
-        ),
+    return create_request(
+        "bench learning run",
+        dataset_uri=LEARNING_DATASET,
+        architecture="rtmdet_tiny",
+        epochs=LEARNING_EPOCHS,
+        image_size=128,
     )
 
 
