@@ -25,6 +25,10 @@ from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
+# How long stopping waits before it cancels the loops again: Python 3.11's
+# asyncio.wait_for can lose a cancellation (nats-py's fetch waits in one).
+_RECANCEL_S = 1.0
+
 
 @dataclass(frozen=True, slots=True)
 class Loop:
@@ -44,6 +48,7 @@ class Supervisor:
 
     def __init__(self) -> None:
         self._task: asyncio.Task[None] | None = None
+        self._loops: list[asyncio.Task[None]] = []
         self._stopping = False
         self.failed = asyncio.Event()
         self.reason = ""
@@ -53,8 +58,7 @@ class Supervisor:
 
     async def _run(self, loops: Sequence[Loop]) -> None:
         async with asyncio.TaskGroup() as group:
-            for loop in loops:
-                group.create_task(self._watch(loop), name=loop.name)
+            self._loops = [group.create_task(self._watch(loop), name=loop.name) for loop in loops]
 
     async def _watch(self, loop: Loop) -> None:
         try:
@@ -78,13 +82,22 @@ class Supervisor:
             self.reason = reason
             self.failed.set()
 
+    def stopping(self) -> None:
+        """From now on a loop that ends (or fails) is stopping, not dying."""
+        self._stopping = True
+
     async def stop(self, *, cancel: bool = True) -> None:
         """Stops the loops (`cancel` False: waits for them to end by themselves)."""
-        self._stopping = True
+        self.stopping()
         if self._task is None:
             return
         if cancel:
             self._task.cancel()
+            while not self._task.done():
+                await asyncio.wait({self._task}, timeout=_RECANCEL_S)
+                for loop in self._loops:
+                    if not loop.done():
+                        loop.cancel()
         # A failure was logged when it happened.
         with contextlib.suppress(asyncio.CancelledError, Exception):
             await self._task

@@ -77,6 +77,7 @@ class Worker:
         )
 
     async def stop(self) -> None:
+        self.supervisor.stopping()
         self._shutdown.set()
         await self.supervisor.stop(cancel=False)
         if self._nc is not None:
