@@ -4,9 +4,12 @@ cleanly. Real processes, as they run in production."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import sys
+from asyncio.subprocess import Process
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -66,21 +69,29 @@ async def namespace(settings: Settings, nc: nats.NATS):
             pass
 
 
-async def _run(code: list[str], env: dict[str, str]) -> asyncio.subprocess.Process:
-    return await asyncio.create_subprocess_exec(
+@contextlib.asynccontextmanager
+async def _running(code: list[str], env: dict[str, str]) -> AsyncIterator[Process]:
+    """The process, killed at the end if it is still running (a failed test leaves none)."""
+    process = await asyncio.create_subprocess_exec(
         sys.executable,
         *code,
         env=env,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
 
 
 async def test_a_background_loop_that_raises_stops_the_process_with_an_error(
     settings: Settings, namespace: str
 ) -> None:
-    process = await _run(["-c", _BREAKING_SERVICE], _env(settings, namespace))
-    output, _ = await asyncio.wait_for(process.communicate(), 60)
+    async with _running(["-c", _BREAKING_SERVICE], _env(settings, namespace)) as process:
+        output, _ = await asyncio.wait_for(process.communicate(), 60)
     text = output.decode()
     assert process.returncode == 1, text[-3000:]
     assert "serving" in text
@@ -90,17 +101,19 @@ async def test_a_background_loop_that_raises_stops_the_process_with_an_error(
 
 
 async def test_sigterm_stops_the_process_cleanly(settings: Settings, namespace: str) -> None:
-    process = await _run(["-m", "services.training_runs.main"], _env(settings, namespace))
-    assert process.stdout is not None
     lines: list[str] = []
+    async with _running(
+        ["-m", "services.training_runs.main"], _env(settings, namespace)
+    ) as process:
+        assert process.stdout is not None
 
-    async def serving() -> bool:
-        line = (await process.stdout.readline()).decode()  # type: ignore[union-attr]
-        lines.append(line)
-        return "serving" in line or not line
+        async def serving() -> bool:
+            line = (await process.stdout.readline()).decode()  # type: ignore[union-attr]
+            lines.append(line)
+            return "serving" in line or not line
 
-    await eventually(serving, timeout=60, interval=0)
-    assert "serving" in lines[-1], "".join(lines)[-3000:]
-    process.send_signal(signal.SIGTERM)
-    output, _ = await asyncio.wait_for(process.communicate(), 30)
+        await eventually(serving, timeout=60, interval=0)
+        assert "serving" in lines[-1], "".join(lines)[-3000:]
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), 30)
     assert process.returncode == 0, ("".join(lines) + output.decode())[-3000:]
