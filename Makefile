@@ -40,16 +40,16 @@ $(PROTO_STAMP): $(PROTO_SRC) $(INSTALLED)
 	@touch $@
 
 run: setup ## The demo: start the stack, train a root model, fine-tune it, watch it live
-	$(PY) -m services.cli.main demo
+	$(PY) -m cli.main demo
 
 up: setup ## Start infrastructure, both services and a worker in the background (logs in .data/logs)
-	$(PY) -m services.cli.main stack up
+	$(PY) -m cli.main stack up
 
 down: ## Stop what `make up` started
-	@test -x $(PY) && $(PY) -m services.cli.main stack down || true
+	@test -x $(PY) && $(PY) -m cli.main stack down || true
 
 status: ## Show what `make up` started
-	$(PY) -m services.cli.main stack status
+	$(PY) -m cli.main stack status
 
 test: setup ## Run the whole test suite (unit, integration, end to end)
 	$(PY) -m pytest -q
@@ -70,7 +70,7 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 typecheck: setup ## mypy
-	$(VENV)/bin/mypy shared services trainer_worker
+	$(VENV)/bin/mypy shared services cli trainer_worker
 
 clean: down ## Remove generated code and local data (keeps .venv)
 	rm -rf .data $(PROTO_OUT) shared/proto/raven
@@ -82,4 +82,4 @@ bench-smoke: setup ## The benchmark harness in seconds, to keep it working (no f
 	$(PY) -m benchmarks --smoke
 
 certs: setup ## Create the development CA, server and CLI certificates (SPIFFE ids) and policy in .data/certs
-	$(PY) -m services.cli.main certs
+	$(PY) -m cli.main certs

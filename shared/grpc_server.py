@@ -8,7 +8,8 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared.request_guard import RequestGuard
+from shared.auth.admission import Admission
+from shared.calls import CallWrapper
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -21,18 +22,11 @@ _OPTIONS = [
 class Server:
     """A grpc.aio server with health checking and reflection for `service_names`.
 
-    Every request is parsed and checked (`shared.request_guard`) after `interceptors`
-    (authentication) admitted the call and before its handler runs."""
+    Every handler runs inside the one wrapper (`shared.calls`): `admission` admits the
+    caller (None: everyone), the request is checked, errors become statuses."""
 
-    def __init__(
-        self,
-        service_names: Sequence[str],
-        *,
-        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
-    ) -> None:
-        self.server = grpc.aio.server(
-            options=_OPTIONS, interceptors=(*interceptors, RequestGuard())
-        )
+    def __init__(self, service_names: Sequence[str], *, admission: Admission | None = None) -> None:
+        self.server = grpc.aio.server(options=_OPTIONS, interceptors=(CallWrapper(admission),))
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

@@ -1,6 +1,6 @@
 """Who is calling: the identity recorded on what a call changes, and the scope of what it sees.
 
-The auth interceptor (shared/auth/interceptor.py) admits every call before the
+The handler wrapper (shared/calls.py, with shared/auth/admission.py) admits every call before the
 servicer runs and publishes the caller for the call's task; these functions
 read it, so servicers stay free of transport details.
 """
@@ -12,7 +12,7 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-from shared.auth.interceptor import current_access
+from shared.auth.admission import current_access
 from shared.errors import NotFound
 from shared.names import TRAINED_MODELS, TRAINING_RUNS
 

@@ -4,9 +4,15 @@ published to JetStream afterwards, so none is lost to a crash between the two.
 `add` runs inside the caller's transaction. `OutboxRelay` publishes committed
 rows in id order with `Nats-Msg-Id` = the row's msg_id (JetStream drops a
 duplicate within its window, e.g. after a crash between publish and delete),
-then deletes them. Several relays may run: `SKIP LOCKED` hands each row to one.
-The relay wakes on a NOTIFY sent by the committing transaction and polls slowly
-as a safety net.
+then deletes them. Every service process runs a relay, but one leads: the relay
+that holds a session-level advisory lock (`LEADER_LOCK`) on its own connection
+publishes, and runs its batches on that connection, so it stops publishing as
+soon as the connection (and with it the lock) is gone. The others try to take
+the lock every `takeover_interval_s`. One publisher means rows leave in id
+(commit) order; during a takeover the old leader's last batch may still be in
+flight while the new leader sends it again: each copy goes out in order and
+JetStream keeps the first of each msg_id, so the order holds. The leader wakes on
+a NOTIFY sent by the committing transaction and polls slowly as a safety net.
 
 A row that can never be published (larger than the server's max payload, or refused
 by JetStream for itself, or failing MAX_FAILURES times while other rows of its batch
@@ -40,6 +46,8 @@ log = structlog.get_logger(__name__)
 _HEADER_OVERHEAD = 64
 # How much of an error's text a dead letter keeps.
 _ERROR_CHARS = 500
+# The advisory lock whose holder is the one relay that publishes ("ravn").
+LEADER_LOCK = 0x7261766E
 # A row whose publish failed this often while others of its batch were published fails
 # for itself: it is set aside rather than retried forever at the head of every batch.
 MAX_FAILURES = 5
@@ -77,6 +85,7 @@ class OutboxRelay:
         batch_size: int = 256,
         poll_interval_s: float = 1.0,
         max_payload: int | None = None,
+        takeover_interval_s: float = 2.0,
     ) -> None:
         self._engine = engine
         self._js = js
@@ -84,19 +93,47 @@ class OutboxRelay:
         self._poll_interval_s = poll_interval_s
         # The server's limit (`nc.max_payload`); None: only the client's own check applies.
         self._max_payload = max_payload
+        self._takeover_interval_s = takeover_interval_s
         self._wake = asyncio.Event()
-        # Rows this relay has set aside since it started.
+        # Whether this relay holds the leader lock now.
+        self.leading = False
+        # Rows this relay has published and set aside since it started.
+        self.published = 0
         self.dead_lettered = 0
 
     async def run(self) -> None:
-        """Publishes until cancelled."""
-        async with self._listening():
+        """Publishes while this relay leads, stands by while another one does; until cancelled."""
+        while True:
+            try:
+                async with self._engine.connect() as connection:
+                    if await _take_lead(connection):
+                        try:
+                            await self._lead(connection)
+                        finally:
+                            self.leading = False
+                            # Closing the connection releases the lock at once, whatever state
+                            # the connection is in; the pool opens a new one when needed.
+                            await connection.invalidate()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception("outbox relay lost its database connection; trying again")
+            await asyncio.sleep(self._takeover_interval_s)
+
+    async def _lead(self, connection: AsyncConnection) -> None:
+        """Relays on `connection`, which holds the lock; returns when it is lost."""
+        self.leading = True
+        log.info("outbox relay leads")
+        async with self._listening(connection):
             while True:
                 try:
-                    published = await self.publish_pending()
+                    published = await self._publish_batch(connection)
                 except asyncio.CancelledError:
                     raise
                 except Exception:
+                    if not await _holds_lead(connection):
+                        log.warning("outbox relay lost the lead with its database connection")
+                        return
                     log.exception("outbox publish failed; retrying")
                     await asyncio.sleep(self._poll_interval_s)
                     continue
@@ -109,8 +146,13 @@ class OutboxRelay:
     async def publish_pending(self) -> int:
         """Publishes one batch of committed rows; returns how many left the outbox
         (published or set aside). Raises when a row failed for a passing reason, after
-        the rest of its batch was settled."""
-        async with self._engine.begin() as connection:
+        the rest of its batch was settled. Takes no lead: for a single relay (tests, a
+        drain of a backlog)."""
+        async with self._engine.connect() as connection:
+            return await self._publish_batch(connection)
+
+    async def _publish_batch(self, connection: AsyncConnection) -> int:
+        async with connection.begin():
             rows = (
                 await connection.execute(
                     select(
@@ -163,6 +205,7 @@ class OutboxRelay:
             settled = done + [row.id for row, _ in dead]
             if settled:
                 await connection.execute(delete(outbox).where(outbox.c.id.in_(settled)))
+        self.published += len(done)
         if retry:
             row, error = retry[0]
             raise RuntimeError(
@@ -217,21 +260,50 @@ class OutboxRelay:
             )
 
     @contextlib.asynccontextmanager
-    async def _listening(self) -> Any:
-        async with self._engine.connect() as connection:
-            raw = await connection.get_raw_connection()
-            driver = raw.driver_connection
-            assert driver is not None
+    async def _listening(self, connection: AsyncConnection) -> Any:
+        raw = await connection.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
 
-            def wake(*_: object) -> None:
-                self._wake.set()
+        def wake(*_: object) -> None:
+            self._wake.set()
 
-            await driver.add_listener(OUTBOX_CHANNEL, wake)
-            try:
-                yield
-            finally:
-                with contextlib.suppress(Exception):
-                    await driver.remove_listener(OUTBOX_CHANNEL, wake)
+        await driver.add_listener(OUTBOX_CHANNEL, wake)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(Exception):
+                await driver.remove_listener(OUTBOX_CHANNEL, wake)
+
+
+async def _take_lead(connection: AsyncConnection) -> bool:
+    """Whether `connection` now holds the leader lock (session-level: it outlives the
+    transaction, and ends with the connection)."""
+    taken = (await connection.execute(select(func.pg_try_advisory_lock(LEADER_LOCK)))).scalar_one()
+    await connection.commit()
+    return bool(taken)
+
+
+async def _holds_lead(connection: AsyncConnection) -> bool:
+    """Whether `connection` still holds the leader lock. An invalidated connection would
+    reconnect on its next use, without the lock: it is lost."""
+    if connection.invalidated:
+        return False
+    try:
+        held = await connection.execute(
+            text(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND pid = pg_backend_pid() AND classid = 0 AND objid = :key"
+            ),
+            {"key": LEADER_LOCK},
+        )
+        count = held.scalar_one()
+        await connection.commit()
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        return False
+    return bool(count)
 
 
 async def pending_count(engine: AsyncEngine) -> int:

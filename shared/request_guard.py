@@ -3,23 +3,23 @@
 `check_request` walks a message by its descriptor: strings (no NUL, bounded), enums
 (defined numbers only: proto3 keeps unknown ones), Timestamps and Durations (in
 range), doubles (finite), maps and repeated fields (bounded), nested messages.
-`RequestGuard` is the server interceptor that applies it, and that turns request
-bytes which do not parse into INVALID_ARGUMENT instead of grpc's UNKNOWN (which names
-the parser's exception class and logs a traceback per call).
+`shared.calls` applies it to every call, and turns request bytes which do not parse
+(`safe_deserializer` makes them `Unparsed`) into INVALID_ARGUMENT instead of grpc's
+UNKNOWN (which names the parser's exception class and logs a traceback per call).
+This module imports no transport.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
-import grpc
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
 from shared import limits
-from shared.errors import FieldViolation, InvalidArgument, to_status
+from shared.errors import FieldViolation
 
 # google.protobuf.Timestamp: 0001-01-01T00:00:00Z to 9999-12-31T23:59:59Z.
 _TIMESTAMP_SECONDS = (-62_135_596_800, 253_402_300_799)
@@ -152,7 +152,7 @@ def _duration(message: Any, path: str, found: _Violations) -> None:
         found.add(path, "nanos must be below a second and have the sign of seconds")
 
 
-class _Unparsed:
+class Unparsed:
     """What a request that does not parse becomes, so the handler wrapper can refuse it."""
 
     __slots__ = ("type_name",)
@@ -161,7 +161,8 @@ class _Unparsed:
         self.type_name = type_name
 
 
-def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+def safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[[bytes], Any]:
+    """`deserializer`, returning `Unparsed` for bytes that do not parse instead of raising."""
     message_type = getattr(deserializer, "__self__", None)
     type_name = (
         message_type.DESCRIPTOR.name
@@ -175,92 +176,6 @@ def _safe_deserializer(deserializer: Callable[[bytes], Any] | None) -> Callable[
         try:
             return deserializer(raw)
         except Exception:
-            return _Unparsed(type_name)
+            return Unparsed(type_name)
 
     return deserialize
-
-
-async def _refuse_if_bad(request: Any, context: grpc.aio.ServicerContext) -> None:
-    if isinstance(request, _Unparsed):
-        await context.abort(
-            grpc.StatusCode.INVALID_ARGUMENT, f"request is not a valid {request.type_name}"
-        )
-    if isinstance(request, Message):
-        violations = check_request(request)
-        if violations:
-            await context.abort_with_status(to_status(InvalidArgument(violations)))
-
-
-async def _checked(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-    async for request in requests:
-        await _refuse_if_bad(request, context)
-        yield request
-
-
-async def _result(value: Any) -> Any:
-    return await value if hasattr(value, "__await__") else value
-
-
-async def _items(value: Any) -> AsyncIterator[Any]:
-    if hasattr(value, "__aiter__"):
-        async for item in value:
-            yield item
-    elif hasattr(value, "__await__"):
-        await value
-    else:
-        for item in value:
-            yield item
-
-
-class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """Parses and checks every request message of every RPC before its handler runs."""
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None:
-            return None
-        return _guarded(handler)
-
-
-def _guarded(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    serializers = {
-        "request_deserializer": _safe_deserializer(handler.request_deserializer),
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            await _refuse_if_bad(request, context)
-            return await _result(inner_uu(request, context))
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(
-            request: Any, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            await _refuse_if_bad(request, context)
-            async for item in _items(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            return await _result(inner_su(_checked(requests, context), context))
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        async for item in _items(inner_ss(_checked(requests, context), context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)

@@ -44,6 +44,21 @@ async def eventually(
     raise AssertionError(f"condition not met within {timeout}s (last value: {last!r})")
 
 
+async def jetstream_round_trip(url: str, *, stream: str) -> int:
+    """Publishes one message to a new stream (named `stream` and a random suffix) of the
+    server at `url` and deletes the stream; returns the message's sequence: 1."""
+    connection = await nats.connect(url, connect_timeout=2, max_reconnect_attempts=0)
+    try:
+        js = connection.jetstream()
+        name = f"{stream}_{uuid.uuid4().hex[:8].upper()}"
+        await js.add_stream(name=name, subjects=[f"{name.lower()}.>"])
+        ack = await js.publish(f"{name.lower()}.hello", b"hi", headers={"Nats-Msg-Id": "one"})
+        await js.delete_stream(name)
+        return ack.seq
+    finally:
+        await connection.close()
+
+
 def create_request(dataset_uri: str, **spec: object) -> training_run_pb2.CreateTrainingRunRequest:
     spec = {"architecture": "retinanet_r18_fpn", "epochs": 2, "batch_size": 4, **spec}
     return training_run_pb2.CreateTrainingRunRequest(

@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
-
 import structlog
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from services.trained_models.consumer import RunSucceededHandler
 from services.trained_models.handlers import remove_deleted_files
@@ -17,9 +11,9 @@ from services.trained_models.publication import PublicationPolicy
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.consumer import consume
-from shared.grpc_server import Server
+from shared.process import Loop
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
-from shared.runtime import ServiceApp, run_service
+from shared.runtime import ServiceApp, Wiring, run_service
 from shared.storage import Storage
 
 log = structlog.get_logger(__name__)
@@ -30,19 +24,11 @@ class TrainedModelsApp(ServiceApp):
         trained_model_pb2.DESCRIPTOR.services_by_name["TrainedModelService"].full_name,
     )
     client_name = "raven-trained-models"
+    address_setting = "trained_models_addr"
 
-    def address(self) -> str:
-        return self.settings.trained_models_addr
-
-    async def setup(
-        self,
-        server: Server,
-        sessions: async_sessionmaker[AsyncSession],
-        nc: NATS,
-        js: JetStreamContext,
-    ) -> list[Coroutine[Any, Any, None]]:
+    async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
+            return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
 
         storage = Storage.from_settings(self.settings)
         servicer = TrainedModelServicer(
@@ -59,21 +45,29 @@ class TrainedModelsApp(ServiceApp):
                 max_bytes=self.settings.import_max_bytes,
             ),
         )
-        trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(servicer, server.server)
+        trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(
+            servicer, wiring.server.server
+        )
+        run_succeeded = consume(
+            wiring.js,
+            stream=self.subjects.events_stream,
+            subject=self.subjects.run_lifecycle("succeeded"),
+            durable=self.subjects.model_registry_consumer,
+            handle=RunSucceededHandler(uow_factory),
+        )
         return [
-            self._sweep(uow_factory(), storage),
-            consume(
-                js,
-                stream=self.subjects.events_stream,
-                subject=self.subjects.run_lifecycle("succeeded"),
-                durable=self.subjects.model_registry_consumer,
-                handle=RunSucceededHandler(uow_factory),
-            ),
+            Loop("sweep of deleted models", self._sweep(uow_factory(), storage), ends=True),
+            Loop("run succeeded consumer", run_succeeded),
         ]
 
     async def _sweep(self, uow: UnitOfWork, storage: Storage) -> None:
-        """Finishes deletions a crash interrupted between the commit and the files."""
-        removed = await remove_deleted_files(uow, storage)
+        """Finishes deletions a crash interrupted between the commit and the files; the
+        files stay for the next start when storage cannot be reached now."""
+        try:
+            removed = await remove_deleted_files(uow, storage)
+        except Exception:
+            log.exception("removing files of deleted trained models failed")
+            return
         if removed:
             log.info("files of deleted trained models removed", models=removed)
 

@@ -18,7 +18,7 @@ from services.trained_models.messages import (
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import pagination
-from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.metrics import ORDER_BY_PRIMARY
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
@@ -51,7 +51,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         self._publish_policy = publish_policy
         self._import_policy = import_policy
 
-    @grpc_errors
     async def GetTrainedModel(
         self, request: pb.GetTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -61,7 +60,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             raise missing(TRAINED_MODELS, model_id)
         return model_to_proto(model)
 
-    @grpc_errors
     async def ListTrainedModels(
         self, request: pb.ListTrainedModelsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainedModelsResponse:
@@ -105,14 +103,12 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         page, token = pagination.rendered_page(models, size, cursor, fingerprint, model_to_proto)
         return pb.ListTrainedModelsResponse(trained_models=page, next_page_token=token)
 
-    @grpc_errors
     async def GetTrainedModelLineage(
         self, request: pb.GetTrainedModelLineageRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModelLineage:
         if request.descendant_depth < 0:
             raise InvalidArgument([FieldViolation("descendant_depth", "must not be negative")])
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         lineage = await handlers.lineage(
             self._uow(),
             model_id,
@@ -121,7 +117,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         owner = owner_scope(context, TRAINED_MODELS)
         return lineage_to_proto(lineage if owner is None else lineage.seen_by(owner))
 
-    @grpc_errors
     async def UpdateTrainedModel(
         self, request: pb.UpdateTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
@@ -133,11 +128,9 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             fields=frozenset(request.update_mask.paths),
             etag=wanted.etag,
         )
-        model_id = parse_name(wanted.name, TRAINED_MODELS, field="trained_model.name")
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(wanted.name, context, field="trained_model.name")
         return model_to_proto(await handlers.update_model(self._uow(), model_id, edit))
 
-    @grpc_errors
     async def ImportTrainedModel(
         self,
         request_iterator: AsyncIterator[pb.ImportTrainedModelRequest],
@@ -174,12 +167,10 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         model = await importing.import_model(self._uow, command, parts(), self._import_policy)
         return model_to_proto(model)
 
-    @grpc_errors
     async def PublishTrainedModel(
         self, request: pb.PublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         command = publication.PublishCommand(
             model_id=model_id,
             channel=request.channel,
@@ -195,12 +186,10 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         model = await publication.publish(self._uow(), command, self._publish_policy)
         return model_to_proto(model)
 
-    @grpc_errors
     async def UnpublishTrainedModel(
         self, request: pb.UnpublishTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainedModel:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         model = await publication.unpublish(
             self._uow(),
             model_id,
@@ -210,7 +199,6 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         )
         return model_to_proto(model)
 
-    @grpc_errors
     async def ListPublicationEvents(
         self, request: pb.ListPublicationEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListPublicationEventsResponse:
@@ -243,33 +231,24 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             events=[publication_event_to_proto(e) for e in events], next_page_token=token
         )
 
-    @grpc_errors
     async def DownloadTrainedModel(
         self, request: pb.DownloadTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.DownloadTrainedModelResponse]:
         kind = request.artifact_kind or "checkpoint"
         if kind not in ("checkpoint", "config"):
             raise InvalidArgument([FieldViolation("artifact_kind", "'checkpoint' or 'config'")])
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
-        parts = handlers.download(
-            self._uow(),
-            model_id,
-            kind=kind,
-            storage=self._storage,
-        )
+        model_id = await self._visible_id(request.name, context)
+        parts = handlers.download(self._uow(), model_id, kind=kind, storage=self._storage)
         async for part in parts:
             if isinstance(part, bytes):
                 yield pb.DownloadTrainedModelResponse(chunk=part)
             else:
                 yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
 
-    @grpc_errors
     async def DeleteTrainedModel(
         self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainedModelResponse:
-        model_id = parse_name(request.name, TRAINED_MODELS)
-        await self._require_visible(model_id, context)
+        model_id = await self._visible_id(request.name, context)
         await handlers.delete_model(
             self._uow(),
             model_id,
@@ -278,6 +257,14 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             storage=self._storage,
         )
         return pb.DeleteTrainedModelResponse()
+
+    async def _visible_id(
+        self, name: str, context: grpc.aio.ServicerContext, *, field: str = "name"
+    ) -> uuid.UUID:
+        """The id of the model `name` names, which the caller may see (else NOT_FOUND)."""
+        model_id = parse_name(name, TRAINED_MODELS, field=field)
+        await self._require_visible(model_id, context)
+        return model_id
 
     async def _require_visible(
         self, model_id: uuid.UUID, context: grpc.aio.ServicerContext

@@ -2,13 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Coroutine
-from typing import Any
-
-from nats.aio.client import Client as NATS
-from nats.js import JetStreamContext
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-
 from services.training_runs import handlers
 from services.training_runs.claims import ClaimResponder
 from services.training_runs.consumer import WorkerEventHandler
@@ -16,33 +9,25 @@ from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
 from shared.consumer import consume
-from shared.grpc_server import Server
+from shared.process import Loop
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
-from shared.runtime import ServiceApp, run_service
+from shared.runtime import ServiceApp, Wiring, run_service
 from shared.storage import Storage
 
 
 class TrainingRunsApp(ServiceApp):
     service_names = (training_run_pb2.DESCRIPTOR.services_by_name["TrainingRunService"].full_name,)
     client_name = "raven-training-runs"
+    address_setting = "training_runs_addr"
 
-    def address(self) -> str:
-        return self.settings.training_runs_addr
-
-    async def setup(
-        self,
-        server: Server,
-        sessions: async_sessionmaker[AsyncSession],
-        nc: NATS,
-        js: JetStreamContext,
-    ) -> list[Coroutine[Any, Any, None]]:
+    async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(sessions, self.subjects, read_sessions=self.read_sessions)
+            return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
 
         self.hub = EventHub()
-        await self.hub.start(nc, self.subjects)
+        await self.hub.start(wiring.nc, self.subjects)
         # A queue group: one replica answers each claim.
-        self._claims = await nc.subscribe(
+        self._claims = await wiring.nc.subscribe(
             self.subjects.claims,
             queue="training-runs",
             cb=ClaimResponder(uow_factory, max_attempts=self.settings.max_attempts).handle,
@@ -53,23 +38,25 @@ class TrainingRunsApp(ServiceApp):
                 hub=self.hub,
                 storage=Storage.from_settings(self.settings),
             ),
-            server.server,
+            wiring.server.server,
+        )
+        recovery = handlers.recover_lost_runs_forever(
+            uow_factory,
+            timeout_s=self.settings.worker_lost_timeout_s,
+            max_attempts=self.settings.max_attempts,
+        )
+        worker_events = consume(
+            wiring.js,
+            stream=self.subjects.worker_events_stream,
+            subject=self.subjects.worker_events,
+            durable=self.subjects.worker_events_consumer,
+            handle=WorkerEventHandler(uow_factory),
+            # The subject ends with the run id: each run's reports stay in order.
+            ordering_key=lambda msg: msg.subject,
         )
         return [
-            handlers.recover_lost_runs_forever(
-                uow_factory,
-                timeout_s=self.settings.worker_lost_timeout_s,
-                max_attempts=self.settings.max_attempts,
-            ),
-            consume(
-                js,
-                stream=self.subjects.worker_events_stream,
-                subject=self.subjects.worker_events,
-                durable=self.subjects.worker_events_consumer,
-                handle=WorkerEventHandler(uow_factory),
-                # The subject ends with the run id: each run's reports stay in order.
-                ordering_key=lambda msg: msg.subject,
-            ),
+            Loop("recovery of lost runs", recovery),
+            Loop("worker events consumer", worker_events),
         ]
 
     async def teardown(self) -> None:

@@ -17,7 +17,7 @@ from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
 from shared import catalog, pagination
-from shared.errors import FieldViolation, InvalidArgument, NotFound, grpc_errors
+from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name, run_name
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
@@ -41,7 +41,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self._hub = hub
         self._storage = storage
 
-    @grpc_errors
     async def CreateTrainingRun(
         self, request: pb.CreateTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -59,7 +58,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         run = await handlers.create_run(self._uow(), command, storage=self._storage)
         return run_to_proto(run)
 
-    @grpc_errors
     async def GetTrainingRun(
         self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -69,7 +67,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             raise missing(TRAINING_RUNS, run_id)
         return run_to_proto(run)
 
-    @grpc_errors
     async def ListTrainingRuns(
         self, request: pb.ListTrainingRunsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunsResponse:
@@ -103,7 +100,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return pb.ListTrainingRunsResponse(training_runs=runs, next_page_token=token)
 
-    @grpc_errors
     async def UpdateTrainingRun(
         self, request: pb.UpdateTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
@@ -119,8 +115,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
                     )
                 ]
             )
-        run_id = parse_name(body.name, TRAINING_RUNS, field="training_run.name")
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(body.name, context, field="training_run.name")
         run = await handlers.update_run(
             self._uow(),
             run_id,
@@ -130,12 +125,10 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def CancelTrainingRun(
         self, request: pb.CancelTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         run = await handlers.cancel_run(
             self._uow(),
             run_id,
@@ -144,26 +137,17 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def DeleteTrainingRun(
         self, request: pb.DeleteTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainingRunResponse:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
-        await handlers.delete_run(
-            self._uow(),
-            run_id,
-            etag=request.etag,
-            storage=self._storage,
-        )
+        run_id = await self._visible_id(request.name, context)
+        await handlers.delete_run(self._uow(), run_id, etag=request.etag, storage=self._storage)
         return pb.DeleteTrainingRunResponse()
 
-    @grpc_errors
     async def RetryTrainingRun(
         self, request: pb.RetryTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         run = await handlers.retry_run(
             self._uow(),
             run_id,
@@ -172,12 +156,10 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return run_to_proto(run)
 
-    @grpc_errors
     async def ListTrainingRunEvents(
         self, request: pb.ListTrainingRunEventsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListTrainingRunEventsResponse:
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint({"run": str(run_id)})
         cursor = pagination.decode(request.page_token, fingerprint, time_value=False)
@@ -191,7 +173,6 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         )
         return pb.ListTrainingRunEventsResponse(events=events, next_page_token=token)
 
-    @grpc_errors
     async def GetTrainingRunMetrics(
         self, request: pb.GetTrainingRunMetricsRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRunMetrics:
@@ -206,27 +187,29 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             metrics.epochs.add(epoch=epoch.epoch, train=dict(epoch.train), val=dict(epoch.val))
         return metrics
 
-    @grpc_errors
     async def ListArchitectures(
         self, request: pb.ListArchitecturesRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListArchitecturesResponse:
         return _ARCHITECTURES
 
-    @grpc_errors
     async def WatchTrainingRun(
         self, request: pb.WatchTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[pb.TrainingRunEvent]:
         if request.after_sequence < 0:
             raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
-        run_id = parse_name(request.name, TRAINING_RUNS)
-        await self._require_visible(run_id, context)
+        run_id = await self._visible_id(request.name, context)
         async for event in self._hub.watch(
             self._uow, run_id, after_sequence=request.after_sequence
         ):
             yield event
 
-    async def _require_visible(self, run_id: uuid.UUID, context: grpc.aio.ServicerContext) -> None:
+    async def _visible_id(
+        self, name: str, context: grpc.aio.ServicerContext, *, field: str = "name"
+    ) -> uuid.UUID:
+        """The id of the run `name` names, which the caller may see (else NOT_FOUND)."""
+        run_id = parse_name(name, TRAINING_RUNS, field=field)
         await require_visible(context, TRAINING_RUNS, run_id, self._creator_of)
+        return run_id
 
     async def _creator_of(self, run_id: uuid.UUID) -> str | None:
         try:

@@ -6,7 +6,6 @@ import grpc
 
 from shared import pagination
 from shared.auth.audit import AuditFilter, AuditLog
-from shared.errors import grpc_errors
 from shared.proto.raven.training.v1 import audit_pb2 as pb
 from shared.proto.raven.training.v1 import audit_pb2_grpc
 
@@ -15,7 +14,6 @@ class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
     def __init__(self, audit: AuditLog) -> None:
         self._audit = audit
 
-    @grpc_errors
     async def ListAuditRecords(
         self, request: pb.ListAuditRecordsRequest, context: grpc.aio.ServicerContext
     ) -> pb.ListAuditRecordsResponse:

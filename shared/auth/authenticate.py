@@ -12,14 +12,17 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import grpc
 import structlog
 from cryptography import x509
 
 from shared.auth import spiffe
 from shared.auth.certs import uri_sans
 from shared.auth.tokens import InvalidToken, TokenVerifier, UserClaims
+
+if TYPE_CHECKING:
+    import grpc
 
 log = structlog.get_logger(__name__)
 

@@ -1,3 +1,5 @@
+"""Real Postgres, NATS and gRPC servers (tests/stack.py), and no training."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +8,14 @@ from pathlib import Path
 import pytest
 
 from shared.settings import Settings
+from tests.suites import fail_if_loaded
+
+# Training lives in tests/e2e: the integration suite runs no MMDetection.
+TRAINING_LIBRARIES = ("torch", "mmengine", "mmdet", "mmcv")
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    fail_if_loaded(session, "integration", TRAINING_LIBRARIES)
 
 
 @pytest.fixture(scope="session")

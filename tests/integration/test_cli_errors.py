@@ -1,4 +1,5 @@
-"""RPC errors reach the user as a status code, a message and field violations: no traceback."""
+"""RPC errors reach the user as a status code, a message and field violations: no traceback;
+the commands offer their options."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 from typer.testing import CliRunner
 
-from services.cli.main import app
+from cli.main import app
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
 
 pytestmark = pytest.mark.timeout(30)
@@ -75,3 +76,8 @@ def test_field_violations_are_printed(
     assert "INVALID_ARGUMENT: invalid request" in result.output
     assert "name: expected trainingRuns/{uuid}, got 'trainingRuns/nope'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_create_has_an_image_root_option() -> None:
+    result = CliRunner().invoke(app, ["runs", "create", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0 and "--image-root" in result.output

@@ -15,7 +15,7 @@ import json
 import re
 import sys
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -116,6 +116,23 @@ class Battery:
         assert not _CLASS_NAME.search(text), (label, text[:300])
         assert "<class" not in text, (label, text[:300])
 
+    async def refused_naming(
+        self,
+        name: str,
+        calls: Iterable[tuple[str, Callable[..., Any], Any]],
+        stream: tuple[str, Callable[..., Any], Any],
+        *,
+        prefix: str = "",
+    ) -> None:
+        """Each of `calls` and the streaming call `stream`, all naming `name`, is refused;
+        state-changing calls only where `name` holds no NUL (audited: test_auth.py)."""
+        for label, call, request in calls:
+            if label in STATE_CHANGING and "\x00" in name:
+                continue
+            await self.refused(f"{prefix}{label} {name[:40]!r}", call, request, REFUSED_ANYWAY)
+        label, call, request = stream
+        await self.refused(f"{label} {name[:40]!r}", call, request, REFUSED_ANYWAY, streaming=True)
+
     async def refused(
         self,
         label: str,
@@ -160,28 +177,23 @@ def spec_request(dataset_uri: str, **spec: Any) -> pb.CreateTrainingRunRequest:
     return request
 
 
-async def count_runs(runs: Any) -> int:
+async def count_all(list_rpc: Callable[[Any], Awaitable[Any]], request: Any, items: str) -> int:
+    """How many `items` all the pages of a List RPC hold; `request` is its request type."""
     total, token = 0, ""
     while True:
-        page = await runs.ListTrainingRuns(
-            pb.ListTrainingRunsRequest(page_size=1000, page_token=token)
-        )
-        total += len(page.training_runs)
+        page = await list_rpc(request(page_size=1000, page_token=token))
+        total += len(getattr(page, items))
         token = page.next_page_token
         if not token:
             return total
+
+
+async def count_runs(runs: Any) -> int:
+    return await count_all(runs.ListTrainingRuns, pb.ListTrainingRunsRequest, "training_runs")
 
 
 async def count_models(models: Any) -> int:
-    total, token = 0, ""
-    while True:
-        page = await models.ListTrainedModels(
-            mpb.ListTrainedModelsRequest(page_size=1000, page_token=token)
-        )
-        total += len(page.trained_models)
-        token = page.next_page_token
-        if not token:
-            return total
+    return await count_all(models.ListTrainedModels, mpb.ListTrainedModelsRequest, "trained_models")
 
 
 def tampered(token: str) -> list[str]:
@@ -292,7 +304,7 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
 
     # The RPCs that name a run.
     for name in BAD_RUN_NAMES:
-        for label, call, request in (
+        calls = (
             ("get", runs.GetTrainingRun, pb.GetTrainingRunRequest(name=name)),
             ("cancel", runs.CancelTrainingRun, pb.CancelTrainingRunRequest(name=name)),
             ("delete", runs.DeleteTrainingRun, pb.DeleteTrainingRunRequest(name=name)),
@@ -307,17 +319,9 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
                     update_mask=FieldMask(paths=["display_name"]),
                 ),
             ),
-        ):
-            if label in STATE_CHANGING and "\x00" in name:
-                continue
-            await battery.refused(f"{label} {name[:40]!r}", call, request, REFUSED_ANYWAY)
-        await battery.refused(
-            f"watch {name[:40]!r}",
-            runs.WatchTrainingRun,
-            pb.WatchTrainingRunRequest(name=name),
-            REFUSED_ANYWAY,
-            streaming=True,
         )
+        watch = ("watch", runs.WatchTrainingRun, pb.WatchTrainingRunRequest(name=name))
+        await battery.refused_naming(name, calls, watch)
     await battery.refused(
         "watch after -1",
         runs.WatchTrainingRun,
@@ -484,7 +488,7 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
 
     # TrainedModelService.
     for name in BAD_MODEL_NAMES:
-        for label, call, request in (
+        calls = (
             ("get", models.GetTrainedModel, mpb.GetTrainedModelRequest(name=name)),
             (
                 "lineage",
@@ -518,17 +522,13 @@ async def test_every_rpc_refuses_malformed_fields_with_a_status_a_caller_can_act
                     trained_model=NUL if name in ("", f"trainedModels/{MISSING}") else name
                 ),
             ),
-        ):
-            if label in STATE_CHANGING and "\x00" in name:
-                continue
-            await battery.refused(f"model {label} {name[:40]!r}", call, request, REFUSED_ANYWAY)
-        await battery.refused(
-            f"download {name[:40]!r}",
+        )
+        download = (
+            "download",
             models.DownloadTrainedModel,
             mpb.DownloadTrainedModelRequest(name=name),
-            REFUSED_ANYWAY,
-            streaming=True,
         )
+        await battery.refused_naming(name, calls, download, prefix="model ")
     model_name = f"trainedModels/{MISSING}"
     for kind in (NUL, HUGE, "../checkpoint", "metrics"):
         await battery.refused(

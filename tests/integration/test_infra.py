@@ -11,7 +11,6 @@ import uuid
 from pathlib import Path
 
 import asyncpg
-import nats as nats_client
 import pytest
 from sqlalchemy import text
 
@@ -29,6 +28,7 @@ from shared.infra import nats as infra_nats
 from shared.infra import postgres as infra_postgres
 from shared.infra.postgres import connect_kwargs
 from shared.settings import Settings
+from tests.support import jetstream_round_trip
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -50,19 +50,6 @@ async def _select_one(database_url: str) -> tuple[str, int]:
         await engine.dispose()
 
 
-async def _jetstream_round_trip(nats_url: str) -> int:
-    connection = await nats_client.connect(nats_url, connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        js = connection.jetstream()
-        stream = f"INFRA_TEST_{uuid.uuid4().hex[:8].upper()}"
-        await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
-        ack = await js.publish(f"{stream.lower()}.hello", b"hi", headers={"Nats-Msg-Id": "one"})
-        await js.delete_stream(stream)
-        return ack.seq
-    finally:
-        await connection.close()
-
-
 async def test_configured_servers_are_used_when_they_answer(tmp_path: Path) -> None:
     defaults = Settings()
     if not infra_postgres.is_reachable(defaults.database_url) or not infra_nats.is_reachable(
@@ -79,7 +66,7 @@ async def test_configured_servers_are_used_when_they_answer(tmp_path: Path) -> N
         )
         # The database named in the URL did not exist and was created.
         assert await _select_one(infra.database_url) == (name, 1)
-        assert await _jetstream_round_trip(infra.nats_url) == 1
+        assert await jetstream_round_trip(infra.nats_url, stream="INFRA_TEST") == 1
         assert not (tmp_path / "postgres").exists()
     finally:
         drop_database(infra.database_url, name)
@@ -91,7 +78,7 @@ async def test_embedded_servers_start_when_nothing_answers(tmp_path: Path) -> No
         assert infra.embedded == ("postgres", "nats")
         assert infra.database_url.startswith("postgresql+asyncpg://postgres@/raven_infra?host=/")
         assert await _select_one(infra.database_url) == ("raven_infra", 1)
-        assert await _jetstream_round_trip(infra.nats_url) == 1
+        assert await jetstream_round_trip(infra.nats_url, stream="INFRA_TEST") == 1
 
         # Idempotent: a second call finds the running servers.
         assert ensure_infrastructure(UNREACHABLE, tmp_path, keep_running=True) == infra

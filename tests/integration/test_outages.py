@@ -46,7 +46,7 @@ from shared.proto.raven.training.v1 import (
 )
 from shared.settings import Settings
 from tests import pki as test_pki
-from tests.support import create_request
+from tests.support import create_request, jetstream_round_trip
 
 TrainingRun = training_run_pb2.TrainingRun
 pytestmark = pytest.mark.timeout(180)
@@ -332,19 +332,6 @@ def _plain_bind_fails(port: int) -> bool:
     return False
 
 
-async def _round_trip(url: str) -> int:
-    connection = await nats_client.connect(url, connect_timeout=2, max_reconnect_attempts=0)
-    try:
-        js = connection.jetstream()
-        stream = f"OUTAGE_{uuid.uuid4().hex[:8].upper()}"
-        await js.add_stream(name=stream, subjects=[f"{stream.lower()}.>"])
-        ack = await js.publish(f"{stream.lower()}.hello", b"hi")
-        await js.delete_stream(stream)
-        return ack.seq
-    finally:
-        await connection.close()
-
-
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 async def test_a_dead_embedded_nats_comes_back_on_the_port_its_clients_were_given(
     tmp_path: Path, signum: int
@@ -376,7 +363,7 @@ async def test_a_dead_embedded_nats_comes_back_on_the_port_its_clients_were_give
             ensure_infrastructure, settings, data_dir, keep_running=True
         )
         assert again.nats_url == infra.nats_url
-        assert await _round_trip(again.nats_url) == 1
+        assert await jetstream_round_trip(again.nats_url, stream="OUTAGE") == 1
     finally:
         await asyncio.to_thread(infra_nats.stop_embedded, data_dir.resolve())
         await asyncio.to_thread(drop_database, configured, name)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from collections.abc import AsyncIterator
 
 import nats
 import pytest
@@ -182,3 +183,122 @@ async def test_a_row_that_keeps_failing_while_others_publish_is_set_aside(engine
     [dead] = await _dead_letters(engine, run_id)
     assert dead["msg_id"] == stray.msg_id and "failed 5 times" in str(dead["error"])
     assert await _left(engine, run_id) == 0
+
+
+@contextlib.asynccontextmanager
+async def _two_relays(engine, js: nats.js.JetStreamContext) -> AsyncIterator[list[OutboxRelay]]:
+    """Two relays as two service processes run them: each with an engine of its own."""
+    other = create_engine(engine.url.render_as_string(hide_password=False), pool_size=2)
+    relays = [
+        OutboxRelay(engine=e, js=js, poll_interval_s=0.05, takeover_interval_s=0.1)
+        for e in (engine, other)
+    ]
+    tasks = [asyncio.create_task(relay.run()) for relay in relays]
+    try:
+        await eventually(lambda: _one_leads(relays))
+        yield relays
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await other.dispose()
+
+
+async def _one_leads(relays: list[OutboxRelay]) -> bool:
+    return sum(relay.leading for relay in relays) == 1
+
+
+async def _commit_one_by_one(engines, subjects: Subjects, run_id: str, numbers: range) -> None:
+    """One transaction per event, from each process in turn, as a run's changes commit."""
+    for n in numbers:
+        engine = engines[n % len(engines)]
+        async with session_factory(engine)() as session, session.begin():
+            await outbox.add(session, [_message(subjects, run_id, n)])
+
+
+async def _all_stored(js, subjects: Subjects, run_id: str, count: int) -> list[bytes]:
+    async def stored() -> list[bytes]:
+        found = await _stored(js, subjects, run_id)
+        return found if len(found) >= count else []
+
+    return await eventually(stored, timeout=20)
+
+
+async def _lock_holder(engine) -> int | None:
+    async with engine.connect() as connection:
+        held = await connection.execute(
+            text(
+                "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
+                " AND classid = 0 AND objid = :key"
+            ),
+            {"key": outbox.LEADER_LOCK},
+        )
+        return held.scalar_one_or_none()
+
+
+async def test_two_relays_publish_a_runs_events_in_sequence_order_through_one_leader(
+    engine, nc, subjects
+):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    async with _two_relays(engine, js) as relays:
+        engines = [relay._engine for relay in relays]
+        await _commit_one_by_one(engines, subjects, run_id, range(120))
+        stored = await _all_stored(js, subjects, run_id, 120)
+        assert stored == [f"event {n}".encode() for n in range(120)]
+        # One relay published everything; the other stood by.
+        assert sorted(relay.published > 0 for relay in relays) == [False, True]
+        assert await _one_leads(relays)
+
+
+async def test_the_other_relay_takes_over_when_the_leader_stops(engine, nc, subjects):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    other = create_engine(engine.url.render_as_string(hide_password=False), pool_size=2)
+    first = OutboxRelay(engine=engine, js=js, poll_interval_s=0.05, takeover_interval_s=0.1)
+    second = OutboxRelay(engine=other, js=js, poll_interval_s=0.05, takeover_interval_s=0.1)
+    leader = asyncio.create_task(first.run())
+    standby = asyncio.create_task(second.run())
+    try:
+        await eventually(lambda: _one_leads([first]))
+        await _commit_one_by_one([engine], subjects, run_id, range(20))
+        await _all_stored(js, subjects, run_id, 20)
+        assert not second.leading and second.published == 0
+        # The leader's process ends: its connection closes and the lock with it.
+        leader.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await leader
+        await _commit_one_by_one([other], subjects, run_id, range(20, 40))
+        stored = await _all_stored(js, subjects, run_id, 40)
+        assert stored == [f"event {n}".encode() for n in range(40)]
+        assert second.leading and second.published == 20
+    finally:
+        for task in (leader, standby):
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await other.dispose()
+
+
+async def test_a_relay_leads_again_when_the_leaders_connection_dies(engine, nc, subjects):
+    js = nc.jetstream()
+    run_id = uuid.uuid4().hex
+    async with _two_relays(engine, js) as relays:
+        engines = [relay._engine for relay in relays]
+        killed = await _lock_holder(engine)
+        assert killed is not None
+        # Events keep committing while the leader's connection is killed under it.
+        writing = asyncio.create_task(_commit_one_by_one(engines, subjects, run_id, range(80)))
+        await eventually(lambda: _stored(js, subjects, run_id))
+        async with engine.connect() as connection:
+            await connection.execute(text("SELECT pg_terminate_backend(:pid)"), {"pid": killed})
+        await writing
+        stored = await _all_stored(js, subjects, run_id, 80)
+        # In sequence order, each once: the old leader's last batch and its resend by the
+        # new leader are one copy (Nats-Msg-Id), and the lead never publishes twice.
+        assert stored == [f"event {n}".encode() for n in range(80)]
+        holder = await eventually(lambda: _lock_holder(engine))
+        assert holder != killed
+        await eventually(lambda: _one_leads(relays))

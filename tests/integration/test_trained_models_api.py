@@ -17,7 +17,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
-import nats
 import pytest
 from google.protobuf.field_mask_pb2 import FieldMask
 from sqlalchemy import insert, select
@@ -28,9 +27,7 @@ from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import (
     common_pb2,
     trained_model_pb2,
-    trained_model_pb2_grpc,
     training_run_pb2,
-    training_run_pb2_grpc,
     worker_pb2,
 )
 from shared.settings import Settings
@@ -48,21 +45,6 @@ def dataset_uri(settings: Settings) -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     return "datasets/models-api/annotations.json"
-
-
-@pytest.fixture
-def runs(runs_channel: grpc.aio.Channel) -> training_run_pb2_grpc.TrainingRunServiceStub:
-    return training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
-
-
-@pytest.fixture
-def models(models_channel: grpc.aio.Channel) -> trained_model_pb2_grpc.TrainedModelServiceStub:
-    return trained_model_pb2_grpc.TrainedModelServiceStub(models_channel)
-
-
-@pytest.fixture
-async def js(nc: nats.NATS) -> nats.js.JetStreamContext:
-    return nc.jetstream()
 
 
 @pytest.fixture

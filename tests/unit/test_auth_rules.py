@@ -11,7 +11,7 @@ import shared.proto.raven.training.v1 as protos
 from shared.auth import policy, spiffe
 from shared.auth.authenticate import Unauthenticated, parse_xfcc
 from shared.auth.permissions import OPEN_SERVICES, RULES, Level, level
-from shared.auth.transport import TransportConfigError, is_loopback, server_credentials
+from shared.auth.tls import TransportConfigError, is_loopback, server_tls
 from shared.settings import Settings
 
 
@@ -39,7 +39,7 @@ def test_every_rpc_has_a_permission():
 
 
 def test_state_changing_rpcs_do_not_stream_responses():
-    # The interceptor audits a change when the handler returns: a streamed response would
+    # The admission audits a change when the handler returns: a streamed response would
     # be recorded before it finished.
     methods = _methods()
     for name, rule in RULES.items():
@@ -119,8 +119,8 @@ def test_plaintext_only_on_loopback():
 
 def test_development_plaintext_is_refused_off_loopback():
     settings = Settings(insecure_dev=True)
-    assert server_credentials(settings, "127.0.0.1:0") is None
+    assert server_tls(settings, "127.0.0.1:0") is None
     with pytest.raises(TransportConfigError):
-        server_credentials(settings, "0.0.0.0:50051")
+        server_tls(settings, "0.0.0.0:50051")
     with pytest.raises(TransportConfigError, match="RAVEN_TLS"):
-        server_credentials(Settings(), "127.0.0.1:0")
+        server_tls(Settings(), "127.0.0.1:0")

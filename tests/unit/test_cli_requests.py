@@ -5,8 +5,7 @@ from __future__ import annotations
 import uuid
 from pathlib import Path
 
-from services.cli.client import model_name, run_name
-from services.cli.runs import create_request, dataset_uri
+from cli.requests import create_request, dataset_uri, model_name, run_name
 
 
 def test_unset_options_stay_unset() -> None:
@@ -59,12 +58,3 @@ def test_the_image_root_is_sent(tmp_path: Path) -> None:
     assert remote.training_run.spec.image_root == "s3://b/img/"
     unset = create_request(display_name="r", dataset="s3://b/a.json")
     assert unset.training_run.spec.image_root == ""
-
-
-def test_create_has_an_image_root_option() -> None:
-    from typer.testing import CliRunner
-
-    from services.cli.main import app
-
-    result = CliRunner().invoke(app, ["runs", "create", "--help"], env={"COLUMNS": "200"})
-    assert result.exit_code == 0 and "--image-root" in result.output

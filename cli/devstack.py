@@ -26,7 +26,7 @@ import grpc
 import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from services.cli.client import client_tls
+from cli.client import client_tls
 from shared.auth import transport
 from shared.auth.certs import ensure_dev_certs
 from shared.auth.transport import ClientTls

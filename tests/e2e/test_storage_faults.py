@@ -25,7 +25,7 @@ from trainer_worker.job import WorkerEnvironment
 
 pytest.importorskip("mmdet")
 pytest.importorskip("PIL")
-from tests.integration.test_worker_consumer import (
+from tests.e2e.test_worker_consumer import (
     events_until_terminal,
     job,
     kinds,

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli import devstack
+from cli import devstack
 from shared.settings import DEFAULT_DATA_DIR, Settings
 
 app = typer.Typer(help="The local stack: infrastructure, both services and a worker.")

@@ -14,12 +14,12 @@ import typer
 from rich.console import Console
 from rich.rule import Rule
 
-from services.cli import devstack
-from services.cli.client import UNARY_TIMEOUT_S, Clients, client_tls, connect, exit_on_rpc_error
-from services.cli.models import lineage_view
-from services.cli.render import model_details, run_details
-from services.cli.runs import create_request
-from services.cli.watch import watch_run
+from cli import devstack
+from cli.client import UNARY_TIMEOUT_S, Clients, client_tls, connect, exit_on_rpc_error
+from cli.models import lineage_view
+from cli.render import model_details, run_details
+from cli.requests import create_request
+from cli.watch import watch_run
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
 from shared.settings import DEFAULT_DATA_DIR, Settings
 

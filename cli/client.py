@@ -28,8 +28,6 @@ from shared.settings import Settings
 # Unary calls answer in milliseconds; a deadline turns a hung server into an error.
 UNARY_TIMEOUT_S = 15.0
 
-TRAINING_RUNS = "trainingRuns/"
-TRAINED_MODELS = "trainedModels/"
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -74,16 +72,6 @@ def connect(settings: Settings | None = None) -> Iterator[Clients]:
             runs_addr=settings.training_runs_addr,
             models_addr=settings.trained_models_addr,
         )
-
-
-def run_name(value: str) -> str:
-    """`trainingRuns/ID` from either that or a bare ID."""
-    return value if value.startswith(TRAINING_RUNS) else TRAINING_RUNS + value
-
-
-def model_name(value: str) -> str:
-    """`trainedModels/ID` from either that or a bare ID."""
-    return value if value.startswith(TRAINED_MODELS) else TRAINED_MODELS + value
 
 
 def describe_rpc_error(error: grpc.RpcError) -> list[str]:

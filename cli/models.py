@@ -8,10 +8,10 @@ import grpc
 import typer
 from rich.console import Console, RenderableType
 
-from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
-from services.cli.client import model_name as to_model_name
-from services.cli.client import run_name as to_run_name
-from services.cli.render import lineage_from_models, lineage_tree, model_details, models_table
+from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from cli.render import lineage_from_models, lineage_tree, model_details, models_table
+from cli.requests import model_name as to_model_name
+from cli.requests import run_name as to_run_name
 from shared.proto.raven.training.v1 import trained_model_pb2
 
 app = typer.Typer(help="Trained models.", no_args_is_help=True)

@@ -9,8 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from services.cli.client import UNARY_TIMEOUT_S, connect, exit_on_rpc_error
-from services.cli.render import timestamp
+from cli.client import UNARY_TIMEOUT_S, connect, exit_on_rpc_error
+from cli.render import timestamp
 from shared.auth.certs import ensure_dev_certs
 from shared.proto.raven.training.v1 import audit_pb2
 from shared.settings import Settings

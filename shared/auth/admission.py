@@ -1,19 +1,17 @@
 """Authentication and authorization of every call, before the servicer runs.
 
-The interceptor resolves the handler and returns it wrapped: the wrapper runs
-in the call's own task, with the servicer context, so it can read the verified
+`Admission` is what the one handler wrapper (`shared.calls`) asks: it runs in
+the call's own task, with the servicer context, so it can read the verified
 peer certificate, refuse the call, and publish the caller through a context
-variable that `shared.identity` reads. Domain errors are still mapped by
-`shared.errors.grpc_errors` inside the handler; the wrapper only sees their
-final status (for the audit).
+variable that `shared.identity` reads. The wrapper maps the handler's errors to
+a status inside `audited`, so the audit records the final status.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, NoReturn
@@ -24,16 +22,10 @@ from google.protobuf.message import Message
 
 from shared.auth.audit import UNAUTHENTICATED_IDENTITY, AuditLog, Entry, expect_change
 from shared.auth.authenticate import Authenticator, Principal, Unauthenticated
-from shared.auth.permissions import (
-    OPEN_SERVICES,
-    READ_RULES,
-    RULES,
-    Level,
-    Rule,
-    level,
-    service_of,
-)
-from shared.auth.policy import PolicyStore
+from shared.auth.permissions import READ_RULES, RULES, Level, Permission, Rule, level
+from shared.auth.policy import Policy, PolicyStore
+from shared.auth.tokens import TokenVerifier
+from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
 
@@ -62,7 +54,9 @@ def current_access() -> Access | None:
     return _access.get()
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class Admission:
+    """Admits or refuses each call (but health and reflection: `OPEN_SERVICES`); audits changes."""
+
     def __init__(
         self,
         *,
@@ -78,16 +72,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         # Audit writes of cancelled calls finish in the background; keep them referenced.
         self._pending: set[asyncio.Task[None]] = set()
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler | None:
-        handler = await continuation(details)
-        if handler is None or service_of(details.method) in OPEN_SERVICES:
-            return handler
-        return _wrap(handler, _Call(self, details.method, tuple(details.invocation_metadata or ())))
-
     async def admit(
         self,
         context: grpc.aio.ServicerContext,
@@ -95,7 +79,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         metadata: tuple[Any, ...],
         request: Message | None,
     ) -> Access:
-        """The caller and its scope, or the call aborted with UNAUTHENTICATED or PERMISSION_DENIED."""
+        """The caller and its scope, published to this call's task (`current_access`); or
+        the call aborted with UNAUTHENTICATED or PERMISSION_DENIED."""
         try:
             principal = self._authenticator.authenticate(context, metadata)
         except Unauthenticated as error:
@@ -140,7 +125,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             )
             if Level.OWN in reads:
                 scopes[collection] = principal.acting_as
-        return Access(principal, owner, scopes)
+        access = Access(principal, owner, scopes)
+        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
+        _access.set(access)
+        return access
 
     async def _refuse(
         self, context: grpc.aio.ServicerContext, code: grpc.StatusCode, entry: Entry
@@ -153,7 +141,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     async def audited(
         self,
-        call: _Call,
+        method: str,
         access: Access,
         context: grpc.aio.ServicerContext,
         request: Message | None,
@@ -161,10 +149,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     ) -> Any:
         """Runs the handler; records the outcome of a state-changing call: with the
         change, by the unit of work that commits it, or here when none committed."""
-        rule = self._rules.get(call.method)
+        rule = self._rules.get(method)
         if self._audit is None or rule is None or not rule.mutates:
             return await run()
-        change = expect_change(_entry(access.principal, call.method, request, "OK", context))
+        change = expect_change(_entry(access.principal, method, request, "OK", context))
         response = None
         try:
             response = await run()
@@ -173,7 +161,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         except asyncio.CancelledError:
             outcome = grpc.StatusCode.CANCELLED.name
             if not change.close():
-                entry = _entry(access.principal, call.method, request, outcome, context)
+                entry = _entry(access.principal, method, request, outcome, context)
                 task = asyncio.create_task(self._audit.record(entry))
                 self._pending.add(task)
                 task.add_done_callback(self._pending.discard)
@@ -185,21 +173,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         finally:
             if outcome != grpc.StatusCode.CANCELLED.name and not change.close():
                 await self._audit.record(
-                    _entry(access.principal, call.method, request, outcome, context, response)
+                    _entry(access.principal, method, request, outcome, context, response)
                 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Call:
-    interceptor: AuthInterceptor
-    method: str
-    metadata: tuple[Any, ...]
-
-    async def enter(self, context: grpc.aio.ServicerContext, request: Message | None) -> Access:
-        access = await self.interceptor.admit(context, self.method, self.metadata, request)
-        # Each call runs in its own task (and context copy): no reset needed, no leak to others.
-        _access.set(access)
-        return access
 
 
 def _entry(
@@ -246,65 +221,36 @@ def resource_of(message: Any) -> str:
     return ""
 
 
-async def _result(value: Any) -> Any:
-    return await value if inspect.isawaitable(value) else value
-
-
-async def _items(value: Any) -> AsyncIterator[Any]:
-    if hasattr(value, "__aiter__"):
-        async for item in value:
-            yield item
-    elif inspect.isawaitable(value):
-        await value  # A handler that writes with context.write() and returns nothing.
-    else:
-        for item in value:
-            yield item
-
-
-def _wrap(handler: grpc.RpcMethodHandler, call: _Call) -> grpc.RpcMethodHandler:
-    interceptor = call.interceptor
-    serializers = {
-        "request_deserializer": handler.request_deserializer,
-        "response_serializer": handler.response_serializer,
-    }
-    if handler.unary_unary:
-        inner_uu = handler.unary_unary
-
-        async def unary_unary(request: Message, context: grpc.aio.ServicerContext) -> Any:
-            access = await call.enter(context, request)
-            return await interceptor.audited(
-                call, access, context, request, lambda: _result(inner_uu(request, context))
-            )
-
-        return grpc.unary_unary_rpc_method_handler(unary_unary, **serializers)
-    if handler.stream_unary:
-        inner_su = handler.stream_unary
-
-        async def stream_unary(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            access = await call.enter(context, None)
-            return await interceptor.audited(
-                call, access, context, None, lambda: _result(inner_su(requests, context))
-            )
-
-        return grpc.stream_unary_rpc_method_handler(stream_unary, **serializers)
-    # Streaming responses: reads only in our table, never audited as changes. A state-changing
-    # streaming RPC would need its outcome recorded after the stream ends.
-    if handler.unary_stream:
-        inner_us = handler.unary_stream
-
-        async def unary_stream(
-            request: Message, context: grpc.aio.ServicerContext
-        ) -> AsyncIterator[Any]:
-            await call.enter(context, request)
-            async for item in _items(inner_us(request, context)):
-                yield item
-
-        return grpc.unary_stream_rpc_method_handler(unary_stream, **serializers)
-    inner_ss = handler.stream_stream
-
-    async def stream_stream(requests: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        await call.enter(context, None)
-        async for item in _items(inner_ss(requests, context)):
-            yield item
-
-    return grpc.stream_stream_rpc_method_handler(stream_stream, **serializers)
+def build_admission(settings: Settings, audit: AuditLog | None) -> Admission:
+    """The admission of a service process from its settings; `audit` None: no audit."""
+    tokens = (
+        TokenVerifier.from_files(
+            issuer=settings.jwt_issuer,
+            audience=settings.jwt_audience,
+            key_files=settings.jwt_public_key_files,
+            leeway_s=settings.jwt_leeway_s,
+        )
+        if settings.jwt_public_key_files
+        else None
+    )
+    fallback = None
+    if settings.auth_policy_file is None:
+        if settings.insecure_dev:
+            # Development plaintext: the one local identity may do everything.
+            fallback = Policy(exact={settings.dev_identity: frozenset({Permission.ADMIN.value})})
+        else:
+            log.warning("no RAVEN_AUTH_POLICY_FILE: every RPC but health and reflection is denied")
+    return Admission(
+        authenticator=Authenticator(
+            tls=not settings.insecure_dev,
+            trusted_proxies=frozenset(settings.trusted_proxies),
+            tokens=tokens,
+            dev_identity=settings.dev_identity,
+        ),
+        policies=PolicyStore(
+            settings.auth_policy_file,
+            check_interval_s=settings.auth_policy_check_interval_s,
+            fallback=fallback,
+        ),
+        audit=audit,
+    )

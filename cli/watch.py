@@ -15,8 +15,8 @@ from rich.progress import (
     TimeElapsedColumn,
 )
 
-from services.cli.client import UNARY_TIMEOUT_S, Clients
-from services.cli.render import TERMINAL_STATES, event_text, map_value, state_text
+from cli.client import UNARY_TIMEOUT_S, Clients
+from cli.render import TERMINAL_STATES, event_text, map_value, state_text
 from shared.proto.raven.training.v1 import training_run_pb2
 
 # Codes after which the same stream, re-opened from the last sequence, can go on.

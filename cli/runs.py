@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-import uuid
 from enum import StrEnum
-from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from services.cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
-from services.cli.client import model_name as to_model_name
-from services.cli.client import run_name as to_run_name
-from services.cli.render import event_text, run_details, runs_table, state_text
-from services.cli.watch import watch_run
+from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from cli.render import event_text, run_details, runs_table, state_text
+from cli.requests import create_request
+from cli.requests import run_name as to_run_name
+from cli.watch import watch_run
 from shared.proto.raven.training.v1 import training_run_pb2
 
 app = typer.Typer(help="Training runs.", no_args_is_help=True)
@@ -32,61 +30,6 @@ class RunState(StrEnum):
     failed = "failed"
     cancelling = "cancelling"
     cancelled = "cancelled"
-
-
-def dataset_uri(value: str) -> str:
-    """A local file becomes a file:// URI; URIs and artifact-root paths pass unchanged."""
-    if "://" not in value and Path(value).is_file():
-        return Path(value).resolve().as_uri()
-    return value
-
-
-def image_root_uri(value: str) -> str:
-    """A local folder becomes a file:// URI; URIs and artifact-root paths pass unchanged."""
-    if value and "://" not in value and Path(value).is_dir():
-        return Path(value).resolve().as_uri()
-    return value
-
-
-def create_request(
-    *,
-    display_name: str,
-    dataset: str,
-    image_root: str | None = None,
-    base_model: str | None = None,
-    architecture: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    frozen_stages: int | None = None,
-    image_size: int | None = None,
-    val_fraction: float | None = None,
-    test_fraction: float | None = None,
-    seed: int | None = None,
-    request_id: str | None = None,
-) -> training_run_pb2.CreateTrainingRunRequest:
-    """Unset options stay unset, so the server fills in (and records) its defaults."""
-    spec = training_run_pb2.TrainingSpec(
-        dataset_uri=dataset_uri(dataset),
-        image_root=image_root_uri(image_root or ""),
-        architecture=architecture or "",
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        frozen_stages=frozen_stages,
-        image_size=image_size,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
-    )
-    run = training_run_pb2.TrainingRun(
-        display_name=display_name,
-        spec=spec,
-        base_model=to_model_name(base_model) if base_model else "",
-    )
-    return training_run_pb2.CreateTrainingRunRequest(
-        training_run=run, request_id=request_id or str(uuid.uuid4())
-    )
 
 
 def exit_for(run: training_run_pb2.TrainingRun) -> None:

@@ -1,10 +1,10 @@
-"""The `raven` command: `python -m services.cli.main --help`."""
+"""The `raven` command: `python -m cli.main --help`."""
 
 from __future__ import annotations
 
 import typer
 
-from services.cli import audit, demo, models, runs, stack
+from cli import audit, demo, models, runs, stack
 
 app = typer.Typer(
     name="raven",
