@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shared.fields import from_attributes
 from tests.support import eventually
 from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
@@ -89,13 +90,7 @@ async def train(
             seed=seed,
             deterministic=deterministic,
         ),
-        dataset=DatasetFiles(
-            train_path=dataset.train_path,
-            val_path=dataset.val_path,
-            classes=dataset.classes,
-            train_image_count=dataset.train_image_count,
-            test_path=dataset.test_path,
-        ),
+        dataset=from_attributes(DatasetFiles, dataset),
         work_dir=folder / "work",
         configs_root=mmdet_configs_root(),
         base=base,
