@@ -24,6 +24,6 @@ def model_values(model: TrainedModel) -> dict[str, Any]:
         model,
         skip=(*_UNSTORED, "id"),
         origin=model.origin.value,
-        # Its own column, so that lineage and history read it without the evaluation.
+        # A column of its own: models are ordered by it, and the lineage reads it.
         bbox_map=model.bbox_map,
     )

@@ -60,7 +60,7 @@ def run_values(run: TrainingRun) -> dict[str, Any]:
         # trained_model_id is joined from the registry's table.
         skip=(*_UNSTORED, "id", "failure", "trained_model_id"),
         state=run.state.value,
-        # Columns of their own, to filter and index on.
+        # Copies of the spec's, in columns of their own to filter on.
         architecture=run.architecture,
         dataset_uri=run.dataset_uri,
         failure_reason=run.failure.reason if run.failure else None,
