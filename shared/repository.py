@@ -13,7 +13,7 @@ from sqlalchemy import Table, delete, insert, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from shared.errors import AlreadyExists, Conflict
+from shared.errors import AlreadyExists, Conflict, NotFound
 
 
 class Aggregate(Protocol):
@@ -75,6 +75,9 @@ class TrackingRepository(Generic[A]):
 
     # What subclasses provide.
 
+    async def get(self, aggregate_id: uuid.UUID, *, for_update: bool = False) -> A | None:
+        raise NotImplementedError
+
     def _row(self, aggregate: A) -> dict[str, Any]:
         """Every column of the aggregate's row but `id`."""
         raise NotImplementedError
@@ -112,6 +115,13 @@ class TrackingRepository(Generic[A]):
         )
         if not result.rowcount:  # type: ignore[attr-defined]
             raise Conflict(f"{self.noun} {aggregate.id} was changed concurrently")
+
+    async def require(self, aggregate_id: uuid.UUID, *, for_update: bool = False) -> A:
+        """The aggregate of `aggregate_id` (`get`); NotFound when there is none."""
+        aggregate = await self.get(aggregate_id, for_update=for_update)
+        if aggregate is None:
+            raise NotFound(f"{self.noun} {aggregate_id} does not exist")
+        return aggregate
 
     # Tracking.
 

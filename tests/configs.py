@@ -1,5 +1,5 @@
-"""Training configs for tests: the dataset files a worker writes for a job, and the
-mmengine config a generated config's text loads as."""
+"""Training configs for tests: the tiny model they train, the dataset files a worker
+writes for a job, and the mmengine config a generated config's text loads as."""
 
 from __future__ import annotations
 
@@ -7,6 +7,16 @@ from pathlib import Path
 from typing import Any
 
 from trainer_worker.config import DatasetFiles
+
+# The model the integration tests train for real, on CPU in seconds: a TrainingPlan's or
+# a TrainingSpec's fields.
+TINY_TRAINING: dict[str, Any] = {
+    "architecture": "retinanet_r18_fpn",
+    "batch_size": 4,
+    "learning_rate": 0.01,
+    "frozen_stages": -1,
+    "image_size": 128,
+}
 
 
 def dataset_files(

@@ -72,28 +72,56 @@ def custom_hooks(plan: TrainingPlan) -> str:
     )
 
 
-def test_split(test_path: Path | None, num_workers: int, pin_memory: bool) -> str:
+def test_split(test_path: Path | None, plan: TrainingPlan) -> str:
     if test_path is None:
         # The base config's test set is COCO's; the model's exported config points at val.
         return "test_dataloader = val_dataloader\ntest_evaluator = val_evaluator\n"
-    return f"""\
-test_dataloader = dict(
-    batch_size=1,
-    num_workers={num_workers},
     # Read once: workers that outlive the pass would only hold memory.
-    persistent_workers=False,
-    pin_memory={pin_memory},
-    dataset=dict(
+    loader = dataloader("test", test_path, plan, batch_size=1, persistent=False)
+    return loader + evaluator("test", test_path)
+
+
+def dataloader(
+    split: str,
+    ann_file: Path,
+    plan: TrainingPlan,
+    *,
+    batch_size: int,
+    persistent: bool,
+    shuffle_seed: int | None = None,
+) -> str:
+    """The `<split>_dataloader` of the COCO file `ann_file`, with the plan's loader processes
+    and pinning: the train pipeline for "train" (shuffled in the order of `shuffle_seed`),
+    the test pipeline for the others."""
+    sampler = (
+        ""
+        if shuffle_seed is None
+        else "    # The shuffling order follows the run's seed (mmengine's default is a random one).\n"
+        f'    sampler=dict(type="DefaultSampler", shuffle=True, seed={shuffle_seed}),\n'
+    )
+    return f"""\
+{split}_dataloader = dict(
+    batch_size={batch_size},
+    num_workers={plan.num_workers},
+    persistent_workers={persistent},
+    pin_memory={plan.pin_memory},
+{sampler}    dataset=dict(
         data_root="",
-        ann_file={str(test_path)!r},
+        ann_file={str(ann_file)!r},
         data_prefix=dict(img=""),
         metainfo=metainfo,
-        pipeline=test_pipeline,
+        pipeline={"train" if split == "train" else "test"}_pipeline,
     ),
 )
-test_evaluator = dict(
+"""
+
+
+def evaluator(split: str, ann_file: Path) -> str:
+    """The `<split>_evaluator`: COCO box metrics of the COCO file `ann_file`, per class too."""
+    return f"""\
+{split}_evaluator = dict(
     type="CocoMetric",
-    ann_file={str(test_path)!r},
+    ann_file={str(ann_file)!r},
     metric="bbox",
     classwise=True,
     format_only=False,

@@ -69,6 +69,9 @@ _PROBLEMS = (
     "wrong_size",
 )
 
+# The finding of a header that cannot be read; any other error (an OSError): not_image.
+_UNREADABLE: dict[type[Exception], str] = {Truncated: "truncated", TooLarge: "too_large"}
+
 
 class ImageProblems(Exception):
     """What is wrong with a dataset's image files, one sentence per kind of problem."""
@@ -187,17 +190,8 @@ class _Checker:
                     found.empty.append(name)
                     continue
                 header = read_header(fd, info.st_size)
-            except NotAnImage:
-                found.not_image.append(name)
-                continue
-            except Truncated:
-                found.truncated.append(name)
-                continue
-            except TooLarge:
-                found.too_large.append(name)
-                continue
-            except OSError:
-                found.not_image.append(name)
+            except (NotAnImage, Truncated, TooLarge, OSError) as error:
+                getattr(found, _UNREADABLE.get(type(error), "not_image")).append(name)
                 continue
             finally:
                 os.close(fd)

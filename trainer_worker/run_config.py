@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from shared.fields import from_attributes
 from trainer_worker.architectures import UnknownArchitecture, mmdet_configs_root
 from trainer_worker.config import DatasetFiles, GeneratedConfig, generate_config
 from trainer_worker.dataset import PreparedDataset
@@ -55,13 +56,7 @@ def _generate(
             plan=dataclasses.replace(
                 plan, num_workers=loading.workers, pin_memory=loading.pin_memory
             ),
-            dataset=DatasetFiles(
-                train_path=prepared.train_path,
-                val_path=prepared.val_path,
-                classes=prepared.classes,
-                train_image_count=prepared.train_image_count,
-                test_path=prepared.test_path,
-            ),
+            dataset=from_attributes(DatasetFiles, prepared),
             work_dir=attempt.work_dir,
             configs_root=configs_root,
             base=checkpoints.base,

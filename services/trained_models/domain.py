@@ -97,11 +97,7 @@ class TrainedModel:
                 f"trained model {self.id} is published in channel {self.channel!r}; "
                 f"unpublish it before publishing it to {channel!r}"
             )
-        self.published = True
-        self.channel = channel
-        self.publish_time = now
-        self.published_by = actor
-        self._changed(now, ModelEvent.PUBLISHED)
+        self._place(channel, actor=actor, now=now)
         return True
 
     def unpublish(self, *, now: datetime) -> str:
@@ -109,12 +105,16 @@ class TrainedModel:
         if not self.published or self.channel is None:
             raise FailedPrecondition(f"trained model {self.id} is not published")
         channel = self.channel
-        self.published = False
-        self.channel = None
-        self.publish_time = None
-        self.published_by = None
-        self._changed(now, ModelEvent.UNPUBLISHED)
+        self._place(None, actor=None, now=now)
         return channel
+
+    def _place(self, channel: str | None, *, actor: str | None, now: datetime) -> None:
+        """Puts the model in `channel` (by `actor`, at `now`), or out of any with None."""
+        self.published = channel is not None
+        self.channel = channel
+        self.publish_time = now if channel is not None else None
+        self.published_by = actor
+        self._changed(now, ModelEvent.PUBLISHED if self.published else ModelEvent.UNPUBLISHED)
 
     def ensure_publishable(
         self, *, evaluation_split: str, evaluation_epoch: int | None, min_bbox_map: float | None

@@ -60,10 +60,7 @@ async def register_from_run(uow: UnitOfWork, run_id: uuid.UUID) -> bool:
 
 async def get_model(uow: UnitOfWork, model_id: uuid.UUID) -> TrainedModel:
     async with uow.reading():
-        model = await uow.models.get(model_id)
-    if model is None:
-        raise NotFound(f"trained model {model_id} does not exist")
-    return model
+        return await uow.models.require(model_id)
 
 
 async def list_models(
@@ -135,9 +132,7 @@ async def update_model(
     validate_edit(violations, "trained_model.", **changes)
     violations.raise_if_any()
     async with uow:
-        model = await uow.models.get(model_id, for_update=True)
-        if model is None:
-            raise NotFound(f"trained model {model_id} does not exist")
+        model = await uow.models.require(model_id, for_update=True)
         check_etag(model, edit.etag)
         model.edit(now=clock(), **changes)
         await uow.commit()
@@ -150,9 +145,7 @@ async def delete_model(
     """Deletes the row, then (after the commit) the files: a crash in between leaves
     files without a row, never a row pointing at missing files."""
     async with uow:
-        model = await uow.models.get(model_id, for_update=True)
-        if model is None:
-            raise NotFound(f"trained model {model_id} does not exist")
+        model = await uow.models.require(model_id, for_update=True)
         check_etag(model, etag)
         model.ensure_deletable()
         child = await uow.models.a_child(model_id)

@@ -8,6 +8,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.trained_models.domain import Lineage, LineageNode
+from shared.fields import from_attributes
 
 # Both directions of the lineage in one recursive statement.
 _LINEAGE = text(
@@ -56,15 +57,6 @@ class LineageRepository:
         ancestors: list[LineageNode] = []
         descendants: list[LineageNode] = []
         for row in rows:
-            node = LineageNode(
-                id=row.id,
-                display_name=row.display_name,
-                base_model_id=row.base_model_id,
-                training_run_id=row.training_run_id,
-                dataset_fingerprint=row.dataset_fingerprint,
-                bbox_map=row.bbox_map,
-                depth=row.depth,
-                creator=row.creator,
-            )
+            node = from_attributes(LineageNode, row)
             (ancestors if row.side == "ancestor" else descendants).append(node)
         return Lineage(ancestors=ancestors, descendants=descendants)

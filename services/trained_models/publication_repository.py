@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.trained_models.domain import PublicationAction, PublicationEvent
 from shared.db.schema import trained_model_publications, trained_models
+from shared.fields import field_values, from_attributes
 
 _t = trained_model_publications.c
 
@@ -21,16 +22,7 @@ class PublicationRepository:
     async def add(self, event: PublicationEvent) -> int:
         result = await self._session.execute(
             insert(trained_model_publications)
-            .values(
-                trained_model_id=event.trained_model_id,
-                action=event.action.value,
-                channel=event.channel,
-                actor=event.actor,
-                reason=event.reason,
-                time=event.time,
-                replaced_model_id=event.replaced_model_id,
-                bbox_map=event.bbox_map,
-            )
+            .values(field_values(event, skip=("id",), action=event.action.value))
             .returning(_t.id)
         )
         return int(result.scalar_one())
@@ -65,16 +57,6 @@ class PublicationRepository:
             .limit(limit)
         )
         return [
-            PublicationEvent(
-                id=row.id,
-                trained_model_id=row.trained_model_id,
-                action=PublicationAction(row.action),
-                channel=row.channel,
-                actor=row.actor,
-                reason=row.reason,
-                time=row.time,
-                replaced_model_id=row.replaced_model_id,
-                bbox_map=row.bbox_map,
-            )
+            from_attributes(PublicationEvent, row, action=PublicationAction(row.action))
             for row in (await self._session.execute(query)).all()
         ]

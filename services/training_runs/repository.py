@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
@@ -16,6 +16,7 @@ from services.training_runs import rows
 from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
 from shared.errors import AlreadyExists, Conflict
+from shared.fields import from_attributes
 from shared.pagination import Cursor
 from shared.repository import TrackingRepository, unique_violation
 
@@ -191,25 +192,15 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
     async def base_model(self, model_id: uuid.UUID, *, lock: bool = False) -> BaseModel | None:
         """The model a run fine-tunes. `lock` holds it (FOR SHARE) until the transaction
         ends, so that it cannot be deleted while a run that names it is being created."""
-        query = select(
-            trained_models.c.id,
-            trained_models.c.architecture,
-            trained_models.c.classes,
-            trained_models.c.artifacts,
-            trained_models.c.creator,
-        ).where(trained_models.c.id == model_id)
+        query = select(*(trained_models.c[f.name] for f in fields(BaseModel))).where(
+            trained_models.c.id == model_id
+        )
         if lock:
             query = query.with_for_update(read=True)
         row = (await self._session.execute(query)).first()
         if row is None:
             return None
-        return BaseModel(
-            id=row.id,
-            architecture=row.architecture,
-            classes=row.classes,
-            artifacts=row.artifacts,
-            creator=row.creator,
-        )
+        return from_attributes(BaseModel, row)
 
     async def mark_processed(self, consumer: str, message_id: str) -> bool:
         """Records that a consumer applied a message; False if it already had."""

@@ -1,5 +1,6 @@
 """The rows of a training run and its history, as domain objects and back: the one
-place that knows both the columns and the aggregate's fields."""
+place that knows both the columns and the aggregate's fields. Every field is the column
+of its name but those mapped here."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ from sqlalchemy import Row
 
 from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
 from services.training_runs.domain.events import payload_from_json
-from shared.json_shape import from_json_or_none, to_json_or_none
+from shared.fields import field_values, from_attributes
+from shared.json_shape import Payload, from_json_or_none, to_json_or_none
 from shared.payloads import (
     DatasetSummary,
     EpochMetrics,
@@ -20,6 +22,18 @@ from shared.payloads import (
     artifacts_to_json,
 )
 
+# The columns that hold a payload as its JSON, with the payload's class.
+_PAYLOADS: dict[str, type[Payload]] = {
+    "progress": Progress,
+    "latest_evaluation": Evaluation,
+    "best_evaluation": Evaluation,
+    "test_evaluation": Evaluation,
+    "dataset": DatasetSummary,
+    "facts": TrainingFacts,
+}
+# Fields without a column: the history entries since the run was loaded.
+_UNSTORED = ("new_events",)
+
 
 def to_run(row: Row[Any]) -> TrainingRun:
     m = row._mapping
@@ -28,72 +42,33 @@ def to_run(row: Row[Any]) -> TrainingRun:
         if m["failure_reason"]
         else None
     )
-    return TrainingRun(
-        id=m["id"],
-        display_name=m["display_name"],
-        labels=m["labels"],
+    return from_attributes(
+        TrainingRun,
+        row,
+        skip=_UNSTORED,
         state=RunState(m["state"]),
-        spec=m["spec"],
-        base_model_id=m["base_model_id"],
-        creator=m["creator"],
-        request_id=m["request_id"],
-        request_hash=m["request_hash"],
-        retry_of_id=m["retry_of_id"],
-        attempt=m["attempt"],
-        progress=from_json_or_none(Progress, m["progress"]),
-        latest_evaluation=from_json_or_none(Evaluation, m["latest_evaluation"]),
-        best_evaluation=from_json_or_none(Evaluation, m["best_evaluation"]),
-        test_evaluation=from_json_or_none(Evaluation, m["test_evaluation"]),
-        dataset=from_json_or_none(DatasetSummary, m["dataset"]),
         failure=failure,
         artifacts=artifacts_from_json(m["artifacts"]),
-        facts=from_json_or_none(TrainingFacts, m["facts"]),
         epoch_metrics=[EpochMetrics.from_json(e) for e in m["epoch_metrics"]],
-        worker_id=m["worker_id"],
-        heartbeat_time=m["heartbeat_time"],
-        start_time=m["start_time"],
-        end_time=m["end_time"],
-        last_sequence=m["last_sequence"],
-        version=m["version"],
-        create_time=m["create_time"],
-        update_time=m["update_time"],
-        trained_model_id=m["trained_model_id"],
+        **{name: from_json_or_none(cls, m[name]) for name, cls in _PAYLOADS.items()},
     )
 
 
 def run_values(run: TrainingRun) -> dict[str, Any]:
-    return {
-        "display_name": run.display_name,
-        "labels": run.labels,
-        "state": run.state.value,
-        "spec": run.spec,
-        "architecture": run.architecture,
-        "dataset_uri": run.dataset_uri,
-        "base_model_id": run.base_model_id,
-        "creator": run.creator,
-        "request_id": run.request_id,
-        "request_hash": run.request_hash,
-        "retry_of_id": run.retry_of_id,
-        "attempt": run.attempt,
-        "progress": to_json_or_none(run.progress),
-        "latest_evaluation": to_json_or_none(run.latest_evaluation),
-        "best_evaluation": to_json_or_none(run.best_evaluation),
-        "test_evaluation": to_json_or_none(run.test_evaluation),
-        "dataset": to_json_or_none(run.dataset),
-        "failure_reason": run.failure.reason if run.failure else None,
-        "failure_message": run.failure.message if run.failure else None,
-        "artifacts": artifacts_to_json(run.artifacts),
-        "facts": to_json_or_none(run.facts),
-        "epoch_metrics": [e.to_json() for e in run.epoch_metrics],
-        "worker_id": run.worker_id,
-        "heartbeat_time": run.heartbeat_time,
-        "start_time": run.start_time,
-        "end_time": run.end_time,
-        "last_sequence": run.last_sequence,
-        "version": run.version,
-        "create_time": run.create_time,
-        "update_time": run.update_time,
-    }
+    return field_values(
+        run,
+        # trained_model_id is joined from the registry's table.
+        skip=(*_UNSTORED, "id", "failure", "trained_model_id"),
+        state=run.state.value,
+        # Copies of the spec's, in columns of their own to filter on.
+        architecture=run.architecture,
+        dataset_uri=run.dataset_uri,
+        failure_reason=run.failure.reason if run.failure else None,
+        failure_message=run.failure.message if run.failure else None,
+        artifacts=artifacts_to_json(run.artifacts),
+        epoch_metrics=[e.to_json() for e in run.epoch_metrics],
+        **{name: to_json_or_none(getattr(run, name)) for name in _PAYLOADS},
+    )
 
 
 def event_rows(run: TrainingRun) -> list[dict[str, Any]]:

@@ -24,7 +24,6 @@ from nats.aio.subscription import Subscription
 from services.training_runs.domain import TERMINAL
 from services.training_runs.messages import event_to_proto
 from services.training_runs.unit_of_work import UnitOfWork
-from shared.errors import NotFound
 from shared.messaging import Subjects
 from shared.names import TRAINING_RUNS, parse_name
 from shared.proto.raven.training.v1.training_run_pb2 import TrainingRun, TrainingRunEvent
@@ -102,9 +101,7 @@ class EventHub:
         """Every event after `after_sequence`, in order, until the run has ended."""
         with self._subscribe(run_id) as watcher:
             async with uow_factory().reading() as uow:
-                run = await uow.runs.get(run_id)
-            if run is None:
-                raise NotFound(f"training run {run_id} does not exist")
+                run = await uow.runs.require(run_id)
             last = after_sequence
             async for replayed in self._replay(uow_factory, run_id, last):
                 yield replayed

@@ -5,33 +5,31 @@ read-only; the worker consumes real JetStream and trains with real mmdetection o
 
 from __future__ import annotations
 
-import asyncio
 import shutil
 import subprocess
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
-import nats
 import pytest
 from nats.js import JetStreamContext
 
 from shared.infra import Infrastructure
-from shared.messaging import Subjects, ensure_streams
+from shared.messaging import Subjects
 from tests.support import eventually
-from trainer_worker import storage_faults
-from trainer_worker.consumer import ConsumerOptions, JobConsumer
-from trainer_worker.job import WorkerEnvironment
-
-pytest.importorskip("mmdet")
-pytest.importorskip("PIL")
-from tests.e2e.test_worker_consumer import (
+from tests.worker_jobs import (
     events_until_terminal,
     job,
     kinds,
     queue_empty,
+    running_consumer,
     submit,
 )
+from trainer_worker import storage_faults
+from trainer_worker.job import WorkerEnvironment
+
+pytest.importorskip("mmdet")
+pytest.importorskip("PIL")
 from trainer_worker.synthetic import make_dataset
 
 pytestmark = pytest.mark.timeout(300)
@@ -80,29 +78,22 @@ def dataset_uri(tmp_path: Path) -> str:
 async def worker(
     infrastructure: Infrastructure, disk: Disk
 ) -> AsyncIterator[tuple[JetStreamContext, Subjects]]:
-    subjects = Subjects(namespace=f"disk{uuid.uuid4().hex[:10]}")
-    nc = await nats.connect(infrastructure.nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js, subjects)
-    consumer = JobConsumer(
-        claims=None,
-        js=js,
-        subjects=subjects,
+    async with running_consumer(
+        infrastructure.nats_url,
+        namespace="disk",
+        worker_id="disk-worker",
         environment=WorkerEnvironment(artifact_root=disk.path, device="cpu"),
-        options=ConsumerOptions(
-            worker_id="disk-worker", ack_wait_s=8, max_deliver=2, fetch_timeout_s=0.5
-        ),
-    )
-    shutdown = asyncio.Event()
-    task = asyncio.create_task(consumer.run(shutdown))
-    try:
-        yield js, subjects
-    finally:
-        shutdown.set()
-        await asyncio.wait_for(task, 60)
-        for stream in (subjects.jobs_stream, subjects.worker_events_stream, subjects.events_stream):
-            await js.delete_stream(stream)
-        await nc.close()
+    ) as running:
+        yield running
+
+
+async def assert_trains_the_next_job(
+    js: JetStreamContext, subjects: Subjects, dataset_uri: str
+) -> None:
+    good = await submit(js, subjects, job(uuid.uuid4().hex, dataset_uri))
+    succeeded = await events_until_terminal(js, subjects, good)
+    assert kinds(succeeded)[-1] == "succeeded", kinds(succeeded)
+    await eventually(lambda: queue_empty(js, subjects))
 
 
 def assert_actionable(message: str, disk: Disk) -> None:
@@ -126,10 +117,7 @@ async def test_a_read_only_artifact_root_fails_the_run_and_the_worker_trains_the
     assert_actionable(failed[-1].failed.message, disk)
 
     disk.remount("rw")
-    good = await submit(js, subjects, job(uuid.uuid4().hex, dataset_uri))
-    succeeded = await events_until_terminal(js, subjects, good)
-    assert kinds(succeeded)[-1] == "succeeded", kinds(succeeded)
-    await eventually(lambda: queue_empty(js, subjects))
+    await assert_trains_the_next_job(js, subjects, dataset_uri)
 
 
 async def test_a_disk_that_fills_during_training_fails_the_run_and_the_worker_trains_the_next(
@@ -149,10 +137,7 @@ async def test_a_disk_that_fills_during_training_fails_the_run_and_the_worker_tr
     assert_actionable(failed[-1].failed.message, disk)
 
     disk.remount("size=1g")
-    good = await submit(js, subjects, job(uuid.uuid4().hex, dataset_uri))
-    succeeded = await events_until_terminal(js, subjects, good)
-    assert kinds(succeeded)[-1] == "succeeded", kinds(succeeded)
-    await eventually(lambda: queue_empty(js, subjects))
+    await assert_trains_the_next_job(js, subjects, dataset_uri)
 
 
 def test_the_probe_tells_a_full_disk_from_a_read_only_one(disk: Disk) -> None:

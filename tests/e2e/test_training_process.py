@@ -15,6 +15,8 @@ from pathlib import Path
 import psutil
 import pytest
 
+from shared.fields import from_attributes
+from tests.configs import TINY_TRAINING
 from tests.support import eventually
 from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
@@ -79,23 +81,8 @@ async def train(
     deterministic: bool = False,
 ) -> tuple[TrainingOutcome, list[ChildEvent]]:
     generated = generate_config(
-        plan=TrainingPlan(
-            architecture="retinanet_r18_fpn",
-            epochs=epochs,
-            batch_size=4,
-            learning_rate=0.01,
-            frozen_stages=-1,
-            image_size=128,
-            seed=seed,
-            deterministic=deterministic,
-        ),
-        dataset=DatasetFiles(
-            train_path=dataset.train_path,
-            val_path=dataset.val_path,
-            classes=dataset.classes,
-            train_image_count=dataset.train_image_count,
-            test_path=dataset.test_path,
-        ),
+        plan=TrainingPlan(**TINY_TRAINING, epochs=epochs, seed=seed, deterministic=deterministic),
+        dataset=from_attributes(DatasetFiles, dataset),
         work_dir=folder / "work",
         configs_root=mmdet_configs_root(),
         base=base,

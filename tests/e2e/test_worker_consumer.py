@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import shutil
@@ -11,18 +10,23 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from urllib.parse import urlparse
 
-import nats
 import pytest
-from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from shared.infra import Infrastructure
-from shared.messaging import Subjects, ensure_streams
+from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from tests.images import write_image
 from tests.support import eventually
-from trainer_worker.claims import ClaimClient
-from trainer_worker.consumer import ConsumerOptions, JobConsumer
+from tests.worker_jobs import (
+    events_until_terminal,
+    job,
+    kinds,
+    queue_empty,
+    request_cancel,
+    running_consumer,
+    submit,
+)
 from trainer_worker.devices import GpuPool
 from trainer_worker.job import WorkerEnvironment
 
@@ -31,8 +35,6 @@ pytest.importorskip("PIL")
 from trainer_worker.synthetic import make_dataset
 
 pytestmark = pytest.mark.timeout(240)
-
-TERMINAL = {"succeeded", "failed", "cancelled"}
 
 
 @pytest.fixture
@@ -54,116 +56,21 @@ async def worker(
     claims: dict[str, worker_pb2.ClaimJobResponse] | None,
     gpus: tuple[str, ...],
 ) -> AsyncIterator[tuple[JetStreamContext, Subjects]]:
-    subjects = Subjects(namespace=f"worker{uuid.uuid4().hex[:10]}")
-    nc = await nats.connect(infrastructure.nats_url)
-    js = nc.jetstream()
-    await ensure_streams(js, subjects)
-
-    async def answer(msg: Msg) -> None:
-        request = worker_pb2.ClaimJobRequest.FromString(msg.data)
-        assert claims is not None
-        response = claims[request.training_run.removeprefix("trainingRuns/")]
-        await msg.respond(response.SerializeToString())
-
-    if claims is not None:
-        await nc.subscribe(subjects.claims, cb=answer)
-    consumer = JobConsumer(
-        claims=ClaimClient(nc=nc, subjects=subjects, timeout_s=2) if claims is not None else None,
-        js=js,
-        subjects=subjects,
-        environment=WorkerEnvironment(
-            artifact_root=tmp_path, device="auto" if gpus else "cpu", gpus=GpuPool(gpus)
-        ),
-        options=ConsumerOptions(
-            worker_id="test-worker", ack_wait_s=8, max_deliver=2, fetch_timeout_s=0.5
-        ),
+    environment = WorkerEnvironment(
+        artifact_root=tmp_path, device="auto" if gpus else "cpu", gpus=GpuPool(gpus)
     )
-    shutdown = asyncio.Event()
-    task = asyncio.create_task(consumer.run(shutdown))
-    try:
-        yield js, subjects
-    finally:
-        shutdown.set()
-        await asyncio.wait_for(task, 60)
-        for stream in (subjects.jobs_stream, subjects.worker_events_stream, subjects.events_stream):
-            await js.delete_stream(stream)
-        await nc.close()
-
-
-def job(run_id: str, dataset_uri: str, *, epochs: int = 1) -> worker_pb2.TrainingJob:
-    return worker_pb2.TrainingJob(
-        training_run=f"trainingRuns/{run_id}",
-        attempt=1,
-        spec=training_run_pb2.TrainingSpec(
-            dataset_uri=dataset_uri,
-            architecture="retinanet_r18_fpn",
-            epochs=epochs,
-            batch_size=4,
-            learning_rate=0.01,
-            frozen_stages=-1,
-            image_size=128,
-            val_fraction=0.25,
-            seed=3,
-            device=training_run_pb2.TrainingSpec.Device.CPU,
-        ),
-    )
-
-
-async def submit(
-    js: JetStreamContext, subjects: Subjects, training_job: worker_pb2.TrainingJob
-) -> str:
-    run_id = training_job.training_run.removeprefix("trainingRuns/")
-    await js.publish(subjects.job(run_id), training_job.SerializeToString())
-    return run_id
-
-
-async def events_until_terminal(
-    js: JetStreamContext,
-    subjects: Subjects,
-    run_id: str,
-    *,
-    timeout_s: float = 150,
-    stop_at: str | None = None,
-) -> list[worker_pb2.WorkerEvent]:
-    """Reads the run's WorkerEvents (a work queue: each is read once) up to the terminal
-    one, or up to the first `stop_at` event."""
-    subscription = await js.pull_subscribe(
-        subjects.worker_event(run_id), stream=subjects.worker_events_stream
-    )
-    seen: list[worker_pb2.WorkerEvent] = []
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    try:
-        while asyncio.get_running_loop().time() < deadline:
-            try:
-                messages = await subscription.fetch(20, timeout=1)
-            except TimeoutError:
-                continue
-            for message in messages:
-                await message.ack()
-                event = worker_pb2.WorkerEvent.FromString(message.data)
-                assert message.headers and message.headers["Nats-Msg-Id"] == event.event_id
-                seen.append(event)
-                if event.WhichOneof("payload") in TERMINAL | {stop_at}:
-                    return seen
-    finally:
-        # A work-queue stream allows one consumer per subject: make room for the next read.
-        info = await subscription.consumer_info()
-        await subscription.unsubscribe()
-        await js.delete_consumer(subjects.worker_events_stream, info.name)
-    raise AssertionError(f"no terminal event for {run_id}; saw {[kinds(seen)]}")
-
-
-async def queue_empty(js: JetStreamContext, subjects: Subjects) -> bool:
-    info = await js.stream_info(subjects.jobs_stream)
-    return info.state.messages == 0
+    async with running_consumer(
+        infrastructure.nats_url,
+        namespace="worker",
+        worker_id="test-worker",
+        environment=environment,
+        claims=claims,
+    ) as running:
+        yield running
 
 
 def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def kinds(events: list[worker_pb2.WorkerEvent]) -> list[str]:
-    return [e.WhichOneof("payload") or "" for e in events]
 
 
 async def test_a_bad_dataset_fails_and_the_worker_trains_the_next_job(
@@ -294,16 +201,7 @@ async def test_refused_datasets_fail_before_training_and_the_worker_serves_the_n
         "dataset_prepared",
         "running",
     ]
-    cancel = training_run_pb2.TrainingRunEvent(
-        training_run=f"trainingRuns/{good}",
-        sequence=5,
-        state_changed=training_run_pb2.TrainingRunEvent.StateChanged(
-            from_state=training_run_pb2.TrainingRun.State.RUNNING,
-            to_state=training_run_pb2.TrainingRun.State.CANCELLING,
-            reason="cancel_requested",
-        ),
-    )
-    await js.publish(subjects.run_state(good), cancel.SerializeToString())
+    await request_cancel(js, subjects, good)
     rest = await events_until_terminal(js, subjects, good, timeout_s=90)
     assert kinds(rest)[-1] == "cancelled"
     await eventually(lambda: queue_empty(js, subjects))
@@ -320,16 +218,7 @@ async def test_a_cancel_request_stops_the_running_job(
     first = await events_until_terminal(js, subjects, run_id, stop_at="progress")
     assert kinds(first)[-1] == "progress"
 
-    cancel = training_run_pb2.TrainingRunEvent(
-        training_run=f"trainingRuns/{run_id}",
-        sequence=5,
-        state_changed=training_run_pb2.TrainingRunEvent.StateChanged(
-            from_state=training_run_pb2.TrainingRun.State.RUNNING,
-            to_state=training_run_pb2.TrainingRun.State.CANCELLING,
-            reason="cancel_requested",
-        ),
-    )
-    await js.publish(subjects.run_state(run_id), cancel.SerializeToString())
+    await request_cancel(js, subjects, run_id)
 
     rest = await events_until_terminal(js, subjects, run_id, timeout_s=60)
     assert kinds(rest)[-1] == "cancelled"

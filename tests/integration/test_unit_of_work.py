@@ -179,6 +179,19 @@ async def test_a_duplicate_insert_is_already_exists_and_the_unit_of_work_goes_on
     assert count == 0
 
 
+def heartbeat_report(
+    run: TrainingRun, event_id: str, *, attempt: int, worker_id: str, time: datetime
+) -> handlers.WorkerReport:
+    return handlers.WorkerReport(
+        event_id=event_id,
+        run_id=run.id,
+        attempt=attempt,
+        worker_id=worker_id,
+        time=time,
+        payload=Heartbeat(),
+    )
+
+
 async def test_a_heartbeat_names_no_json_column(uow, engine):
     run = await stored(uow, new_run())
     claim = await handlers.claim_job(uow(), run.id, attempt=1, worker_id="w1", max_attempts=3)
@@ -200,14 +213,7 @@ async def test_a_heartbeat_names_no_json_column(uow, engine):
         )
     try:
         beat = datetime.now(UTC) + timedelta(seconds=5)
-        report = handlers.WorkerReport(
-            event_id="beat-1",
-            run_id=run.id,
-            attempt=1,
-            worker_id="w1",
-            time=beat,
-            payload=Heartbeat(),
-        )
+        report = heartbeat_report(run, "beat-1", attempt=1, worker_id="w1", time=beat)
         assert await handlers.apply_worker_report(uow(), report)
         heartbeat = await scalar(
             engine, "SELECT heartbeat_time FROM training_runs WHERE id = :id", id=run.id
@@ -215,14 +221,7 @@ async def test_a_heartbeat_names_no_json_column(uow, engine):
         assert heartbeat == beat
         assert await scalar(engine, "SELECT count(*) FROM json_writes") == 0
         # A stale attempt's heartbeat changes nothing.
-        stale = handlers.WorkerReport(
-            event_id="beat-2",
-            run_id=run.id,
-            attempt=2,
-            worker_id="w0",
-            time=beat,
-            payload=Heartbeat(),
-        )
+        stale = heartbeat_report(run, "beat-2", attempt=2, worker_id="w0", time=beat)
         assert not await handlers.apply_worker_report(uow(), stale)
     finally:
         async with engine.begin() as connection:

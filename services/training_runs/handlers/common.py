@@ -10,7 +10,7 @@ from datetime import UTC, datetime
 from services.training_runs.domain import TrainingRun
 from services.training_runs.messages import job_message
 from services.training_runs.unit_of_work import UnitOfWork
-from shared.errors import Conflict, NotFound, Violations
+from shared.errors import Conflict, Violations
 
 Clock = Callable[[], datetime]
 
@@ -20,10 +20,7 @@ def utcnow() -> datetime:
 
 
 async def locked(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
-    run = await uow.runs.get(run_id, for_update=True)
-    if run is None:
-        raise NotFound(f"training run {run_id} does not exist")
-    return run
+    return await uow.runs.require(run_id, for_update=True)
 
 
 def check_etag(run: TrainingRun, etag: str) -> None:

@@ -22,7 +22,7 @@ from services.training_runs.messages import job_message
 from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from shared import catalog
-from shared.errors import AlreadyExists, FailedPrecondition, NotFound, Violations
+from shared.errors import AlreadyExists, FailedPrecondition, Violations
 from shared.limits import label_problems
 from shared.pagination import Cursor
 from shared.storage import Storage, StorageError
@@ -32,10 +32,7 @@ log = structlog.get_logger(__name__)
 
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
     async with uow.reading():
-        run = await uow.runs.get(run_id)
-    if run is None:
-        raise NotFound(f"training run {run_id} does not exist")
-    return run
+        return await uow.runs.require(run_id)
 
 
 async def list_runs(
@@ -49,8 +46,7 @@ async def list_events(
     uow: UnitOfWork, run_id: uuid.UUID, *, after_sequence: int, limit: int
 ) -> Sequence[RunEvent]:
     async with uow.reading():
-        if await uow.runs.get(run_id) is None:
-            raise NotFound(f"training run {run_id} does not exist")
+        await uow.runs.require(run_id)
         return await uow.runs.events(run_id, after_sequence=after_sequence, limit=limit)
 
 
@@ -132,9 +128,7 @@ async def retry_run(
                 if existing.request_hash != request_hash:
                     raise AlreadyExists(f"request_id {request_id} was used for another request")
                 return existing
-        original = await uow.runs.get(run_id)
-        if original is None:
-            raise NotFound(f"training run {run_id} does not exist")
+        original = await uow.runs.require(run_id)
         base = None
         if original.base_model_id is not None:
             base = await uow.runs.base_model(original.base_model_id, lock=True)
