@@ -230,8 +230,11 @@ async def _lock_holder(engine) -> int | None:
     async with engine.connect() as connection:
         held = await connection.execute(
             text(
+                # Advisory locks belong to a database: other databases of the server
+                # (other test sessions) hold their own.
                 "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND granted"
                 " AND classid = 0 AND objid = :key"
+                " AND database = (SELECT oid FROM pg_database WHERE datname = current_database())"
             ),
             {"key": outbox.LEADER_LOCK},
         )
