@@ -13,7 +13,6 @@ import contextlib
 from collections.abc import AsyncIterator
 
 import structlog
-from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
@@ -21,24 +20,9 @@ from nats.js.api import DeliverPolicy
 from nats.js.errors import Error as JetStreamError
 
 from shared.messaging import Subjects
-from shared.proto.raven.training.v1 import training_run_pb2
-from trainer_worker.job import JobControl, StopReason
+from trainer_worker.job import JobControl, StopReason, is_cancel_request
 
 log = structlog.get_logger(__name__)
-
-State = training_run_pb2.TrainingRun.State
-_STOPPING = frozenset({State.CANCELLING, State.CANCELLED})
-
-
-def is_cancel_request(data: bytes) -> bool:
-    event = training_run_pb2.TrainingRunEvent()
-    try:
-        event.ParseFromString(data)
-    except DecodeError:
-        return False
-    return (
-        event.WhichOneof("payload") == "state_changed" and event.state_changed.to_state in _STOPPING
-    )
 
 
 @contextlib.asynccontextmanager

@@ -26,7 +26,6 @@ from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from trainer_worker.cancellation import cancel_watch
 from trainer_worker.claims import ClaimClient
-from trainer_worker.events import EventPublisher, JobIdentity
 from trainer_worker.job import (
     InvalidJob,
     JobControl,
@@ -37,6 +36,7 @@ from trainer_worker.job import (
     run_id_of,
 )
 from trainer_worker.pipeline import execute_job
+from trainer_worker.publisher import EventPublisher, JobIdentity
 
 log = structlog.get_logger(__name__)
 

@@ -9,12 +9,17 @@ import asyncio
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from shared.proto.raven.training.v1 import common_pb2, worker_pb2
+from google.protobuf.message import DecodeError
+
+from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.storage import Storage
 from trainer_worker import events
 from trainer_worker.devices import GpuPool
-from trainer_worker.events import EventPublisher
+
+if TYPE_CHECKING:
+    from trainer_worker.publisher import EventPublisher
 
 RUN_PREFIX = "trainingRuns/"
 
@@ -43,6 +48,23 @@ class JobOutcome(StrEnum):
 class StopReason(StrEnum):
     CANCEL = "cancel"
     SHUTDOWN = "shutdown"
+
+
+_STOPPING = frozenset(
+    {training_run_pb2.TrainingRun.CANCELLING, training_run_pb2.TrainingRun.CANCELLED}
+)
+
+
+def is_cancel_request(data: bytes) -> bool:
+    """Whether a message of the run's state subject (a TrainingRunEvent) asks the job to stop."""
+    event = training_run_pb2.TrainingRunEvent()
+    try:
+        event.ParseFromString(data)
+    except DecodeError:
+        return False
+    return (
+        event.WhichOneof("payload") == "state_changed" and event.state_changed.to_state in _STOPPING
+    )
 
 
 @dataclass(slots=True)

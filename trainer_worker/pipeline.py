@@ -18,7 +18,6 @@ from shared.proto.raven.training.v1 import worker_pb2
 from shared.storage import StorageError
 from trainer_worker import events, storage_faults
 from trainer_worker.dataset import DatasetError, PreparedDataset
-from trainer_worker.events import EventPublisher
 from trainer_worker.inputs import Checkpoints, prepare, verified_checkpoints
 from trainer_worker.job import (
     Attempt,
@@ -33,6 +32,7 @@ from trainer_worker.job import (
 )
 from trainer_worker.placement import Placement, device_env, place
 from trainer_worker.plan import ConfigError, TrainingPlan, plan_of
+from trainer_worker.publisher import EventPublisher
 from trainer_worker.relay import ChildEventRelay
 from trainer_worker.run_config import write_config
 from trainer_worker.training import (

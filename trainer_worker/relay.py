@@ -10,7 +10,6 @@ from shared.metrics import best_epoch
 from shared.proto.raven.training.v1 import worker_pb2
 from trainer_worker import events
 from trainer_worker.dataset import PreparedDataset
-from trainer_worker.events import EventPublisher
 from trainer_worker.job import WorkerEnvironment, attempt_key_prefix
 from trainer_worker.protocol import (
     CheckpointWritten,
@@ -20,6 +19,7 @@ from trainer_worker.protocol import (
     ProgressReported,
     TrainingStarted,
 )
+from trainer_worker.publisher import EventPublisher
 from trainer_worker.upload import stored_checkpoint
 
 

@@ -31,8 +31,8 @@ from tests.images import encoded, write_image
 from tests.s3 import S3Server
 from trainer_worker import remote
 from trainer_worker.dataset import DatasetError, prepare_dataset
-from trainer_worker.events import EventPublisher, JobIdentity
 from trainer_worker.pipeline import JobControl, JobOutcome, WorkerEnvironment, execute_job
+from trainer_worker.publisher import EventPublisher, JobIdentity
 
 pytestmark = pytest.mark.timeout(60)
 

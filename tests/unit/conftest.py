@@ -7,9 +7,8 @@ import pytest
 
 from tests.suites import fail_if_loaded
 
-# The libraries of the stack; tests/integration has them. nats is not listed yet: the
-# worker's job pipeline (trainer_worker.pipeline, .cancellation) imports its publisher.
-STACK_LIBRARIES = ("grpc", "sqlalchemy", "asyncpg")
+# The libraries of the stack; tests/integration has them.
+STACK_LIBRARIES = ("grpc", "nats", "sqlalchemy", "asyncpg")
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:

@@ -6,7 +6,7 @@ import pytest
 
 from shared.metrics import best_epoch
 from shared.proto.raven.training.v1 import training_run_pb2
-from trainer_worker.cancellation import is_cancel_request
+from trainer_worker.job import is_cancel_request
 from trainer_worker.protocol import (
     Evaluated,
     ProgressReported,
