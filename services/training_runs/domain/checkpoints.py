@@ -2,7 +2,7 @@
 
 The checkpoints are artifact entries of kind RESUME_CHECKPOINT, each with its epoch:
 only the newest epoch's and the best epoch's stay, as only their files stay on the
-worker's disk (trainer_worker.hooks.PruneCheckpointsHook).
+worker's disk (trainer_worker.checkpoint_hooks.PruneCheckpointsHook).
 """
 
 from __future__ import annotations
