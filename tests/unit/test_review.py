@@ -42,6 +42,10 @@ UNSEEN = "crane"
 SIZES = ((97, 61), (131, 77), (53, 149), (200, 33), (75, 75), (160, 121))
 
 
+def box(image_id: int, category_id: int, bbox: list[float], score: float) -> dict[str, Any]:
+    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
+
+
 def synthetic() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A ground truth of odd-sized images and detections that are partly right: shifted
     boxes, wrong classes, missed objects, duplicates and spurious boxes."""
@@ -91,6 +95,22 @@ def synthetic() -> tuple[dict[str, Any], list[dict[str, Any]]]:
                     "score": round(rng.uniform(0.05, 0.9), 3),
                 }
             )
+    # A crowded image: its 12 detections outnumber COCO's maxDets 10, not 100.
+    crowded = len(images) + 1
+    images.append({"id": crowded, "file_name": "crowded.png", "width": 251, "height": 203})
+    for n in range(12):
+        x, y = 5.0 + 20 * n, 7.0 + 10 * (n % 3)
+        annotations.append(
+            {
+                "id": len(annotations) + 1,
+                "image_id": crowded,
+                "category_id": 1,
+                "bbox": [x, y, 14.0, 12.0],
+                "area": 168.0,
+                "iscrowd": 0,
+            }
+        )
+        detections.append(box(crowded, 1, [x + n % 4, y, 14.0, 12.0], 0.3 + 0.05 * n))
     categories = [{"id": i + 1, "name": n} for i, n in enumerate((*CLASSES, UNSEEN))]
     ground_truth = {"images": images, "annotations": annotations, "categories": categories}
     return ground_truth, detections
@@ -122,7 +142,7 @@ def test_the_metrics_are_cocoevals_own() -> None:
         table = precision[:, :, k, 0, 2]
         assert metrics.per_class_ap[name] == pytest.approx(float(np.mean(table[table > -1])))
     assert metrics.per_class_ap[UNSEEN] is None
-    assert metrics.image_count == len(SIZES) * 3
+    assert metrics.image_count == len(SIZES) * 3 + 1
 
 
 def test_the_map_is_the_mean_of_the_classes_that_have_ground_truth() -> None:
@@ -149,6 +169,14 @@ def test_pr_curves_are_cocoevals_precision_at_101_recall_points() -> None:
     assert any(c.precision[-1] == 0 for c in at_50.values()), "recall not reached is 0"
 
 
+def test_a_dataset_without_areas_gets_them_from_its_boxes() -> None:
+    ground_truth, detections = synthetic()
+    without = copy.deepcopy(ground_truth)
+    for annotation in without["annotations"]:
+        del annotation["area"]
+    assert coco_metrics(without, detections) == coco_metrics(ground_truth, detections)
+
+
 def test_no_detections_score_zero_for_every_class_with_ground_truth() -> None:
     ground_truth, _ = synthetic()
     metrics = coco_metrics(ground_truth, [])
@@ -172,10 +200,6 @@ def test_a_detection_of_an_unknown_image_or_class_is_refused() -> None:
         )
 
 
-def box(image_id: int, category_id: int, bbox: list[float], score: float) -> dict[str, Any]:
-    return {"image_id": image_id, "category_id": category_id, "bbox": bbox, "score": score}
-
-
 def hand_built() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Classes A=1, B=2, C=3; every outcome's count is worked out in the tests."""
     truths = [
@@ -191,7 +215,7 @@ def hand_built() -> tuple[dict[str, Any], list[dict[str, Any]]]:
     detections = [
         box(1, 1, [0, 0, 10, 10], 0.9),  # TP A
         box(1, 1, [20, 0, 10, 10], 0.8),  # on B: confusion (B, A)
-        box(1, 1, [0, 0, 10, 10], 0.7),  # duplicate of the TP: FP A
+        box(1, 2, [0, 0, 10, 10], 0.7),  # on the A, after the 0.9 took it: FP B
         box(1, 2, [60, 0, 10, 10], 0.95),  # on nothing: FP B
         box(1, 1, [40, 0, 10, 10], 0.3),  # below the score threshold: the A is missed
         box(2, 2, [1, 0, 10, 10], 0.5),  # IoU 0.82 at exactly the threshold score: TP B
@@ -219,7 +243,7 @@ def test_the_confusion_matrix_has_every_outcome_in_its_cell() -> None:
         (1, 1, 0, 2),
         (2, 1, 0, 0),
         (0, 0, 0, 1),
-        (1, 1, 1, 0),
+        (0, 2, 1, 0),
     )
     assert confusion.cell("B", "A") == 2
     assert (confusion.score_threshold, confusion.iou_threshold) == (0.5, 0.5)
@@ -228,8 +252,8 @@ def test_the_confusion_matrix_has_every_outcome_in_its_cell() -> None:
 def test_tp_fp_fn_per_class_follow_from_the_matrix() -> None:
     matching = match_detections(*hand_built(), score_threshold=0.5, iou_threshold=0.5)
     assert [(c.class_name, c.tp, c.fp, c.fn) for c in matching.per_class] == [
-        ("A", 1, 3, 3),
-        ("B", 1, 2, 2),
+        ("A", 1, 2, 3),
+        ("B", 1, 3, 2),
         ("C", 0, 1, 1),
     ]
 
@@ -238,7 +262,27 @@ def test_the_thresholds_change_the_outcome() -> None:
     ground_truth, detections = hand_built()
     loose = match_detections(ground_truth, detections, score_threshold=0.2, iou_threshold=0.3)
     # The 0.3 detection now finds its A; the shifted C (IoU 1/3) is a true positive.
-    assert [(c.tp, c.fp, c.fn) for c in loose.per_class] == [(2, 3, 2), (1, 2, 2), (1, 0, 0)]
+    assert [(c.tp, c.fp, c.fn) for c in loose.per_class] == [(2, 2, 2), (1, 3, 2), (1, 0, 0)]
+
+
+def test_a_tie_in_iou_goes_to_the_lower_annotation_id_and_the_threshold_is_inclusive() -> None:
+    images = [{"id": 1, "file_name": "1.png", "width": 40, "height": 20}]
+    annotations = [
+        {"id": 2, "image_id": 1, "category_id": 2, "bbox": [10, 0, 10, 10]},
+        {"id": 1, "image_id": 1, "category_id": 1, "bbox": [0, 0, 10, 10]},
+        # A crowd takes no part, as in COCOeval: not a missed object.
+        {"id": 3, "image_id": 1, "category_id": 1, "bbox": [30, 0, 10, 10], "iscrowd": 1},
+    ]
+    categories = [{"id": 1, "name": "A"}, {"id": 2, "name": "B"}]
+    ground_truth = {"images": images, "annotations": annotations, "categories": categories}
+    # IoU 1/3 with either box.
+    detections = [box(1, 2, [5, 0, 10, 10], 0.9)]
+    matching = match_detections(ground_truth, detections, score_threshold=0.5, iou_threshold=0.3)
+    assert matching.confusion.counts == ((0, 1, 0), (0, 0, 1), (0, 0, 0))
+    # IoU exactly 0.5 matches at 0.5, as in COCOeval.
+    half = [box(1, 1, [0, 0, 10, 5], 0.9)]
+    matching = match_detections(ground_truth, half, score_threshold=0.5, iou_threshold=0.5)
+    assert matching.counts("A").tp == 1
 
 
 def test_per_image_errors_and_the_worst_and_best_images() -> None:
@@ -312,6 +356,11 @@ def test_a_sample_shows_true_and_predicted_boxes_in_their_colours() -> None:
         assert np.asarray(opened).var() > 0
         assert colour_pixels(png, TRUE_COLOUR) > 0
         assert colour_pixels(png, PREDICTED_COLOUR) > 0
+        rgb = opened.convert("RGB")
+        # The left edge of each box, below its label.
+        assert rgb.getpixel((round(10 * scale), round(32 * scale))) == TRUE_COLOUR
+        assert rgb.getpixel((round(50 * scale), round(12 * scale))) == PREDICTED_COLOUR
+        assert rgb.getpixel((round(10 * scale), round(32 * scale))) != PREDICTED_COLOUR
     bare = render_sample(
         image, truths=[], detections=predicted[1:], class_names=names, score_threshold=0.5
     )

@@ -10,7 +10,7 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont
 
 from trainer_worker.review.inputs import Detection
-from trainer_worker.review.results import PrCurve
+from trainer_worker.review.results import IOU_50, PrCurve
 
 TRUE_COLOUR = (0, 200, 0)
 PREDICTED_COLOUR = (255, 0, 255)
@@ -36,7 +36,8 @@ def render_sample(
         size = (max(1, round(canvas.width * scale)), max(1, round(canvas.height * scale)))
         canvas = canvas.resize(size, Image.Resampling.BILINEAR)
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default()
+    # Pillow's own font (FreeType when Pillow has it), readable at any image size.
+    font = ImageFont.load_default(size=max(10, round(min(canvas.size) / 24)))
     for truth in truths:
         label = class_names[truth["category_id"]]
         _box(draw, font, truth["bbox"], scale, TRUE_COLOUR, label, above=True)
@@ -64,8 +65,10 @@ def _box(
     draw.rectangle((x, y, max(x, x + w - 1), max(y, y + h - 1)), outline=colour, width=_LINE_WIDTH)
     left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
     text_h = bottom - top
-    # True labels sit above the box, predicted ones inside it, so the two rarely overlap.
-    origin = (x, y - text_h - 2 if above and y >= text_h + 2 else y + _LINE_WIDTH)
+    # True labels sit above the box's top, predicted ones inside its bottom, so a true
+    # and a predicted box of one object do not hide each other's label.
+    bottom_y = max(y, y + h - text_h - 2 - _LINE_WIDTH)
+    origin = (x, y - text_h - 2 if above and y >= text_h + 2 else (y if above else bottom_y))
     draw.rectangle(
         (origin[0], origin[1], origin[0] + right - left + 2, origin[1] + text_h + 2), fill=colour
     )
@@ -85,10 +88,15 @@ def render_pr_curves(
     figure = Figure(figsize=(width_px / dpi, height_px / dpi), dpi=dpi)
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
+    # One colour per class (matplotlib's cycle, C0 first), dashed when averaged over IoU.
+    colours: dict[str, str] = {}
     for curve in curves:
+        colour = colours.setdefault(curve.class_name, f"C{len(colours) % 10}")
         axes.plot(
             curve.recall,
             curve.precision,
+            color=colour,
+            linestyle="-" if curve.iou == IOU_50 else "--",
             label=f"{curve.class_name} IoU {curve.iou} AP {curve.ap:.3f}",
         )
     axes.set_xlim(0.0, 1.0)
