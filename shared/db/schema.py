@@ -85,6 +85,10 @@ training_runs = Table(
     _time("update_time"),
     _time("start_time", nullable=True),
     _time("end_time", nullable=True),
+    # "training", or "evaluation": the job of a model evaluation (model_evaluations),
+    # run through the same queue, claims and events.
+    Column("kind", Text, nullable=False, server_default="training"),
+    CheckConstraint("kind IN ('training', 'evaluation')", name="kind"),
     UniqueConstraint("creator", "request_id", name="uq_training_runs_creator_request_id"),
     Index("ix_training_runs_create_time_id", "create_time", "id"),
     Index("ix_training_runs_state_create_time_id", "state", "create_time", "id"),
@@ -171,6 +175,42 @@ trained_models = Table(
     ),
 )
 
+# What a model evaluation asked for and found. Its id is the id of the job that runs it
+# (a training_runs row of kind "evaluation"), which holds its state, attempts and events.
+model_evaluations = Table(
+    "model_evaluations",
+    metadata,
+    Column("id", Uuid, ForeignKey("training_runs.id", ondelete="CASCADE"), primary_key=True),
+    Column(
+        "trained_model_id",
+        Uuid,
+        ForeignKey("trained_models.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("dataset_uri", Text, nullable=False),
+    Column("image_root", Text, nullable=False, server_default=""),
+    # "all", "train", "val" or "test".
+    Column("split", Text, nullable=False),
+    # The run whose split was meant (its seed and fractions drew it).
+    Column("split_of_id", Uuid, nullable=True),
+    Column("score_threshold", Float, nullable=False),
+    Column("iou_threshold", Float, nullable=False),
+    Column("samples", Integer, nullable=False),
+    Column("creator", Text, nullable=False),
+    _time("create_time"),
+    # Set when the job succeeds.
+    Column("dataset_fingerprint", Text, nullable=True),
+    Column("images_fingerprint", Text, nullable=True),
+    Column("image_count", Integer, nullable=True),
+    # Proto JSON of Evaluation and of DetectionReview.
+    Column("evaluation", JSONB, nullable=True),
+    Column("review", JSONB, nullable=True),
+    Column("artifacts", JSONB, nullable=False, server_default=EMPTY_ARRAY),
+    CheckConstraint("split IN ('all', 'train', 'val', 'test')", name="split"),
+    Index("ix_model_evaluations_model_create_time", "trained_model_id", "create_time", "id"),
+    Index("ix_model_evaluations_images", "dataset_fingerprint", "split", "create_time", "id"),
+)
+
 # Every publication and unpublication, kept after the model is deleted: answers
 # "which model was published in this channel at time T".
 trained_model_publications = Table(
@@ -187,6 +227,9 @@ trained_model_publications = Table(
     # The model this publication took the channel from.
     Column("replaced_model_id", Uuid, nullable=True),
     Column("bbox_map", Float, nullable=True),
+    # Proto JSON of IncumbentComparison, when the publication was compared with the
+    # channel's model; names both evaluations.
+    Column("incumbent_comparison", JSONB, nullable=True),
     CheckConstraint("action IN ('published', 'unpublished')", name="action"),
     Index("ix_trained_model_publications_model", "trained_model_id", "id"),
     Index("ix_trained_model_publications_channel", "channel", "id"),
