@@ -35,7 +35,6 @@ from trainer_worker.plan import ConfigError, TrainingPlan, plan_of
 from trainer_worker.publisher import EventPublisher
 from trainer_worker.relay import ChildEventRelay
 from trainer_worker.run_config import write_config
-from trainer_worker.training_report import with_report
 from trainer_worker.training import (
     TrainingCancelled,
     TrainingFailed,
@@ -43,6 +42,7 @@ from trainer_worker.training import (
     TrainingSucceeded,
     run_training,
 )
+from trainer_worker.training_report import with_report
 from trainer_worker.upload import store_results, stored_log, upload_failure
 
 __all__ = ["JobControl", "JobOutcome", "ResumePoint", "WorkerEnvironment", "execute_job"]

@@ -91,7 +91,7 @@ async def with_report(
         )
     except OSError:
         raise
-    except Exception as error:  # noqa: BLE001 - the model does not depend on its report
+    except Exception as error:
         log.warning("training report not rendered", error=repr(error))
         await notice(
             "report_not_rendered",

@@ -190,7 +190,8 @@ async def test_a_test_split_is_evaluated_once_with_the_best_checkpoint(
         a for a in finished.artifacts if a.kind in report_kinds
     ]
     for artifact in (a for a in model.artifacts if a.kind in report_kinds):
-        content = Path(artifact.uri.removeprefix("file://")).read_bytes()
+        stored = Path(artifact.uri.removeprefix("file://"))
+        content = await asyncio.to_thread(stored.read_bytes)
         assert artifact.size_bytes == len(content)
         assert artifact.sha256 == hashlib.sha256(content).hexdigest()
     page = files["report"].read_text(encoding="utf-8")

@@ -104,8 +104,9 @@ def _plot(
     if marked_epoch is not None and drawn:
         axes.axvline(marked_epoch, color="0.4", linestyle=":", label=f"best epoch {marked_epoch}")
     if not drawn:
-        axes.text(0.5, 0.5, "no values reported", ha="center", va="center",
-                  transform=axes.transAxes)
+        axes.text(
+            0.5, 0.5, "no values reported", ha="center", va="center", transform=axes.transAxes
+        )
     axes.set_title(title)
     axes.set_xlabel("epoch")
     axes.set_ylabel(ylabel)

@@ -123,8 +123,7 @@ def _facts_table(report: TrainingReport) -> str:
         ("device", report.device or "-"),
         (
             "evaluated on",
-            f"{evaluation.split} split, {evaluation.image_count} images, "
-            f"epoch {evaluation.epoch}",
+            f"{evaluation.split} split, {evaluation.image_count} images, epoch {evaluation.epoch}",
         ),
         *((label, _number(evaluation.metrics.get(key))) for key, label in _SUMMARY_METRICS),
     ]
