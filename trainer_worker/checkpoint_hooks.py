@@ -15,6 +15,7 @@ from mmengine.hooks import Hook
 
 from shared.metrics import best_epoch
 from trainer_worker import detections
+from trainer_worker.distributed import is_rank_zero
 from trainer_worker.hooks import HISTORY_KEY, EventWriter, finite_floats
 from trainer_worker.protocol import CheckpointWritten, Evaluated, checkpoint_epochs
 
@@ -126,7 +127,10 @@ def evaluate_test_split(runner: Any, *, epoch: int, writer: EventWriter) -> bool
 
 def _keep_detections(work_dir: Path, split: str, epoch: int, *, keep: set[int]) -> None:
     """Names the evaluation's dump of `split` after `epoch` and drops other epochs' but
-    `keep`: a val dump is as large as the split times the detections per image."""
+    `keep`: a val dump is as large as the split times the detections per image. Rank 0
+    alone dumps (CocoMetric computes there), and alone renames: the ranks share a work dir."""
+    if not is_rank_zero():
+        return
     dumped = detections.dumped(work_dir, split)
     if dumped.is_file():
         dumped.replace(detections.of_epoch(work_dir, split, epoch))
