@@ -90,7 +90,7 @@ class PruneCheckpointsHook(Hook):  # type: ignore[misc]
         work_dir = Path(runner.work_dir)
         for stale in checkpoint_epochs(work_dir) - {best, epoch}:
             (work_dir / f"epoch_{stale}.pth").unlink(missing_ok=True)
-        _keep_detections(work_dir, "val", epoch, keep={best, epoch})
+        _keep_detections(work_dir, "val", epoch, keep={epoch, best if best is not None else epoch})
 
     def best(self, runner: Any) -> int | None:
         """The epoch whose checkpoint the run keeps: chosen among this attempt's validations
