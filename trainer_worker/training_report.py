@@ -174,8 +174,13 @@ def _samples(evaluated: _Evaluated) -> tuple[list[SamplePicture], str]:
     if evaluated.ground_truth is None or not evaluated.detections.is_file():
         return [], f"The {split} split's detections of the kept weights are not available."
     ground_truth = json.loads(evaluated.ground_truth.read_text())
-    found: list[Mapping[str, Any]] = json.loads(evaluated.detections.read_text())
-    check_detections(ground_truth, found)
+    try:
+        found: list[Mapping[str, Any]] = json.loads(evaluated.detections.read_text())
+        check_detections(ground_truth, found)
+    except ValueError as error:
+        # A dump cut short or of other images: the rest of the report still holds.
+        log.warning("detections not pictured", path=str(evaluated.detections), error=str(error))
+        return [], f"The {split} split's detections of the kept weights could not be read."
     matching = match_detections(
         ground_truth, found, score_threshold=SCORE_THRESHOLD, iou_threshold=IOU_THRESHOLD
     )

@@ -39,7 +39,13 @@ from trainer_worker.review.report import (
     TrainingReport,
     render_html,
 )
-from trainer_worker.training_report import PLOT_FILES, REPORT_FILE, SAMPLE_PX, write_report
+from trainer_worker.training_report import (
+    PLOT_FILES,
+    REPORT_FILE,
+    SAMPLE_PX,
+    with_report,
+    write_report,
+)
 
 # matplotlib's first three cycle colours: C0, C1, C2.
 CYCLE = ((0x1F, 0x77, 0xB4), (0xFF, 0x7F, 0x0E), (0x2C, 0xA0, 0x2C))
@@ -372,3 +378,85 @@ def test_without_the_kept_weights_detections_the_page_says_so(tmp_path: Path) ->
     text = " ".join(document.text)
     assert "test split's detections of the kept weights are not available" in text
     assert "test split, 4 images, epoch 2" in text
+
+
+def test_a_dump_that_cannot_be_read_leaves_the_rest_of_the_page(tmp_path: Path) -> None:
+    prepared, _ = prepared_split(tmp_path)
+    work_dir = tmp_path / "work"
+    dumped = detections.of_epoch(work_dir, "val", 2)
+    dumped.parent.mkdir(parents=True)
+    dumped.write_text('[{"image_id": 99, "category_id": 1, "bbox": [0, 0, 1, 1], "score": 1}]')
+    files = write_report(
+        outcome(),
+        prepared=prepared,
+        title="r",
+        architecture="a",
+        work_dir=work_dir,
+        artifact_dir=tmp_path / "model",
+    )
+    document = parsed(files[-1].path.read_text(encoding="utf-8"))
+    assert len(document.urls) == 3, "the plots"
+    assert "detections of the kept weights could not be read" in " ".join(document.text)
+
+
+async def test_a_report_that_cannot_be_rendered_leaves_the_model_whole(tmp_path: Path) -> None:
+    prepared, truth = prepared_split(tmp_path)
+    # A ground truth the pictures cannot be drawn from: no annotations.
+    prepared.val_path.write_text(json.dumps({**truth, "annotations": None}))
+    work_dir = tmp_path / "work"
+    dumped = detections.of_epoch(work_dir, "val", 2)
+    dumped.parent.mkdir(parents=True)
+    dumped.write_text("[]")
+    notices: list[tuple[str, str]] = []
+
+    async def notice(code: str, message: str) -> None:
+        notices.append((code, message))
+
+    before = outcome()
+    after = await with_report(
+        before,
+        prepared=prepared,
+        title="r",
+        architecture="a",
+        work_dir=work_dir,
+        artifact_dir=tmp_path / "model",
+        notice=notice,
+    )
+    assert after is before
+    assert [code for code, _ in notices] == ["report_not_rendered"]
+    assert str(tmp_path) not in notices[0][1]
+
+    # Rendered, the report's files join the model's.
+    prepared.val_path.write_text(json.dumps(truth))
+    rendered = await with_report(
+        before,
+        prepared=prepared,
+        title="r",
+        architecture="a",
+        work_dir=work_dir,
+        artifact_dir=tmp_path / "model",
+        notice=notice,
+    )
+    assert [a.kind for a in rendered.artifacts] == ["plot"] * 3 + ["report"]
+    assert len(notices) == 1
+
+
+async def test_a_report_that_cannot_be_written_is_a_storage_fault(tmp_path: Path) -> None:
+    prepared, _ = prepared_split(tmp_path)
+    # The model's folder is a file: writing under it fails as a full disk would.
+    blocked = tmp_path / "model"
+    blocked.write_text("")
+
+    async def notice(code: str, message: str) -> None:
+        raise AssertionError("a storage fault is no notice")
+
+    with pytest.raises(OSError):
+        await with_report(
+            outcome(),
+            prepared=prepared,
+            title="r",
+            architecture="a",
+            work_dir=tmp_path / "work",
+            artifact_dir=blocked,
+            notice=notice,
+        )
