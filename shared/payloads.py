@@ -25,11 +25,14 @@ class Artifact:
     sha256: str = ""
     # The epoch of a stored checkpoint; not part of the wire message.
     epoch: int | None = None
+    # Unique among one resource's artifacts where a kind has several files.
+    name: str = ""
 
     def to_json(self) -> Json:
         data = json_shape.drop_defaults(
             {
                 "kind": self.kind,
+                "name": self.name,
                 "uri": self.uri,
                 "size_bytes": json_shape.int64(self.size_bytes),
                 "sha256": self.sha256,
@@ -48,6 +51,7 @@ class Artifact:
             size_bytes=int(data.get("size_bytes", 0)),
             sha256=str(data.get("sha256", "")),
             epoch=int(epoch) if epoch is not None else None,
+            name=str(data.get("name", "")),
         )
 
 
