@@ -29,6 +29,7 @@ from shared.errors import FailedPrecondition, NotFound, Unavailable
 from shared.limits import quote
 from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
 
+
 async def artifacts_of(uow: UnitOfWork, parent: Parent) -> list[dict[str, Any]]:
     """The parent's recorded artifacts; NOT_FOUND when the parent does not exist."""
     async with uow.reading():

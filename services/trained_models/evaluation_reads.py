@@ -78,9 +78,7 @@ class EvaluationReads:
         self, model_id: uuid.UUID, evaluation_id: uuid.UUID
     ) -> list[dict[str, Any]] | None:
         """None when the model has no such evaluation."""
-        query = select(_e.artifacts).where(
-            _e.id == evaluation_id, _e.trained_model_id == model_id
-        )
+        query = select(_e.artifacts).where(_e.id == evaluation_id, _e.trained_model_id == model_id)
         found = (await self._session.execute(query)).first()
         return list(found.artifacts or []) if found else None
 

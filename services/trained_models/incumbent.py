@@ -124,9 +124,7 @@ def compare(
     measured = [(i, c) for i, c in pairs if rule.metric in i.values and rule.metric in c.values]
     if not measured:
         incumbent_eval, candidate_eval = pairs[0]
-        lacking = [
-            r.name for r in (candidate_eval, incumbent_eval) if rule.metric not in r.values
-        ]
+        lacking = [r.name for r in (candidate_eval, incumbent_eval) if rule.metric not in r.values]
         raise FailedPrecondition(
             f"{rule.metric} is not measured by {' and '.join(lacking)}: compare on another "
             "metric (incumbent_metric)"

@@ -279,16 +279,15 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         artifact_choice.validate_wanted(request.artifact)
         if parent.kind is artifact_choice.ParentKind.RUN:
             await require_visible(
-                context, TRAINING_RUNS, parent.id, lambda run_id: downloads.run_creator(
-                    self._uow(), run_id
-                )
+                context,
+                TRAINING_RUNS,
+                parent.id,
+                lambda run_id: downloads.run_creator(self._uow(), run_id),
             )
         else:
             assert parent.model_id is not None
             await self._require_visible(parent.model_id, context)
-        parts = downloads.download(
-            self._uow(), parent, request.artifact, storage=self._storage
-        )
+        parts = downloads.download(self._uow(), parent, request.artifact, storage=self._storage)
         async for part in parts:
             if isinstance(part, bytes):
                 yield pb.DownloadTrainedModelResponse(chunk=part)

@@ -158,7 +158,7 @@ def test_the_newest_evaluations_decide_not_an_old_flattering_one() -> None:
         record(CANDIDATE, VAL, 2, 0.50),  # an old, better result of the candidate
         record(CANDIDATE, VAL, 5, 0.20),  # its newest
     ]
-    with pytest.raises(FailedPrecondition, match="0.2000"):
+    with pytest.raises(FailedPrecondition, match=r"0\.2000"):
         incumbent.compare(CANDIDATE, INCUMBENT, records, RULE)
 
 

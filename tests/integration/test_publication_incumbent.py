@@ -1,0 +1,223 @@
+"""Publication against the channel's model (its incumbent), over real gRPC, Postgres and
+JetStream: what is missing, how far short a candidate falls, the server's policy, and
+the comparison recorded on the publication event."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from services.trained_models.main import TrainedModelsApp
+from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
+from shared.settings import Settings
+from tests import pki as test_pki
+from tests.evaluations import Fleet, Images, images
+from tests.support import violations
+
+pb = trained_model_pb2
+pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture
+async def fleet(
+    runs, models, js, subjects, settings: Settings, dataset_uri
+) -> AsyncIterator[Fleet]:
+    engine = create_async_engine(settings.database_url)
+    yield Fleet(runs, models, js, subjects, Path(settings.artifact_root), dataset_uri, engine)
+    await engine.dispose()
+
+
+def channel() -> str:
+    return f"gate-{uuid.uuid4().hex[:8]}"
+
+
+async def refused(call, code: grpc.StatusCode = grpc.StatusCode.FAILED_PRECONDITION) -> str:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    assert caught.value.code() == code, caught.value.details()
+    return caught.value.details() or ""
+
+
+async def published_events(models, model: pb.TrainedModel) -> list[pb.PublicationEvent]:
+    found = await models.ListPublicationEvents(
+        pb.ListPublicationEventsRequest(trained_model=model.name)
+    )
+    return [e for e in found.events if e.action == "published"]
+
+
+async def test_a_candidate_replaces_the_incumbent_only_when_not_worse_on_its_images(
+    models, fleet: Fleet
+):
+    where = channel()
+    incumbent, _ = await fleet.model(display_name="incumbent")
+    candidate, _ = await fleet.model(display_name="candidate")
+    first = await models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(
+            name=incumbent.name, channel=where, reason="first", beat_incumbent=True
+        )
+    )
+    assert first.publication.channel == where, "an empty channel publishes without comparison"
+    (event,) = await published_events(models, incumbent)
+    assert not event.HasField("incumbent_comparison")
+
+    publish = pb.PublishTrainedModelRequest(
+        name=candidate.name,
+        channel=where,
+        reason="better",
+        beat_incumbent=True,
+        incumbent_tolerance=0.02,
+    )
+    details = await refused(models.PublishTrainedModel(publish))
+    assert f"channel's model {incumbent.name} has no succeeded evaluation" in details
+
+    val = images("val")
+    benchmark = await fleet.evaluation(
+        incumbent, val, metrics={"coco/bbox_mAP": 0.40}, per_class_ap={"tire": 0.5}
+    )
+    details = await refused(models.PublishTrainedModel(publish))
+    assert f"{candidate.name} has no succeeded evaluation on the images" in details
+    assert benchmark in details and val.dataset_fingerprint in details
+
+    # The same dataset and split, other images; a better result of a job that failed.
+    other = images("val")
+    await fleet.evaluation(
+        candidate,
+        Images(val.dataset_fingerprint, "val", other.images_fingerprint),
+        metrics={"coco/bbox_mAP": 0.9},
+    )
+    await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.9}, state="FAILED")
+    details = await refused(models.PublishTrainedModel(publish))
+    assert "no succeeded evaluation on the images" in details
+
+    short = await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.35})
+    details = await refused(models.PublishTrainedModel(publish))
+    assert "0.3500" in details and "0.4000" in details and short in details
+    assert "0.0500 below" in details and "falls 0.0300 short" in details
+    assert str(fleet.root) not in details and "file:" not in details
+    still = await models.GetTrainedModel(pb.GetTrainedModelRequest(name=incumbent.name))
+    assert still.publication.published and still.publication.channel == where
+
+    # Another metric: the class AP the candidate never measured.
+    publish.incumbent_metric = "AP/tire"
+    details = await refused(models.PublishTrainedModel(publish))
+    assert "AP/tire is not measured by" in details and short in details
+
+    publish.incumbent_metric = ""
+    enough = await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.385})
+    published = await models.PublishTrainedModel(publish)
+    assert published.publication.published and published.publication.channel == where
+    replaced = await models.GetTrainedModel(pb.GetTrainedModelRequest(name=incumbent.name))
+    assert not replaced.publication.published
+
+    (event,) = await published_events(models, candidate)
+    assert event.replaced_model == incumbent.name
+    comparison = event.incumbent_comparison
+    assert comparison.candidate_evaluation == enough
+    assert comparison.incumbent_evaluation == benchmark
+    assert comparison.metric == "coco/bbox_mAP"
+    assert comparison.candidate_value == pytest.approx(0.385)
+    assert comparison.incumbent_value == pytest.approx(0.40)
+    assert comparison.tolerance == pytest.approx(0.02)
+
+
+async def test_without_beat_incumbent_the_default_policy_does_not_compare(models, fleet: Fleet):
+    where = channel()
+    incumbent, _ = await fleet.model()
+    candidate, _ = await fleet.model()
+    await models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=incumbent.name, channel=where)
+    )
+    await fleet.evaluation(incumbent, images(), metrics={"coco/bbox_mAP": 0.9})
+    published = await models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=candidate.name, channel=where)
+    )
+    assert published.publication.channel == where
+    (event,) = await published_events(models, candidate)
+    assert not event.HasField("incumbent_comparison")
+
+
+async def test_a_bad_metric_or_tolerance_is_an_invalid_argument_naming_the_field(
+    models, fleet: Fleet
+):
+    model, _ = await fleet.model()
+    for request, field in [
+        (
+            pb.PublishTrainedModelRequest(name=model.name, incumbent_metric="mAP"),
+            "incumbent_metric",
+        ),
+        (
+            pb.PublishTrainedModelRequest(name=model.name, incumbent_tolerance=1.5),
+            "incumbent_tolerance",
+        ),
+        (
+            pb.PublishTrainedModelRequest(name=model.name, incumbent_tolerance=-0.1),
+            "incumbent_tolerance",
+        ),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await models.PublishTrainedModel(request)
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in violations(caught.value)
+
+
+@pytest.fixture
+async def strict_models(
+    settings: Settings, pki: test_pki.Pki, trained_models
+) -> AsyncIterator[trained_model_pb2_grpc.TrainedModelServiceStub]:
+    """A second TrainedModelService on the same stack whose policy requires the
+    comparison, with a tolerance of 0.01."""
+    app = TrainedModelsApp(
+        settings.model_copy(
+            update={
+                "publish_require_incumbent": True,
+                "publish_incumbent_tolerance": 0.01,
+                "trained_models_addr": "127.0.0.1:0",
+            }
+        )
+    )
+    await app.start()
+    channel_ = pki.channel(app.port, test_pki.ADMIN)
+    try:
+        yield trained_model_pb2_grpc.TrainedModelServiceStub(channel_)
+    finally:
+        await channel_.close()
+        await app.stop(grace_s=1)
+
+
+async def test_the_server_policy_requires_the_comparison_and_caps_the_tolerance(
+    strict_models, fleet: Fleet
+):
+    where = channel()
+    incumbent, _ = await fleet.model()
+    candidate, _ = await fleet.model()
+    await strict_models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=incumbent.name, channel=where)
+    )
+    val = images()
+    await fleet.evaluation(incumbent, val, metrics={"coco/bbox_mAP": 0.50})
+    await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.48})
+
+    for request in [
+        pb.PublishTrainedModelRequest(name=candidate.name, channel=where),
+        # Neither waived nor loosened by the request.
+        pb.PublishTrainedModelRequest(name=candidate.name, channel=where, beat_incumbent=False),
+        pb.PublishTrainedModelRequest(
+            name=candidate.name, channel=where, beat_incumbent=True, incumbent_tolerance=0.05
+        ),
+    ]:
+        details = await refused(strict_models.PublishTrainedModel(request))
+        assert "the tolerance is 0.01" in details and "falls 0.0100 short" in details
+
+    better = await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.495})
+    published = await strict_models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=candidate.name, channel=where)
+    )
+    assert published.publication.channel == where
+    (event,) = await published_events(strict_models, candidate)
+    assert event.incumbent_comparison.candidate_evaluation == better
+    assert event.incumbent_comparison.tolerance == pytest.approx(0.01)
