@@ -74,6 +74,12 @@ class EvaluationReads:
             row.id: (row.display_name, row.creator) for row in await self._session.execute(query)
         }
 
+    async def published_in(self, channel: str) -> uuid.UUID | None:
+        """The model a channel serves now, read without a lock."""
+        m = trained_models.c
+        query = select(m.id).where(m.published.is_(True), m.channel == channel)
+        return (await self._session.execute(query)).scalar_one_or_none()
+
     async def artifacts_of_evaluation(
         self, model_id: uuid.UUID, evaluation_id: uuid.UUID
     ) -> list[dict[str, Any]] | None:

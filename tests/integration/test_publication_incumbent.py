@@ -4,6 +4,7 @@ the comparison recorded on the publication event."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -202,6 +203,9 @@ async def test_the_server_policy_requires_the_comparison_and_caps_the_tolerance(
     await fleet.evaluation(incumbent, val, metrics={"coco/bbox_mAP": 0.50})
     await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.48})
 
+    # Refused before its files are read: a missing checkpoint is not what it is told.
+    checkpoint = Path(next(a for a in candidate.artifacts if a.kind == "checkpoint").uri[7:])
+    moved = await asyncio.to_thread(checkpoint.rename, checkpoint.with_suffix(".away"))
     for request in [
         pb.PublishTrainedModelRequest(name=candidate.name, channel=where),
         # Neither waived nor loosened by the request.
@@ -212,6 +216,7 @@ async def test_the_server_policy_requires_the_comparison_and_caps_the_tolerance(
     ]:
         details = await refused(strict_models.PublishTrainedModel(request))
         assert "the tolerance is 0.01" in details and "falls 0.0100 short" in details
+    await asyncio.to_thread(moved.rename, checkpoint)
 
     better = await fleet.evaluation(candidate, val, metrics={"coco/bbox_mAP": 0.495})
     published = await strict_models.PublishTrainedModel(
