@@ -308,6 +308,8 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         model_id = None
         if request.trained_model != ALL_MODELS:
             model_id = await self._visible_id(request.trained_model, context, field="trained_model")
+            # An unknown model is NOT_FOUND, not a model without evaluations.
+            await handlers.get_model(self._uow(), model_id)
         split = request.split.strip()
         if split and split not in SPLITS:
             raise InvalidArgument(
