@@ -61,6 +61,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
         "dataset_uri": URI_MAX,
         "creator": IDENTITY_MAX,
         "order_by": 64,
+        "kinds": 4,
     },
     "CancelTrainingRunRequest": {"name": _NAME, "reason": REASON_MAX},
     "DeleteTrainingRunRequest": {"name": _NAME, "etag": ETAG_MAX},
@@ -110,6 +111,23 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
     "GetTrainedModelLineageRequest": {"name": _NAME},
     "DownloadTrainedModelRequest": {"name": _NAME, "artifact_kind": 32},
     "DeleteTrainedModelRequest": {"name": _NAME, "etag": ETAG_MAX},
+    "EvaluateTrainedModelRequest": {
+        "trained_model": _NAME,
+        "dataset_uri": URI_MAX,
+        "image_root": URI_MAX,
+        "split_of": _NAME,
+        "split": 16,
+        "request_id": REQUEST_ID_MAX,
+    },
+    "GetModelEvaluationRequest": {"name": _NAME},
+    "ListModelEvaluationsRequest": {
+        "trained_model": _NAME,
+        "dataset_fingerprint": 128,
+        "split": 16,
+        "states": 16,
+        "page_token": PAGE_TOKEN_MAX,
+    },
+    "CancelModelEvaluationRequest": {"name": _NAME, "reason": REASON_MAX},
     "ListAuditRecordsRequest": {
         "page_token": PAGE_TOKEN_MAX,
         "identity": IDENTITY_MAX,
@@ -146,6 +164,8 @@ _OUTPUT_ONLY: Mapping[str, frozenset[str]] = {
             "best_evaluation",
             "retry_of",
             "test_evaluation",
+            "kind",
+            "model_evaluation",
         }
     ),
     "TrainedModel": frozenset(
