@@ -2,9 +2,12 @@
 downloads.
 
 Models come from runs driven to SUCCEEDED by WorkerEvents, as a trainer worker sends
-them; their files are written under the session's artifact root. An evaluation's
-findings are recorded as an evaluation job that succeeded records them: a
-`training_runs` row of kind "evaluation" and its `model_evaluations` row.
+them; their files are written under the session's artifact root. Evaluations come
+through the public API the same way (`Fleet.evaluated`), or, where a test needs
+findings no worker would send together (other image sets of one dataset, a failed job
+with findings, exact creation times), recorded as a succeeded evaluation job records
+them (`Fleet.evaluation`): a `training_runs` row of kind "evaluation" and its
+`model_evaluations` row.
 """
 
 from __future__ import annotations
@@ -21,7 +24,12 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db.schema import model_evaluations, training_runs
 from shared.messaging import Subjects
-from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, worker_pb2
+from shared.proto.raven.training.v1 import (
+    common_pb2,
+    trained_model_pb2,
+    training_run_pb2,
+    worker_pb2,
+)
 from shared.proto_json import to_dict
 from tests.support import WorkerDriver, create_request, eventually
 
@@ -119,6 +127,56 @@ class Fleet:
             pb.ListTrainedModelsRequest(training_run=run_name)
         )
         return found.trained_models[0] if found.trained_models else None
+
+    async def evaluated(
+        self,
+        model: pb.TrainedModel,
+        on: Images,
+        *,
+        metrics: Mapping[str, float],
+        artifacts: Sequence[common_pb2.Artifact] = (),
+    ) -> pb.ModelEvaluation:
+        """An evaluation through the public API (EvaluateTrainedModel on the whole
+        dataset: `on.split` is "all"), its job driven to SUCCEEDED by WorkerEvents as a
+        worker sends them, its findings those of `on`."""
+        assert on.split == "all"
+        started = await self.models.EvaluateTrainedModel(
+            pb.EvaluateTrainedModelRequest(
+                trained_model=model.name,
+                dataset_uri=self.dataset_uri,
+                request_id=str(uuid.uuid4()),
+            )
+        )
+        job = await self.runs.GetTrainingRun(
+            training_run_pb2.GetTrainingRunRequest(name=started.job)
+        )
+        worker = WorkerDriver(self.js, self.subjects, job)
+        await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+        await worker.send(
+            dataset_prepared=common_pb2.DatasetSummary(
+                fingerprint=on.dataset_fingerprint, image_count=6, classes=["dump", "tire"]
+            )
+        )
+        await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+        await worker.send(
+            succeeded=worker_pb2.WorkerEvent.Succeeded(
+                artifacts=list(artifacts),
+                evaluation=common_pb2.Evaluation(split="all", metrics=dict(metrics), image_count=6),
+                review=common_pb2.DetectionReview(
+                    score_threshold=0.5,
+                    iou_threshold=0.5,
+                    images_fingerprint=on.images_fingerprint,
+                ),
+            )
+        )
+
+        async def done() -> pb.ModelEvaluation | None:
+            found = await self.models.GetModelEvaluation(
+                pb.GetModelEvaluationRequest(name=started.name)
+            )
+            return found if found.state == training_run_pb2.TrainingRun.SUCCEEDED else None
+
+        return await eventually(done, timeout=15)
 
     async def evaluation(
         self,

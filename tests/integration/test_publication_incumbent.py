@@ -17,11 +17,12 @@ from services.trained_models.main import TrainedModelsApp
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
 from shared.settings import Settings
 from tests import pki as test_pki
-from tests.evaluations import Fleet, Images, images
+from tests.evaluations import Fleet, Images, artifact, images
 from tests.support import violations
 
 pb = trained_model_pb2
 pytestmark = pytest.mark.timeout(120)
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 8
 
 
 @pytest.fixture
@@ -226,3 +227,56 @@ async def test_the_server_policy_requires_the_comparison_and_caps_the_tolerance(
     (event,) = await published_events(strict_models, candidate)
     assert event.incumbent_comparison.candidate_evaluation == better
     assert event.incumbent_comparison.tolerance == pytest.approx(0.01)
+
+
+async def test_evaluations_made_through_the_api_compare_gate_and_download(models, fleet: Fleet):
+    """The whole flow on the public API: EvaluateTrainedModel, the jobs driven by a
+    worker's events, then CompareTrainedModels, the gate and DownloadArtifact."""
+    where = channel()
+    incumbent, _ = await fleet.model(display_name="incumbent")
+    candidate, _ = await fleet.model(display_name="candidate")
+    await models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=incumbent.name, channel=where)
+    )
+    on = images("all")
+    sample = artifact(
+        fleet.root,
+        f"evaluations/{uuid.uuid4()}/worst-1.png",
+        PNG,
+        kind="sample",
+        name="worst-1.png",
+    )
+    benchmark = await fleet.evaluated(incumbent, on, metrics={"coco/bbox_mAP": 0.40})
+    weak = await fleet.evaluated(candidate, on, metrics={"coco/bbox_mAP": 0.30}, artifacts=[sample])
+    assert weak.dataset_fingerprint == on.dataset_fingerprint
+    assert weak.review.images_fingerprint == on.images_fingerprint
+
+    compared = await models.CompareTrainedModels(
+        pb.CompareTrainedModelsRequest(trained_models=[candidate.name, incumbent.name])
+    )
+    assert [(r.evaluation, r.values["coco/bbox_mAP"]) for r in compared.rows] == [
+        (weak.name, pytest.approx(0.30)),
+        (benchmark.name, pytest.approx(0.40)),
+    ]
+    assert (compared.split, compared.images_fingerprint) == ("all", on.images_fingerprint)
+
+    publish = pb.PublishTrainedModelRequest(name=candidate.name, channel=where, beat_incumbent=True)
+    details = await refused(models.PublishTrainedModel(publish))
+    assert weak.name in details and benchmark.name in details and "falls 0.1000 short" in details
+
+    header = None
+    data = b""
+    async for part in models.DownloadArtifact(
+        pb.DownloadArtifactRequest(parent=weak.name, artifact="worst-1.png")
+    ):
+        if part.WhichOneof("part") == "artifact":
+            header = part.artifact
+        else:
+            data += part.chunk
+    assert header is not None and header.sha256 == sample.sha256 and data == PNG
+
+    strong = await fleet.evaluated(candidate, on, metrics={"coco/bbox_mAP": 0.41})
+    await models.PublishTrainedModel(publish)
+    (event,) = await published_events(models, candidate)
+    assert event.incumbent_comparison.candidate_evaluation == strong.name
+    assert event.incumbent_comparison.incumbent_evaluation == benchmark.name
