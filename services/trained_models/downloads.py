@@ -27,7 +27,7 @@ from services.trained_models.evaluation_reads import EvaluationReads
 from services.trained_models.unit_of_work import UnitOfWork
 from shared.errors import FailedPrecondition, NotFound, Unavailable
 from shared.limits import quote
-from shared.storage import Storage, StorageError, UnsupportedUri, sha256_of
+from shared.storage import ObjectNotFound, Storage, StorageError, UnsupportedUri, sha256_of
 
 
 async def artifacts_of(uow: UnitOfWork, parent: Parent) -> list[dict[str, Any]]:
@@ -68,15 +68,17 @@ async def verified(artifact: Mapping[str, Any], storage: Storage, what: str) -> 
         stored = await asyncio.to_thread(sha256_of, store, uri)
     except UnsupportedUri:
         raise FailedPrecondition(f"{what} is not in the artifact store") from None
-    except StorageError as error:
-        raise Unavailable(f"{what} cannot be read now: {_reason(error)}") from None
+    except ObjectNotFound:
+        raise FailedPrecondition(f"{what} is missing from the artifact store") from None
+    except StorageError:
+        raise Unavailable(_unreadable(what)) from None
     if stored.sha256 != str(artifact.get("sha256", "")).lower():
         raise FailedPrecondition(f"{what} no longer has its recorded sha256")
 
 
-def _reason(error: StorageError) -> str:
-    """The storage error without the object's location."""
-    return type(error).__name__
+def _unreadable(what: str) -> str:
+    # Storage errors name the object's location, which callers are not told.
+    return f"{what} cannot be read from the artifact store now; retry"
 
 
 async def download(
@@ -94,7 +96,9 @@ async def download(
         async for chunk in files.read_chunks(storage, str(artifact["uri"]), offset_limit=size):
             digest.update(chunk)
             yield chunk
-    except StorageError as error:
-        raise Unavailable(f"{what} cannot be read now: {_reason(error)}") from None
+    except ObjectNotFound:
+        raise FailedPrecondition(f"{what} was removed while it was sent") from None
+    except StorageError:
+        raise Unavailable(_unreadable(what)) from None
     if digest.hexdigest() != str(artifact.get("sha256", "")).lower():
         raise FailedPrecondition(f"{what} changed while it was sent")
