@@ -14,7 +14,8 @@ from sqlalchemy.ext.asyncio import create_async_engine
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
 from shared.settings import Settings
 from tests import pki as test_pki
-from tests.evaluations import Fleet, Images, images
+from tests.cli import raven
+from tests.evaluations import Fleet, Images, artifact, images
 from tests.support import violations
 
 pb = trained_model_pb2
@@ -169,3 +170,67 @@ async def test_a_caller_limited_to_its_own_models_finds_anothers_missing(fleet: 
     error = await failure(own_reader.CompareTrainedModels(compare(a.name, b.name)))
     assert error.code() == grpc.StatusCode.NOT_FOUND
     assert "does not exist" in (error.details() or "")
+
+
+async def test_the_cli_compares_and_downloads_what_the_api_serves(
+    pki, training_runs, trained_models, fleet: Fleet, tmp_path
+):
+    """`raven models compare` and `raven models download` against these servers."""
+    a, _ = await fleet.model(display_name="cli a")
+    b, _ = await fleet.model(display_name="cli b")
+    test = images("test")
+    sample = artifact(
+        fleet.root,
+        f"evaluations/{uuid.uuid4()}/worst-1.png",
+        b"\x89PNG" * 300,
+        kind="sample",
+        name="worst-1.png",
+    )
+    evaluation = await fleet.evaluation(
+        a, test, metrics={"coco/bbox_mAP": 0.3125}, artifacts=[sample]
+    )
+    await fleet.evaluation(b, test, metrics={"coco/bbox_mAP": 0.1875})
+
+    compared = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "compare",
+        a.name,
+        b.name,
+        "--dataset",
+        test.dataset_fingerprint,
+        "--split",
+        "test",
+    )
+    assert compared.exit_code == 0, compared.output
+    assert "0.312" in compared.output and "0.188" in compared.output
+    assert "cli a" in compared.output and "6 images" in compared.output
+
+    fetched = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "download",
+        evaluation,
+        "worst-1.png",
+        "--out",
+        str(tmp_path),
+    )
+    assert fetched.exit_code == 0, fetched.output
+    assert (tmp_path / "worst-1.png").read_bytes() == b"\x89PNG" * 300
+
+    missing = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "download",
+        evaluation,
+        "plot",
+        "--out",
+        str(tmp_path),
+    )
+    assert missing.exit_code != 0 and "plot" in missing.output
