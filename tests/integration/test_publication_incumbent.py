@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from services.trained_models.main import TrainedModelsApp
@@ -18,7 +19,7 @@ from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_
 from shared.settings import Settings
 from tests import pki as test_pki
 from tests.evaluations import Fleet, Images, artifact, images
-from tests.support import violations
+from tests.support import eventually, violations
 
 pb = trained_model_pb2
 pytestmark = pytest.mark.timeout(120)
@@ -280,3 +281,61 @@ async def test_evaluations_made_through_the_api_compare_gate_and_download(models
     (event,) = await published_events(models, candidate)
     assert event.incumbent_comparison.candidate_evaluation == strong.name
     assert event.incumbent_comparison.incumbent_evaluation == benchmark.name
+
+
+async def test_a_candidate_waiting_for_the_channel_is_compared_with_the_model_it_replaces(
+    models, fleet: Fleet
+):
+    """x and y both beat the incumbent when they ask; x takes the channel first, so y,
+    waiting on the channel's lock meanwhile, is compared with x (and falls short), not
+    with the incumbent it was checked against a moment before."""
+    where = channel()
+    incumbent, _ = await fleet.model()
+    x, _ = await fleet.model()
+    y, _ = await fleet.model()
+    on = images()
+    benchmark = await fleet.evaluation(incumbent, on, metrics={"coco/bbox_mAP": 0.30})
+    x_eval = await fleet.evaluation(x, on, metrics={"coco/bbox_mAP": 0.50})
+    await fleet.evaluation(y, on, metrics={"coco/bbox_mAP": 0.40})
+    await models.PublishTrainedModel(
+        pb.PublishTrainedModelRequest(name=incumbent.name, channel=where)
+    )
+
+    def publish(model: pb.TrainedModel) -> asyncio.Task[pb.TrainedModel]:
+        request = pb.PublishTrainedModelRequest(name=model.name, channel=where, beat_incumbent=True)
+        return asyncio.ensure_future(models.PublishTrainedModel(request))
+
+    async def waiting() -> int:
+        async with fleet.engine.connect() as connection:
+            found = await connection.execute(
+                text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE '%pg_advisory_xact_lock%'"
+                )
+            )
+            return int(found.scalar_one())
+
+    async with fleet.engine.begin() as holder:
+        # Holds the channel as a publication does (services/trained_models/repository.py).
+        await holder.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"),
+            {"key": "channel:" + where},
+        )
+        first = publish(x)
+        await eventually(lambda: _at_least(waiting, 1))
+        second = publish(y)
+        await eventually(lambda: _at_least(waiting, 2))
+    assert (await first).publication.channel == where
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await second
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert x_eval in (caught.value.details() or "") and benchmark not in (
+        caught.value.details() or ""
+    )
+    (event,) = await published_events(models, x)
+    assert event.incumbent_comparison.incumbent_evaluation == benchmark
+    assert event.replaced_model == incumbent.name
+
+
+async def _at_least(probe, count: int) -> bool:
+    return await probe() >= count
