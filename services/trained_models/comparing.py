@@ -16,7 +16,8 @@ from shared.names import TRAINED_MODELS
 
 MIN_MODELS = 2
 MAX_MODELS = 20
-MAX_FINGERPRINT = 256
+# As the request guard bounds it (shared/limits.py).
+MAX_FINGERPRINT = 128
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
