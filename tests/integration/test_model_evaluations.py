@@ -30,6 +30,8 @@ from shared.proto.raven.training.v1 import (
     worker_pb2,
 )
 from shared.settings import Settings
+from tests import pki as test_pki
+from tests.pki import sa
 from tests.support import WorkerDriver, create_request, eventually, violations
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -55,6 +57,7 @@ class Lab:
     def __init__(self, runs, models, js, subjects: Subjects, settings: Settings, dataset_uri):
         self.runs, self.models, self.js, self.subjects = runs, models, js, subjects
         self.root = Path(settings.artifact_root)
+        self.settings = settings
         self.dataset_uri = dataset_uri
 
     async def trained_run(self, *, test_images: int = 2, **spec: object) -> TrainingRun:
@@ -606,3 +609,85 @@ async def test_list_refuses_a_bad_filter_and_a_token_of_another_query(lab, model
         lab.models.ListModelEvaluations, pb.ListModelEvaluationsRequest(trained_model=missing)
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Callers that may read only their own models.
+
+OWN = sa("evaluations-own")
+
+
+async def test_a_caller_limited_to_its_own_models_sees_their_evaluations_only(
+    lab, model, pki, training_runs, trained_models
+):
+    theirs = await lab.evaluate(model)
+    their_run = await lab.job_of(theirs)
+    pki.write_policy(
+        [
+            *test_pki.BASE_GRANTS,
+            (
+                OWN,
+                [
+                    "training_runs.read.own",
+                    "training_runs.create",
+                    "trained_models.read.own",
+                    "trained_models.evaluate",
+                ],
+            ),
+        ]
+    )
+    try:
+        async with (
+            pki.channel(training_runs.port, OWN) as runs_channel,
+            pki.channel(trained_models.port, OWN) as models_channel,
+        ):
+            mine = Lab(
+                training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),
+                trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),
+                lab.js,
+                lab.subjects,
+                lab.settings,
+                lab.dataset_uri,
+            )
+            own_model = await mine.model()
+            own_evaluation = await mine.evaluate(own_model)
+            assert own_evaluation.creator == OWN
+
+            refusals = [
+                (
+                    mine.models.EvaluateTrainedModel,
+                    pb.EvaluateTrainedModelRequest(
+                        trained_model=model.name, dataset_uri=lab.dataset_uri
+                    ),
+                ),
+                (
+                    mine.models.EvaluateTrainedModel,
+                    pb.EvaluateTrainedModelRequest(
+                        trained_model=own_model.name, split_of=model.training_run
+                    ),
+                ),
+                (mine.models.GetModelEvaluation, pb.GetModelEvaluationRequest(name=theirs.name)),
+                (
+                    mine.models.CancelModelEvaluation,
+                    pb.CancelModelEvaluationRequest(name=theirs.name),
+                ),
+                (
+                    mine.models.ListModelEvaluations,
+                    pb.ListModelEvaluationsRequest(trained_model=model.name),
+                ),
+                (
+                    mine.runs.GetTrainingRun,
+                    training_run_pb2.GetTrainingRunRequest(name=their_run.name),
+                ),
+            ]
+            for call, request in refusals:
+                error = await _refused(call, request)
+                assert error.code() == grpc.StatusCode.NOT_FOUND, (request, error.details())
+
+            listed = await mine.models.ListModelEvaluations(
+                pb.ListModelEvaluationsRequest(trained_model="trainedModels/-", page_size=1000)
+            )
+            assert [e.name for e in listed.evaluations] == [own_evaluation.name]
+    finally:
+        pki.write_policy(test_pki.BASE_GRANTS)
+    # Theirs was left as it was.
+    assert (await lab.get(theirs)).state == TrainingRun.QUEUED
