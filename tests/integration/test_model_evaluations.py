@@ -98,6 +98,13 @@ class Lab:
         run = await self.runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=name))
         return run if run.trained_model else None
 
+    async def registry_idle(self) -> bool:
+        """The model registry consumed every run completion published so far."""
+        info = await self.js.consumer_info(
+            self.subjects.events_stream, self.subjects.model_registry_consumer
+        )
+        return info.num_pending == 0 and info.num_ack_pending == 0
+
     async def model(self) -> pb.TrainedModel:
         run = await self.trained_run()
         return await self.models.GetTrainedModel(pb.GetTrainedModelRequest(name=run.trained_model))
@@ -423,6 +430,7 @@ async def test_success_writes_the_findings_and_registers_no_model(lab, model, se
     )
     ends = [e for e in history.events if e.state_changed.to_state == TrainingRun.SUCCEEDED]
     assert len(ends) == 1 and ends[0].state_changed.message == "evaluation finished"
+    await eventually(lab.registry_idle, timeout=15)
     job = await lab.job_of(evaluation)
     assert not job.trained_model
     listed = await lab.models.ListTrainedModels(pb.ListTrainedModelsRequest(training_run=job.name))
@@ -691,3 +699,25 @@ async def test_a_caller_limited_to_its_own_models_sees_their_evaluations_only(
         pki.write_policy(test_pki.BASE_GRANTS)
     # Theirs was left as it was.
     assert (await lab.get(theirs)).state == TrainingRun.QUEUED
+
+
+async def test_a_model_deleted_while_evaluated_fails_the_job_and_takes_its_evaluation(lab):
+    model = await lab.model()
+    evaluation = await lab.evaluate(model)
+    worker = WorkerDriver(lab.js, lab.subjects, await lab.job_of(evaluation))
+    await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+    await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    await lab.models.DeleteTrainedModel(pb.DeleteTrainedModelRequest(name=model.name))
+    error = await _refused(
+        lab.models.GetModelEvaluation, pb.GetModelEvaluationRequest(name=evaluation.name)
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    await worker.send(succeeded=_findings(lab.root / "evaluations" / "orphan"))
+
+    async def failed() -> TrainingRun | None:
+        job = await lab.job_of(evaluation)
+        return job if job.state == TrainingRun.FAILED else None
+
+    job = await eventually(failed)
+    assert job.failure.reason == "model_deleted" and not job.model_evaluation
