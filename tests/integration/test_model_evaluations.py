@@ -339,6 +339,11 @@ async def test_every_bad_field_is_named_at_once(lab, model):
         ({"score_threshold": float("nan")}, "score_threshold"),
         ({"samples": -1}, "samples"),
         ({"image_root": "ftp://host/images"}, "image_root"),
+        ({"dataset_uri": "datasets/a\x00b.json"}, "dataset_uri"),
+        ({"dataset_uri": "datasets/" + "n" * 3000 + ".json"}, "dataset_uri"),
+        ({"split": "x" * 5000}, "split"),
+        ({"request_id": "r" * 100}, "request_id"),
+        ({"device": 99}, "device"),
     ],
 )
 async def test_hostile_fields_are_invalid_arguments_naming_them(lab, model, fields, field):
