@@ -206,8 +206,14 @@ async def _repeated(
 ) -> TrainingRun | None:
     """The evaluation an earlier request with this request_id started, if the bodies match."""
     existing = await uow.runs.get_by_request(command.creator, request_id)
-    if existing is not None and existing.request_hash != command.request_hash:
+    if existing is None:
+        return None
+    if existing.request_hash != command.request_hash:
         raise AlreadyExists(f"request_id {request_id} was used for another request")
+    if existing.evaluation is None:
+        raise FailedPrecondition(
+            f"the evaluation request_id {request_id} started was deleted with its model"
+        )
     return existing
 
 

@@ -30,6 +30,8 @@ from shared.proto.raven.training.v1 import (
     worker_pb2,
 )
 from shared.settings import Settings
+from tests import pki as test_pki
+from tests.pki import sa
 from tests.support import WorkerDriver, create_request, eventually, violations
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -55,6 +57,7 @@ class Lab:
     def __init__(self, runs, models, js, subjects: Subjects, settings: Settings, dataset_uri):
         self.runs, self.models, self.js, self.subjects = runs, models, js, subjects
         self.root = Path(settings.artifact_root)
+        self.settings = settings
         self.dataset_uri = dataset_uri
 
     async def trained_run(self, *, test_images: int = 2, **spec: object) -> TrainingRun:
@@ -94,6 +97,13 @@ class Lab:
     async def _with_model(self, name: str) -> TrainingRun | None:
         run = await self.runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=name))
         return run if run.trained_model else None
+
+    async def registry_idle(self) -> bool:
+        """The model registry consumed every run completion published so far."""
+        info = await self.js.consumer_info(
+            self.subjects.events_stream, self.subjects.model_registry_consumer
+        )
+        return info.num_pending == 0 and info.num_ack_pending == 0
 
     async def model(self) -> pb.TrainedModel:
         run = await self.trained_run()
@@ -329,6 +339,11 @@ async def test_every_bad_field_is_named_at_once(lab, model):
         ({"score_threshold": float("nan")}, "score_threshold"),
         ({"samples": -1}, "samples"),
         ({"image_root": "ftp://host/images"}, "image_root"),
+        ({"dataset_uri": "datasets/a\x00b.json"}, "dataset_uri"),
+        ({"dataset_uri": "datasets/" + "n" * 3000 + ".json"}, "dataset_uri"),
+        ({"split": "x" * 5000}, "split"),
+        ({"request_id": "r" * 100}, "request_id"),
+        ({"device": 99}, "device"),
     ],
 )
 async def test_hostile_fields_are_invalid_arguments_naming_them(lab, model, fields, field):
@@ -420,6 +435,7 @@ async def test_success_writes_the_findings_and_registers_no_model(lab, model, se
     )
     ends = [e for e in history.events if e.state_changed.to_state == TrainingRun.SUCCEEDED]
     assert len(ends) == 1 and ends[0].state_changed.message == "evaluation finished"
+    await eventually(lab.registry_idle, timeout=15)
     job = await lab.job_of(evaluation)
     assert not job.trained_model
     listed = await lab.models.ListTrainedModels(pb.ListTrainedModelsRequest(training_run=job.name))
@@ -606,3 +622,107 @@ async def test_list_refuses_a_bad_filter_and_a_token_of_another_query(lab, model
         lab.models.ListModelEvaluations, pb.ListModelEvaluationsRequest(trained_model=missing)
     )
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+# Callers that may read only their own models.
+
+OWN = sa("evaluations-own")
+
+
+async def test_a_caller_limited_to_its_own_models_sees_their_evaluations_only(
+    lab, model, pki, training_runs, trained_models
+):
+    theirs = await lab.evaluate(model)
+    their_run = await lab.job_of(theirs)
+    pki.write_policy(
+        [
+            *test_pki.BASE_GRANTS,
+            (
+                OWN,
+                [
+                    "training_runs.read.own",
+                    "training_runs.create",
+                    "trained_models.read.own",
+                    "trained_models.evaluate",
+                ],
+            ),
+        ]
+    )
+    try:
+        async with (
+            pki.channel(training_runs.port, OWN) as runs_channel,
+            pki.channel(trained_models.port, OWN) as models_channel,
+        ):
+            mine = Lab(
+                training_run_pb2_grpc.TrainingRunServiceStub(runs_channel),
+                trained_model_pb2_grpc.TrainedModelServiceStub(models_channel),
+                lab.js,
+                lab.subjects,
+                lab.settings,
+                lab.dataset_uri,
+            )
+            own_model = await mine.model()
+            own_evaluation = await mine.evaluate(own_model)
+            assert own_evaluation.creator == OWN
+
+            refusals = [
+                (
+                    mine.models.EvaluateTrainedModel,
+                    pb.EvaluateTrainedModelRequest(
+                        trained_model=model.name, dataset_uri=lab.dataset_uri
+                    ),
+                ),
+                (
+                    mine.models.EvaluateTrainedModel,
+                    pb.EvaluateTrainedModelRequest(
+                        trained_model=own_model.name, split_of=model.training_run
+                    ),
+                ),
+                (mine.models.GetModelEvaluation, pb.GetModelEvaluationRequest(name=theirs.name)),
+                (
+                    mine.models.CancelModelEvaluation,
+                    pb.CancelModelEvaluationRequest(name=theirs.name),
+                ),
+                (
+                    mine.models.ListModelEvaluations,
+                    pb.ListModelEvaluationsRequest(trained_model=model.name),
+                ),
+                (
+                    mine.runs.GetTrainingRun,
+                    training_run_pb2.GetTrainingRunRequest(name=their_run.name),
+                ),
+            ]
+            for call, request in refusals:
+                error = await _refused(call, request)
+                assert error.code() == grpc.StatusCode.NOT_FOUND, (request, error.details())
+
+            listed = await mine.models.ListModelEvaluations(
+                pb.ListModelEvaluationsRequest(trained_model="trainedModels/-", page_size=1000)
+            )
+            assert [e.name for e in listed.evaluations] == [own_evaluation.name]
+    finally:
+        pki.write_policy(test_pki.BASE_GRANTS)
+    # Theirs was left as it was.
+    assert (await lab.get(theirs)).state == TrainingRun.QUEUED
+
+
+async def test_a_model_deleted_while_evaluated_fails_the_job_and_takes_its_evaluation(lab):
+    model = await lab.model()
+    evaluation = await lab.evaluate(model)
+    worker = WorkerDriver(lab.js, lab.subjects, await lab.job_of(evaluation))
+    await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+    await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    await lab.models.DeleteTrainedModel(pb.DeleteTrainedModelRequest(name=model.name))
+    error = await _refused(
+        lab.models.GetModelEvaluation, pb.GetModelEvaluationRequest(name=evaluation.name)
+    )
+    assert error.code() == grpc.StatusCode.NOT_FOUND
+
+    await worker.send(succeeded=_findings(lab.root / "evaluations" / "orphan"))
+
+    async def failed() -> TrainingRun | None:
+        job = await lab.job_of(evaluation)
+        return job if job.state == TrainingRun.FAILED else None
+
+    job = await eventually(failed)
+    assert job.failure.reason == "model_deleted" and not job.model_evaluation

@@ -151,9 +151,16 @@ class TrainingRun(RunRecord):
         now: datetime,
     ) -> None:
         """An evaluation job's end: its findings go onto its evaluation, written with the
-        state change."""
+        state change. FAILED (`model_deleted`) when the evaluation is gone with its model."""
         if self.evaluation is None:
-            raise FailedPrecondition(f"training run {self.id} is no model evaluation's job")
+            # Its model was deleted (and its evaluation with it) while the job ran.
+            self.fail(
+                reason="model_deleted",
+                message="the evaluated model was deleted; its findings were not kept",
+                actor=actor,
+                now=now,
+            )
+            return
         self._transition(RunState.SUCCEEDED, "succeeded", "evaluation finished", actor, now)
         self.artifacts = list(artifacts)
         self.failure = None
