@@ -310,6 +310,7 @@ async def test_a_candidate_waiting_for_the_channel_is_compared_with_the_model_it
             found = await connection.execute(
                 text(
                     "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND datname = current_database() "
                     "AND query LIKE '%pg_advisory_xact_lock%'"
                 )
             )
