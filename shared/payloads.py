@@ -27,8 +27,6 @@ class Artifact:
     name: str = ""
     # The epoch of a stored checkpoint; not part of the wire message.
     epoch: int | None = None
-    # Unique among one resource's artifacts where a kind has several files.
-    name: str = ""
 
     def to_json(self) -> Json:
         data = json_shape.drop_defaults(
@@ -38,7 +36,6 @@ class Artifact:
                 "uri": self.uri,
                 "size_bytes": json_shape.int64(self.size_bytes),
                 "sha256": self.sha256,
-                "name": self.name,
             }
         )
         if self.epoch is not None:
@@ -55,7 +52,6 @@ class Artifact:
             sha256=str(data.get("sha256", "")),
             name=str(data.get("name", "")),
             epoch=int(epoch) if epoch is not None else None,
-            name=str(data.get("name", "")),
         )
 
 
