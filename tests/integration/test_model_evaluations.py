@@ -31,6 +31,7 @@ from shared.proto.raven.training.v1 import (
 )
 from shared.settings import Settings
 from tests import pki as test_pki
+from tests.cli import raven
 from tests.pki import sa
 from tests.support import WorkerDriver, create_request, eventually, violations
 
@@ -726,3 +727,42 @@ async def test_a_model_deleted_while_evaluated_fails_the_job_and_takes_its_evalu
 
     job = await eventually(failed)
     assert job.failure.reason == "model_deleted" and not job.model_evaluation
+
+
+async def test_the_cli_starts_lists_and_shows_evaluations(
+    lab, model, pki, training_runs, trained_models
+):
+    started = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "evaluate",
+        model.name,
+        "--dataset",
+        str(lab.root / lab.dataset_uri),
+        "--split",
+        "val",
+        "--samples",
+        "1",
+    )
+    assert started.exit_code == 0, started.output
+    listed = await lab.models.ListModelEvaluations(
+        pb.ListModelEvaluationsRequest(trained_model=model.name, page_size=1)
+    )
+    newest = listed.evaluations[0]
+    assert newest.split == "val" and newest.name.split("/")[-1] in started.output
+    assert (await lab.queued_job(newest.job)).evaluation.samples == 1
+    shown = await raven(pki, training_runs, trained_models, "models", "evaluations", model.name)
+    assert shown.exit_code == 0 and newest.name.split("/")[-1][:8] in shown.output, shown.output
+    refused = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "evaluate",
+        model.name,
+        "--split-of",
+        "trainingRuns/" + str(uuid.uuid4()),
+    )
+    assert refused.exit_code == 1 and "NOT_FOUND" in refused.output, refused.output
