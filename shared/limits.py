@@ -101,6 +101,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
         "reason": REASON_MAX,
         "etag": ETAG_MAX,
         "evaluation_split": 32,
+        "incumbent_metric": 128,
     },
     "UnpublishTrainedModelRequest": {"name": _NAME, "reason": REASON_MAX, "etag": ETAG_MAX},
     "ListPublicationEventsRequest": {
@@ -128,6 +129,12 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
         "page_token": PAGE_TOKEN_MAX,
     },
     "CancelModelEvaluationRequest": {"name": _NAME, "reason": REASON_MAX},
+    "CompareTrainedModelsRequest": {
+        "trained_models": 20,
+        "dataset_fingerprint": 128,
+        "split": 16,
+    },
+    "DownloadArtifactRequest": {"parent": _NAME, "artifact": 256},
     "ListAuditRecordsRequest": {
         "page_token": PAGE_TOKEN_MAX,
         "identity": IDENTITY_MAX,
@@ -140,6 +147,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
 # Element strings of repeated fields, where they differ from the default.
 _ITEM_BOUNDS: Mapping[str, Mapping[str, int]] = {
     "ImportTrainedModelRequest.Metadata": {"classes": CLASS_NAME_MAX},
+    "CompareTrainedModelsRequest": {"trained_models": _NAME},
 }
 
 # Fields of a resource that requests carry but the server never reads (it sets them):

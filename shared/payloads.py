@@ -32,10 +32,10 @@ class Artifact:
         data = json_shape.drop_defaults(
             {
                 "kind": self.kind,
+                "name": self.name,
                 "uri": self.uri,
                 "size_bytes": json_shape.int64(self.size_bytes),
                 "sha256": self.sha256,
-                "name": self.name,
             }
         )
         if self.epoch is not None:

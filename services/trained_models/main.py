@@ -7,6 +7,7 @@ import structlog
 from services.trained_models.consumer import RunSucceededHandler
 from services.trained_models.handlers import remove_deleted_files
 from services.trained_models.importing import ImportPolicy
+from services.trained_models.incumbent import IncumbentPolicy
 from services.trained_models.publication import PublicationPolicy
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
@@ -44,6 +45,10 @@ class TrainedModelsApp(ServiceApp):
                 storage=storage,
                 default_channel=self.settings.default_publish_channel,
                 min_bbox_map=self.settings.publish_min_bbox_map,
+                incumbent_policy=IncumbentPolicy(
+                    require=self.settings.publish_require_incumbent,
+                    tolerance=self.settings.publish_incumbent_tolerance,
+                ),
             ),
             import_policy=ImportPolicy(
                 storage=storage,

@@ -9,10 +9,19 @@ from dataclasses import asdict
 
 import grpc
 
-from services.trained_models import evaluations, handlers, importing, publication
+from services.trained_models import (
+    artifact_choice,
+    comparing,
+    downloads,
+    evaluations,
+    handlers,
+    importing,
+    publication,
+)
 from services.trained_models.domain import TrainedModel
 from services.trained_models.evaluations_messages import evaluation_to_proto
 from services.trained_models.messages import (
+    comparison_to_proto,
     lineage_to_proto,
     model_to_proto,
     publication_event_to_proto,
@@ -193,6 +202,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             evaluation_epoch=request.evaluation_epoch
             if request.HasField("evaluation_epoch")
             else None,
+            beat_incumbent=request.beat_incumbent if request.HasField("beat_incumbent") else None,
+            incumbent_metric=request.incumbent_metric,
+            incumbent_tolerance=request.incumbent_tolerance
+            if request.HasField("incumbent_tolerance")
+            else None,
         )
         model = await publication.publish(self._uow(), command, self._publish_policy)
         return model_to_proto(model)
@@ -250,6 +264,42 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             raise InvalidArgument([FieldViolation("artifact_kind", "'checkpoint' or 'config'")])
         model_id = await self._visible_id(request.name, context)
         parts = handlers.download(self._uow(), model_id, kind=kind, storage=self._storage)
+        async for part in parts:
+            if isinstance(part, bytes):
+                yield pb.DownloadTrainedModelResponse(chunk=part)
+            else:
+                yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
+
+    async def CompareTrainedModels(
+        self, request: pb.CompareTrainedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelComparison:
+        command = comparing.CompareCommand(
+            model_ids=[
+                parse_name(name, TRAINED_MODELS, field=f"trained_models[{i}]")
+                for i, name in enumerate(request.trained_models)
+            ],
+            dataset_fingerprint=request.dataset_fingerprint,
+            split=request.split,
+            owner=owner_scope(context, TRAINED_MODELS),
+        )
+        return comparison_to_proto(await comparing.compare(self._uow(), command))
+
+    async def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadTrainedModelResponse]:
+        parent = artifact_choice.parse_parent(request.parent)
+        artifact_choice.validate_wanted(request.artifact)
+        if parent.kind is artifact_choice.ParentKind.RUN:
+            await require_visible(
+                context,
+                TRAINING_RUNS,
+                parent.id,
+                lambda run_id: downloads.run_creator(self._uow(), run_id),
+            )
+        else:
+            assert parent.model_id is not None
+            await self._require_visible(parent.model_id, context)
+        parts = downloads.download(self._uow(), parent, request.artifact, storage=self._storage)
         async for part in parts:
             if isinstance(part, bytes):
                 yield pb.DownloadTrainedModelResponse(chunk=part)

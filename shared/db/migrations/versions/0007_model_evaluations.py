@@ -38,7 +38,10 @@ def upgrade() -> None:
         sa.Column("samples", sa.Integer(), nullable=False),
         sa.Column("creator", sa.Text(), nullable=False),
         sa.Column(
-            "create_time", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "create_time",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.Column("dataset_fingerprint", sa.Text(), nullable=True),
         sa.Column("images_fingerprint", sa.Text(), nullable=True),
