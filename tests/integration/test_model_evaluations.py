@@ -9,6 +9,7 @@ its files written under the session's artifact root.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from pathlib import Path
@@ -31,6 +32,7 @@ from shared.proto.raven.training.v1 import (
 )
 from shared.settings import Settings
 from tests import pki as test_pki
+from tests.cli import raven
 from tests.pki import sa
 from tests.support import WorkerDriver, create_request, eventually, violations
 
@@ -726,3 +728,76 @@ async def test_a_model_deleted_while_evaluated_fails_the_job_and_takes_its_evalu
 
     job = await eventually(failed)
     assert job.failure.reason == "model_deleted" and not job.model_evaluation
+
+
+async def test_the_cli_starts_lists_and_shows_evaluations(
+    lab, model, pki, training_runs, trained_models
+):
+    started = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "evaluate",
+        model.name,
+        "--dataset",
+        str(lab.root / lab.dataset_uri),
+        "--split",
+        "val",
+        "--samples",
+        "1",
+    )
+    assert started.exit_code == 0, started.output
+    listed = await lab.models.ListModelEvaluations(
+        pb.ListModelEvaluationsRequest(trained_model=model.name, page_size=1)
+    )
+    newest = listed.evaluations[0]
+    assert newest.split == "val" and newest.name.split("/")[-1] in started.output
+    assert (await lab.queued_job(newest.job)).evaluation.samples == 1
+    shown = await raven(pki, training_runs, trained_models, "models", "evaluations", model.name)
+    assert shown.exit_code == 0 and newest.name.split("/")[-1][:8] in shown.output, shown.output
+    refused = await raven(
+        pki,
+        training_runs,
+        trained_models,
+        "models",
+        "evaluate",
+        model.name,
+        "--split-of",
+        "trainingRuns/" + str(uuid.uuid4()),
+    )
+    assert refused.exit_code == 1 and "NOT_FOUND" in refused.output, refused.output
+
+
+async def test_an_evaluations_progress_is_watched_and_resumed_as_a_runs(lab, model):
+    evaluation = await lab.evaluate(model)
+    await lab.run_to_success(evaluation)
+
+    async def watched(after: int) -> list[training_run_pb2.TrainingRunEvent]:
+        request = training_run_pb2.WatchTrainingRunRequest(
+            name=evaluation.job, after_sequence=after
+        )
+        return [e async for e in lab.runs.WatchTrainingRun(request, timeout=20)]
+
+    every = await watched(0)
+    assert [e.sequence for e in every] == list(range(1, len(every) + 1))
+    assert every[0].state_changed.message == "queued for evaluation"
+    assert every[-1].state_changed.to_state == TrainingRun.SUCCEEDED
+    assert any(e.WhichOneof("payload") == "dataset_prepared" for e in every)
+    resumed = await watched(2)
+    assert [e.sequence for e in resumed] == [e.sequence for e in every[2:]]
+
+
+async def test_concurrent_identical_requests_start_one_evaluation(lab, model):
+    request = pb.EvaluateTrainedModelRequest(
+        trained_model=model.name, dataset_uri=lab.dataset_uri, request_id=str(uuid.uuid4())
+    )
+    results = await asyncio.gather(
+        *(lab.models.EvaluateTrainedModel(request) for _ in range(8)), return_exceptions=True
+    )
+    assert all(isinstance(r, pb.ModelEvaluation) for r in results), results
+    assert len({r.name for r in results}) == 1
+    listed = await lab.models.ListModelEvaluations(
+        pb.ListModelEvaluationsRequest(trained_model=model.name, page_size=1000)
+    )
+    assert sum(e.name == results[0].name for e in listed.evaluations) == 1
