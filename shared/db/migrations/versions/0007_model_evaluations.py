@@ -74,6 +74,9 @@ def upgrade() -> None:
         ["trained_model_id", "create_time", "id"],
     )
     op.create_index(
+        "ix_model_evaluations_create_time_id", "model_evaluations", ["create_time", "id"]
+    )
+    op.create_index(
         "ix_model_evaluations_images",
         "model_evaluations",
         ["dataset_fingerprint", "split", "create_time", "id"],
@@ -87,6 +90,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_column("trained_model_publications", "incumbent_comparison")
     op.drop_index("ix_model_evaluations_images", table_name="model_evaluations")
+    op.drop_index("ix_model_evaluations_create_time_id", table_name="model_evaluations")
     op.drop_index("ix_model_evaluations_model_create_time", table_name="model_evaluations")
     op.drop_table("model_evaluations")
     op.drop_constraint("ck_training_runs_kind", "training_runs", type_="check")
