@@ -11,11 +11,13 @@ from rich.table import Table
 
 from cli.client import UNARY_TIMEOUT_S, connect, exit_on_rpc_error
 from cli.render import timestamp
-from shared.auth.certs import ensure_dev_certs
 from shared.proto.raven.training.v1 import audit_pb2
-from shared.settings import Settings
 
-app = typer.Typer(help="The audit trail of state changes and refused calls.", no_args_is_help=True)
+app = typer.Typer(
+    help="The audit trail of state changes and refused calls.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 console = Console()
 
 
@@ -57,6 +59,9 @@ def certs(
     force: Annotated[bool, typer.Option(help="Replace existing certificates.")] = False,
 ) -> None:
     """Create the development CA, server and CLI certificates and policy (`make certs`)."""
+    from shared.auth.certs import ensure_dev_certs
+    from shared.settings import Settings
+
     dev, created = ensure_dev_certs(directory or Settings().dev_certs_dir, force=force)
     console.print("created" if created else "already there", style="bold")
     console.print(f"CA            {dev.ca}", highlight=False)

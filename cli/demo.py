@@ -8,11 +8,11 @@ from __future__ import annotations
 import time
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.rule import Rule
+from rich.text import Text
 
 from cli import devstack
 from cli.client import UNARY_TIMEOUT_S, Clients, client_tls, connect, exit_on_rpc_error
@@ -21,7 +21,7 @@ from cli.render import model_details, run_details
 from cli.requests import create_request
 from cli.watch import watch_run
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
-from shared.settings import DEFAULT_DATA_DIR, Settings
+from shared.settings import Settings
 
 # Built to learn from scratch on small images: its mAP rises within the demo's minute or two.
 ARCHITECTURE = "rtmdet_tiny"
@@ -93,14 +93,8 @@ def _train(
 
 
 @exit_on_rpc_error
-def demo(
-    data_dir: Annotated[
-        Path, typer.Option(help="Embedded databases, logs, pid files.", file_okay=False)
-    ] = DEFAULT_DATA_DIR,
-    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 6,
-    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 3,
-) -> None:
-    """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""
+def run_demo(data_dir: Path, *, epochs: int, fine_tune_epochs: int) -> None:
+    """`raven demo` (cli.stack.demo)."""
     began = time.monotonic()
     try:
         _demo(Settings(), data_dir, epochs=epochs, fine_tune_epochs=fine_tune_epochs)
@@ -128,7 +122,11 @@ def _demo(settings: Settings, data_dir: Path, *, epochs: int, fine_tune_epochs: 
             try:
                 stack.enter_context(devstack.foreground(settings, data_dir, say=_say))
             except devstack.StackError as error:
-                console.print(f"[bold red]error[/] {error}", highlight=False, soft_wrap=True)
+                console.print(
+                    Text.assemble(("error ", "bold red"), str(error)),
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 raise typer.Exit(1) from None
         artifact_root = settings.resolved_artifact_root()
         with connect(settings) as clients:

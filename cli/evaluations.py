@@ -7,17 +7,16 @@ from enum import StrEnum
 from typing import Annotated
 
 import typer
-from rich.console import Console
 
 from cli.client import UNARY_TIMEOUT_S, connect, exit_on_rpc_error
+from cli.output import Format, OutputOption, console, emit
+from cli.render import next_page
 from cli.requests import dataset_uri as to_dataset_uri
 from cli.requests import model_name as to_model_name
 from cli.requests import run_name as to_run_name
 from cli.review import comparison_table, evaluation_details, evaluations_table
 from cli.watch import watch_run
 from shared.proto.raven.training.v1 import trained_model_pb2, training_run_pb2
-
-console = Console()
 
 
 class Split(StrEnum):
@@ -55,6 +54,7 @@ def evaluate(
         int | None, typer.Option(min=0, max=10, help="Worst and best images drawn; default 3.")
     ] = None,
     watch: Annotated[bool, typer.Option("--watch", help="Follow it until it ends.")] = False,
+    output: OutputOption = Format.table,
 ) -> None:
     """Evaluate a model on a dataset, or on a split of a run's dataset.
 
@@ -76,15 +76,17 @@ def evaluate(
         request.samples = samples
     with connect() as clients:
         evaluation = clients.models.EvaluateTrainedModel(request, timeout=UNARY_TIMEOUT_S)
-        console.print(evaluation_details(evaluation))
         if not watch:
+            emit(evaluation, evaluation_details, output)
             return
-        job = watch_run(clients, evaluation.job, console=console)
+        if output is Format.table:
+            emit(evaluation, evaluation_details, output)
+        job = watch_run(clients, evaluation.job, console=console(err=output is not Format.table))
         evaluation = clients.models.GetModelEvaluation(
             trained_model_pb2.GetModelEvaluationRequest(name=evaluation.name),
             timeout=UNARY_TIMEOUT_S,
         )
-    console.print(evaluation_details(evaluation))
+    emit(evaluation, evaluation_details, output)
     if job.state != training_run_pb2.TrainingRun.SUCCEEDED:
         raise typer.Exit(1)
 
@@ -96,6 +98,7 @@ def evaluations(
     split: Annotated[Split | None, typer.Option(help="Only of this split.")] = None,
     page_size: Annotated[int, typer.Option(min=0, max=1000)] = 0,
     page_token: Annotated[str, typer.Option()] = "",
+    output: OutputOption = Format.table,
 ) -> None:
     """List a model's evaluations, newest first."""
     request = trained_model_pb2.ListModelEvaluationsRequest(
@@ -107,15 +110,18 @@ def evaluations(
     )
     with connect() as clients:
         response = clients.models.ListModelEvaluations(request, timeout=UNARY_TIMEOUT_S)
-    console.print(evaluations_table(list(response.evaluations)))
-    if response.next_page_token:
-        console.print(f"next page: --page-token {response.next_page_token}", highlight=False)
+    emit(
+        response,
+        lambda r: next_page(evaluations_table(list(r.evaluations)), r.next_page_token),
+        output,
+    )
 
 
 @exit_on_rpc_error
 def evaluation(
     name: Annotated[str, typer.Argument(help="trainedModels/ID or ID.")],
     evaluation_id: Annotated[str, typer.Argument(help="The evaluation's ID, or its full name.")],
+    output: OutputOption = Format.table,
 ) -> None:
     """Show an evaluation: metrics, per-class AP and TP/FP/FN, confusion matrix, samples."""
     with connect() as clients:
@@ -123,7 +129,7 @@ def evaluation(
             trained_model_pb2.GetModelEvaluationRequest(name=evaluation_name(name, evaluation_id)),
             timeout=UNARY_TIMEOUT_S,
         )
-    console.print(evaluation_details(found))
+    emit(found, evaluation_details, output)
 
 
 @exit_on_rpc_error
@@ -131,6 +137,7 @@ def compare(
     names: Annotated[list[str], typer.Argument(help="Two or more trainedModels/ID or ID.")],
     dataset: Annotated[str, typer.Option(help="Dataset fingerprint the models were evaluated on.")],
     split: Annotated[Split, typer.Option(help="The split evaluated.")] = Split.test,
+    output: OutputOption = Format.table,
 ) -> None:
     """Metrics side by side, from evaluations on the same images only."""
     request = trained_model_pb2.CompareTrainedModelsRequest(
@@ -140,4 +147,4 @@ def compare(
     )
     with connect() as clients:
         comparison = clients.models.CompareTrainedModels(request, timeout=UNARY_TIMEOUT_S)
-    console.print(comparison_table(comparison))
+    emit(comparison, comparison_table, output)

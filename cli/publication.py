@@ -6,17 +6,16 @@ from typing import Annotated
 
 import typer
 from rich import box
-from rich.console import Console
+from rich.console import RenderableType
 from rich.table import Table
 from rich.text import Text
 
 from cli.client import UNARY_TIMEOUT_S, connect, exit_on_rpc_error
-from cli.render import timestamp
+from cli.output import Format, OutputOption, console, emit
+from cli.render import model_details, next_page, timestamp
 from cli.requests import model_name as to_model_name
 from shared.metrics import MAP
 from shared.proto.raven.training.v1 import trained_model_pb2
-
-console = Console()
 
 
 @exit_on_rpc_error
@@ -41,6 +40,7 @@ def publish(
         typer.Option(min=0, max=1, help="How much worse it may be; default: the server's."),
     ] = None,
     etag: Annotated[str, typer.Option(help="Refuse if the model changed since.")] = "",
+    output: OutputOption = Format.table,
 ) -> None:
     """Publish a model to a channel, replacing the model published there."""
     request = trained_model_pb2.PublishTrainedModelRequest(
@@ -64,10 +64,14 @@ def publish(
             ),
             timeout=UNARY_TIMEOUT_S,
         )
-    console.print(f"{model.name} published to {model.publication.channel}", highlight=False)
+    if output is not Format.table:
+        emit(model, model_details, output)
+        return
+    out = console()
+    out.print(f"{model.name} published to {model.publication.channel}", highlight=False)
     for event in latest.events:
         if event.HasField("incumbent_comparison"):
-            console.print(comparison_text(event.incumbent_comparison))
+            out.print(comparison_text(event.incumbent_comparison))
 
 
 @exit_on_rpc_error
@@ -75,6 +79,7 @@ def unpublish(
     name: Annotated[str, typer.Argument(help="trainedModels/ID or ID.")],
     reason: Annotated[str, typer.Option(help="Recorded on the publication history.")] = "",
     etag: Annotated[str, typer.Option(help="Refuse if the model changed since.")] = "",
+    output: OutputOption = Format.table,
 ) -> None:
     """Take a model out of its channel."""
     with connect() as clients:
@@ -84,7 +89,7 @@ def unpublish(
             ),
             timeout=UNARY_TIMEOUT_S,
         )
-    console.print(f"{model.name} unpublished", highlight=False)
+    emit(model, lambda m: Text(f"{m.name} unpublished"), output)
 
 
 @exit_on_rpc_error
@@ -93,6 +98,7 @@ def publications(
     channel: Annotated[str, typer.Option(help="Only this channel.")] = "",
     page_size: Annotated[int, typer.Option(min=0, max=1000)] = 0,
     page_token: Annotated[str, typer.Option()] = "",
+    output: OutputOption = Format.table,
 ) -> None:
     """The publication history, newest first."""
     request = trained_model_pb2.ListPublicationEventsRequest(
@@ -103,9 +109,11 @@ def publications(
     )
     with connect() as clients:
         response = clients.models.ListPublicationEvents(request, timeout=UNARY_TIMEOUT_S)
-    console.print(publications_table(list(response.events)))
-    if response.next_page_token:
-        console.print(f"next page: --page-token {response.next_page_token}", highlight=False)
+    emit(response, publications_view, output)
+
+
+def publications_view(response: trained_model_pb2.ListPublicationEventsResponse) -> RenderableType:
+    return next_page(publications_table(list(response.events)), response.next_page_token)
 
 
 def comparison_text(comparison: trained_model_pb2.IncumbentComparison) -> Text:

@@ -64,7 +64,8 @@ def _fields(rows: list[tuple[str, RenderableType | str]]) -> Table:
     table.add_column()
     for label, value in rows:
         if value:
-            table.add_row(label, value)
+            # Values are data, never markup: "[x, y, w, h]" in a message stays as it is.
+            table.add_row(label, Text(value) if isinstance(value, str) else value)
     return table
 
 
@@ -121,7 +122,18 @@ def run_details(run: training_run_pb2.TrainingRun) -> Table:
     ])  # fmt: skip
 
 
-def runs_table(runs: list[training_run_pb2.TrainingRun]) -> Table:
+def next_page(table: Table, token: str) -> RenderableType:
+    """A list's table, and how to ask for the next page when there is one."""
+    if not token:
+        return table
+    return Group(table, Text(f"next page: --page-token {token}"))
+
+
+def events_text(events: training_run_pb2.ListTrainingRunEventsResponse) -> RenderableType:
+    return Group(*(event_text(e) for e in events.events))
+
+
+def runs_table(runs: list[training_run_pb2.TrainingRun], page_token: str = "") -> RenderableType:
     # The id is what users copy into the next command: never truncated or wrapped.
     table = Table(
         Column("id", no_wrap=True),
@@ -142,7 +154,7 @@ def runs_table(runs: list[training_run_pb2.TrainingRun]) -> Table:
             ),
             timestamp(run.create_time, short=True),
         )
-    return table
+    return next_page(table, page_token)
 
 
 def event_text(event: training_run_pb2.TrainingRunEvent) -> Text:
@@ -220,7 +232,9 @@ def _model_evaluation(model: trained_model_pb2.TrainedModel, field: str) -> str:
     return f"{evaluation.split or 'val'}, epoch {evaluation.epoch}: {metrics_text(evaluation)}"
 
 
-def models_table(models: list[trained_model_pb2.TrainedModel]) -> Table:
+def models_table(
+    models: list[trained_model_pb2.TrainedModel], page_token: str = ""
+) -> RenderableType:
     table = Table(
         Column("id", no_wrap=True),
         "display name",
@@ -240,7 +254,7 @@ def models_table(models: list[trained_model_pb2.TrainedModel]) -> Table:
             map_value(model.evaluation),
             model.publication.channel if model.publication.published else "",
         )
-    return table
+    return next_page(table, page_token)
 
 
 Node = trained_model_pb2.TrainedModelLineage.LineageNode

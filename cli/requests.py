@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from pathlib import Path
+from typing import Any
 
 from shared.proto.raven.training.v1 import training_run_pb2
 
@@ -35,6 +36,26 @@ def image_root_uri(value: str) -> str:
     return value
 
 
+# The spec fields `raven runs create` sets by option, beside dataset, image root and
+# architecture; unset ones take the server's defaults.
+SPEC_OPTIONS = (
+    "epochs", "batch_size", "learning_rate", "frozen_stages", "image_size", "val_fraction",
+    "test_fraction", "seed", "device", "gpu_count", "optimizer", "warmup_iterations",
+    "augment", "val_interval", "early_stopping_patience", "mixed_precision", "deterministic",
+)  # fmt: skip
+
+
+def labels(pairs: list[str] | None) -> dict[str, str]:
+    """KEY=VALUE options as a map; raises ValueError naming a pair without "="."""
+    found: dict[str, str] = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"label {pair!r} is not KEY=VALUE")
+        found[key] = value
+    return found
+
+
 def create_request(
     *,
     display_name: str,
@@ -42,34 +63,26 @@ def create_request(
     image_root: str | None = None,
     base_model: str | None = None,
     architecture: str | None = None,
-    epochs: int | None = None,
-    batch_size: int | None = None,
-    learning_rate: float | None = None,
-    frozen_stages: int | None = None,
-    image_size: int | None = None,
-    val_fraction: float | None = None,
-    test_fraction: float | None = None,
-    seed: int | None = None,
     request_id: str | None = None,
+    labels: dict[str, str] | None = None,
+    **spec_fields: Any,
 ) -> training_run_pb2.CreateTrainingRunRequest:
-    """Unset options stay unset, so the server fills in (and records) its defaults."""
+    """Unset options (None) stay unset, so the server fills in (and records) its defaults.
+    Enum fields take their value names ("CPU", "ADAMW")."""
+    unknown = set(spec_fields) - set(SPEC_OPTIONS)
+    if unknown:
+        raise TypeError(f"not spec options: {sorted(unknown)}")
     spec = training_run_pb2.TrainingSpec(
         dataset_uri=dataset_uri(dataset),
         image_root=image_root_uri(image_root or ""),
         architecture=architecture or "",
-        epochs=epochs,
-        batch_size=batch_size,
-        learning_rate=learning_rate,
-        frozen_stages=frozen_stages,
-        image_size=image_size,
-        val_fraction=val_fraction,
-        test_fraction=test_fraction,
-        seed=seed,
+        **{k: v for k, v in spec_fields.items() if v is not None},
     )
     run = training_run_pb2.TrainingRun(
         display_name=display_name,
         spec=spec,
         base_model=model_name(base_model) if base_model else "",
+        labels=labels or {},
     )
     return training_run_pb2.CreateTrainingRunRequest(
         training_run=run, request_id=request_id or str(uuid.uuid4())

@@ -75,6 +75,16 @@ def metrics_plot(
     return drawn if color else plotext.uncolorize(drawn)
 
 
+def metrics_view(
+    metrics: training_run_pb2.TrainingRunMetrics, *, plot: bool = True, width: int = 72
+) -> RenderableType:
+    """`raven runs metrics`: the table, then the plot."""
+    if not metrics.epochs:
+        return Text("no epoch has ended yet")
+    drawn = metrics_plot(list(metrics.epochs), width=width) if plot else ""
+    return Group(metrics_table(metrics), Text(drawn)) if drawn else metrics_table(metrics)
+
+
 def evaluations_table(evaluations: Sequence[trained_model_pb2.ModelEvaluation]) -> Table:
     table = Table(
         Column("evaluation", no_wrap=True),

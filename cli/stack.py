@@ -1,4 +1,6 @@
-"""`raven stack up|down|status`: the local stack in the background (`make up`, `make down`)."""
+"""`raven stack up|down|status`: the local stack in the background (`make up`, `make down`),
+and `raven demo`. Their modules (embedded servers, the database driver) load only when one
+of these commands runs."""
 
 from __future__ import annotations
 
@@ -8,11 +10,17 @@ from typing import Annotated
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
-from cli import devstack
-from shared.settings import DEFAULT_DATA_DIR, Settings
+from shared.paths import DEFAULT_DATA_DIR
 
-app = typer.Typer(help="The local stack: infrastructure, both services and a worker.")
+app = typer.Typer(
+    help="The local stack: infrastructure, both services and a worker.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+# `raven stack status` when something is not running or not serving (as systemctl's 3).
+NOT_RUNNING = 3
 console = Console()
 
 DataDir = Annotated[
@@ -27,12 +35,17 @@ def _say(message: str) -> None:
 @app.command()
 def up(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Start what is not running yet, in the background."""
+    from cli import devstack
+    from shared.settings import Settings
+
     settings = Settings()
     layout = devstack.layout_for(data_dir)
     try:
         _, started, found = devstack.start(settings, data_dir, detached=True, say=_say)
     except devstack.StackError as error:
-        console.print(f"[bold red]error[/] {error}", highlight=False, soft_wrap=True)
+        console.print(
+            Text.assemble(("error ", "bold red"), str(error)), highlight=False, soft_wrap=True
+        )
         raise typer.Exit(1) from None
     if not started:
         console.print("already running", style="bold")
@@ -47,16 +60,23 @@ def up(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 @app.command()
 def down(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     """Stop the services, the worker and the embedded servers."""
+    from cli import devstack
+
     stopped = devstack.down(data_dir)
     console.print(f"stopped {', '.join(stopped)}" if stopped else "nothing was running")
 
 
 @app.command()
 def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
-    """What runs, where."""
+    """What runs, where; exits 3 when a part is not running or not serving."""
+    from cli import devstack
+    from shared.settings import Settings
+
     settings = Settings()
+    healthy = True
     table = Table("component", "pid", "state", "address")
     for row in devstack.status(settings, data_dir):
+        healthy = healthy and row.pid is not None and row.serving is not False
         if row.pid is None:
             state = "[dim]stopped[/]"
         elif row.serving is None:
@@ -83,3 +103,16 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         console.print(f"nats      {recorded.nats_url}", highlight=False)
         console.print(f"artifacts {recorded.artifact_root}", highlight=False)
     console.print(f"logs      {devstack.layout_for(data_dir).logs}", highlight=False)
+    if not healthy:
+        raise typer.Exit(NOT_RUNNING)
+
+
+def demo(
+    data_dir: DataDir = DEFAULT_DATA_DIR,
+    epochs: Annotated[int, typer.Option(min=1, help="Epochs of the root run.")] = 6,
+    fine_tune_epochs: Annotated[int, typer.Option(min=1, help="Epochs of the fine-tune.")] = 3,
+) -> None:
+    """Start the stack, train a root model, fine-tune it, watch both live (`make run`)."""
+    from cli.demo import run_demo
+
+    run_demo(data_dir, epochs=epochs, fine_tune_epochs=fine_tune_epochs)

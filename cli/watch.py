@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import typer
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -14,8 +15,9 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.text import Text
 
-from cli.client import UNARY_TIMEOUT_S, Clients
+from cli.client import UNARY_TIMEOUT_S, Clients, err_console
 from cli.render import TERMINAL_STATES, event_text, map_value, state_text
 from shared.proto.raven.training.v1 import training_run_pb2
 
@@ -121,3 +123,16 @@ def _show(bar: Progress, task_id: TaskID, event: training_run_pb2.TrainingRunEve
     elif kind == "evaluation":
         bar.update(task_id, map=map_value(event.evaluation))
     bar.console.print(event_text(event))
+
+
+def exit_for(run: training_run_pb2.TrainingRun) -> None:
+    """Exit status of a watched run: 0 when it succeeded, else 1 after its failure."""
+    if run.state == training_run_pb2.TrainingRun.SUCCEEDED:
+        return
+    if run.failure.reason:
+        err_console.print(
+            Text.assemble((run.failure.reason, "red"), f": {run.failure.message}"),
+            highlight=False,
+            soft_wrap=True,
+        )
+    raise typer.Exit(1)

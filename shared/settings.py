@@ -8,7 +8,9 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_DATA_DIR = Path(".data")
+from shared.paths import DEFAULT_DATA_DIR
+
+__all__ = ["DEFAULT_DATA_DIR", "Settings"]
 
 
 class Settings(BaseSettings):
