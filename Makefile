@@ -15,6 +15,8 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 PROTO_SRC := $(wildcard protos/raven/training/v1/*.proto)
 PROTO_OUT := shared/proto/raven/training/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
+# Where shared/proto/generate.py also writes: the client package's stubs.
+CLIENT_PROTO_OUT := client/raven_client/_proto
 
 .PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
 
@@ -33,9 +35,9 @@ $(INSTALLED): pyproject.toml
 	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]'
 	@touch $@
 
-proto: $(PROTO_STAMP) ## Generate the Python gRPC code from protos/
+proto: $(PROTO_STAMP) ## Generate the Python gRPC code (services and client) and reflection's descriptor set from protos/
 
-$(PROTO_STAMP): $(PROTO_SRC) $(INSTALLED)
+$(PROTO_STAMP): $(PROTO_SRC) shared/proto/generate.py $(INSTALLED)
 	$(PY) -m shared.proto.generate
 	@touch $@
 
@@ -73,7 +75,7 @@ typecheck: setup ## mypy
 	$(VENV)/bin/mypy shared services cli trainer_worker
 
 clean: down ## Remove generated code and local data (keeps .venv)
-	rm -rf .data $(PROTO_OUT) shared/proto/raven
+	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT)
 
 bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench, report in docs/benchmarks.md
 	$(PY) -m benchmarks
