@@ -25,14 +25,15 @@ help: ## List the targets
 
 setup: $(INSTALLED) $(PROTO_STAMP) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 'setuptools>=77,<81' wheel
 	$(PIP) install -q $(TORCH_ARGS) torch==2.13.0
 	@# mmcv 2.1.0 has no wheel for this platform: build it against the installed torch.
 	@$(PY) -c 'import mmcv.ops' 2>/dev/null || \
 	  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation mmcv==2.1.0
-	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]'
+	@# The Python client (client/, import raven_client) too, editable, for the tests.
+	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]' -e ./client
 	@touch $@
 
 proto: $(PROTO_STAMP) ## Generate the Python gRPC code (services and client) and reflection's descriptor set from protos/
@@ -72,7 +73,7 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 typecheck: setup ## mypy
-	$(VENV)/bin/mypy shared services cli trainer_worker
+	$(VENV)/bin/mypy shared services cli trainer_worker client/raven_client
 
 clean: down ## Remove generated code and local data (keeps .venv)
 	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT)
