@@ -83,7 +83,7 @@ class RavenClient:
         self,
         spec: training_run_pb2.TrainingSpec,
         *,
-        display_name: str = "",
+        display_name: str,
         labels: Mapping[str, str] | None = None,
         base_model: str = "",
         request_id: str | None = None,
