@@ -7,20 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import queue
 import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 
 import pytest
 from raven_client import (
+    FailedPrecondition,
     InvalidArgument,
     NotFound,
     RavenClient,
     RavenError,
     RetryPolicy,
     Tls,
+    TrainedModel,
     TrainingRun,
     TrainingSpec,
     Unavailable,
@@ -28,8 +32,10 @@ from raven_client import (
 from raven_client.pb import training_run_pb2
 
 from services.training_runs.main import TrainingRunsApp
+from shared.proto.raven.training.v1 import common_pb2, worker_pb2
 from shared.settings import Settings
 from tests import pki as test_pki
+from tests.support import WorkerDriver, eventually
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -237,3 +243,90 @@ async def test_an_unsafe_call_is_not_retried_and_raises_unavailable(
     assert [attempt for _, attempt, *_ in retries] == [1, 2]
     still = await asyncio.to_thread(raven.get_run, run.name)
     assert still.state == TrainingRun.QUEUED
+
+
+async def _trained_model(raven: RavenClient, js, subjects, settings, dataset_uri) -> TrainedModel:
+    """A run driven to SUCCEEDED by worker reports on the real stream, and its model."""
+    run = await asyncio.to_thread(raven.create_run, _spec(dataset_uri), display_name="to model")
+    worker = WorkerDriver(js, subjects, run)
+    folder = Path(settings.artifact_root) / "models" / run.name.split("/")[1]
+    folder.mkdir(parents=True)
+    (folder / "config.py").write_text("model = dict(type='RetinaNet')\n")
+    (folder / "checkpoint.pth").write_bytes(uuid.uuid4().bytes * 200_000)  # 3.2 MB: chunks
+    artifacts = [
+        common_pb2.Artifact(
+            kind=kind,
+            uri=path.as_uri(),
+            size_bytes=path.stat().st_size,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+        )
+        for kind, path in (
+            ("config", folder / "config.py"),
+            ("checkpoint", folder / "checkpoint.pth"),
+        )
+    ]
+    await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+    await worker.send(
+        dataset_prepared=common_pb2.DatasetSummary(
+            fingerprint=f"fp-{run.name[-6:]}", image_count=8, classes=["dump", "tire"]
+        )
+    )
+    await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    await worker.send(
+        succeeded=worker_pb2.WorkerEvent.Succeeded(
+            artifacts=artifacts,
+            facts=common_pb2.TrainingFacts(epochs_trained=2, best_epoch=2, device="cpu"),
+            evaluation=common_pb2.Evaluation(
+                epoch=2, split="val", metrics={"coco/bbox_mAP": 0.4}, image_count=4
+            ),
+        )
+    )
+
+    async def listed() -> TrainedModel | None:
+        page = await asyncio.to_thread(raven.list_models, training_run=run.name)
+        return page.trained_models[0] if page.trained_models else None
+
+    return await eventually(listed, timeout=15)
+
+
+async def test_models_read_publish_evaluate_and_download(
+    raven, js, subjects, settings, dataset_uri, tmp_path
+):
+    model = await _trained_model(raven, js, subjects, settings, dataset_uri)
+    read = await asyncio.to_thread(raven.get_model, model.name)
+    assert read.name == model.name and read.evaluation.metrics["coco/bbox_mAP"] == 0.4
+    models = await asyncio.to_thread(lambda: [m.name for m in raven.iter_models(page_size=1)])
+    assert model.name in models
+
+    channel = f"client-{uuid.uuid4().hex[:8]}"
+    with pytest.raises(FailedPrecondition):
+        await asyncio.to_thread(raven.publish_model, model.name, channel, min_bbox_map=0.9)
+    published = await asyncio.to_thread(
+        raven.publish_model, model.name, channel, reason="client test", min_bbox_map=0.3
+    )
+    assert published.publication.published and published.publication.channel == channel
+
+    evaluation = await asyncio.to_thread(raven.evaluate_model, model.name, dataset_uri=dataset_uri)
+    assert evaluation.name.startswith(f"{model.name}/evaluations/") and evaluation.job
+    again = await asyncio.to_thread(raven.get_evaluation, evaluation.name)
+    assert again.job == evaluation.job
+    page = await asyncio.to_thread(raven.list_evaluations, model.name)
+    assert [e.name for e in page.evaluations] == [evaluation.name]
+
+    stored = next(a for a in model.artifacts if a.kind == "checkpoint")
+    target = tmp_path / "out" / "checkpoint.pth"
+    header = await asyncio.to_thread(raven.download_model, model.name, target)
+    assert header.sha256 == stored.sha256
+    assert hashlib.sha256(target.read_bytes()).hexdigest() == stored.sha256
+    config = await asyncio.to_thread(
+        raven.download_artifact, model.name, "config", tmp_path / "config.py"
+    )
+    assert config.kind == "config"
+    assert (tmp_path / "config.py").read_text() == "model = dict(type='RetinaNet')\n"
+
+    # A stored file that changed is refused; nothing is written where it was asked for.
+    stored_path = Path(stored.uri.removeprefix("file://"))
+    await asyncio.to_thread(stored_path.write_bytes, b"not the checkpoint")
+    with pytest.raises(RavenError):
+        await asyncio.to_thread(raven.download_model, model.name, tmp_path / "tampered.pth")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py", "out"]
