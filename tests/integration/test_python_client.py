@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from raven_client import (
+    ChecksumMismatch,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -28,8 +29,9 @@ from raven_client import (
     TrainingRun,
     TrainingSpec,
     Unavailable,
+    downloads,
 )
-from raven_client.pb import training_run_pb2
+from raven_client.pb import trained_model_pb2, training_run_pb2
 
 from services.training_runs.main import TrainingRunsApp
 from shared.proto.raven.training.v1 import common_pb2, worker_pb2
@@ -327,6 +329,27 @@ async def test_models_read_publish_evaluate_and_download(
     # A stored file that changed is refused; nothing is written where it was asked for.
     stored_path = Path(stored.uri.removeprefix("file://"))
     await asyncio.to_thread(stored_path.write_bytes, b"not the checkpoint")
-    with pytest.raises(RavenError):
+    with pytest.raises(FailedPrecondition) as refused:
         await asyncio.to_thread(raven.download_model, model.name, tmp_path / "tampered.pth")
+    assert "recorded size" in refused.value.message
     assert sorted(p.name for p in tmp_path.iterdir()) == ["config.py", "out"]
+
+
+def test_a_download_that_does_not_match_its_announced_sha256_leaves_nothing(tmp_path):
+    data = b"checkpoint bytes"
+
+    def stream(sha256: str) -> list[trained_model_pb2.DownloadTrainedModelResponse]:
+        announced = common_pb2.Artifact(kind="checkpoint", size_bytes=len(data), sha256=sha256)
+        return [
+            trained_model_pb2.DownloadTrainedModelResponse(artifact=announced),
+            trained_model_pb2.DownloadTrainedModelResponse(chunk=data[:5]),
+            trained_model_pb2.DownloadTrainedModelResponse(chunk=data[5:]),
+        ]
+
+    target = tmp_path / "checkpoint.pth"
+    with pytest.raises(ChecksumMismatch, match="expected 16 with"):
+        downloads.write(stream(hashlib.sha256(b"other").hexdigest()), target)
+    assert list(tmp_path.iterdir()) == []
+    header = downloads.write(stream(hashlib.sha256(data).hexdigest()), target)
+    assert header.size_bytes == len(data) and target.read_bytes() == data
+    assert list(tmp_path.iterdir()) == [target]
