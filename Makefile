@@ -18,7 +18,9 @@ PROTO_STAMP := $(PROTO_OUT)/.generated
 # Where shared/proto/generate.py also writes: the client package's stubs.
 CLIENT_PROTO_OUT := client/raven_client/_proto
 
-.PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
+CLIENT_DIST := client/dist
+
+.PHONY: help setup proto client-wheel run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
@@ -41,6 +43,10 @@ proto: $(PROTO_STAMP) ## Generate the Python gRPC code (services and client) and
 $(PROTO_STAMP): $(PROTO_SRC) shared/proto/generate.py $(INSTALLED)
 	$(PY) -m shared.proto.generate
 	@touch $@
+
+client-wheel: setup ## A wheel of the Python client (client/, import raven_client) in client/dist
+	rm -rf client/build
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(CLIENT_DIST) ./client
 
 run: setup ## The demo: start the stack, train a root model, fine-tune it, watch it live
 	$(PY) -m cli.main demo
@@ -76,7 +82,7 @@ typecheck: setup ## mypy
 	$(VENV)/bin/mypy shared services cli trainer_worker client/raven_client
 
 clean: down ## Remove generated code and local data (keeps .venv)
-	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT)
+	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT) $(CLIENT_DIST) client/build
 
 bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench, report in docs/benchmarks.md
 	$(PY) -m benchmarks
