@@ -17,6 +17,8 @@ PROTO_OUT := shared/proto/raven/training/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
 # Where shared/proto/generate.py also writes: the client package's stubs.
 CLIENT_PROTO_OUT := client/raven_client/_proto
+CLIENT_PROTO_STAMP := $(CLIENT_PROTO_OUT)/raven/training/v1/.generated
+PROTO_STAMPS := $(PROTO_STAMP) $(CLIENT_PROTO_STAMP)
 
 CLIENT_DIST := client/dist
 
@@ -25,7 +27,7 @@ CLIENT_DIST := client/dist
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-setup: $(INSTALLED) $(PROTO_STAMP) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
+setup: $(INSTALLED) $(PROTO_STAMPS) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
 
 $(INSTALLED): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -38,11 +40,16 @@ $(INSTALLED): pyproject.toml client/pyproject.toml
 	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]' -e ./client
 	@touch $@
 
-proto: $(PROTO_STAMP) ## Generate the Python gRPC code (services and client) and reflection's descriptor set from protos/
+proto: $(PROTO_STAMPS) ## Generate the Python gRPC code (services and client) and reflection's descriptor set from protos/
 
 $(PROTO_STAMP): $(PROTO_SRC) shared/proto/generate.py $(INSTALLED)
 	$(PY) -m shared.proto.generate
-	@touch $@
+	@touch $@ $(CLIENT_PROTO_STAMP)
+
+# Only the client's stubs are gone: generate everything again.
+$(CLIENT_PROTO_STAMP): $(PROTO_STAMP)
+	$(PY) -m shared.proto.generate
+	@touch $(PROTO_STAMP) $@
 
 client-wheel: setup ## A wheel of the Python client (client/, import raven_client) in client/dist
 	rm -rf client/build
