@@ -10,7 +10,7 @@ Failures raise the typed exceptions of raven_client.errors.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -24,13 +24,16 @@ from raven_client._proto.raven.training.v1 import (
     training_run_pb2_grpc,
 )
 from raven_client.channel import Tls, open_channel
-from raven_client.retry import RetryHook, RetryPolicy, call_with_retries
+from raven_client.retry import NO_RETRIES, RetryHook, RetryPolicy, call_with_retries
 from raven_client.watch import follow
 
 TrainingRun = training_run_pb2.TrainingRun
 TrainingSpec = training_run_pb2.TrainingSpec
 TrainedModel = trained_model_pb2.TrainedModel
 ModelEvaluation = trained_model_pb2.ModelEvaluation
+
+_RUNS: str = training_run_pb2.DESCRIPTOR.services_by_name["TrainingRunService"].full_name
+_MODELS: str = trained_model_pb2.DESCRIPTOR.services_by_name["TrainedModelService"].full_name
 
 
 class RavenClient:
@@ -96,12 +99,12 @@ class RavenClient:
             ),
             request_id=request_id or str(uuid.uuid4()),
         )
-        run: TrainingRun = self._call(self.runs.CreateTrainingRun, request, timeout, safe=True)
+        run: TrainingRun = self._call(_RUNS, "CreateTrainingRun", request, timeout, safe=True)
         return run
 
     def get_run(self, name: str, *, timeout: float | None = None) -> training_run_pb2.TrainingRun:
         request = training_run_pb2.GetTrainingRunRequest(name=name)
-        run: TrainingRun = self._call(self.runs.GetTrainingRun, request, timeout, safe=True)
+        run: TrainingRun = self._call(_RUNS, "GetTrainingRun", request, timeout, safe=True)
         return run
 
     def list_runs(
@@ -125,7 +128,7 @@ class RavenClient:
             page_token=page_token,
         )
         page: training_run_pb2.ListTrainingRunsResponse = self._call(
-            self.runs.ListTrainingRuns, request, timeout, safe=True
+            _RUNS, "ListTrainingRuns", request, timeout, safe=True
         )
         return page
 
@@ -143,7 +146,7 @@ class RavenClient:
         self, name: str, *, reason: str = "", timeout: float | None = None
     ) -> training_run_pb2.TrainingRun:
         request = training_run_pb2.CancelTrainingRunRequest(name=name, reason=reason)
-        run: TrainingRun = self._call(self.runs.CancelTrainingRun, request, timeout, safe=False)
+        run: TrainingRun = self._call(_RUNS, "CancelTrainingRun", request, timeout, safe=False)
         return run
 
     def get_metrics(
@@ -152,7 +155,7 @@ class RavenClient:
         """Per-epoch training and validation metrics of run `name`."""
         request = training_run_pb2.GetTrainingRunMetricsRequest(name=name)
         metrics: training_run_pb2.TrainingRunMetrics = self._call(
-            self.runs.GetTrainingRunMetrics, request, timeout, safe=True
+            _RUNS, "GetTrainingRunMetrics", request, timeout, safe=True
         )
         return metrics
 
@@ -178,7 +181,7 @@ class RavenClient:
         self, name: str, *, timeout: float | None = None
     ) -> trained_model_pb2.TrainedModel:
         request = trained_model_pb2.GetTrainedModelRequest(name=name)
-        model: TrainedModel = self._call(self.models.GetTrainedModel, request, timeout, safe=True)
+        model: TrainedModel = self._call(_MODELS, "GetTrainedModel", request, timeout, safe=True)
         return model
 
     def list_models(
@@ -205,7 +208,7 @@ class RavenClient:
         if published is not None:
             request.published = published
         page: trained_model_pb2.ListTrainedModelsResponse = self._call(
-            self.models.ListTrainedModels, request, timeout, safe=True
+            _MODELS, "ListTrainedModels", request, timeout, safe=True
         )
         return page
 
@@ -238,7 +241,7 @@ class RavenClient:
         if beat_incumbent is not None:
             request.beat_incumbent = beat_incumbent
         model: TrainedModel = self._call(
-            self.models.PublishTrainedModel, request, timeout, safe=False
+            _MODELS, "PublishTrainedModel", request, timeout, safe=False
         )
         return model
 
@@ -267,7 +270,7 @@ class RavenClient:
         if iou_threshold is not None:
             request.iou_threshold = iou_threshold
         evaluation: ModelEvaluation = self._call(
-            self.models.EvaluateTrainedModel, request, timeout, safe=True
+            _MODELS, "EvaluateTrainedModel", request, timeout, safe=True
         )
         return evaluation
 
@@ -276,7 +279,7 @@ class RavenClient:
     ) -> trained_model_pb2.ModelEvaluation:
         request = trained_model_pb2.GetModelEvaluationRequest(name=name)
         evaluation: ModelEvaluation = self._call(
-            self.models.GetModelEvaluation, request, timeout, safe=True
+            _MODELS, "GetModelEvaluation", request, timeout, safe=True
         )
         return evaluation
 
@@ -294,7 +297,7 @@ class RavenClient:
             trained_model=trained_model, split=split, page_size=page_size, page_token=page_token
         )
         page: trained_model_pb2.ListModelEvaluationsResponse = self._call(
-            self.models.ListModelEvaluations, request, timeout, safe=True
+            _MODELS, "ListModelEvaluations", request, timeout, safe=True
         )
         return page
 
@@ -305,7 +308,7 @@ class RavenClient:
         an evaluation) to `path`, checked against the size and sha256 the server sends
         first; returns that description. Nothing is left at `path` when the check fails."""
         request = trained_model_pb2.DownloadArtifactRequest(parent=parent, artifact=artifact)
-        return self._download(self.models.DownloadArtifact, request, Path(path), timeout)
+        return self._download("DownloadArtifact", request, Path(path), timeout)
 
     def download_model(
         self,
@@ -320,33 +323,30 @@ class RavenClient:
         request = trained_model_pb2.DownloadTrainedModelRequest(
             name=name, artifact_kind=artifact_kind
         )
-        return self._download(self.models.DownloadTrainedModel, request, Path(path), timeout)
+        return self._download("DownloadTrainedModel", request, Path(path), timeout)
 
     # Calls.
 
     def _call(
-        self, rpc: Callable[..., Any], request: Any, timeout: float | None, *, safe: bool
+        self, service: str, method: str, request: Any, timeout: float | None, *, safe: bool
     ) -> Any:
+        rpc = getattr(self.runs if service == _RUNS else self.models, method)
         deadline = self.timeout_s if timeout is None else timeout
         return call_with_retries(
-            _method_name(rpc),
+            f"/{service}/{method}",
             lambda: rpc(request, timeout=deadline, metadata=self.metadata),
-            self.retry if safe else RetryPolicy(attempts=1),
+            self.retry if safe else NO_RETRIES,
             self.on_retry,
         )
 
     def _download(
-        self, rpc: Callable[..., Any], request: Any, path: Path, timeout: float | None
+        self, method: str, request: Any, path: Path, timeout: float | None
     ) -> common_pb2.Artifact:
         # A whole download may take longer than a unary call: no deadline unless given.
+        rpc = getattr(self.models, method)
         return call_with_retries(
-            _method_name(rpc),
+            f"/{_MODELS}/{method}",
             lambda: downloads.write(rpc(request, timeout=timeout, metadata=self.metadata), path),
             self.retry,
             self.on_retry,
         )
-
-
-def _method_name(rpc: Callable[..., Any]) -> str:
-    method = getattr(rpc, "_method", b"")
-    return method.decode() if isinstance(method, bytes) else str(method)

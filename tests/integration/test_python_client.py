@@ -223,6 +223,9 @@ async def test_a_safe_call_is_retried_until_the_server_is_up(
     assert read.name == run.name
     assert retries and all(isinstance(error, Unavailable) for _, _, error, _ in retries)
     assert [attempt for _, attempt, *_ in retries] == list(range(1, len(retries) + 1))
+    assert {method for method, *_ in retries} == {
+        "/raven.training.v1.TrainingRunService/GetTrainingRun"
+    }
 
 
 async def test_an_unsafe_call_is_not_retried_and_raises_unavailable(
@@ -242,7 +245,10 @@ async def test_an_unsafe_call_is_not_retried_and_raises_unavailable(
         client.retry = RetryPolicy(attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
         with pytest.raises(Unavailable):
             await asyncio.to_thread(client.get_run, run.name)
-    assert [attempt for _, attempt, *_ in retries] == [1, 2]
+    assert [(method, attempt) for method, attempt, *_ in retries] == [
+        ("/raven.training.v1.TrainingRunService/GetTrainingRun", 1),
+        ("/raven.training.v1.TrainingRunService/GetTrainingRun", 2),
+    ]
     still = await asyncio.to_thread(raven.get_run, run.name)
     assert still.state == TrainingRun.QUEUED
 
