@@ -22,6 +22,8 @@ from grpc_reflection.v1alpha import reflection_pb2_grpc
 log = structlog.get_logger(__name__)
 
 DESCRIPTOR_SET = "descriptors.binpb"
+# grpc.reflection.v1 has the fields of v1alpha with the same numbers.
+V1_SERVICE = "grpc.reflection.v1.ServerReflection"
 
 
 def described_files() -> dict[str, bytes]:
@@ -125,9 +127,18 @@ def _error(
     )
 
 
-def enable(server: grpc.aio.Server, service_names: Iterable[str]) -> str:
-    """Adds reflection for `service_names` (and itself) to `server`; returns its service name."""
-    name = str(pb.DESCRIPTOR.services_by_name["ServerReflection"].full_name)
-    servicer = ReflectionServicer((*service_names, name), described_files())
+def enable(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+    """Adds reflection for `service_names` to `server`, as grpc.reflection.v1alpha and as
+    grpc.reflection.v1 (the same messages under a new package name: newer clients ask it
+    first)."""
+    alpha = str(pb.DESCRIPTOR.services_by_name["ServerReflection"].full_name)
+    servicer = ReflectionServicer((*service_names, alpha, V1_SERVICE), described_files())
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, server)
-    return name
+    v1 = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=pb.ServerReflectionRequest.FromString,
+        response_serializer=pb.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler(V1_SERVICE, {"ServerReflectionInfo": v1}),)
+    )

@@ -88,5 +88,28 @@ async def test_reflection_lists_the_services_and_refuses_unknown_symbols(runs_ch
         "raven.training.v1.AuditService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1alpha.ServerReflection",
+        "grpc.reflection.v1.ServerReflection",
     } <= names
     assert unknown.error_response.error_code == grpc.StatusCode.NOT_FOUND.value[0]
+
+
+async def test_reflection_answers_as_grpc_reflection_v1_too(runs_channel):
+    """Newer clients (grpcurl among them) ask grpc.reflection.v1 first; its messages are
+    v1alpha's with the same field numbers."""
+    call = runs_channel.stream_stream(
+        "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+        response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+    )
+    request = reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="raven.training.v1.TrainingSpec"
+    )
+    [response] = [r async for r in call(iter([request]))]
+    files = [
+        descriptor_pb2.FileDescriptorProto.FromString(data)
+        for data in response.file_descriptor_response.file_descriptor_proto
+    ]
+    run_file = next(f for f in files if f.name == "raven/training/v1/training_run.proto")
+    assert "Images are resized to fit a square" in _field_comment(
+        run_file, "TrainingSpec", "image_size"
+    )
