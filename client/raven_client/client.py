@@ -1,6 +1,7 @@
 """RavenClient: the common calls of TrainingRunService and TrainedModelService.
 
-Every call has a deadline (`timeout_s` unless the call is given its own `timeout`).
+Every unary call has a deadline (`timeout_s` unless the call is given its own `timeout`);
+downloads have one only when given, and watching none.
 Reads, and writes that carry a request_id (the client adds a fresh one when none is
 given), are retried with exponential backoff and jitter while the service is
 UNAVAILABLE; other writes are not, since a lost reply may hide a change that happened.
@@ -39,8 +40,9 @@ _MODELS: str = trained_model_pb2.DESCRIPTOR.services_by_name["TrainedModelServic
 class RavenClient:
     """Both services of the training backbone, each on its own address.
 
-    >>> with RavenClient("runs:50051", "models:50052", tls=Tls(ca, cert, key)) as raven:
-    ...     run = raven.create_run(TrainingSpec(dataset_uri="s3://b/a.json"))
+        with RavenClient("runs:50051", "models:50052", tls=Tls(ca, cert, key)) as raven:
+            spec = TrainingSpec(dataset_uri="s3://b/a.json", architecture="rtmdet_tiny")
+            run = raven.create_run(spec, display_name="first")
 
     `.runs` and `.models` are the raw stubs, for the calls this class has no method for;
     they raise grpc.RpcError (raven_client.errors.from_rpc_error types it)."""
@@ -250,6 +252,7 @@ class RavenClient:
         trained_model: str,
         *,
         dataset_uri: str = "",
+        image_root: str = "",
         split_of: str = "",
         split: str = "",
         score_threshold: float | None = None,
@@ -261,6 +264,7 @@ class RavenClient:
         request = trained_model_pb2.EvaluateTrainedModelRequest(
             trained_model=trained_model,
             dataset_uri=dataset_uri,
+            image_root=image_root,
             split_of=split_of,
             split=split,
             request_id=request_id or str(uuid.uuid4()),
@@ -306,7 +310,7 @@ class RavenClient:
     ) -> common_pb2.Artifact:
         """Writes artifact `artifact` (its name, or its kind) of `parent` (a model, a run or
         an evaluation) to `path`, checked against the size and sha256 the server sends
-        first; returns that description. Nothing is left at `path` when the check fails."""
+        first; returns that description. When the check fails, `path` is left as it was."""
         request = trained_model_pb2.DownloadArtifactRequest(parent=parent, artifact=artifact)
         return self._download("DownloadArtifact", request, Path(path), timeout)
 

@@ -17,8 +17,8 @@ def write(
     responses: Iterable[trained_model_pb2.DownloadTrainedModelResponse], path: Path
 ) -> common_pb2.Artifact:
     """Streams `responses` into a file beside `path`, renamed to `path` once its size and
-    sha256 match the artifact the first message describes; raises ChecksumMismatch (and
-    leaves nothing) when they do not."""
+    sha256 match the artifact the first message describes; raises ChecksumMismatch when
+    they do not, `path` left as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     artifact: common_pb2.Artifact | None = None
