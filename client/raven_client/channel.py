@@ -3,8 +3,10 @@ development stack that runs without TLS."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -41,11 +43,14 @@ class Tls:
         )
 
 
-def open_channel(address: str, tls: Tls | None) -> grpc.Channel:
-    """A channel to `address` ("host:port"): TLS when `tls` is given, else plaintext."""
+def open_channel(address: str, tls: Tls | None, interceptors: Sequence[Any] = ()) -> grpc.Channel:
+    """A channel to `address` ("host:port"): TLS when `tls` is given, else plaintext;
+    `interceptors` (grpc.*ClientInterceptor: tracing, metrics, ...) see every call."""
     if tls is None:
-        return grpc.insecure_channel(address, options=_OPTIONS)
-    options = list(_OPTIONS)
-    if tls.server_name:
-        options.append(("grpc.ssl_target_name_override", tls.server_name))
-    return grpc.secure_channel(address, tls.credentials(), options=options)
+        channel = grpc.insecure_channel(address, options=_OPTIONS)
+    else:
+        options = list(_OPTIONS)
+        if tls.server_name:
+            options.append(("grpc.ssl_target_name_override", tls.server_name))
+        channel = grpc.secure_channel(address, tls.credentials(), options=options)
+    return grpc.intercept_channel(channel, *interceptors) if interceptors else channel

@@ -57,13 +57,14 @@ class RavenClient:
         retry: RetryPolicy | None = None,
         metadata: Sequence[tuple[str, str]] = (),
         on_retry: RetryHook | None = None,
+        interceptors: Sequence[Any] = (),
     ) -> None:
         self.timeout_s = timeout_s
         self.retry = retry or RetryPolicy()
         self.metadata = tuple(metadata)
         self.on_retry = on_retry
-        self._runs_channel = open_channel(training_runs_addr, tls)
-        self._models_channel = open_channel(trained_models_addr, tls)
+        self._runs_channel = open_channel(training_runs_addr, tls, interceptors)
+        self._models_channel = open_channel(trained_models_addr, tls, interceptors)
         self.runs = training_run_pb2_grpc.TrainingRunServiceStub(self._runs_channel)
         self.models = trained_model_pb2_grpc.TrainedModelServiceStub(self._models_channel)
 

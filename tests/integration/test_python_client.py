@@ -9,12 +9,14 @@ import asyncio
 import contextlib
 import hashlib
 import queue
+import random
 import socket
 import threading
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 from raven_client import (
     ChecksumMismatch,
@@ -78,6 +80,18 @@ async def _runs_server(settings: Settings, port: int) -> AsyncIterator[TrainingR
         yield app
     finally:
         await app.stop(grace_s=0.2)
+
+
+class _WatchRequests(grpc.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    """Records the after_sequence of every WatchTrainingRun the client opens."""
+
+    def __init__(self) -> None:
+        self.after: list[int] = []
+
+    def intercept_unary_stream(self, continuation, details, request):  # type: ignore[no-untyped-def]
+        if details.method.endswith("/WatchTrainingRun"):
+            self.after.append(request.after_sequence)
+        return continuation(details, request)
 
 
 async def test_create_a_run_and_read_it_back(raven, dataset_uri):
@@ -163,11 +177,13 @@ async def test_a_watch_resumes_after_its_server_went_away(
     async def next_event() -> training_run_pb2.TrainingRunEvent | BaseException | None:
         return await asyncio.to_thread(events.get, timeout=30)
 
+    opened = _WatchRequests()
     watcher = RavenClient(
         f"127.0.0.1:{port}",
         f"127.0.0.1:{trained_models.port}",
         tls=tls,
         on_retry=lambda *retry: retries.append(retry),
+        interceptors=[opened],
     )
     with watcher:
         async with _runs_server(settings, port):
@@ -193,6 +209,8 @@ async def test_a_watch_resumes_after_its_server_went_away(
     assert {method for method, *_ in retries} == {
         "/raven.training.v1.TrainingRunService/WatchTrainingRun"
     }
+    # Opened from the start, then reopened (while the port was closed too) after event 1.
+    assert opened.after[0] == 0 and len(opened.after) >= 2 and set(opened.after[1:]) == {1}
 
 
 async def test_a_safe_call_is_retried_until_the_server_is_up(
@@ -359,3 +377,14 @@ def test_a_download_that_does_not_match_its_announced_sha256_leaves_nothing(tmp_
     header = downloads.write(stream(hashlib.sha256(data).hexdigest()), target)
     assert header.size_bytes == len(data) and target.read_bytes() == data
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_backoff_grows_exponentially_with_jitter_up_to_its_cap():
+    policy = RetryPolicy(attempts=8, initial_backoff_s=0.1, max_backoff_s=1.0, multiplier=2.0)
+    rng = random.Random(7)
+    for failures, ceiling in enumerate([0.1, 0.2, 0.4, 0.8, 1.0, 1.0], start=1):
+        waits = [policy.backoff_s(failures, rng) for _ in range(200)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits), (failures, min(waits), max(waits))
+        assert max(waits) - min(waits) > ceiling / 4, "the waits are spread, not fixed"
+    with pytest.raises(ValueError):
+        RetryPolicy(attempts=0)
