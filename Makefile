@@ -15,29 +15,45 @@ TORCH_ARGS := $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX))
 PROTO_SRC := $(wildcard protos/raven/training/v1/*.proto)
 PROTO_OUT := shared/proto/raven/training/v1
 PROTO_STAMP := $(PROTO_OUT)/.generated
+# Where shared/proto/generate.py also writes: the client package's stubs.
+CLIENT_PROTO_OUT := client/raven_client/_proto
+CLIENT_PROTO_STAMP := $(CLIENT_PROTO_OUT)/raven/training/v1/.generated
+PROTO_STAMPS := $(PROTO_STAMP) $(CLIENT_PROTO_STAMP)
 
-.PHONY: help setup proto run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
+CLIENT_DIST := client/dist
+
+.PHONY: help setup proto client-wheel run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
 
 help: ## List the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
-setup: $(INSTALLED) $(PROTO_STAMP) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
+setup: $(INSTALLED) $(PROTO_STAMPS) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml client/pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip 'setuptools>=77,<81' wheel
 	$(PIP) install -q $(TORCH_ARGS) torch==2.13.0
 	@# mmcv 2.1.0 has no wheel for this platform: build it against the installed torch.
 	@$(PY) -c 'import mmcv.ops' 2>/dev/null || \
 	  MMCV_WITH_OPS=1 FORCE_CUDA=0 MAX_JOBS=$${MAX_JOBS:-2} $(PIP) install --no-build-isolation mmcv==2.1.0
-	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]'
+	@# The Python client (client/, import raven_client) too, editable, for the tests.
+	$(PIP) install -q $(TORCH_ARGS) -e '.[worker,dev]' -e ./client
 	@touch $@
 
-proto: $(PROTO_STAMP) ## Generate the Python gRPC code from protos/
+proto: $(PROTO_STAMPS) ## Generate the Python gRPC code (services and client) and reflection's descriptor set from protos/
 
-$(PROTO_STAMP): $(PROTO_SRC) $(INSTALLED)
+$(PROTO_STAMP): $(PROTO_SRC) shared/proto/generate.py $(INSTALLED)
 	$(PY) -m shared.proto.generate
-	@touch $@
+	@touch $@ $(CLIENT_PROTO_STAMP)
+
+# Only the client's stubs are gone: generate everything again.
+$(CLIENT_PROTO_STAMP): $(PROTO_STAMP)
+	$(PY) -m shared.proto.generate
+	@touch $(PROTO_STAMP) $@
+
+client-wheel: setup ## A wheel of the Python client (client/, import raven_client) in client/dist
+	rm -rf client/build
+	$(PIP) wheel -q --no-deps --no-build-isolation -w $(CLIENT_DIST) ./client
 
 run: setup ## The demo: start the stack, train a root model, fine-tune it, watch it live
 	$(PY) -m cli.main demo
@@ -70,10 +86,10 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 typecheck: setup ## mypy
-	$(VENV)/bin/mypy shared services cli trainer_worker
+	$(VENV)/bin/mypy shared services cli trainer_worker client/raven_client
 
 clean: down ## Remove generated code and local data (keeps .venv)
-	rm -rf .data $(PROTO_OUT) shared/proto/raven
+	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT) $(CLIENT_DIST) client/build
 
 bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench, report in docs/benchmarks.md
 	$(PY) -m benchmarks

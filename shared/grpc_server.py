@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
+from shared import reflection
 from shared.auth.admission import Admission
 from shared.calls import CallWrapper
 
@@ -30,9 +30,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(
-            (*self._service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server
-        )
+        # The protos with their comments (shared.reflection), for grpcurl describe and the like.
+        reflection.enable(self.server, (*self._service_names, health.SERVICE_NAME))
 
     def listen(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
         """Binds `address` (port 0 picks a free one) with TLS `credentials`, or plaintext when
