@@ -18,6 +18,7 @@ from rich.progress import (
 from rich.text import Text
 
 from cli.client import UNARY_TIMEOUT_S, Clients, err_console
+from cli.live import Throughput, images_per_iteration, progress_fields
 from cli.render import TERMINAL_STATES, event_text, map_value, state_text
 from shared.proto.raven.training.v1 import training_run_pb2
 
@@ -30,18 +31,25 @@ RESUMABLE = frozenset({
     grpc.StatusCode.ABORTED,
     grpc.StatusCode.CANCELLED,
 })  # fmt: skip
+EVALUATION = training_run_pb2.TrainingRun.EVALUATION
 MAX_RESUMES = 30
+# How long the end of a watch waits for the registry to name the run's model.
+MODEL_WAIT_S = 10.0
 BACKOFF_S = (0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 def _progress_bar(console: Console) -> Progress:
     return Progress(
-        TextColumn("[bold]{task.description}"),
+        TextColumn("{task.description}", markup=False, style="bold"),
         TextColumn("{task.fields[state]}"),
         BarColumn(),
         TextColumn("epoch {task.fields[epoch]}"),
         MofNCompleteColumn(),
+        TextColumn("eta {task.fields[eta]}"),
         TextColumn("loss {task.fields[loss]}"),
+        TextColumn("{task.fields[parts]}", markup=False, style="dim"),
+        TextColumn("lr {task.fields[lr]}"),
+        TextColumn("{task.fields[speed]}"),
         TextColumn("mAP {task.fields[map]}"),
         TimeElapsedColumn(),
         console=console,
@@ -60,9 +68,14 @@ def watch_run(
     run: training_run_pb2.TrainingRun = clients.runs.GetTrainingRun(
         training_run_pb2.GetTrainingRunRequest(name=name), timeout=UNARY_TIMEOUT_S
     )
-    console.print(f"watching [bold]{run.name}[/] ({run.display_name or run.spec.architecture})")
+    console.print(
+        Text.assemble(
+            "watching ", (run.name, "bold"), f" ({run.display_name or run.spec.architecture})"
+        )
+    )
     last_sequence = after_sequence
     resumes = 0
+    speed = Throughput(images_per_iteration(run.spec))
     with _progress_bar(console) as bar:
         p = run.progress
         task = bar.add_task(
@@ -70,9 +83,8 @@ def watch_run(
             total=p.max_iterations or None,
             completed=p.iteration,
             state=state_text(run.state),
-            epoch=f"{p.epoch}/{p.max_epochs}" if p.max_epochs else "-",
-            loss=f"{p.loss:.4f}" if p.loss else "-",
             map=map_value(run.latest_evaluation),
+            **progress_fields(p, None),
         )
         while True:
             try:
@@ -84,14 +96,14 @@ def watch_run(
                     if event.sequence <= last_sequence:
                         continue
                     last_sequence = event.sequence
-                    _show(bar, task, event)
+                    _show(bar, task, event, speed)
                 # The server ends the stream when the run ends, or when it shuts down.
                 run = clients.runs.GetTrainingRun(
                     training_run_pb2.GetTrainingRunRequest(name=name), timeout=UNARY_TIMEOUT_S
                 )
                 if run.state in TERMINAL_STATES:
                     bar.update(task, state=state_text(run.state))
-                    return run
+                    break
                 reason = "stream ended before the run did"
             except grpc.RpcError as error:
                 code = error.code() if isinstance(error, grpc.Call) else None
@@ -104,18 +116,28 @@ def watch_run(
                 f"[yellow]{reason}; resuming after sequence {last_sequence} in {delay:.1f}s[/]"
             )
             time.sleep(delay)
+    if run.state == training_run_pb2.TrainingRun.SUCCEEDED and run.kind != EVALUATION:
+        model = trained_model_of(clients, run)
+        console.print(
+            Text.assemble("trained model ", (model, "bold green"))
+            if model
+            else Text(f"{run.name} succeeded; its model is not registered yet", style="yellow")
+        )
+    return run
 
 
-def _show(bar: Progress, task_id: TaskID, event: training_run_pb2.TrainingRunEvent) -> None:
+def _show(
+    bar: Progress, task_id: TaskID, event: training_run_pb2.TrainingRunEvent, speed: Throughput
+) -> None:
     kind = event.WhichOneof("payload")
     if kind == "progress":
         p = event.progress
+        rate = speed.update(at=event.time.ToNanoseconds() / 1e9, iteration=p.iteration)
         bar.update(
             task_id,
             total=p.max_iterations or None,
             completed=p.iteration,
-            epoch=f"{p.epoch}/{p.max_epochs}",
-            loss=f"{p.loss:.4f}",
+            **progress_fields(p, rate),
         )
         return
     if kind == "state_changed":
@@ -123,6 +145,20 @@ def _show(bar: Progress, task_id: TaskID, event: training_run_pb2.TrainingRunEve
     elif kind == "evaluation":
         bar.update(task_id, map=map_value(event.evaluation))
     bar.console.print(event_text(event))
+
+
+def trained_model_of(
+    clients: Clients, run: training_run_pb2.TrainingRun, *, wait_s: float = MODEL_WAIT_S
+) -> str:
+    """The model the registry made of a succeeded training run: it registers it from the
+    run's result event, shortly after the run ended. Empty if none within `wait_s`."""
+    deadline = time.monotonic() + wait_s
+    while not run.trained_model and time.monotonic() < deadline:
+        time.sleep(0.25)
+        run = clients.runs.GetTrainingRun(
+            training_run_pb2.GetTrainingRunRequest(name=run.name), timeout=UNARY_TIMEOUT_S
+        )
+    return run.trained_model
 
 
 def exit_for(run: training_run_pb2.TrainingRun) -> None:
