@@ -94,7 +94,9 @@ class Evaluated:
     thresholds: Thresholds
 
 
-async def _under_root(attempt: Attempt, log_path: Path) -> Evaluated | TrainingFailed | TrainingCancelled:
+async def _under_root(
+    attempt: Attempt, log_path: Path
+) -> Evaluated | TrainingFailed | TrainingCancelled:
     """_evaluate, with a failure to write under the artifact root as the job's failure."""
     try:
         return await _evaluate(attempt, log_path)
@@ -322,7 +324,9 @@ async def _store(findings: Findings, attempt: Attempt) -> list[common_pb2.Artifa
             size = item.path.stat().st_size
             digest = await asyncio.to_thread(sha256_file, item.path)
         artifacts.append(
-            common_pb2.Artifact(kind=item.kind, name=item.name, uri=uri, size_bytes=size, sha256=digest)
+            common_pb2.Artifact(
+                kind=item.kind, name=item.name, uri=uri, size_bytes=size, sha256=digest
+            )
         )
     if storage.remote:
         folder = evaluation_dir(attempt.environment.artifact_root, attempt.run_id)

@@ -46,9 +46,7 @@ def checked_request(split: str, *, score: float, iou: float, samples: int) -> Th
             "invalid_spec", f"evaluation.score_threshold {score} is outside 0..1"
         )
     if not 0.0 < iou <= 1.0:
-        raise EvaluationRefused(
-            "invalid_spec", f"evaluation.iou_threshold {iou} is outside (0, 1]"
-        )
+        raise EvaluationRefused("invalid_spec", f"evaluation.iou_threshold {iou} is outside (0, 1]")
     if not 0 <= samples <= MAX_SAMPLES:
         raise EvaluationRefused(
             "invalid_spec", f"evaluation.samples {samples} is outside 0..{MAX_SAMPLES}"
@@ -68,7 +66,7 @@ def split_image_ids(split: str, membership: Mapping[str, Sequence[int]]) -> list
             "dataset_invalid",
             f"the dataset has no {split} split: it has "
             + ", ".join(f"{len(membership.get(n, ()))} {n}" for n in ("train", "val", "test"))
-            + " images (a test split needs test_fraction, or images with \"split\": \"test\")",
+            + ' images (a test split needs test_fraction, or images with "split": "test")',
         )
     return ids
 
@@ -114,7 +112,9 @@ def class_differences(
     if unknown:
         parts.append(f"the model does not detect {_names(unknown)} (AP 0 where annotated)")
     if unlabelled:
-        parts.append(f"the dataset does not annotate {_names(unlabelled)} (its detections are left out)")
+        parts.append(
+            f"the dataset does not annotate {_names(unlabelled)} (its detections are left out)"
+        )
     return "; ".join(parts)
 
 

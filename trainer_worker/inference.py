@@ -84,7 +84,7 @@ async def run_inference(
         )
     if returncode == EXIT_CANCELLED or (stop is not None and stop.is_set() and returncode != 0):
         return TrainingCancelled()
-    if returncode == 0 and not predictions_path.is_file():
+    if returncode == 0 and not await asyncio.to_thread(predictions_path.is_file):
         return TrainingFailed(
             reason="evaluation_crashed",
             message="the inference process ended without writing its predictions; "
@@ -99,7 +99,9 @@ async def run_inference(
             ).replace("training process", "inference process"),
         )
     predictions = await asyncio.to_thread(_read, predictions_path)
-    return InferenceDone(predictions=predictions, device=seen.get("device", ""), duration_s=duration)
+    return InferenceDone(
+        predictions=predictions, device=seen.get("device", ""), duration_s=duration
+    )
 
 
 def _read(path: Path) -> list[dict[str, Any]]:

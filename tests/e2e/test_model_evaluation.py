@@ -107,7 +107,9 @@ def reshaped_dataset(folder: Path, *, images: int, seed: int) -> dict[str, Any]:
     a canvas of its own size, boxes moved with it, ids far from 1..n, category ids 7 and 3
     in reverse name order, nested file names, one image without objects, and the images'
     own "split" keys (half of them test). Its annotation file is written; its document."""
-    source = json.loads(make_dataset(folder / "source", images=images, size=112, seed=seed).read_text())
+    source = json.loads(
+        make_dataset(folder / "source", images=images, size=112, seed=seed).read_text()
+    )
     rng = random.Random(seed)
     noise = np.random.default_rng(seed)
     old_names = {c["id"]: c["name"] for c in source["categories"]}
@@ -291,9 +293,14 @@ async def test_an_evaluation_reports_what_cocoeval_finds_on_its_detections(
 
     review = succeeded.review
     assert (review.score_threshold, review.iou_threshold) == (0.3, 0.5)
-    assert review.images_fingerprint == hashlib.sha256(
-        "".join(f"{i['id']}\0{i['file_name']}\n" for i in sorted(test_images, key=lambda i: i["id"])).encode()
-    ).hexdigest()
+    assert (
+        review.images_fingerprint
+        == hashlib.sha256(
+            "".join(
+                f"{i['id']}\0{i['file_name']}\n" for i in sorted(test_images, key=lambda i: i["id"])
+            ).encode()
+        ).hexdigest()
+    )
     # Labels in the dataset's category order ("tire" is id 3), then background.
     matrix = review.confusion_matrix
     assert list(matrix.labels) == ["tire", "dump", "background"]
@@ -319,7 +326,9 @@ async def test_an_evaluation_reports_what_cocoeval_finds_on_its_detections(
     annotated = {a["image_id"] for a in truth["annotations"]}
     for sample in review.samples:
         assert sample.image_id in test_ids
-        assert sample.file_name == next(i["file_name"] for i in test_images if i["id"] == sample.image_id)
+        assert sample.file_name == next(
+            i["file_name"] for i in test_images if i["id"] == sample.image_id
+        )
         with Image.open(local(artifacts[sample.artifact])) as picture:
             assert picture.format == "PNG"
             assert picture.size == sizes[sample.image_id]
@@ -350,7 +359,9 @@ async def test_other_splits_see_other_images(
     dataset_uri, document = reshaped
     fingerprints = {}
     for split in ("val", "all"):
-        run_id = await submit(js, subjects, evaluation_job(model, dataset_uri, split=split, samples=0))
+        run_id = await submit(
+            js, subjects, evaluation_job(model, dataset_uri, split=split, samples=0)
+        )
         events = without_heartbeats(await events_until_terminal(js, subjects, run_id))
         assert kinds(events)[-1] == "succeeded", events[-1]
         succeeded = events[-1].succeeded
@@ -402,8 +413,16 @@ async def test_jobs_that_cannot_be_evaluated_fail_with_their_reason(
     other_architecture.CopyFrom(model)
     other_architecture.architecture = "retinanet_r18_fpn"
     cases = {
-        "iou": (evaluation_job(model, dataset_uri, iou_threshold=0.0), "invalid_spec", "evaluation.iou_threshold"),
-        "split": (evaluation_job(model, dataset_uri, split="holdout"), "invalid_spec", "evaluation.split"),
+        "iou": (
+            evaluation_job(model, dataset_uri, iou_threshold=0.0),
+            "invalid_spec",
+            "evaluation.iou_threshold",
+        ),
+        "split": (
+            evaluation_job(model, dataset_uri, split="holdout"),
+            "invalid_spec",
+            "evaluation.split",
+        ),
         "no_test": (evaluation_job(model, no_test), "dataset_invalid", "no test split"),
         "corrupt": (evaluation_job(corrupt, dataset_uri), "checkpoint_corrupt", "0" * 64),
         "strangers": (evaluation_job(strangers, dataset_uri), "dataset_invalid", "share no class"),

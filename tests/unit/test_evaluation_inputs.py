@@ -125,8 +125,14 @@ def test_the_fingerprint_is_of_the_ids_and_names_in_any_order() -> None:
     images = [{"id": 2, "file_name": "b.png", "width": 3}, {"id": 1, "file_name": "a.png"}]
     same = images_fingerprint(images)
     assert same == images_fingerprint(list(reversed(images)))
-    assert same == images_fingerprint([{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}])
-    assert same != images_fingerprint([{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "c.png"}])
-    assert same != images_fingerprint([{"id": 1, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}])
+    assert same == images_fingerprint(
+        [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "b.png"}]
+    )
+    assert same != images_fingerprint(
+        [{"id": 1, "file_name": "a.png"}, {"id": 2, "file_name": "c.png"}]
+    )
+    assert same != images_fingerprint(
+        [{"id": 1, "file_name": "a.png"}, {"id": 3, "file_name": "b.png"}]
+    )
     assert same != images_fingerprint(images[:1])
     assert len(same) == 64
