@@ -45,6 +45,7 @@ pytestmark = pytest.mark.timeout(900)
 
 Spec = training_run_pb2.TrainingSpec
 EvaluationJob = worker_pb2.TrainingJob.EvaluationJob
+BaseModel = worker_pb2.TrainingJob.BaseModel
 CLASSES = ("dump", "tire")
 # The evaluation dataset's category ids: not 1..n, and "tire" first.
 CATEGORY_IDS = {"tire": 3, "dump": 7}
@@ -71,7 +72,7 @@ def training_job(run_id: str, dataset_uri: str) -> worker_pb2.TrainingJob:
 
 
 def evaluation_job(
-    model: EvaluationJob.BaseModel,
+    model: BaseModel,
     dataset_uri: str,
     *,
     split: str = "test",
@@ -147,8 +148,8 @@ def reshaped_dataset(folder: Path, *, images: int, seed: int) -> dict[str, Any]:
                 "id": 50_000 + annotation["id"],
                 "image_id": new_id,
                 "category_id": CATEGORY_IDS[old_names[annotation["category_id"]]],
+                # Neither `area` nor `iscrowd`: COCO files in the wild leave them out.
                 "bbox": [x + dx, y + dy, w, h],
-                "iscrowd": 0,
             }
         )
     # An image of the test split without objects: every detection on it is a false positive.
@@ -180,7 +181,7 @@ async def worker(
 
 
 @pytest.fixture(scope="module")
-async def model(worker: tuple[JetStreamContext, Subjects, Path]) -> EvaluationJob.BaseModel:
+async def model(worker: tuple[JetStreamContext, Subjects, Path]) -> BaseModel:
     """A model the worker trained, as an evaluation job names it."""
     js, subjects, root = worker
     make_dataset(root / "datasets" / "train", images=40, size=IMAGE_SIZE, seed=11)
@@ -190,7 +191,7 @@ async def model(worker: tuple[JetStreamContext, Subjects, Path]) -> EvaluationJo
     events = await events_until_terminal(js, subjects, run_id, timeout_s=600)
     assert kinds(events)[-1] == "succeeded", events[-1]
     artifacts = {a.kind: a for a in events[-1].succeeded.artifacts}
-    return EvaluationJob.BaseModel(
+    return BaseModel(
         name=f"trainedModels/{run_id}",
         architecture="rtmdet_tiny",
         classes=list(CLASSES),
@@ -220,6 +221,7 @@ def cocoeval(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> 
         gt.dataset = json.loads(json.dumps(ground_truth))
         for annotation in gt.dataset["annotations"]:
             annotation["area"] = annotation["bbox"][2] * annotation["bbox"][3]
+            annotation["iscrowd"] = 0
         gt.createIndex()
         evaluation = COCOeval(gt, gt.loadRes(detections), iouType="bbox")
         evaluation.evaluate()
@@ -230,7 +232,7 @@ def cocoeval(ground_truth: dict[str, Any], detections: list[dict[str, Any]]) -> 
 
 async def test_an_evaluation_reports_what_cocoeval_finds_on_its_detections(
     worker: tuple[JetStreamContext, Subjects, Path],
-    model: EvaluationJob.BaseModel,
+    model: BaseModel,
     reshaped: tuple[str, dict[str, Any]],
 ) -> None:
     js, subjects, root = worker
@@ -352,7 +354,7 @@ async def test_an_evaluation_reports_what_cocoeval_finds_on_its_detections(
 
 async def test_other_splits_see_other_images(
     worker: tuple[JetStreamContext, Subjects, Path],
-    model: EvaluationJob.BaseModel,
+    model: BaseModel,
     reshaped: tuple[str, dict[str, Any]],
 ) -> None:
     js, subjects, _ = worker
@@ -375,7 +377,7 @@ async def test_other_splits_see_other_images(
 
 async def test_a_cancel_request_stops_the_inference(
     worker: tuple[JetStreamContext, Subjects, Path],
-    model: EvaluationJob.BaseModel,
+    model: BaseModel,
     reshaped: tuple[str, dict[str, Any]],
 ) -> None:
     js, subjects, root = worker
@@ -394,7 +396,7 @@ async def test_a_cancel_request_stops_the_inference(
 
 async def test_jobs_that_cannot_be_evaluated_fail_with_their_reason(
     worker: tuple[JetStreamContext, Subjects, Path],
-    model: EvaluationJob.BaseModel,
+    model: BaseModel,
     reshaped: tuple[str, dict[str, Any]],
 ) -> None:
     js, subjects, root = worker
@@ -402,14 +404,14 @@ async def test_jobs_that_cannot_be_evaluated_fail_with_their_reason(
     make_dataset(root / "datasets" / "no-test", images=8, size=64, seed=2)
     no_test = str(root / "datasets" / "no-test" / "annotations.json")
 
-    corrupt = EvaluationJob.BaseModel()
+    corrupt = BaseModel()
     corrupt.CopyFrom(model)
     corrupt.checkpoint.sha256 = "0" * 64
-    strangers = EvaluationJob.BaseModel()
+    strangers = BaseModel()
     strangers.CopyFrom(model)
     del strangers.classes[:]
     strangers.classes.extend(["crane", "barrel"])
-    other_architecture = EvaluationJob.BaseModel()
+    other_architecture = BaseModel()
     other_architecture.CopyFrom(model)
     other_architecture.architecture = "retinanet_r18_fpn"
     cases = {
