@@ -4,6 +4,8 @@ dataset's category ids, detections in COCO results format and the images' finger
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -136,3 +138,14 @@ def test_the_fingerprint_is_of_the_ids_and_names_in_any_order() -> None:
     )
     assert same != images_fingerprint(images[:1])
     assert len(same) == 64
+
+
+def test_the_worker_side_of_an_evaluation_loads_no_training_stack() -> None:
+    code = (
+        "import sys, trainer_worker.pipeline, trainer_worker.evaluation; "
+        "print([m for m in ('torch', 'mmdet', 'mmengine', 'matplotlib') if m in sys.modules])"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "[]"
