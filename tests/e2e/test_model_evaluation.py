@@ -23,6 +23,8 @@ from nats.js import JetStreamContext
 from shared.infra import Infrastructure
 from shared.messaging import Subjects
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
+from shared.storage import Storage
+from tests.s3 import S3Server
 from tests.worker_jobs import (
     events_until_terminal,
     kinds,
@@ -482,3 +484,47 @@ async def test_jobs_that_cannot_be_evaluated_fail_with_their_reason(
         if case in ("strangers", "architecture"):
             assert str(root) not in failure.message, (case, failure.message)
         assert not (root / "evaluations" / run_id).exists(), case
+
+
+async def test_an_evaluation_of_an_s3_dataset_stores_its_artifacts_in_s3(
+    infrastructure: Infrastructure,
+    s3: S3Server,
+    model: BaseModel,
+    reshaped: tuple[str, dict[str, Any]],
+    tmp_path: Path,
+) -> None:
+    """The dataset and the findings in object storage: the ids and file names the findings
+    name are the annotation file's, and no local copy stays behind."""
+    dataset_uri, document = reshaped
+    folder = Path(dataset_uri).parent
+    for path in sorted(folder.rglob("*.*")):
+        if "source" not in path.relative_to(folder).parts:
+            s3.put(f"reshaped/{path.relative_to(folder).as_posix()}", path.read_bytes())
+    environment = WorkerEnvironment(
+        artifact_root=tmp_path,
+        device="cpu",
+        storage=Storage(artifact_root=tmp_path, artifact_store=s3.uri("store")),
+    )
+    async with running_consumer(
+        infrastructure.nats_url,
+        namespace="evaluation-s3",
+        worker_id="evaluation-s3-worker",
+        environment=environment,
+    ) as (js, subjects):
+        job = evaluation_job(model, s3.uri("reshaped/annotations.json"), samples=1)
+        run_id = await submit(js, subjects, job)
+        events = without_heartbeats(await events_until_terminal(js, subjects, run_id))
+    assert kinds(events)[-1] == "succeeded", events[-1]
+    succeeded = events[-1].succeeded
+    prefix = s3.uri(f"store/evaluations/{run_id}/")
+    for artifact in succeeded.artifacts:
+        assert artifact.uri == prefix + artifact.name
+        key = artifact.uri.removeprefix(f"s3://{s3.bucket}/")
+        assert s3.sha256(key) == artifact.sha256
+        assert len(s3.get(key)) == artifact.size_bytes
+    assert not (tmp_path / "evaluations" / run_id).exists(), "the local copies are gone"
+    test_images = {i["id"]: i["file_name"] for i in document["images"] if i["split"] == "test"}
+    assert succeeded.evaluation.image_count == len(test_images)
+    assert {(s.image_id, s.file_name) for s in succeeded.review.samples} <= set(test_images.items())
+    detections = json.loads(s3.get(f"store/evaluations/{run_id}/detections.json"))
+    assert {d["image_id"] for d in detections} <= set(test_images)
