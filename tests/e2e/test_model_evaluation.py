@@ -10,6 +10,7 @@ import hashlib
 import io
 import json
 import random
+import shutil
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -373,7 +374,7 @@ async def test_the_runs_own_val_split_scores_as_its_validation_did(
     """Split as the run split it, its val images give the mAP that mmdet's CocoMetric gave
     the best epoch: the same images, the same labels, the same inference. (mmdet rounds to 3
     digits and scores up to 300 detections an image, COCOeval's default 100.)"""
-    js, subjects, _ = worker
+    js, subjects, root = worker
     model, run = trained
     job = evaluation_job(
         model, "datasets/train/annotations.json", split="val", seed=0, val_fraction=0.25
@@ -389,6 +390,40 @@ async def test_the_runs_own_val_split_scores_as_its_validation_did(
         assert evaluation.metrics[name] == pytest.approx(run.evaluation.metrics[name], abs=0.01)
     for name, ap in run.evaluation.per_class_ap.items():
         assert evaluation.per_class_ap[name] == pytest.approx(ap, abs=0.01), name
+
+    # The same images under other ids, category ids and category order, named as the
+    # dataset's own test split: the same findings, class by class.
+    relabelled = relabelled_copy(root / "datasets" / "train", root / "datasets" / "relabelled", run)
+    job = evaluation_job(model, str(relabelled), split="test")
+    events = without_heartbeats(
+        await events_until_terminal(js, subjects, await submit(js, subjects, job))
+    )
+    assert kinds(events)[-1] == "succeeded", events[-1]
+    again = events[-1].succeeded.evaluation
+    assert again.image_count == evaluation.image_count
+    assert dict(again.metrics) == pytest.approx(dict(evaluation.metrics))
+    assert dict(again.per_class_ap) == pytest.approx(dict(evaluation.per_class_ap))
+
+
+def relabelled_copy(source: Path, target: Path, run: worker_pb2.WorkerEvent.Succeeded) -> Path:
+    """A copy of the run's dataset with image ids 5000 + 3 * id, "tire" as category 3 and
+    "dump" as 7 (listed tire first), the run's val images as the dataset's test split."""
+    split = next(a for a in run.artifacts if a.kind == "split")
+    val = set(json.loads(local(split).read_text())["val"])
+    document = json.loads((source / "annotations.json").read_text())
+    names = {c["id"]: c["name"] for c in document["categories"]}
+    for image in document["images"]:
+        image["split"] = "test" if image["id"] in val else "train"
+        image["id"] = 5000 + 3 * image["id"]
+    for annotation in document["annotations"]:
+        annotation["image_id"] = 5000 + 3 * annotation["image_id"]
+        annotation["category_id"] = CATEGORY_IDS[names[annotation["category_id"]]]
+    document["categories"] = [{"id": 3, "name": "tire"}, {"id": 7, "name": "dump"}]
+    # One image of the run's train split as val: the dataset's own splits need one.
+    next(i for i in document["images"] if i["split"] == "train")["split"] = "val"
+    shutil.copytree(source / "images", target / "images")
+    (target / "annotations.json").write_text(json.dumps(document))
+    return target / "annotations.json"
 
 
 async def test_other_splits_see_other_images(
