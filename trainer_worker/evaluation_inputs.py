@@ -54,7 +54,7 @@ def checked_request(split: str, *, score: float, iou: float, samples: int) -> Th
     return Thresholds(score=score, iou=iou, samples=samples)
 
 
-def split_image_ids(split: str, membership: Mapping[str, Sequence[int]]) -> list[int]:
+def split_image_ids(split: str, membership: Mapping[str, Any]) -> list[int]:
     """The image ids of `split` ("all": every split) from a split.json's membership; refused
     when the split holds no image (a dataset without a test split, say)."""
     if split == "all":

@@ -125,7 +125,7 @@ def reshaped_dataset(folder: Path, *, images: int, seed: int) -> dict[str, Any]:
         "info": {"description": "reshaped"},
         "categories": [
             {"id": CATEGORY_IDS[name], "name": name, "supercategory": "waste"}
-            for name in sorted(CATEGORY_IDS, key=CATEGORY_IDS.get)
+            for name in sorted(CATEGORY_IDS, key=lambda n: CATEGORY_IDS[n])
         ],
         "images": [],
         "annotations": [],
