@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated
 
 import grpc
 import typer
 from rich.console import Console, RenderableType
 
-from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from cli.client import UNARY_TIMEOUT_S, Clients, connect, err_console, exit_on_rpc_error
+from cli.downloads import DownloadMismatch, download
+from cli.evaluations import compare, evaluate, evaluation, evaluations
+from cli.publication import publications, publish, unpublish
 from cli.render import lineage_from_models, lineage_tree, model_details, models_table
 from cli.requests import model_name as to_model_name
 from cli.requests import run_name as to_run_name
@@ -16,6 +20,8 @@ from shared.proto.raven.training.v1 import trained_model_pb2
 
 app = typer.Typer(help="Trained models.", no_args_is_help=True)
 console = Console()
+for command in (evaluate, evaluations, evaluation, compare, publish, unpublish, publications):
+    app.command()(command)
 
 # A lineage deeper than this is a cycle in the data, not a family tree.
 MAX_LINEAGE_DEPTH = 100
@@ -85,3 +91,30 @@ def _walk_ancestors(clients: Clients, name: str) -> list[trained_model_pb2.Train
         chain.append(model)
         name = model.base_model
     return chain
+
+
+@app.command("download")
+@exit_on_rpc_error
+def download_artifact(
+    parent: Annotated[
+        str,
+        typer.Argument(
+            help="trainedModels/ID (or ID), trainingRuns/ID or trainedModels/M/evaluations/E."
+        ),
+    ],
+    artifact: Annotated[
+        str, typer.Argument(help="The artifact's name, or its kind.")
+    ] = "checkpoint",
+    out: Annotated[Path, typer.Option(help="Folder to write into.")] = Path("."),
+) -> None:
+    """Download any artifact of a model, run or evaluation, verified by its sha256."""
+    name = parent if "/" in parent else to_model_name(parent)
+    with connect() as clients:
+        try:
+            announced, path = download(clients, name, artifact, out)
+        except DownloadMismatch as error:
+            err_console.print(f"error {error}", highlight=False)
+            raise typer.Exit(1) from None
+    console.print(
+        f"{path} ({announced.size_bytes} bytes, sha256 {announced.sha256})", highlight=False
+    )

@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.text import Text
 
-from cli.client import UNARY_TIMEOUT_S, Clients, connect, exit_on_rpc_error
+from cli.client import UNARY_TIMEOUT_S, Clients, connect, err_console, exit_on_rpc_error
+from cli.downloads import DownloadMismatch, download
 from cli.render import event_text, run_details, runs_table, state_text
 from cli.requests import create_request
 from cli.requests import run_name as to_run_name
+from cli.review import metrics_plot, metrics_table
 from cli.watch import watch_run
 from shared.proto.raven.training.v1 import training_run_pb2
 
@@ -186,3 +189,49 @@ def _all_events(
         if not response.next_page_token:
             return found
         request.page_token = response.next_page_token
+
+
+@app.command()
+@exit_on_rpc_error
+def metrics(
+    name: Annotated[str, typer.Argument(help="trainingRuns/ID or ID.")],
+    plot: Annotated[bool, typer.Option(help="Draw loss and mAP per epoch.")] = True,
+) -> None:
+    """Per-epoch losses, learning rate and val mAP (the best epoch marked *), and a plot."""
+    with connect() as clients:
+        found = clients.runs.GetTrainingRunMetrics(
+            training_run_pb2.GetTrainingRunMetricsRequest(name=to_run_name(name)),
+            timeout=UNARY_TIMEOUT_S,
+        )
+    if not found.epochs:
+        console.print("no epoch has ended yet", highlight=False)
+        return
+    console.print(metrics_table(found))
+    drawn = metrics_plot(list(found.epochs), width=min(console.width, 100))
+    if plot and drawn:
+        console.print(Text(drawn))
+
+
+@app.command()
+@exit_on_rpc_error
+def report(
+    name: Annotated[str, typer.Argument(help="trainingRuns/ID or ID.")],
+    out: Annotated[Path, typer.Option(help="Folder to write the report into.")] = Path("."),
+) -> None:
+    """Download the run's training report (HTML with its plots), verified by sha256."""
+    run_name = to_run_name(name)
+    with connect() as clients:
+        run = clients.runs.GetTrainingRun(
+            training_run_pb2.GetTrainingRunRequest(name=run_name), timeout=UNARY_TIMEOUT_S
+        )
+        wanted = [a.name or a.kind for a in run.artifacts if a.kind in ("report", "plot")]
+        if not wanted:
+            err_console.print(f"{run_name} has no report (yet)", highlight=False)
+            raise typer.Exit(1)
+        try:
+            for artifact in wanted:
+                _, path = download(clients, run_name, artifact, out)
+                console.print(str(path), highlight=False)
+        except DownloadMismatch as error:
+            err_console.print(f"error {error}", highlight=False)
+            raise typer.Exit(1) from None

@@ -61,6 +61,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
         "dataset_uri": URI_MAX,
         "creator": IDENTITY_MAX,
         "order_by": 64,
+        "kinds": 4,
     },
     "CancelTrainingRunRequest": {"name": _NAME, "reason": REASON_MAX},
     "DeleteTrainingRunRequest": {"name": _NAME, "etag": ETAG_MAX},
@@ -100,6 +101,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
         "reason": REASON_MAX,
         "etag": ETAG_MAX,
         "evaluation_split": 32,
+        "incumbent_metric": 128,
     },
     "UnpublishTrainedModelRequest": {"name": _NAME, "reason": REASON_MAX, "etag": ETAG_MAX},
     "ListPublicationEventsRequest": {
@@ -110,6 +112,29 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
     "GetTrainedModelLineageRequest": {"name": _NAME},
     "DownloadTrainedModelRequest": {"name": _NAME, "artifact_kind": 32},
     "DeleteTrainedModelRequest": {"name": _NAME, "etag": ETAG_MAX},
+    "EvaluateTrainedModelRequest": {
+        "trained_model": _NAME,
+        "dataset_uri": URI_MAX,
+        "image_root": URI_MAX,
+        "split_of": _NAME,
+        "split": 16,
+        "request_id": REQUEST_ID_MAX,
+    },
+    "GetModelEvaluationRequest": {"name": _NAME},
+    "ListModelEvaluationsRequest": {
+        "trained_model": _NAME,
+        "dataset_fingerprint": 128,
+        "split": 16,
+        "states": 16,
+        "page_token": PAGE_TOKEN_MAX,
+    },
+    "CancelModelEvaluationRequest": {"name": _NAME, "reason": REASON_MAX},
+    "CompareTrainedModelsRequest": {
+        "trained_models": 20,
+        "dataset_fingerprint": 128,
+        "split": 16,
+    },
+    "DownloadArtifactRequest": {"parent": _NAME, "artifact": 256},
     "ListAuditRecordsRequest": {
         "page_token": PAGE_TOKEN_MAX,
         "identity": IDENTITY_MAX,
@@ -122,6 +147,7 @@ _BOUNDS: Mapping[str, Mapping[str, int]] = {
 # Element strings of repeated fields, where they differ from the default.
 _ITEM_BOUNDS: Mapping[str, Mapping[str, int]] = {
     "ImportTrainedModelRequest.Metadata": {"classes": CLASS_NAME_MAX},
+    "CompareTrainedModelsRequest": {"trained_models": _NAME},
 }
 
 # Fields of a resource that requests carry but the server never reads (it sets them):
@@ -146,6 +172,8 @@ _OUTPUT_ONLY: Mapping[str, frozenset[str]] = {
             "best_evaluation",
             "retry_of",
             "test_evaluation",
+            "kind",
+            "model_evaluation",
         }
     ),
     "TrainedModel": frozenset(

@@ -1,4 +1,5 @@
-"""Resource names: `trainingRuns/{uuid}` and `trainedModels/{uuid}`."""
+"""Resource names: `trainingRuns/{uuid}`, `trainedModels/{uuid}` and a model's
+`trainedModels/{uuid}/evaluations/{uuid}`."""
 
 from __future__ import annotations
 
@@ -34,3 +35,29 @@ def run_name(id_: uuid.UUID | str) -> str:
 
 def model_name(id_: uuid.UUID | str) -> str:
     return format_name(TRAINED_MODELS, id_)
+
+
+EVALUATIONS = "evaluations"
+
+
+def evaluation_name(model_id: uuid.UUID | str, evaluation_id: uuid.UUID | str) -> str:
+    return f"{model_name(model_id)}/{EVALUATIONS}/{evaluation_id}"
+
+
+def parse_evaluation_name(name: str, *, field: str = "name") -> tuple[uuid.UUID, uuid.UUID]:
+    """The model's and the evaluation's ids in `trainedModels/{uuid}/evaluations/{uuid}`;
+    INVALID_ARGUMENT naming `field` when it is not one."""
+    parts = name.split("/")
+    if len(parts) == 4 and parts[0] == TRAINED_MODELS and parts[2] == EVALUATIONS:
+        try:
+            return uuid.UUID(parts[1]), uuid.UUID(parts[3])
+        except ValueError:
+            pass
+    raise InvalidArgument(
+        [
+            FieldViolation(
+                field,
+                f"expected {TRAINED_MODELS}/{{uuid}}/{EVALUATIONS}/{{uuid}}, got {quote(name)}",
+            )
+        ]
+    )

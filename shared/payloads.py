@@ -23,6 +23,8 @@ class Artifact:
     uri: str = ""
     size_bytes: int = 0
     sha256: str = ""
+    # Unique among one resource's artifacts: what DownloadArtifact takes ("worst-1.png").
+    name: str = ""
     # The epoch of a stored checkpoint; not part of the wire message.
     epoch: int | None = None
 
@@ -30,6 +32,7 @@ class Artifact:
         data = json_shape.drop_defaults(
             {
                 "kind": self.kind,
+                "name": self.name,
                 "uri": self.uri,
                 "size_bytes": json_shape.int64(self.size_bytes),
                 "sha256": self.sha256,
@@ -47,6 +50,7 @@ class Artifact:
             uri=str(data.get("uri", "")),
             size_bytes=int(data.get("size_bytes", 0)),
             sha256=str(data.get("sha256", "")),
+            name=str(data.get("name", "")),
             epoch=int(epoch) if epoch is not None else None,
         )
 

@@ -109,6 +109,9 @@ class Succeeded:
     epochs: Sequence[EpochMetrics] = ()
     # The test split's evaluation of the best epoch's checkpoint, when there is a test split.
     test_evaluation: Evaluation | None = None
+    # An evaluation job's findings: the proto JSON of DetectionReview (its curves and
+    # matrix are stored and served as they came, so they stay in that shape).
+    review: Mapping[str, Any] | None = None
 
     def to_json(self) -> Json:
         return drop_defaults(
@@ -118,6 +121,7 @@ class Succeeded:
                 "evaluation": to_json_or_none(self.evaluation),
                 "epochs": [e.to_json() for e in self.epochs],
                 "test_evaluation": to_json_or_none(self.test_evaluation),
+                "review": dict(self.review) if self.review else None,
             }
         )
 
@@ -222,6 +226,7 @@ _FROM_JSON: dict[ReportKind, Callable[[Mapping[str, Any]], Report]] = {
         evaluation=_optional_evaluation(d.get("evaluation")),
         epochs=[EpochMetrics.from_json(e) for e in d.get("epochs", ())],
         test_evaluation=_optional_evaluation(d.get("test_evaluation")),
+        review=dict(d["review"]) if d.get("review") else None,
     ),
     ReportKind.FAILED: lambda d: Failed(
         reason=str(d.get("reason", "")),

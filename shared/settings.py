@@ -54,6 +54,12 @@ class Settings(BaseSettings):
     # Publication policy: a model needs at least this coco/bbox_mAP to be published
     # (a request may ask for more, never less); None leaves it to the request.
     publish_min_bbox_map: float | None = Field(default=None, ge=0, le=1)
+    # Publication policy: a model may replace a channel's model (its incumbent) only when
+    # evaluated on the same images as the incumbent and not worse there by more than the
+    # tolerance (on the request's metric, coco/bbox_mAP by default). A request may ask for
+    # the comparison, or a smaller tolerance, never waive or loosen the policy's.
+    publish_require_incumbent: bool = False
+    publish_incumbent_tolerance: float = Field(default=0.0, ge=0, le=1)
     # The channel a publish request without one goes to.
     default_publish_channel: str = "production"
     # Seconds the child process that checks an imported config and checkpoint may take.

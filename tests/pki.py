@@ -100,6 +100,18 @@ class Pki:
             certificate_chain=certs.cert_pem(cert),
         )
 
+    def client_files(self, uri: str) -> tuple[Path, Path]:
+        """A client certificate and key with this URI SAN, written to files (what a CLI
+        user points RAVEN_TLS_CERT_FILE and RAVEN_TLS_KEY_FILE at)."""
+        folder = self.directory / "clients" / uri.rsplit("/", 1)[-1]
+        cert_file, key_file = folder / "client.crt", folder / "client.key"
+        if not cert_file.is_file():
+            folder.mkdir(parents=True, exist_ok=True)
+            cert, key = certs.issue(self.ca, self._ca_key, uris=[uri])
+            certs.write_cert(cert_file, cert)
+            certs.write_key(key_file, key)
+        return cert_file, key_file
+
     def channel(self, port: int, *uris: str, **kwargs: Any) -> grpc.aio.Channel:
         return grpc.aio.secure_channel(f"127.0.0.1:{port}", self.credentials(*uris, **kwargs))
 

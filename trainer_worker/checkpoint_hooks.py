@@ -1,5 +1,6 @@
 """The training child's checkpoints: each reported once its epoch is validated, only the
-best and the latest kept on disk, and the test split evaluated with the best one.
+best and the latest kept on disk (with their validation's detections, for the run's
+report), and the test split evaluated with the best one.
 
 Imported only inside the child process (it imports mmengine and torch).
 """
@@ -13,6 +14,8 @@ from typing import Any
 from mmengine.hooks import Hook
 
 from shared.metrics import best_epoch
+from trainer_worker import detections
+from trainer_worker.distributed import is_rank_zero
 from trainer_worker.hooks import HISTORY_KEY, EventWriter, finite_floats
 from trainer_worker.protocol import CheckpointWritten, Evaluated, checkpoint_epochs
 
@@ -57,7 +60,8 @@ class CheckpointReportHook(Hook):  # type: ignore[misc]
 
 
 class PruneCheckpointsHook(Hook):  # type: ignore[misc]
-    """Keeps only the best epoch's and the latest checkpoint (for resume) on disk.
+    """Keeps only the best epoch's and the latest checkpoint (for resume) on disk, and the
+    detections of those epochs' validations (CocoMetric dumps them; rank 0 only).
 
     A resumed attempt starts with the validations of the earlier epochs whose checkpoints
     the worker put in its work dir (the best one's, the one resumed from): the best epoch
@@ -86,6 +90,7 @@ class PruneCheckpointsHook(Hook):  # type: ignore[misc]
         work_dir = Path(runner.work_dir)
         for stale in checkpoint_epochs(work_dir) - {best, epoch}:
             (work_dir / f"epoch_{stale}.pth").unlink(missing_ok=True)
+        _keep_detections(work_dir, "val", epoch, keep={epoch, best if best is not None else epoch})
 
     def best(self, runner: Any) -> int | None:
         """The epoch whose checkpoint the run keeps: chosen among this attempt's validations
@@ -108,6 +113,7 @@ def evaluate_test_split(runner: Any, *, epoch: int, writer: EventWriter) -> bool
     # `runner.test()` loads nothing more: `train()` already ran its load_or_resume.
     load_checkpoint(model, str(checkpoint), map_location="cpu", logger=runner.logger)
     metrics = runner.test()
+    _keep_detections(Path(runner.work_dir), "test", epoch, keep={epoch})
     writer.send(
         Evaluated(
             epoch=epoch,
@@ -117,3 +123,16 @@ def evaluate_test_split(runner: Any, *, epoch: int, writer: EventWriter) -> bool
         )
     )
     return True
+
+
+def _keep_detections(work_dir: Path, split: str, epoch: int, *, keep: set[int]) -> None:
+    """Names the evaluation's dump of `split` after `epoch` and drops other epochs' but
+    `keep`: a val dump is as large as the split times the detections per image. Rank 0
+    alone dumps (CocoMetric computes there), and alone renames: the ranks share a work dir."""
+    if not is_rank_zero():
+        return
+    dumped = detections.dumped(work_dir, split)
+    if dumped.is_file():
+        dumped.replace(detections.of_epoch(work_dir, split, epoch))
+    for stale in detections.kept_epochs(work_dir, split) - keep:
+        detections.of_epoch(work_dir, split, stale).unlink(missing_ok=True)

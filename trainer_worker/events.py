@@ -59,7 +59,11 @@ def succeeded(outcome: TrainingSucceeded) -> worker_pb2.WorkerEvent.Succeeded:
     message = worker_pb2.WorkerEvent.Succeeded(
         artifacts=[
             common_pb2.Artifact(
-                kind=a.kind, uri=a.path.as_uri(), size_bytes=a.size_bytes, sha256=a.sha256
+                kind=a.kind,
+                name=a.name,
+                uri=a.path.as_uri(),
+                size_bytes=a.size_bytes,
+                sha256=a.sha256,
             )
             for a in outcome.artifacts
         ],

@@ -27,10 +27,12 @@ from trainer_worker.protocol import (
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArtifactFile:
-    kind: str  # "config" | "checkpoint" | "metrics" | "split" | "log"
+    kind: str  # "config" | "checkpoint" | "metrics" | "split" | "log" | "report" | "plot"
     path: Path
     size_bytes: int
     sha256: str
+    # Set where a kind has several files (the plots): what a download names.
+    name: str = ""
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -43,6 +43,7 @@ from trainer_worker.training import (
     TrainingSucceeded,
     run_training,
 )
+from trainer_worker.training_report import with_report
 from trainer_worker.upload import store_results, stored_log, upload_failure
 
 __all__ = ["JobControl", "JobOutcome", "ResumePoint", "WorkerEnvironment", "execute_job"]
@@ -130,6 +131,15 @@ async def _train(attempt: Attempt) -> TrainingOutcome:
         # The best epoch's evaluation, like every validation, covered the val split.
         outcome = dataclasses.replace(
             outcome, val_image_count=prepared.val_image_count, data_loading=placement.loading
+        )
+        outcome = await with_report(
+            outcome,
+            prepared=prepared,
+            title=f"Training report: {attempt.job.training_run}",
+            architecture=plan.architecture,
+            work_dir=attempt.work_dir,
+            artifact_dir=model_dir(attempt.environment.artifact_root, attempt.run_id),
+            notice=attempt.notice,
         )
     return outcome
 

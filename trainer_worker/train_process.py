@@ -77,6 +77,7 @@ def main(argv: list[str]) -> int:
         )
 
     _use_amp_on_cuda(cfg)
+    _dump_detections(cfg)
     use_launcher(cfg)
     deterministic = bool(cfg.get("raven", {}).get("deterministic"))
     if deterministic:
@@ -123,6 +124,19 @@ def _use_amp_on_cuda(cfg: Any) -> None:
     wanted = cfg.get("raven", {}).get("mixed_precision")
     if wanted is not False and torch.cuda.is_available():
         cfg.optim_wrapper.type = "AmpOptimWrapper"
+
+
+def _dump_detections(cfg: Any) -> None:
+    """Each evaluation leaves its detections in the work dir (trainer_worker.detections):
+    the run's report pictures the kept model's predictions with them."""
+    from trainer_worker import detections
+
+    work_dir = Path(cfg.work_dir)
+    detections.folder(work_dir).mkdir(parents=True, exist_ok=True)
+    cfg.val_evaluator.outfile_prefix = detections.outfile_prefix(work_dir, "val")
+    # Without a test split the config's test evaluator is its val evaluator, never run.
+    if cfg.get("raven", {}).get("test_after_training"):
+        cfg.test_evaluator.outfile_prefix = detections.outfile_prefix(work_dir, "test")
 
 
 def _weights_only(

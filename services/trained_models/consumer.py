@@ -1,6 +1,8 @@
-"""Registers the model of every succeeded run (the `training_run.succeeded` events).
+"""Registers the model of every succeeded training run (the `training_run.succeeded`
+events); an evaluation job's success registers nothing (its findings are its evaluation's).
 
-The event names the run; the model is made from the run's record (handlers.register_from_run).
+The event names the run; the model is made from the run's record (handlers.register_from_run),
+which is only a training run's.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ from services.trained_models.unit_of_work import UnitOfWork
 from shared.consumer import Unprocessable
 from shared.errors import InvalidArgument
 from shared.names import TRAINING_RUNS, parse_name
-from shared.proto.raven.training.v1.training_run_pb2 import TrainingRunStateChanged
+from shared.proto.raven.training.v1.training_run_pb2 import TrainingRun, TrainingRunStateChanged
 
 
 class RunSucceededHandler:
@@ -24,8 +26,10 @@ class RunSucceededHandler:
 
     async def __call__(self, msg: Msg) -> None:
         try:
-            name = TrainingRunStateChanged.FromString(msg.data).training_run.name
-            run_id = parse_name(name, TRAINING_RUNS)
+            run = TrainingRunStateChanged.FromString(msg.data).training_run
+            run_id = parse_name(run.name, TRAINING_RUNS)
         except (DecodeError, InvalidArgument) as error:
             raise Unprocessable(f"not a TrainingRun completion: {error}") from error
+        if run.kind == TrainingRun.EVALUATION:
+            return
         await register_from_run(self._uow_factory(), run_id)

@@ -207,4 +207,7 @@ class PublicationEvent:
     time: datetime
     replaced_model_id: uuid.UUID | None = None
     bbox_map: float | None = None
+    # Proto JSON of IncumbentComparison: what a publication that had to match the
+    # channel's model was compared on.
+    incumbent_comparison: dict[str, Any] | None = None
     id: int | None = None

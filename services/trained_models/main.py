@@ -7,9 +7,11 @@ import structlog
 from services.trained_models.consumer import RunSucceededHandler
 from services.trained_models.handlers import remove_deleted_files
 from services.trained_models.importing import ImportPolicy
+from services.trained_models.incumbent import IncumbentPolicy
 from services.trained_models.publication import PublicationPolicy
 from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
+from services.training_runs.unit_of_work import UnitOfWork as JobsUnitOfWork
 from shared.consumer import consume
 from shared.process import Loop
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
@@ -30,6 +32,11 @@ class TrainedModelsApp(ServiceApp):
         def uow_factory() -> UnitOfWork:
             return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
 
+        def jobs_uow_factory() -> JobsUnitOfWork:
+            return JobsUnitOfWork(
+                wiring.sessions, self.subjects, read_sessions=wiring.read_sessions
+            )
+
         storage = Storage.from_settings(self.settings)
         servicer = TrainedModelServicer(
             uow_factory=uow_factory,
@@ -38,12 +45,17 @@ class TrainedModelsApp(ServiceApp):
                 storage=storage,
                 default_channel=self.settings.default_publish_channel,
                 min_bbox_map=self.settings.publish_min_bbox_map,
+                incumbent_policy=IncumbentPolicy(
+                    require=self.settings.publish_require_incumbent,
+                    tolerance=self.settings.publish_incumbent_tolerance,
+                ),
             ),
             import_policy=ImportPolicy(
                 storage=storage,
                 verify_timeout_s=self.settings.import_verify_timeout_s,
                 max_bytes=self.settings.import_max_bytes,
             ),
+            jobs_uow_factory=jobs_uow_factory,
         )
         trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(
             servicer, wiring.server.server

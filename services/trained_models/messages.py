@@ -9,6 +9,7 @@ from typing import Any
 
 from google.protobuf.message import Message
 
+from services.trained_models.comparison import ComparedModels
 from services.trained_models.domain import Lineage, LineageNode, PublicationEvent, TrainedModel
 from shared.messaging import Subjects
 from shared.names import model_name, run_name
@@ -114,7 +115,29 @@ def publication_event_to_proto(event: PublicationEvent) -> trained_model_pb2.Pub
     )
     if event.bbox_map is not None:
         message.bbox_map = event.bbox_map
+    if event.incumbent_comparison:
+        parse(event.incumbent_comparison, message.incumbent_comparison)
     return message
+
+
+def comparison_to_proto(compared: ComparedModels) -> trained_model_pb2.ModelComparison:
+    table = compared.table
+    return trained_model_pb2.ModelComparison(
+        dataset_fingerprint=table.images.dataset_fingerprint,
+        split=table.images.split,
+        images_fingerprint=table.images.images_fingerprint,
+        image_count=table.image_count,
+        metrics=table.metrics,
+        rows=[
+            trained_model_pb2.ModelComparison.Row(
+                trained_model=model_name(model_id),
+                display_name=compared.display_names.get(model_id, ""),
+                evaluation=record.name,
+                values=dict(record.values),
+            )
+            for model_id, record in table.rows
+        ],
+    )
 
 
 def _node(node: LineageNode) -> trained_model_pb2.TrainedModelLineage.LineageNode:

@@ -6,17 +6,18 @@ from __future__ import annotations
 import re
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import structlog
 
-from services.trained_models import artifacts
+from services.trained_models import artifacts, incumbent
 from services.trained_models.domain import (
     Origin,
     PublicationAction,
     PublicationEvent,
     TrainedModel,
 )
+from services.trained_models.evaluation_reads import EvaluationReads
 from services.trained_models.handlers import Clock, check_etag, get_model, utcnow
 from services.trained_models.unit_of_work import UnitOfWork
 from shared import limits
@@ -39,6 +40,10 @@ class PublishCommand:
     min_bbox_map: float | None = None
     evaluation_split: str = ""
     evaluation_epoch: int | None = None
+    # None: the server's policy decides whether to compare with the channel's model.
+    beat_incumbent: bool | None = None
+    incumbent_metric: str = ""
+    incumbent_tolerance: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -49,6 +54,7 @@ class PublicationPolicy:
     storage: Storage
     default_channel: str
     min_bbox_map: float | None = None
+    incumbent_policy: incumbent.IncumbentPolicy = field(default_factory=incumbent.IncumbentPolicy)
 
 
 def _validate(command: PublishCommand) -> None:
@@ -65,6 +71,9 @@ def _validate(command: PublishCommand) -> None:
         violations.check(0.0 <= command.min_bbox_map <= 1.0, "min_bbox_map", "between 0 and 1")
     violations.check(
         command.evaluation_split in ("", "val", "test"), "evaluation_split", "'val' or 'test'"
+    )
+    incumbent.validate(
+        violations, metric=command.incumbent_metric, tolerance=command.incumbent_tolerance
     )
     violations.raise_if_any()
 
@@ -96,6 +105,49 @@ def _check_evaluation(
     )
 
 
+async def _precheck_incumbent(
+    uow: UnitOfWork, model: TrainedModel, command: PublishCommand, policy: PublicationPolicy
+) -> None:
+    """The comparison with the channel's model as it is now, before the model's files
+    are hashed: a candidate that falls short is told so in milliseconds, not after
+    reading gigabytes. The comparison that counts is made again under the channel's lock."""
+    rule = _rule(command, policy)
+    if rule is None:
+        return
+    async with uow.reading():
+        reads = EvaluationReads(uow.session)
+        incumbent_id = await reads.published_in(command.channel)
+        if incumbent_id is None or incumbent_id == model.id:
+            return
+        records = await reads.succeeded([model.id, incumbent_id])
+    incumbent.compare(model.id, incumbent_id, records, rule)
+
+
+def _rule(command: PublishCommand, policy: PublicationPolicy) -> incumbent.IncumbentRule | None:
+    return incumbent.rule_for(
+        policy.incumbent_policy,
+        beat_incumbent=command.beat_incumbent,
+        metric=command.incumbent_metric,
+        tolerance=command.incumbent_tolerance,
+    )
+
+
+async def _compare_with(
+    uow: UnitOfWork,
+    model: TrainedModel,
+    replaced: TrainedModel | None,
+    command: PublishCommand,
+    policy: PublicationPolicy,
+) -> incumbent.Comparison | None:
+    """The comparison with the channel's model that this publication needs, or None
+    when it needs none (not asked for, not required, or an empty channel)."""
+    rule = _rule(command, policy)
+    if rule is None or replaced is None:
+        return None
+    records = await EvaluationReads(uow.session).succeeded([model.id, replaced.id])
+    return incumbent.compare(model.id, replaced.id, records, rule)
+
+
 async def publish(
     uow: UnitOfWork, command: PublishCommand, policy: PublicationPolicy, *, clock: Clock = utcnow
 ) -> TrainedModel:
@@ -108,6 +160,7 @@ async def publish(
     check_etag(model, command.etag)
     await _check_origin(uow, model)
     _check_evaluation(model, command, policy)
+    await _precheck_incumbent(uow, model, command, policy)
     # Files are re-read outside the transaction: hashing a checkpoint takes seconds and
     # artifacts never change in place, so holding locks across it would buy nothing.
     await artifacts.verify_all(model.artifacts, policy.storage)
@@ -125,6 +178,9 @@ async def publish(
         if not model.publish(channel=command.channel, actor=command.actor, now=now):
             return model
         replaced = await uow.models.published_in(command.channel)
+        # Read under the channel's lock: the comparison is with the model this
+        # publication replaces, not one that was there a moment ago.
+        comparison = await _compare_with(uow, model, replaced, command, policy)
         if replaced is not None:
             replaced.unpublish(now=now)
             await uow.publications.add(
@@ -148,6 +204,7 @@ async def publish(
                 time=now,
                 replaced_model_id=replaced.id if replaced else None,
                 bbox_map=model.bbox_map,
+                incumbent_comparison=comparison.to_json() if comparison else None,
             )
         )
         await uow.commit()
@@ -157,6 +214,7 @@ async def publish(
         channel=command.channel,
         replaced=str(replaced.id) if replaced else None,
         event_id=event_id,
+        compared=comparison.incumbent_evaluation if comparison else None,
     )
     return model
 

@@ -142,8 +142,9 @@ class TrainedModelRepository(TrackingRepository[TrainedModel]):
         return self._loaded(rows.to_model(row)) if row else None
 
     async def succeeded_run(self, run_id: uuid.UUID) -> dict[str, Any] | None:
-        """What the model of a succeeded run is made of, as its row records it; None when
-        the run did not succeed or does not exist (any more)."""
+        """What the model of a succeeded training run is made of, as its row records it;
+        None when the run did not succeed, is an evaluation job, or does not exist (any
+        more)."""
         r = training_runs.c
         query = select(
             r.display_name,
@@ -156,7 +157,12 @@ class TrainedModelRepository(TrackingRepository[TrainedModel]):
             r.test_evaluation,
             r.facts,
             r.creator,
-        ).where(r.id == run_id, r.state == "SUCCEEDED")
+        ).where(
+            # An evaluation job's success makes no model.
+            r.id == run_id,
+            r.state == "SUCCEEDED",
+            r.kind == "training",
+        )
         row = (await self._session.execute(query)).first()
         return dict(row._mapping) if row else None
 

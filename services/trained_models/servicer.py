@@ -2,27 +2,42 @@
 
 from __future__ import annotations
 
+import hashlib
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import asdict
 
 import grpc
 
-from services.trained_models import handlers, importing, publication
+from services.trained_models import (
+    artifact_choice,
+    comparing,
+    downloads,
+    evaluations,
+    handlers,
+    importing,
+    publication,
+)
 from services.trained_models.domain import TrainedModel
+from services.trained_models.evaluations_messages import evaluation_to_proto
 from services.trained_models.messages import (
+    comparison_to_proto,
     lineage_to_proto,
     model_to_proto,
     publication_event_to_proto,
 )
 from services.trained_models.repository import ModelFilter
 from services.trained_models.unit_of_work import UnitOfWork
+from services.training_runs.domain import RunState
+from services.training_runs.domain.evaluation import SPLITS
+from services.training_runs.repository import EvaluationFilter
+from services.training_runs.unit_of_work import UnitOfWork as JobsUnitOfWork
 from shared import pagination
 from shared.errors import FieldViolation, InvalidArgument, NotFound
 from shared.identity import caller_identity, missing, owner_scope, require_visible, visible
 from shared.metrics import ORDER_BY_PRIMARY
-from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_name
-from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc
+from shared.names import TRAINED_MODELS, TRAINING_RUNS, parse_evaluation_name, parse_name
+from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2_grpc, training_run_pb2
 from shared.proto.raven.training.v1 import trained_model_pb2 as pb
 from shared.proto_json import optional_time, parse
 from shared.storage import Storage
@@ -35,6 +50,8 @@ _ORDERS = {
     ORDER_BY_PRIMARY: ORDER_BY_PRIMARY,
 }
 DEFAULT_DESCENDANT_DEPTH = 3
+# ListModelEvaluationsRequest.trained_model naming every model.
+ALL_MODELS = "trainedModels/-"
 
 
 class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
@@ -45,8 +62,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
         storage: Storage,
         publish_policy: publication.PublicationPolicy,
         import_policy: importing.ImportPolicy,
+        jobs_uow_factory: Callable[[], JobsUnitOfWork],
     ) -> None:
         self._uow = uow_factory
+        # Evaluations are jobs on the training queue: written by the runs' unit of work.
+        self._jobs_uow = jobs_uow_factory
         self._storage = storage
         self._publish_policy = publish_policy
         self._import_policy = import_policy
@@ -182,6 +202,11 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             evaluation_epoch=request.evaluation_epoch
             if request.HasField("evaluation_epoch")
             else None,
+            beat_incumbent=request.beat_incumbent if request.HasField("beat_incumbent") else None,
+            incumbent_metric=request.incumbent_metric,
+            incumbent_tolerance=request.incumbent_tolerance
+            if request.HasField("incumbent_tolerance")
+            else None,
         )
         model = await publication.publish(self._uow(), command, self._publish_policy)
         return model_to_proto(model)
@@ -245,6 +270,42 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             else:
                 yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
 
+    async def CompareTrainedModels(
+        self, request: pb.CompareTrainedModelsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelComparison:
+        command = comparing.CompareCommand(
+            model_ids=[
+                parse_name(name, TRAINED_MODELS, field=f"trained_models[{i}]")
+                for i, name in enumerate(request.trained_models)
+            ],
+            dataset_fingerprint=request.dataset_fingerprint,
+            split=request.split,
+            owner=owner_scope(context, TRAINED_MODELS),
+        )
+        return comparison_to_proto(await comparing.compare(self._uow(), command))
+
+    async def DownloadArtifact(
+        self, request: pb.DownloadArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[pb.DownloadTrainedModelResponse]:
+        parent = artifact_choice.parse_parent(request.parent)
+        artifact_choice.validate_wanted(request.artifact)
+        if parent.kind is artifact_choice.ParentKind.RUN:
+            await require_visible(
+                context,
+                TRAINING_RUNS,
+                parent.id,
+                lambda run_id: downloads.run_creator(self._uow(), run_id),
+            )
+        else:
+            assert parent.model_id is not None
+            await self._require_visible(parent.model_id, context)
+        parts = downloads.download(self._uow(), parent, request.artifact, storage=self._storage)
+        async for part in parts:
+            if isinstance(part, bytes):
+                yield pb.DownloadTrainedModelResponse(chunk=part)
+            else:
+                yield pb.DownloadTrainedModelResponse(artifact=parse(part, common_pb2.Artifact()))
+
     async def DeleteTrainedModel(
         self, request: pb.DeleteTrainedModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.DeleteTrainedModelResponse:
@@ -257,6 +318,93 @@ class TrainedModelServicer(trained_model_pb2_grpc.TrainedModelServiceServicer):
             storage=self._storage,
         )
         return pb.DeleteTrainedModelResponse()
+
+    async def EvaluateTrainedModel(
+        self, request: pb.EvaluateTrainedModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelEvaluation:
+        model_id = await self._visible_id(request.trained_model, context, field="trained_model")
+        command = evaluations.EvaluateModel(
+            trained_model_id=model_id,
+            dataset_uri=request.dataset_uri.strip(),
+            image_root=request.image_root.strip(),
+            split_of=request.split_of,
+            split=request.split.strip(),
+            score_threshold=request.score_threshold
+            if request.HasField("score_threshold")
+            else None,
+            iou_threshold=request.iou_threshold if request.HasField("iou_threshold") else None,
+            samples=request.samples if request.HasField("samples") else None,
+            device=training_run_pb2.TrainingSpec.Device.Name(request.device),
+            request_id=request.request_id,
+            creator=caller_identity(context),
+            request_hash="evaluate:"
+            + hashlib.sha256(request.SerializeToString(deterministic=True)).hexdigest(),
+            model_owner=owner_scope(context, TRAINED_MODELS),
+            run_owner=owner_scope(context, TRAINING_RUNS),
+        )
+        job = await evaluations.evaluate_model(self._jobs_uow(), command, storage=self._storage)
+        return evaluation_to_proto(job)
+
+    async def GetModelEvaluation(
+        self, request: pb.GetModelEvaluationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelEvaluation:
+        model_id, evaluation_id = await self._visible_evaluation(request.name, context)
+        job = await evaluations.get_evaluation(self._jobs_uow(), model_id, evaluation_id)
+        return evaluation_to_proto(job)
+
+    async def ListModelEvaluations(
+        self, request: pb.ListModelEvaluationsRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ListModelEvaluationsResponse:
+        model_id = None
+        if request.trained_model != ALL_MODELS:
+            model_id = await self._visible_id(request.trained_model, context, field="trained_model")
+            # An unknown model is NOT_FOUND, not a model without evaluations.
+            await handlers.get_model(self._uow(), model_id)
+        split = request.split.strip()
+        if split and split not in SPLITS:
+            raise InvalidArgument(
+                [FieldViolation("split", "one of: " + ", ".join(repr(s) for s in SPLITS))]
+            )
+        filter_ = EvaluationFilter(
+            trained_model_id=model_id,
+            dataset_fingerprint=request.dataset_fingerprint.strip(),
+            split=split,
+            states=tuple(
+                RunState(training_run_pb2.TrainingRun.State.Name(s)) for s in request.states if s
+            ),
+            model_creator=owner_scope(context, TRAINED_MODELS),
+        )
+        size = pagination.page_size(request.page_size)
+        fingerprint = pagination.query_fingerprint(evaluations.filter_key(filter_))
+        after = pagination.decode(request.page_token, fingerprint)
+        jobs = await evaluations.list_evaluations(
+            self._jobs_uow(), filter_, limit=size + 1, after=after
+        )
+        page, token = pagination.rendered_page(
+            jobs, size, evaluations.cursor, fingerprint, evaluation_to_proto
+        )
+        return pb.ListModelEvaluationsResponse(evaluations=page, next_page_token=token)
+
+    async def CancelModelEvaluation(
+        self, request: pb.CancelModelEvaluationRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelEvaluation:
+        model_id, evaluation_id = await self._visible_evaluation(request.name, context)
+        job = await evaluations.cancel_evaluation(
+            self._jobs_uow(),
+            model_id,
+            evaluation_id,
+            reason=request.reason,
+            actor=caller_identity(context),
+        )
+        return evaluation_to_proto(job)
+
+    async def _visible_evaluation(
+        self, name: str, context: grpc.aio.ServicerContext
+    ) -> tuple[uuid.UUID, uuid.UUID]:
+        """The ids in an evaluation's name, whose model the caller may see (else NOT_FOUND)."""
+        model_id, evaluation_id = parse_evaluation_name(name)
+        await self._require_visible(model_id, context)
+        return model_id, evaluation_id
 
     async def _visible_id(
         self, name: str, context: grpc.aio.ServicerContext, *, field: str = "name"

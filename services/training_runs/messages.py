@@ -12,7 +12,7 @@ from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
 from shared.json_shape import Payload
 from shared.messaging import Subjects
-from shared.names import model_name, run_name
+from shared.names import evaluation_name, model_name, run_name
 from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.proto_json import parse, timestamp
@@ -57,6 +57,10 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         etag=run.etag,
         retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
         artifacts=[parse(a.to_json(), common_pb2.Artifact()) for a in run.artifacts],
+        kind=run.kind.name,
+        model_evaluation=evaluation_name(run.evaluation.trained_model_id, run.id)
+        if run.evaluation
+        else "",
     )
     payloads: tuple[tuple[Payload | None, Message], ...] = (
         (run.progress, message.progress),
@@ -91,23 +95,38 @@ def event_to_proto(event: RunEvent) -> training_run_pb2.TrainingRunEvent:
 
 
 def job_message(run: TrainingRun, base: BaseModel | None, subjects: Subjects) -> OutboxMessage:
+    """The job of the run's attempt. `base`: the model a training run fine-tunes, or the
+    model an evaluation job evaluates (which then goes in `evaluation`, not `base_model`)."""
     job = worker_pb2.TrainingJob(
         training_run=run_name(run.id),
         attempt=run.attempt,
         spec=parse(run.spec, training_run_pb2.TrainingSpec()),
     )
-    if base is not None:
-        job.base_model.name = model_name(base.id)
-        job.base_model.architecture = base.architecture
-        job.base_model.classes.extend(base.classes)
-        checkpoint = next((a for a in base.artifacts if a.get("kind") == "checkpoint"), None)
-        if checkpoint:
-            parse(checkpoint, job.base_model.checkpoint)
+    if run.evaluation is not None:
+        wanted = run.evaluation
+        job.evaluation.name = evaluation_name(wanted.trained_model_id, run.id)
+        job.evaluation.split = wanted.split
+        job.evaluation.score_threshold = wanted.score_threshold
+        job.evaluation.iou_threshold = wanted.iou_threshold
+        job.evaluation.samples = wanted.samples
+        if base is not None:
+            _base_model(base, job.evaluation.model)
+    elif base is not None:
+        _base_model(base, job.base_model)
     return OutboxMessage(
         subject=subjects.job(str(run.id)),
         payload=job.SerializeToString(),
         msg_id=f"job.{run.id}.{run.attempt}",
     )
+
+
+def _base_model(base: BaseModel, message: worker_pb2.TrainingJob.BaseModel) -> None:
+    message.name = model_name(base.id)
+    message.architecture = base.architecture
+    message.classes.extend(base.classes)
+    checkpoint = next((a for a in base.artifacts if a.get("kind") == "checkpoint"), None)
+    if checkpoint:
+        parse(checkpoint, message.checkpoint)
 
 
 def outbox_messages(run: TrainingRun, subjects: Subjects) -> list[OutboxMessage]:

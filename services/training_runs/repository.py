@@ -13,8 +13,14 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
 from services.training_runs import rows
-from services.training_runs.domain import RunEvent, RunState, TrainingRun
-from shared.db.schema import processed_messages, trained_models, training_run_events, training_runs
+from services.training_runs.domain import RunEvent, RunKind, RunState, TrainingRun
+from shared.db.schema import (
+    model_evaluations,
+    processed_messages,
+    trained_models,
+    training_run_events,
+    training_runs,
+)
 from shared.errors import AlreadyExists, Conflict
 from shared.fields import from_attributes
 from shared.pagination import Cursor
@@ -30,24 +36,55 @@ class RunFilter:
     created_after: datetime | None = None
     created_before: datetime | None = None
     newest_first: bool = True
+    # Empty: every kind.
+    kinds: tuple[RunKind, ...] = (RunKind.TRAINING,)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class EvaluationFilter:
+    """Which model evaluations to list (newest first)."""
+
+    trained_model_id: uuid.UUID | None = None
+    dataset_fingerprint: str = ""
+    split: str = ""
+    states: tuple[RunState, ...] = ()
+    # Only the evaluations of this creator's models: a caller that may read only its own.
+    model_creator: str | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class BaseModel:
-    """What a run needs to know of the model it fine-tunes."""
+    """What a run needs to know of the model it fine-tunes, or an evaluation of the
+    model it evaluates."""
 
     id: uuid.UUID
     architecture: str
     classes: list[str]
     artifacts: list[dict[str, Any]]
     creator: str = ""
+    display_name: str = ""
+    training_run_id: uuid.UUID | None = None
 
 
 def _select_runs() -> Any:
-    return select(
-        training_runs,
-        trained_models.c.id.label("trained_model_id"),
-    ).outerjoin(trained_models, trained_models.c.training_run_id == training_runs.c.id)
+    """Runs with the model each produced and, for an evaluation job, its evaluation's
+    columns (rows.EVALUATION_PREFIX): one query, whatever the kind."""
+    evaluation = (
+        c.label(rows.EVALUATION_PREFIX + c.name) for c in model_evaluations.c if c.name != "id"
+    )
+    return (
+        select(training_runs, trained_models.c.id.label("trained_model_id"), *evaluation)
+        .outerjoin(trained_models, trained_models.c.training_run_id == training_runs.c.id)
+        .outerjoin(model_evaluations, model_evaluations.c.id == training_runs.c.id)
+    )
+
+
+def _split_row(row: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A row of `_row` as the training_runs columns and the model_evaluations ones."""
+    prefix = rows.EVALUATION_PREFIX
+    run = {k: v for k, v in row.items() if not k.startswith(prefix)}
+    evaluation = {k.removeprefix(prefix): v for k, v in row.items() if k.startswith(prefix)}
+    return run, evaluation
 
 
 # The states of the partial index ix_training_runs_active_heartbeat.
@@ -62,7 +99,7 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
     noun = "training run"
 
     def _row(self, aggregate: TrainingRun) -> dict[str, Any]:
-        return rows.run_values(aggregate)
+        return {**rows.run_values(aggregate), **rows.evaluation_values(aggregate.evaluation)}
 
     def _has_changes(self, aggregate: TrainingRun, changes: dict[str, Any]) -> bool:
         return bool(changes or aggregate.new_events)
@@ -76,13 +113,26 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         aggregate.new_events.clear()
 
     async def _insert(self, aggregate: TrainingRun, row: dict[str, Any]) -> None:
-        await super()._insert(aggregate, row)
+        run, evaluation = _split_row(row)
+        await super()._insert(aggregate, run)
+        if evaluation:
+            await self._session.execute(
+                insert(model_evaluations).values(id=aggregate.id, **evaluation)
+            )
         await self._add_events(aggregate)
 
     async def _update(
         self, aggregate: TrainingRun, changes: dict[str, Any], *, version: int
     ) -> None:
-        await super()._update(aggregate, changes, version=version)
+        run, evaluation = _split_row(changes)
+        await super()._update(aggregate, run, version=version)
+        if evaluation:
+            # In the transaction of the job's change (its version checked above).
+            await self._session.execute(
+                update(model_evaluations)
+                .where(model_evaluations.c.id == aggregate.id)
+                .values(**evaluation)
+            )
         await self._add_events(aggregate)
 
     async def get(self, run_id: uuid.UUID, *, for_update: bool = False) -> TrainingRun | None:
@@ -133,6 +183,8 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
     ) -> Sequence[TrainingRun]:
         query = _select_runs()
         conditions: list[ColumnElement[bool]] = []
+        if filter_.kinds:
+            conditions.append(training_runs.c.kind.in_([k.value for k in filter_.kinds]))
         if filter_.states:
             conditions.append(training_runs.c.state.in_([s.value for s in filter_.states]))
         if filter_.base_model_id:
@@ -154,6 +206,38 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         else:
             order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
         query = query.where(*conditions).order_by(*order).limit(limit)
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
+
+    async def list_evaluations(
+        self, filter_: EvaluationFilter, *, limit: int, after: Cursor | None
+    ) -> Sequence[TrainingRun]:
+        """The jobs of the model evaluations `filter_` selects, newest evaluation first."""
+        e = model_evaluations.c
+        conditions: list[ColumnElement[bool]] = [training_runs.c.kind == RunKind.EVALUATION.value]
+        if filter_.trained_model_id is not None:
+            conditions.append(e.trained_model_id == filter_.trained_model_id)
+        if filter_.dataset_fingerprint:
+            conditions.append(e.dataset_fingerprint == filter_.dataset_fingerprint)
+        if filter_.split:
+            conditions.append(e.split == filter_.split)
+        if filter_.states:
+            conditions.append(training_runs.c.state.in_([s.value for s in filter_.states]))
+        if filter_.model_creator is not None:
+            owned = select(trained_models.c.id).where(
+                trained_models.c.creator == filter_.model_creator
+            )
+            conditions.append(e.trained_model_id.in_(owned))
+        if after is not None:
+            bound = tuple_(after.value, uuid.UUID(after.id))
+            conditions.append(tuple_(e.create_time, e.id) < bound)
+        query = (
+            _select_runs()
+            .where(*conditions)
+            .order_by(e.create_time.desc(), e.id.desc())
+            .limit(limit)
+        )
         return [
             self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
         ]

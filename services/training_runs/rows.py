@@ -8,7 +8,15 @@ from typing import Any
 
 from sqlalchemy import Row
 
-from services.training_runs.domain import EventKind, Failure, RunEvent, RunState, TrainingRun
+from services.training_runs.domain import (
+    EvaluationRecord,
+    EventKind,
+    Failure,
+    RunEvent,
+    RunKind,
+    RunState,
+    TrainingRun,
+)
 from services.training_runs.domain.events import payload_from_json
 from shared.fields import field_values, from_attributes
 from shared.json_shape import Payload, from_json_or_none, to_json_or_none
@@ -31,8 +39,11 @@ _PAYLOADS: dict[str, type[Payload]] = {
     "dataset": DatasetSummary,
     "facts": TrainingFacts,
 }
-# Fields without a column: the history entries since the run was loaded.
-_UNSTORED = ("new_events",)
+# Fields without a column: the history entries since the run was loaded; the evaluation
+# of an evaluation job, in model_evaluations.
+_UNSTORED = ("new_events", "evaluation")
+# The columns of model_evaluations are read and written under this prefix, beside the run's.
+EVALUATION_PREFIX = "evaluation__"
 
 
 def to_run(row: Row[Any]) -> TrainingRun:
@@ -50,8 +61,41 @@ def to_run(row: Row[Any]) -> TrainingRun:
         failure=failure,
         artifacts=artifacts_from_json(m["artifacts"]),
         epoch_metrics=[EpochMetrics.from_json(e) for e in m["epoch_metrics"]],
+        kind=RunKind(m["kind"]),
+        evaluation=_to_evaluation(m),
         **{name: from_json_or_none(cls, m[name]) for name, cls in _PAYLOADS.items()},
     )
+
+
+def _to_evaluation(m: Any) -> EvaluationRecord | None:
+    """The evaluation of an evaluation job, from the model_evaluations columns joined in
+    under EVALUATION_PREFIX; None for a training run."""
+    p = EVALUATION_PREFIX
+    if m.get(p + "trained_model_id") is None:
+        return None
+    values = {name.removeprefix(p): value for name, value in m.items() if name.startswith(p)}
+    values.pop("id", None)
+    return EvaluationRecord(
+        **{
+            **values,
+            "evaluation": from_json_or_none(Evaluation, values["evaluation"]),
+            "review": dict(values["review"]) if values["review"] else None,
+            "artifacts": artifacts_from_json(values["artifacts"]),
+        }
+    )
+
+
+def evaluation_values(evaluation: EvaluationRecord | None) -> dict[str, Any]:
+    """The model_evaluations columns of an evaluation job's evaluation (but `id`), under
+    EVALUATION_PREFIX; none for a training run."""
+    if evaluation is None:
+        return {}
+    values = field_values(
+        evaluation,
+        evaluation=to_json_or_none(evaluation.evaluation),
+        artifacts=artifacts_to_json(evaluation.artifacts),
+    )
+    return {EVALUATION_PREFIX + name: value for name, value in values.items()}
 
 
 def run_values(run: TrainingRun) -> dict[str, Any]:
@@ -60,6 +104,7 @@ def run_values(run: TrainingRun) -> dict[str, Any]:
         # trained_model_id is joined from the registry's table.
         skip=(*_UNSTORED, "id", "failure", "trained_model_id"),
         state=run.state.value,
+        kind=run.kind.value,
         # Copies of the spec's, in columns of their own to filter on.
         architecture=run.architecture,
         dataset_uri=run.dataset_uri,

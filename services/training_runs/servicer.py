@@ -11,7 +11,7 @@ from typing import Any
 import grpc
 
 from services.training_runs import handlers
-from services.training_runs.domain import RunState
+from services.training_runs.domain import RunKind, RunState
 from services.training_runs.messages import event_to_proto, run_to_proto, spec_request
 from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
@@ -84,6 +84,7 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             created_after=optional_time(request, "created_after"),
             created_before=optional_time(request, "created_before"),
             newest_first=_ORDERS[request.order_by],
+            kinds=_kinds(request.kinds),
         )
         size = pagination.page_size(request.page_size)
         fingerprint = pagination.query_fingerprint(_filter_key(filter_))
@@ -256,6 +257,15 @@ _ARCHITECTURES = pb.ListArchitecturesResponse(
         deterministic=False,
     ),
 )
+
+
+def _kinds(requested: Any) -> tuple[RunKind, ...]:
+    """The kinds asked for; none asked: TRAINING only (KIND_UNSPECIFIED reads as TRAINING)."""
+    kinds = {
+        RunKind.EVALUATION if k == pb.TrainingRun.EVALUATION else RunKind.TRAINING
+        for k in requested
+    }
+    return tuple(sorted(kinds)) or (RunKind.TRAINING,)
 
 
 def _filter_key(filter_: RunFilter) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from typing import Any
 from services.training_runs.domain import TrainingRun
 from services.training_runs.messages import outbox_messages
 from services.training_runs.repository import TrainingRunRepository
-from shared.names import run_name
+from shared.names import evaluation_name, run_name
 from shared.outbox import OutboxMessage
 from shared.repository import Change, TrackingRepository
 from shared.unit_of_work import SqlUnitOfWork
@@ -27,4 +27,7 @@ class UnitOfWork(SqlUnitOfWork):
         return outbox_messages(aggregate, self.subjects)
 
     def resource_name(self, aggregate: TrainingRun) -> str:
+        """An evaluation job is named as its evaluation, the resource its caller asked for."""
+        if aggregate.evaluation is not None:
+            return evaluation_name(aggregate.evaluation.trained_model_id, aggregate.id)
         return run_name(aggregate.id)

@@ -24,6 +24,8 @@ class Permission(StrEnum):
     TRAINED_MODELS_IMPORT = "trained_models.import"
     TRAINED_MODELS_DELETE = "trained_models.delete"
     TRAINED_MODELS_DOWNLOAD = "trained_models.download"
+    # Starting and cancelling model evaluations: jobs on the workers, as training runs are.
+    TRAINED_MODELS_EVALUATE = "trained_models.evaluate"
     ADMIN = "admin"
 
 
@@ -80,6 +82,17 @@ RULES: dict[str, Rule] = {
     _MODELS + "GetTrainedModelLineage": _READ_MODEL,
     _MODELS + "DownloadTrainedModel": Rule(P.TRAINED_MODELS_DOWNLOAD),
     _MODELS + "DeleteTrainedModel": Rule(P.TRAINED_MODELS_DELETE, mutates=True),
+    # An evaluation is a job of the model's: starting or cancelling one takes its own
+    # permission; reading evaluations and comparing them is reading the models (own ones
+    # only, with `trained_models.read.own`).
+    _MODELS + "EvaluateTrainedModel": Rule(P.TRAINED_MODELS_EVALUATE, mutates=True),
+    _MODELS + "CancelModelEvaluation": Rule(P.TRAINED_MODELS_EVALUATE, mutates=True),
+    _MODELS + "GetModelEvaluation": _READ_MODEL,
+    _MODELS + "ListModelEvaluations": _READ_MODEL,
+    _MODELS + "CompareTrainedModels": _READ_MODEL,
+    # The files of models, runs and evaluations, as DownloadTrainedModel; a caller that
+    # may read only its own models or runs is limited to those (READ_RULES).
+    _MODELS + "DownloadArtifact": Rule(P.TRAINED_MODELS_DOWNLOAD),
     _AUDIT + "ListAuditRecords": Rule(P.ADMIN),
 }
 

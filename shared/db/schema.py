@@ -208,6 +208,8 @@ model_evaluations = Table(
     Column("artifacts", JSONB, nullable=False, server_default=EMPTY_ARRAY),
     CheckConstraint("split IN ('all', 'train', 'val', 'test')", name="split"),
     Index("ix_model_evaluations_model_create_time", "trained_model_id", "create_time", "id"),
+    # Every model's evaluations, newest first (ListModelEvaluations of trainedModels/-).
+    Index("ix_model_evaluations_create_time_id", "create_time", "id"),
     Index("ix_model_evaluations_images", "dataset_fingerprint", "split", "create_time", "id"),
 )
 

@@ -67,7 +67,11 @@ def ensure_infrastructure(
     postgres.create_database(database_url, database)
 
     nats_url = settings.nats_url
-    if not nats.is_reachable(nats_url):
+    earlier = nats.embedded_url(data_dir)
+    if earlier is not None and nats.address(earlier) == nats.address(nats_url):
+        # An earlier `stack up` started it where the settings point: still the embedded one.
+        embedded.append(NATS)
+    elif not nats.is_reachable(nats_url):
         _, preferred_port = nats.address(nats_url)
         nats_url = nats.start_embedded(
             data_dir, preferred_port=preferred_port, keep_running=keep_running

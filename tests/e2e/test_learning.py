@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 
+import grpc
 import pytest
 
 from shared.metrics import MAP_50
@@ -18,6 +19,7 @@ from shared.proto.raven.training.v1 import (
     training_run_pb2_grpc,
 )
 from shared.settings import Settings
+from tests.cli import raven
 from tests.training import local_dataset, model_of, watch_to_the_end, worker_fixture
 
 TrainingRun = training_run_pb2.TrainingRun
@@ -156,3 +158,125 @@ async def test_a_fine_tune_with_one_more_class_keeps_the_old_ones(
         assert last.per_class_ap[name] > 0.05, dict(last.per_class_ap)
     assert first.metrics[MAP_50] > root_map_50[0] + 0.1, (dict(first.metrics), root_map_50)
     assert last.per_class_ap["barrel"] > 0.0, "the new class is being learnt"
+
+
+async def _evaluated(
+    models, runs, model: str, dataset_uri: str
+) -> trained_model_pb2.ModelEvaluation:
+    started = await models.EvaluateTrainedModel(
+        trained_model_pb2.EvaluateTrainedModelRequest(trained_model=model, dataset_uri=dataset_uri)
+    )
+    await asyncio.wait_for(watch_to_the_end(runs, started.job), 300)
+    evaluation = await models.GetModelEvaluation(
+        trained_model_pb2.GetModelEvaluationRequest(name=started.name)
+    )
+    assert evaluation.state == TrainingRun.SUCCEEDED, evaluation.failure
+    return evaluation
+
+
+async def test_two_models_judged_on_the_same_held_out_images_and_only_the_better_published(
+    runs, models, root, settings: Settings, pki, training_runs, trained_models, tmp_path
+) -> None:
+    """What a person does with the API and the CLI: evaluate two models on images neither
+    trained on, compare them, look at what each gets wrong, publish only the better."""
+    run, _ = root
+    good = await model_of(runs, run.name)
+    weak_run = await train(runs, dataset(settings, "learning-weak", images=24, seed=14), epochs=1)
+    weak = await model_of(runs, weak_run.name)
+    # Held-out images of another size than the training images.
+    held_out = local_dataset(
+        settings, "learning-held-out", images=24, size=160, classes=CLASSES, seed=15
+    )
+
+    judged = {model: await _evaluated(models, runs, model, held_out) for model in (good, weak)}
+
+    fingerprints = {e.dataset_fingerprint for e in judged.values()}
+    images = {e.review.images_fingerprint for e in judged.values()}
+    assert len(fingerprints) == 1 and len(images) == 1 and judged[good].image_count == 24
+    good_map, weak_map = (judged[m].evaluation.metrics.get(MAP_50, 0.0) for m in (good, weak))
+    assert good_map >= 0.4 and good_map > weak_map + 0.2, (good_map, weak_map)
+    # What each gets wrong: the weak model misses more objects, and both name their worst image.
+    missed = {
+        m: sum(c.false_negatives for c in judged[m].review.class_counts) for m in (good, weak)
+    }
+    assert missed[weak] > missed[good], missed
+    for evaluation in judged.values():
+        assert [s.rank for s in evaluation.review.samples][:1] == ["worst"]
+
+    (fingerprint,) = fingerprints
+    comparison = await models.CompareTrainedModels(
+        trained_model_pb2.CompareTrainedModelsRequest(
+            trained_models=[good, weak], dataset_fingerprint=fingerprint, split="all"
+        )
+    )
+    assert [r.trained_model for r in comparison.rows] == [good, weak]
+    assert comparison.rows[0].values[MAP_50] == pytest.approx(good_map)
+    shown = await raven(
+        pki, training_runs, trained_models,
+        "models", "compare", good, weak, "--dataset", fingerprint, "--split", "all",
+    )  # fmt: skip
+    assert shown.exit_code == 0, shown.output
+    row = next(line.split() for line in shown.output.splitlines() if line.split()[:1] == [MAP_50])
+    assert row[1:] == [f"{good_map:.3f}", f"{weak_map:.3f}"], shown.output
+    worst = judged[weak].review.samples[0].artifact
+    fetched = await raven(
+        pki, training_runs, trained_models,
+        "models", "download", judged[weak].name, worst, "--out", str(tmp_path),
+    )  # fmt: skip
+    assert fetched.exit_code == 0, fetched.output
+    assert (tmp_path / worst).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    channel = "learning-production"
+    await models.PublishTrainedModel(
+        trained_model_pb2.PublishTrainedModelRequest(name=weak, channel=channel)
+    )
+    refused = await raven(
+        pki, training_runs, trained_models,
+        "models", "publish", weak, "--channel", "learning-other", "--beat-incumbent",
+    )  # fmt: skip
+    assert refused.exit_code == 0, "an empty channel has no incumbent to beat"
+    published = await raven(
+        pki, training_runs, trained_models,
+        "models", "publish", good, "--channel", channel, "--beat-incumbent",
+        "--incumbent-metric", MAP_50,
+    )  # fmt: skip
+    assert published.exit_code == 0, published.output
+    assert "against the incumbent's" in published.output
+    with pytest.raises(grpc.aio.AioRpcError) as back:
+        await models.PublishTrainedModel(
+            trained_model_pb2.PublishTrainedModelRequest(
+                name=weak, channel=channel, beat_incumbent=True, incumbent_metric=MAP_50
+            )
+        )
+    assert back.value.code() == grpc.StatusCode.FAILED_PRECONDITION, back.value.details()
+    assert MAP_50 in back.value.details()
+    history = await models.ListPublicationEvents(
+        trained_model_pb2.ListPublicationEventsRequest(channel=channel, page_size=1)
+    )
+    comparison_record = history.events[0].incumbent_comparison
+    assert history.events[0].trained_model == good
+    assert {comparison_record.candidate_evaluation, comparison_record.incumbent_evaluation} == {
+        judged[good].name,
+        judged[weak].name,
+    }
+
+
+async def test_the_cli_shows_a_runs_metrics_and_fetches_its_report(
+    root, pki, training_runs, trained_models, tmp_path
+) -> None:
+    run, _ = root
+    shown = await raven(pki, training_runs, trained_models, "runs", "metrics", run.name)
+    assert shown.exit_code == 0, shown.output
+    rows = [line.split() for line in shown.output.splitlines() if line.split()[:1] != []]
+    epochs = [row[0] for row in rows if row[0].isdigit() and len(row) > 4]
+    assert epochs == [str(e) for e in range(1, ROOT_EPOCHS + 1)], shown.output
+    assert "loss_cls" in shown.output and "epoch" in shown.output.splitlines()[-1] + shown.output
+    assert "⠀" in shown.output or any("\u2800" <= ch <= "\u28ff" for ch in shown.output)
+
+    fetched = await raven(
+        pki, training_runs, trained_models, "runs", "report", run.name, "--out", str(tmp_path)
+    )
+    assert fetched.exit_code == 0, fetched.output
+    page = (tmp_path / "report.html").read_text()
+    assert page.count("data:image/png;base64,") >= 3
+    assert "http://" not in page and "https://" not in page

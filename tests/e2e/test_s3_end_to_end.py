@@ -88,7 +88,9 @@ async def test_train_on_an_s3_dataset_and_store_the_model_in_s3(
 
     run_id = parse_name(run.name, TRAINING_RUNS)
     model_prefix = f"{STORE_PREFIX}/models/{run_id}/"
-    assert {a.kind for a in model.artifacts} >= {"checkpoint", "config", "metrics", "log"}
+    kinds = {a.kind for a in model.artifacts}
+    assert kinds >= {"checkpoint", "config", "metrics", "log", "report", "plot"}
+    assert "report_not_rendered" not in notices
     for artifact in model.artifacts:
         assert artifact.uri.startswith(s3.uri(model_prefix)), artifact.uri
         key = artifact.uri.removeprefix(f"s3://{s3.bucket}/")

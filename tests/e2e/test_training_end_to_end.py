@@ -5,6 +5,7 @@ fine-tuned from it."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 from pathlib import Path
 
@@ -174,6 +175,30 @@ async def test_a_test_split_is_evaluated_once_with_the_best_checkpoint(
     loaded = log.rindex("Loads checkpoint by local backend from path: ")
     assert log[loaded:].split("\n", 1)[0].endswith("/epoch_1.pth")
     assert log.rindex("Epoch(val)") < loaded < log.rindex("Epoch(test)")
+
+    # The run's report, its page and its plots, carried onto its model, pictures the
+    # kept weights' predictions on the test split: 4 images, the 3 worst and the best.
+    report_kinds = ("report", "plot")
+    reported = sorted((a.kind, a.name) for a in finished.artifacts if a.kind in report_kinds)
+    assert reported == [
+        ("plot", "plot-learning-rate.png"),
+        ("plot", "plot-loss.png"),
+        ("plot", "plot-val-map.png"),
+        ("report", "report.html"),
+    ]
+    assert [a for a in model.artifacts if a.kind in report_kinds] == [
+        a for a in finished.artifacts if a.kind in report_kinds
+    ]
+    for artifact in (a for a in model.artifacts if a.kind in report_kinds):
+        stored = Path(artifact.uri.removeprefix("file://"))
+        content = await asyncio.to_thread(stored.read_bytes)
+        assert artifact.size_bytes == len(content)
+        assert artifact.sha256 == hashlib.sha256(content).hexdigest()
+    page = files["report"].read_text(encoding="utf-8")
+    assert "Predictions on the test split" in page
+    assert "test split, 4 images, epoch 1" in page
+    assert page.count('src="data:image/png;base64,') == 3 + 4
+    assert "http://" not in page and "https://" not in page and "file:" not in page
 
 
 async def test_cancelling_a_training_run_stops_it_and_keeps_its_progress(runs, worker, dataset_uri):

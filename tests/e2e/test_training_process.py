@@ -18,6 +18,7 @@ import pytest
 from shared.fields import from_attributes
 from tests.configs import TINY_TRAINING
 from tests.support import eventually
+from trainer_worker import detections
 from trainer_worker.architectures import mmdet_configs_root
 from trainer_worker.config import BaseCheckpoint, DatasetFiles, TrainingPlan, generate_config
 from trainer_worker.dataset import PreparedDataset, prepare_dataset
@@ -169,6 +170,17 @@ async def test_training_reports_and_produces_verified_artifacts(
     full = folder / "kept" / f"epoch_{outcome.best_epoch}.pth"
     assert kinds["checkpoint"].size_bytes < full.stat().st_size * 0.6
     assert verify(str(kinds["config"].path), str(kinds["checkpoint"].path))["ok"]
+    # The detections of the kept and the latest epoch's validations stay, for the report,
+    # in COCO results format, of the val split's images.
+    work = folder / "work"
+    assert detections.kept_epochs(work, "val") == {outcome.best_epoch, 2}
+    assert not detections.dumped(work, "val").exists(), "renamed after its epoch"
+    val_split = folder / "dataset" / "val.json"
+    val_ids = {i["id"] for i in json.loads(val_split.read_text())["images"]}
+    for epoch in (outcome.best_epoch, 2):
+        found = json.loads(detections.of_epoch(work, "val", epoch).read_text())
+        assert all(set(d) == {"image_id", "category_id", "bbox", "score"} for d in found)
+        assert {d["image_id"] for d in found} <= val_ids
 
 
 def reported_order(seen: list[ChildEvent]) -> list[tuple[str, int]]:
@@ -312,6 +324,8 @@ async def test_a_resumed_run_keeps_an_earlier_attempts_best_epoch(
     model = next(a.path for a in outcome.artifacts if a.kind == "checkpoint")
     (tested,) = [e for e in seen if isinstance(e, Evaluated) and e.split == "test"]
     assert not list((tmp_path / "work").glob("epoch_*.pth"))
+    # The test split's detections are the tested weights'.
+    assert detections.kept_epochs(tmp_path / "work", "test") == {tested.epoch}
     if not placed:
         # Without epoch 1's checkpoint, the best is chosen as before, among the others.
         assert outcome.best_epoch in (2, 3)
@@ -323,6 +337,8 @@ async def test_a_resumed_run_keeps_an_earlier_attempts_best_epoch(
     assert same_weights(model, root_folder / "kept" / "epoch_1.pth")
     assert tested.epoch == 1
     assert outcome.test_evaluation is not None and outcome.test_evaluation.epoch == 1
+    # Epoch 1 was validated by the earlier attempt: this one's val detections are epoch 3's.
+    assert detections.kept_epochs(tmp_path / "work", "val") == {3}
     metrics = json.loads(next(a.path for a in outcome.artifacts if a.kind == "metrics").read_text())
     assert metrics["best_epoch"] == 1 and metrics["test"]["epoch"] == 1
     # The files placed were links: the earlier attempt's checkpoints are still there.
@@ -418,6 +434,8 @@ async def test_two_ranks_train_one_run_and_rank_zero_alone_reports(
     # The batch of 4 is the run's total: 2 on each rank.
     assert config.train_dataloader.batch_size == 2
     assert not list((tmp_path / "work").glob("epoch_*.pth"))
+    # Rank 0 dumped and renamed the validations' detections, each once.
+    assert detections.kept_epochs(tmp_path / "work", "val") == {outcome.best_epoch, 2}
 
 
 def launched(tmp_path: Path) -> list[psutil.Process]:

@@ -812,7 +812,7 @@ async def test_request_bytes_that_do_not_parse_are_invalid_arguments_on_every_rp
 ):
     battery = Battery(settings)
     methods = _methods()
-    assert len(methods) == 22
+    assert len(methods) == 28
     for path, method in methods:
         channel = models_channel if "TrainedModelService" in path else runs_channel
         for raw in (TRUNCATED, NOT_UTF8, b"\xff" * 64):

@@ -82,6 +82,13 @@ async def test_embedded_servers_start_when_nothing_answers(tmp_path: Path) -> No
 
         # Idempotent: a second call finds the running servers.
         assert ensure_infrastructure(UNREACHABLE, tmp_path, keep_running=True) == infra
+        # Settings that point at the embedded NATS (a second `stack up` when it took the
+        # configured port) still find it embedded, not configured.
+        pointed = UNREACHABLE.model_copy(update={"nats_url": infra.nats_url})
+        assert ensure_infrastructure(pointed, tmp_path, keep_running=True).embedded == (
+            "postgres",
+            "nats",
+        )
 
         scratch = create_database(infra.database_url, "raven_scratch")
         assert await _select_one(scratch) == ("raven_scratch", 1)

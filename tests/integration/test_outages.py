@@ -192,6 +192,10 @@ def calls(stack: Stack, run: TrainingRun) -> dict[str, Call]:
         )
         return [chunk async for chunk in models.DownloadTrainedModel(request, timeout=5)]
 
+    async def download_artifact() -> list[Any]:
+        request = trained_model_pb2.DownloadArtifactRequest(parent=run.name, artifact="log")
+        return [chunk async for chunk in models.DownloadArtifact(request, timeout=5)]
+
     return {
         "CreateTrainingRun": lambda: runs.CreateTrainingRun(
             create_request("datasets/placeholder/annotations.json"), timeout=5
@@ -240,6 +244,13 @@ def calls(stack: Stack, run: TrainingRun) -> dict[str, Call]:
             trained_model_pb2.GetTrainedModelLineageRequest(name=model), timeout=5
         ),
         "DownloadTrainedModel": download,
+        "DownloadArtifact": download_artifact,
+        "CompareTrainedModels": lambda: models.CompareTrainedModels(
+            trained_model_pb2.CompareTrainedModelsRequest(
+                trained_models=[model, f"trainedModels/{uuid.uuid4()}"]
+            ),
+            timeout=5,
+        ),
         "DeleteTrainedModel": lambda: models.DeleteTrainedModel(
             trained_model_pb2.DeleteTrainedModelRequest(name=model), timeout=5
         ),

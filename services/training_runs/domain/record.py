@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from services.training_runs.domain import checkpoints
+from services.training_runs.domain.evaluation import EvaluationRecord, RunKind
 from services.training_runs.domain.events import (
     NO_STATE,
     EventKind,
@@ -79,6 +80,18 @@ class RunRecord:
     trained_model_id: uuid.UUID | None = None
     # History entries added since the run was loaded; the unit of work stores them.
     new_events: list[RunEvent] = field(default_factory=list)
+    # TRAINING, or EVALUATION: the job of the model evaluation `evaluation`.
+    kind: RunKind = RunKind.TRAINING
+    evaluation: EvaluationRecord | None = None
+
+    @property
+    def is_evaluation(self) -> bool:
+        return self.kind is RunKind.EVALUATION
+
+    @property
+    def work(self) -> str:
+        """What the job does, in the words of its history ("training", "evaluation")."""
+        return self.kind.value
 
     @property
     def architecture(self) -> str:

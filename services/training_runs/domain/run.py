@@ -14,6 +14,7 @@ from typing import Any
 
 from services.training_runs.domain import checkpoints
 from services.training_runs.domain.claims import ClaimDecision, decide_claim
+from services.training_runs.domain.evaluation import EvaluationRecord, RunKind
 from services.training_runs.domain.record import Failure, RunRecord
 from services.training_runs.domain.states import SYSTEM, IllegalTransition, RunState
 from shared.errors import FailedPrecondition
@@ -39,7 +40,9 @@ class TrainingRun(RunRecord):
         request_id: uuid.UUID | None,
         request_hash: str | None,
         now: datetime,
+        evaluation: EvaluationRecord | None = None,
     ) -> TrainingRun:
+        """A new run; with `evaluation`, the job of that model evaluation."""
         run = cls(
             id=uuid.uuid4(),
             display_name=display_name,
@@ -52,8 +55,10 @@ class TrainingRun(RunRecord):
             request_hash=request_hash,
             create_time=now,
             update_time=now,
+            kind=RunKind.EVALUATION if evaluation else RunKind.TRAINING,
+            evaluation=evaluation,
         )
-        run._record_state(None, RunState.QUEUED, "created", "queued for training", creator, now)
+        run._record_state(None, RunState.QUEUED, "created", f"queued for {run.work}", creator, now)
         return run
 
     def retried(
@@ -65,6 +70,11 @@ class TrainingRun(RunRecord):
         now: datetime,
     ) -> TrainingRun:
         """A new run of this run's recorded spec (the same seed, so the same split)."""
+        if self.is_evaluation:
+            raise FailedPrecondition(
+                f"training run {self.id} is the job of a model evaluation; "
+                "start a new evaluation with EvaluateTrainedModel"
+            )
         if self.state not in (RunState.FAILED, RunState.CANCELLED):
             raise FailedPrecondition(
                 f"training run {self.id} is {self.state}; only a FAILED or CANCELLED run is retried"
@@ -94,7 +104,8 @@ class TrainingRun(RunRecord):
             self.start_time = now
 
     def start_running(self, *, device: str, actor: str, now: datetime) -> None:
-        self._transition(RunState.RUNNING, "training", f"training on {device}", actor, now)
+        verb = "evaluating" if self.is_evaluation else "training"
+        self._transition(RunState.RUNNING, verb, f"{verb} on {device}", actor, now)
 
     def claim(
         self, *, attempt: int, worker_id: str, max_attempts: int, now: datetime
@@ -115,6 +126,10 @@ class TrainingRun(RunRecord):
         now: datetime,
         test_evaluation: Evaluation | None = None,
     ) -> None:
+        if self.is_evaluation:
+            raise FailedPrecondition(
+                f"training run {self.id} is the job of a model evaluation: it reports findings"
+            )
         self._transition(RunState.SUCCEEDED, "succeeded", "training finished", actor, now)
         self.artifacts = list(artifacts)
         self.facts = facts
@@ -124,6 +139,37 @@ class TrainingRun(RunRecord):
         self.failure = None
         if epoch_metrics:
             self.epoch_metrics = checkpoints.merged_series(self.epoch_metrics, epoch_metrics)
+        self.end_time = now
+
+    def succeed_evaluation(
+        self,
+        *,
+        artifacts: Sequence[Artifact],
+        evaluation: Evaluation | None,
+        review: Mapping[str, Any] | None,
+        actor: str,
+        now: datetime,
+    ) -> None:
+        """An evaluation job's end: its findings go onto its evaluation, written with the
+        state change. FAILED (`model_deleted`) when the evaluation is gone with its model."""
+        if self.evaluation is None:
+            # Its model was deleted (and its evaluation with it) while the job ran.
+            self.fail(
+                reason="model_deleted",
+                message="the evaluated model was deleted; its findings were not kept",
+                actor=actor,
+                now=now,
+            )
+            return
+        self._transition(RunState.SUCCEEDED, "succeeded", "evaluation finished", actor, now)
+        self.artifacts = list(artifacts)
+        self.failure = None
+        self.evaluation.record_findings(
+            evaluation=evaluation,
+            review=review,
+            artifacts=artifacts,
+            dataset_fingerprint=self.dataset.fingerprint if self.dataset else None,
+        )
         self.end_time = now
 
     def fail(
@@ -163,7 +209,7 @@ class TrainingRun(RunRecord):
         """The worker stopped on a cancel request; partial progress and metrics are kept."""
         if self.state is not RunState.CANCELLING:
             raise IllegalTransition(self.id, self.state, RunState.CANCELLED)
-        self._transition(RunState.CANCELLED, "cancelled", "training stopped", actor, now)
+        self._transition(RunState.CANCELLED, "cancelled", f"{self.work} stopped", actor, now)
         self.failure = self.failure or Failure(reason="cancelled", message="cancelled by request")
         self.end_time = now
 

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-from services.training_runs.domain import TrainingRun
+from services.training_runs.domain import SYSTEM, TrainingRun
 from services.training_runs.messages import job_message
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.errors import Conflict, Violations
@@ -39,6 +39,19 @@ def parse_request_id(raw: str, violations: Violations) -> uuid.UUID | None:
 
 
 async def publish_job(uow: UnitOfWork, run: TrainingRun) -> None:
-    """Queues the job message of the run's current attempt, with the model it fine-tunes."""
-    base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
+    """Queues the job message of the run's current attempt, with the model it fine-tunes
+    or evaluates. An evaluation job whose model was deleted meanwhile fails instead."""
+    if run.is_evaluation:
+        model_id = run.evaluation.trained_model_id if run.evaluation else None
+        base = await uow.runs.base_model(model_id) if model_id else None
+        if base is None:
+            run.fail(
+                reason="model_deleted",
+                message="the evaluated model was deleted; nothing is left to evaluate",
+                actor=SYSTEM,
+                now=utcnow(),
+            )
+            return
+    else:
+        base = await uow.runs.base_model(run.base_model_id) if run.base_model_id else None
     uow.publish(job_message(run, base, uow.subjects))

@@ -62,7 +62,7 @@ async def create_run(
     for problem in label_problems(command.labels):
         violations.add("training_run.labels", problem)
     # Outside the transaction: an object store may take a while to answer.
-    await _check_dataset_exists(command.spec.dataset_uri, storage, violations)
+    await check_dataset_exists(command.spec.dataset_uri, storage, violations)
     async with uow:
         if parsed_request_id is not None:
             existing = await _repeated(uow, command, parsed_request_id)
@@ -77,7 +77,7 @@ async def create_run(
             if command.base_model_owner not in (None, base.creator):
                 # Another's model, for a caller that may read only its own: as if missing.
                 raise NotFound(f"base model {command.base_model} does not exist")
-            missing = await asyncio.to_thread(_missing_artifacts, base, storage)
+            missing = await asyncio.to_thread(missing_artifacts, base, storage)
             if missing:
                 raise NotFound(f"base model {command.base_model} has lost its {', '.join(missing)}")
 
@@ -125,7 +125,7 @@ async def _repeated(
     return existing
 
 
-def _missing_artifacts(base: BaseModel, storage: Storage) -> list[str]:
+def missing_artifacts(base: BaseModel, storage: Storage) -> list[str]:
     """The kinds of the base model's weights and config that are not where its record says."""
     by_kind = {a.get("kind"): a for a in base.artifacts}
     missing = []
@@ -145,8 +145,14 @@ def _missing_artifacts(base: BaseModel, storage: Storage) -> list[str]:
     return missing
 
 
-async def _check_dataset_exists(uri: str, storage: Storage, violations: Violations) -> None:
-    field = "training_run.spec.dataset_uri"
+async def check_dataset_exists(
+    uri: str,
+    storage: Storage,
+    violations: Violations,
+    *,
+    field: str = "training_run.spec.dataset_uri",
+) -> None:
+    """A violation of `field` when no annotation file is at `uri`."""
     if not uri:
         return
     try:

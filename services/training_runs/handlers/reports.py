@@ -134,6 +134,14 @@ def _apply(run: TrainingRun, report: WorkerReport) -> bool:
             run.report_evaluation(evaluation, actor=actor, now=now)
         case NoticeReported(notice=notice):
             run.notify(code=notice.code, message=notice.message, actor=actor, now=now)
+        case Succeeded() as succeeded if run.is_evaluation:
+            run.succeed_evaluation(
+                artifacts=succeeded.artifacts,
+                evaluation=succeeded.evaluation,
+                review=succeeded.review,
+                actor=actor,
+                now=now,
+            )
         case Succeeded() as succeeded:
             run.succeed(
                 artifacts=succeeded.artifacts,

@@ -38,7 +38,10 @@ def upgrade() -> None:
         sa.Column("samples", sa.Integer(), nullable=False),
         sa.Column("creator", sa.Text(), nullable=False),
         sa.Column(
-            "create_time", sa.DateTime(timezone=True), server_default=sa.text("now()"), nullable=False
+            "create_time",
+            sa.DateTime(timezone=True),
+            server_default=sa.text("now()"),
+            nullable=False,
         ),
         sa.Column("dataset_fingerprint", sa.Text(), nullable=True),
         sa.Column("images_fingerprint", sa.Text(), nullable=True),
@@ -71,6 +74,9 @@ def upgrade() -> None:
         ["trained_model_id", "create_time", "id"],
     )
     op.create_index(
+        "ix_model_evaluations_create_time_id", "model_evaluations", ["create_time", "id"]
+    )
+    op.create_index(
         "ix_model_evaluations_images",
         "model_evaluations",
         ["dataset_fingerprint", "split", "create_time", "id"],
@@ -84,6 +90,7 @@ def upgrade() -> None:
 def downgrade() -> None:
     op.drop_column("trained_model_publications", "incumbent_comparison")
     op.drop_index("ix_model_evaluations_images", table_name="model_evaluations")
+    op.drop_index("ix_model_evaluations_create_time_id", table_name="model_evaluations")
     op.drop_index("ix_model_evaluations_model_create_time", table_name="model_evaluations")
     op.drop_table("model_evaluations")
     op.drop_constraint("ck_training_runs_kind", "training_runs", type_="check")
