@@ -18,6 +18,7 @@ from shared.proto.raven.training.v1 import worker_pb2
 from shared.storage import StorageError
 from trainer_worker import events, storage_faults
 from trainer_worker.dataset import DatasetError, PreparedDataset
+from trainer_worker.evaluation import execute_evaluation
 from trainer_worker.inputs import Checkpoints, prepare, verified_checkpoints
 from trainer_worker.job import (
     Attempt,
@@ -69,6 +70,8 @@ async def execute_job(
         control=control,
         resume=resume,
     )
+    if job.HasField("evaluation"):
+        return await execute_evaluation(attempt)
     try:
         outcome = await _train_under_root(attempt)
     except (JobFailed, DatasetError) as failure:

@@ -20,6 +20,9 @@ EVENT_PATH_ENV = "RAVEN_EVENT_PATH"
 EXIT_CANCELLED = 3
 # Exit status of a child whose loss became NaN or infinite (after a LossDiverged event).
 EXIT_DIVERGED = 4
+# Exit status of an inference child whose checkpoint does not fit its model (after a
+# ModelRefused event).
+EXIT_REFUSED = 5
 _CHECKPOINT = re.compile(r"^epoch_(\d+)\.pth$")
 
 
@@ -46,6 +49,7 @@ class ChildEventKind(StrEnum):
     STOPPED = "stopped"
     RESTORED = "restored"
     DIVERGED = "diverged"
+    REFUSED = "refused"
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -129,6 +133,15 @@ class LossDiverged:
     message: str
 
 
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ModelRefused:
+    """The inference child cannot load the checkpoint into the model it built; it stops
+    with EXIT_REFUSED."""
+
+    kind: ClassVar[ChildEventKind] = ChildEventKind.REFUSED
+    message: str
+
+
 ChildEvent = (
     TrainingStarted
     | ProgressReported
@@ -138,6 +151,7 @@ ChildEvent = (
     | TrainingStopped
     | EpochsRestored
     | LossDiverged
+    | ModelRefused
 )
 
 _KINDS: dict[ChildEventKind, type[ChildEvent]] = {
@@ -151,6 +165,7 @@ _KINDS: dict[ChildEventKind, type[ChildEvent]] = {
         TrainingStopped,
         EpochsRestored,
         LossDiverged,
+        ModelRefused,
     )
 }
 

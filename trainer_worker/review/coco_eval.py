@@ -48,8 +48,10 @@ def run_cocoeval(ground_truth: Mapping[str, Any], detections: Sequence[Detection
     check_detections(ground_truth, detections)
     dataset = copy.deepcopy(dict(ground_truth))
     for annotation in dataset["annotations"]:
-        # COCOeval's area ranges read `area`; a dataset may leave it out.
+        # COCOeval's area ranges read `area` and its matching `iscrowd`; a dataset may
+        # leave either out (no crowd, the box's area).
         annotation.setdefault("area", annotation["bbox"][2] * annotation["bbox"][3])
+        annotation.setdefault("iscrowd", 0)
     with contextlib.redirect_stdout(io.StringIO()):
         gt = COCO()
         gt.dataset = dataset
