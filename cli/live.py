@@ -5,6 +5,7 @@ of Progress messages and the times they arrived."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from shared.proto.raven.training.v1 import training_run_pb2
 
@@ -62,7 +63,7 @@ def loss_parts(progress: Progress) -> str:
     return " ".join(f"{k} {v:.3f}" for k, v in parts)
 
 
-def progress_fields(progress: Progress, rate: float | None) -> dict[str, str]:
+def progress_fields(progress: Progress, rate: float | None) -> dict[str, Any]:
     """The fields of the live line, each a short string (a dash when unknown)."""
     return {
         "epoch": f"{progress.epoch}/{progress.max_epochs}" if progress.max_epochs else DASH,
