@@ -25,7 +25,7 @@ CLIENT_DIST := client/dist
 .PHONY: help setup proto client-wheel run up down status test test-unit test-integration test-e2e lint fmt typecheck bench bench-smoke clean certs
 
 help: ## List the targets
-	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-18s\033[0m %s\n", $$1, $$2}'
 
 setup: $(INSTALLED) $(PROTO_STAMPS) ## Create .venv, install dependencies (mmcv builds once, then comes from pip's cache), generate code
 

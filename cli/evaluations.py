@@ -148,3 +148,21 @@ def compare(
     with connect() as clients:
         comparison = clients.models.CompareTrainedModels(request, timeout=UNARY_TIMEOUT_S)
     emit(comparison, comparison_table, output)
+
+
+@exit_on_rpc_error
+def cancel_evaluation(
+    name: Annotated[str, typer.Argument(help="trainedModels/ID or ID.")],
+    evaluation_id: Annotated[str, typer.Argument(help="The evaluation's ID, or its full name.")],
+    reason: Annotated[str, typer.Option(help="Recorded on its job.")] = "",
+    output: OutputOption = Format.table,
+) -> None:
+    """Stop an evaluation: a queued one at once, a running one at its next batch."""
+    with connect() as clients:
+        found = clients.models.CancelModelEvaluation(
+            trained_model_pb2.CancelModelEvaluationRequest(
+                name=evaluation_name(name, evaluation_id), reason=reason
+            ),
+            timeout=UNARY_TIMEOUT_S,
+        )
+    emit(found, evaluation_details, output)

@@ -18,9 +18,9 @@ DASH = "—"
 
 
 def images_per_iteration(spec: Spec) -> int:
-    """Images one iteration takes: a batch per GPU on a GPU run, else one batch."""
-    batch = spec.batch_size or 1
-    return batch * max(1, spec.gpu_count) if spec.device == Spec.GPU else batch
+    """Images one iteration takes: the batch, which a run over several GPUs splits among
+    them (README, GPUs)."""
+    return spec.batch_size or 1
 
 
 @dataclass(slots=True)

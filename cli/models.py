@@ -13,7 +13,7 @@ from rich.console import RenderableType
 from cli.client import UNARY_TIMEOUT_S, Clients, connect, err_console, exit_on_rpc_error
 from cli.create import labels_option
 from cli.downloads import DownloadMismatch, download
-from cli.evaluations import compare, evaluate, evaluation, evaluations
+from cli.evaluations import cancel_evaluation, compare, evaluate, evaluation, evaluations
 from cli.importing import import_model
 from cli.output import Format, OutputOption, console, emit
 from cli.publication import publications, publish, unpublish
@@ -26,6 +26,7 @@ app = typer.Typer(help="Trained models.", no_args_is_help=True, rich_markup_mode
 for command in (evaluate, evaluations, evaluation, compare, publish, unpublish, publications):
     app.command()(command)
 app.command("import")(import_model)
+app.command("cancel-evaluation")(cancel_evaluation)
 
 ModelName = Annotated[str, typer.Argument(help="trainedModels/ID or ID.")]
 

@@ -4,6 +4,7 @@ a script can parse, the commands beyond create/get/list, and nothing cut when pi
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import yaml
@@ -144,3 +145,31 @@ async def test_every_command_offers_its_help(cli) -> None:
         shown = await cli(*command, "--help")
         assert shown.exit_code == 0, (command, shown.output)
         assert "<bool>" not in shown.output, (command, shown.output)
+
+
+def _commands() -> list[tuple[str, ...]]:
+    """Every leaf command of `raven`, as its words."""
+    import typer.main
+
+    from cli.main import app
+
+    def walk(command, path: tuple[str, ...]):
+        subcommands = getattr(command, "commands", None)
+        if not subcommands:
+            yield path
+            return
+        for name, sub in subcommands.items():
+            yield from walk(sub, (*path, name))
+
+    return list(walk(typer.main.get_command(app), ()))
+
+
+def test_docs_cli_lists_every_command_with_an_example() -> None:
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    rows = dict(re.findall(r"^\| `raven ([a-z -]+)` \| `raven ([^`]+)`", page, flags=re.MULTILINE))
+    commands = {" ".join(words) for words in _commands()}
+    assert set(rows) == commands, (commands - set(rows), set(rows) - commands)
+    for command, example in rows.items():
+        assert example.startswith(command), (command, example)

@@ -45,6 +45,6 @@ def test_images_per_second_come_from_iterations_between_reports() -> None:
     assert speed.update(at=108.0, iteration=9) == pytest.approx(16.0)
 
 
-def test_a_gpu_run_takes_a_batch_per_gpu() -> None:
-    assert images_per_iteration(Spec(batch_size=8, device=Spec.GPU, gpu_count=4)) == 32
-    assert images_per_iteration(Spec(batch_size=8, device=Spec.CPU, gpu_count=4)) == 8
+def test_a_run_over_several_gpus_splits_its_batch() -> None:
+    assert images_per_iteration(Spec(batch_size=8, device=Spec.GPU, gpu_count=4)) == 8
+    assert images_per_iteration(Spec()) == 1
