@@ -31,6 +31,12 @@ from shared.auth import transport
 from shared.auth.certs import ensure_dev_certs
 from shared.auth.transport import ClientTls
 from shared.infra import Infrastructure, embedded_status, ensure_infrastructure, stop_embedded
+from shared.observability.metrics_addresses import (
+    TRAINED_MODELS_METRICS_ADDR,
+    TRAINING_RUNS_METRICS_ADDR,
+    WORKER_METRICS_ADDR,
+    metrics_address,
+)
 from shared.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -46,16 +52,32 @@ class Component:
     module: str
     # The Settings field with its gRPC address; None for processes without a server.
     address_setting: str | None
+    # Where it serves /metrics when RAVEN_METRICS_ADDR is unset.
+    metrics_default: str = ""
 
     def address(self, settings: Settings) -> str | None:
         return getattr(settings, self.address_setting) if self.address_setting else None
 
+    def metrics_address(self, settings: Settings) -> str | None:
+        """Where it serves Prometheus /metrics; None when metrics are off."""
+        return metrics_address(settings.metrics_addr, self.metrics_default)
+
 
 # Start order: the training-runs server migrates the database before the others use it.
 COMPONENTS = (
-    Component("training-runs", "services.training_runs.main", "training_runs_addr"),
-    Component("trained-models", "services.trained_models.main", "trained_models_addr"),
-    Component("trainer-worker", "trainer_worker", None),
+    Component(
+        "training-runs",
+        "services.training_runs.main",
+        "training_runs_addr",
+        TRAINING_RUNS_METRICS_ADDR,
+    ),
+    Component(
+        "trained-models",
+        "services.trained_models.main",
+        "trained_models_addr",
+        TRAINED_MODELS_METRICS_ADDR,
+    ),
+    Component("trainer-worker", "trainer_worker", None, WORKER_METRICS_ADDR),
 )
 
 

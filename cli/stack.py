@@ -53,6 +53,9 @@ def up(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
         console.print(f"was already running: {', '.join(c.name for c in found)}")
     console.print(f"TrainingRunService   {settings.training_runs_addr}", highlight=False)
     console.print(f"TrainedModelService  {settings.trained_models_addr}", highlight=False)
+    for component in devstack.COMPONENTS:
+        where = _metrics_url(component.metrics_address(settings))
+        console.print(f"{component.name + ' metrics':<21}{where}", highlight=False)
     console.print(f"logs                 {layout.logs}", highlight=False)
     console.print("stop with            make down   (or: raven stack down)", highlight=False)
 
@@ -74,7 +77,7 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 
     settings = Settings()
     healthy = True
-    table = Table("component", "pid", "state", "address")
+    table = Table("component", "pid", "state", "address", "metrics")
     for row in devstack.status(settings, data_dir):
         healthy = healthy and row.pid is not None and row.serving is not False
         if row.pid is None:
@@ -88,12 +91,14 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
             str(row.pid or ""),
             state,
             row.component.address(settings) or "",
+            _metrics_url(row.component.metrics_address(settings)),
         )
     for name, pid in devstack.embedded_pids(data_dir).items():
         table.add_row(
             f"{name} (embedded)",
             str(pid or ""),
             "[green]running[/]" if pid else "[dim]stopped[/]",
+            "",
             "",
         )
     console.print(table)
@@ -105,6 +110,10 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
     console.print(f"logs      {devstack.layout_for(data_dir).logs}", highlight=False)
     if not healthy:
         raise typer.Exit(NOT_RUNNING)
+
+
+def _metrics_url(address: str | None) -> str:
+    return f"http://{address}/metrics" if address else "off"
 
 
 def demo(

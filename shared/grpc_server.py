@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shared import reflection
 from shared.auth.admission import Admission
 from shared.calls import CallWrapper
+from shared.observability.rpc_metrics import MetricsInterceptor, RpcMetrics
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -23,10 +24,20 @@ class Server:
     """A grpc.aio server with health checking and reflection for `service_names`.
 
     Every handler runs inside the one wrapper (`shared.calls`): `admission` admits the
-    caller (None: everyone), the request is checked, errors become statuses."""
+    caller (None: everyone), the request is checked, errors become statuses. With
+    `metrics`, an interceptor around it counts every call with the status it ended with."""
 
-    def __init__(self, service_names: Sequence[str], *, admission: Admission | None = None) -> None:
-        self.server = grpc.aio.server(options=_OPTIONS, interceptors=(CallWrapper(admission),))
+    def __init__(
+        self,
+        service_names: Sequence[str],
+        *,
+        admission: Admission | None = None,
+        metrics: RpcMetrics | None = None,
+    ) -> None:
+        outer = (MetricsInterceptor(metrics),) if metrics is not None else ()
+        self.server = grpc.aio.server(
+            options=_OPTIONS, interceptors=(*outer, CallWrapper(admission))
+        )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

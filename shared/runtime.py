@@ -26,6 +26,8 @@ from shared.auth.audit_service import AuditServicer
 from shared.db.engine import create_engine, read_session_factory, session_factory
 from shared.db.migrate import upgrade
 from shared.grpc_server import Server
+from shared.observability.metrics_addresses import TRAINING_RUNS_METRICS_ADDR, metrics_address
+from shared.observability.service_metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.process import Loop, Supervisor, run_process
 from shared.proto.raven.training.v1 import audit_pb2_grpc
@@ -50,11 +52,17 @@ class ServiceApp:
     client_name = "raven"
     # The Settings field with this service's listen address.
     address_setting = ""
+    # Where `/metrics` is served when RAVEN_METRICS_ADDR is unset.
+    metrics_default = TRAINING_RUNS_METRICS_ADDR
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.subjects = messaging.Subjects(settings.nats_namespace)
         self.port = 0
+        # The process's series; `setup` adds the service's own. The port `/metrics` is
+        # served on once started (0: metrics off).
+        self.metrics = ServiceMetrics()
+        self.metrics_port = 0
         self.supervisor = Supervisor()
         self._engine: AsyncEngine | None = None
         self._nc: NATS | None = None
@@ -90,6 +98,7 @@ class ServiceApp:
         self._server = Server(
             (*self.service_names, AUDIT_SERVICE),
             admission=build_admission(self.settings, audit),
+            metrics=self.metrics.rpc,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
         loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))
@@ -98,11 +107,16 @@ class ServiceApp:
         self.supervisor.start([*loops, Loop("outbox relay", relay.run())])
         self.port = self._server.listen(self.address(), credentials)
         await self._server.start()
+        metrics_at = metrics_address(self.settings.metrics_addr, self.metrics_default)
+        if metrics_at is not None:
+            self.metrics.watch_outbox(self._engine)
+            self.metrics_port = await self.metrics.server.start(metrics_at)
         log.info(
             "serving", services=list(self.service_names), address=self.address(), port=self.port
         )
 
     async def stop(self, grace_s: float = 5.0) -> None:
+        await self.metrics.server.stop()
         if self._server is not None:
             await self._server.stop(grace_s)
         await self.supervisor.stop()

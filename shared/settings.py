@@ -103,6 +103,10 @@ class Settings(BaseSettings):
     # signs, all verify, so a key is rotated by putting the new one first. Replicas of a
     # service need the same keys; unset, each process signs with a random key of its own.
     page_token_keys: str = ""
+    # Where this process serves Prometheus `/metrics` (docs/operations.md, "Metrics"); unset:
+    # its own default (127.0.0.1:9464 TrainingRunService, :9465 TrainedModelService, :9466 a
+    # worker); "" or "off": no metrics; port 0: a free port.
+    metrics_addr: str | None = None
 
     @field_validator("artifact_store")
     @classmethod

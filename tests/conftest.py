@@ -14,6 +14,9 @@ import pytest
 from trainer_worker.devices import visible_gpus
 
 UNIT = Path(__file__).resolve().parent / "unit"
+# Every process the tests start serves /metrics on a free port, not on its fixed default:
+# test sessions side by side never collide.
+os.environ.setdefault("RAVEN_METRICS_ADDR", "127.0.0.1:0")
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -192,15 +192,17 @@ class JobConsumer:
         if self._shutdown.is_set():
             control.request(StopReason.SHUTDOWN)
         heartbeat = asyncio.create_task(self._heartbeat(publisher))
+        metrics = self._environment.metrics
         try:
-            async with cancel_watch(self._js, self._subjects, run_id, control):
-                return await execute_job(
-                    job,
-                    publisher=publisher,
-                    environment=self._environment,
-                    control=control,
-                    resume=resume,
-                )
+            with metrics.job(run_id) if metrics else contextlib.nullcontext():
+                async with cancel_watch(self._js, self._subjects, run_id, control):
+                    return await execute_job(
+                        job,
+                        publisher=publisher,
+                        environment=self._environment,
+                        control=control,
+                        resume=resume,
+                    )
         except (NatsError, JetStreamError, TimeoutError):
             raise
         except Exception as error:

@@ -19,6 +19,7 @@ from trainer_worker import events
 from trainer_worker.devices import GpuPool
 
 if TYPE_CHECKING:
+    from trainer_worker.metrics import WorkerMetrics
     from trainer_worker.publisher import EventPublisher
 
 RUN_PREFIX = "trainingRuns/"
@@ -104,6 +105,8 @@ class WorkerEnvironment:
     # Where new checkpoints and models go, and how recorded URIs are read; None: the
     # artifact root (s3:// URIs are still read, with the default AWS configuration).
     storage: Storage | None = None
+    # The worker's Prometheus series (trainer_worker.metrics); None: not observed.
+    metrics: WorkerMetrics | None = None
 
     def store(self) -> Storage:
         return self.storage or Storage(artifact_root=self.artifact_root)

@@ -13,12 +13,14 @@ import structlog
 from nats.aio.client import Client as NATS
 
 from shared.messaging import NatsSecurity, Subjects, connect, ensure_streams
+from shared.observability.metrics_addresses import WORKER_METRICS_ADDR, metrics_address
 from shared.process import Loop, Supervisor, run_process
 from shared.settings import Settings
 from shared.storage import Storage
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.devices import GpuPool, visible_gpus, worker_concurrency
+from trainer_worker.metrics import WorkerMetrics
 from trainer_worker.pipeline import WorkerEnvironment
 
 log = structlog.get_logger(__name__)
@@ -34,6 +36,9 @@ class Worker:
         self.supervisor = Supervisor()
         self._shutdown = asyncio.Event()
         self._nc: NATS | None = None
+        self.metrics: WorkerMetrics | None = None
+        # The port `/metrics` is served on once started (0: metrics off).
+        self.metrics_port = 0
 
     async def start(self) -> None:
         settings = self.settings
@@ -42,6 +47,10 @@ class Worker:
         if settings.worker_device != "cpu":
             gpus = await asyncio.to_thread(visible_gpus, os.environ)
         concurrency = worker_concurrency(settings.worker_concurrency, len(gpus))
+        self.metrics = WorkerMetrics(slots=concurrency)
+        metrics_at = metrics_address(settings.metrics_addr, WORKER_METRICS_ADDR)
+        if metrics_at is not None:
+            self.metrics_port = await self.metrics.server.start(metrics_at)
         self._nc = nc = await connect(
             settings.nats_url,
             name=f"raven-trainer-worker-{self.worker_id}",
@@ -58,6 +67,7 @@ class Worker:
                 dataloader_workers=settings.worker_dataloader_workers,
                 gpus=GpuPool(gpus),
                 storage=Storage.from_settings(settings),
+                metrics=self.metrics,
             ),
             options=ConsumerOptions(
                 worker_id=self.worker_id,
@@ -82,6 +92,8 @@ class Worker:
         await self.supervisor.stop(cancel=False)
         if self._nc is not None:
             await self._nc.drain()
+        if self.metrics is not None:
+            await self.metrics.server.stop()
         log.info("trainer worker stopped", worker=self.worker_id)
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import shutil
+import time
 from pathlib import Path
 
 import structlog
@@ -123,10 +124,14 @@ async def _train(attempt: Attempt) -> TrainingOutcome:
     leased = await _lease_gpus(attempt, placement)
     if leased is None:
         return TrainingCancelled()
+    if attempt.environment.metrics is not None:
+        attempt.environment.metrics.leased(attempt.run_id, leased)
     try:
         outcome = await _run(attempt, config_path, prepared, checkpoints, placement, leased)
     finally:
         attempt.environment.gpus.release(leased)
+        if attempt.environment.metrics is not None:
+            attempt.environment.metrics.released(attempt.run_id)
     if isinstance(outcome, TrainingSucceeded):
         # The best epoch's evaluation, like every validation, covered the val split.
         outcome = dataclasses.replace(
@@ -152,9 +157,12 @@ def _plan(job: worker_pb2.TrainingJob) -> TrainingPlan:
 
 
 async def _prepare_dataset(attempt: Attempt, plan: TrainingPlan) -> PreparedDataset:
+    started = time.perf_counter()
     prepared = await asyncio.to_thread(
         prepare, attempt.job.spec, plan, attempt.folder / "dataset", attempt.environment
     )
+    if attempt.environment.metrics is not None:
+        attempt.environment.metrics.dataset_prepared(time.perf_counter() - started)
     await attempt.publisher.publish(dataset_prepared=events.dataset_summary(prepared))
     if prepared.split_source == "dataset":
         await attempt.notice(

@@ -72,6 +72,16 @@ class ProgressReported:
     losses: Mapping[str, float] = field(default_factory=dict)
     lr: float | None = None
     eta_s: float | None = None
+    # mmengine's IterTimerHook times of the last iteration: `time` (the whole iteration)
+    # and `data_time` (waiting for its batch); the rest is compute.
+    iter_time_s: float | None = None
+    data_time_s: float | None = None
+    # Since the previous report: iterations, their summed `time` and `data_time`, and the
+    # images they trained on (all ranks).
+    window_iters: int = 0
+    window_time_s: float = 0.0
+    window_data_time_s: float = 0.0
+    window_images: int = 0
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -81,6 +91,8 @@ class EpochTrained:
     # The epoch's `train` series entry (shared.metrics.train_metrics): the mean of each
     # loss over its iterations, and the learning rate of its last one.
     losses: Mapping[str, float] = field(default_factory=dict)
+    # Wall time from the epoch's start to the end of its last iteration.
+    duration_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)

@@ -36,6 +36,8 @@ class ChildEventRelay:
     placed: Set[int]
 
     async def __call__(self, event: ChildEvent) -> None:
+        if self.environment.metrics is not None:
+            self.environment.metrics.child_event(self.run_id, event)
         if isinstance(event, TrainingStarted):
             await self.publisher.publish(
                 running=worker_pb2.WorkerEvent.Running(device=event.device)

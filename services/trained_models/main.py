@@ -13,6 +13,7 @@ from services.trained_models.servicer import TrainedModelServicer
 from services.trained_models.unit_of_work import UnitOfWork
 from services.training_runs.unit_of_work import UnitOfWork as JobsUnitOfWork
 from shared.consumer import consume
+from shared.observability.metrics_addresses import TRAINED_MODELS_METRICS_ADDR
 from shared.process import Loop
 from shared.proto.raven.training.v1 import trained_model_pb2, trained_model_pb2_grpc
 from shared.runtime import ServiceApp, Wiring, run_service
@@ -27,6 +28,7 @@ class TrainedModelsApp(ServiceApp):
     )
     client_name = "raven-trained-models"
     address_setting = "trained_models_addr"
+    metrics_default = TRAINED_MODELS_METRICS_ADDR
 
     async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
@@ -60,12 +62,18 @@ class TrainedModelsApp(ServiceApp):
         trained_model_pb2_grpc.add_TrainedModelServiceServicer_to_server(
             servicer, wiring.server.server
         )
+        self.metrics.watch_consumer(
+            wiring.js,
+            consumer="run_succeeded",
+            stream=self.subjects.events_stream,
+            durable=self.subjects.model_registry_consumer,
+        )
         run_succeeded = consume(
             wiring.js,
             stream=self.subjects.events_stream,
             subject=self.subjects.run_lifecycle("succeeded"),
             durable=self.subjects.model_registry_consumer,
-            handle=RunSucceededHandler(uow_factory),
+            handle=self.metrics.timed("run_succeeded", RunSucceededHandler(uow_factory)),
         )
         return [
             Loop("sweep of deleted models", self._sweep(uow_factory(), storage), ends=True),

@@ -5,6 +5,7 @@ from __future__ import annotations
 from services.training_runs import handlers
 from services.training_runs.claims import ClaimResponder
 from services.training_runs.consumer import WorkerEventHandler
+from services.training_runs.metrics import RunMetrics
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
@@ -24,6 +25,21 @@ class TrainingRunsApp(ServiceApp):
         def uow_factory() -> UnitOfWork:
             return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
 
+        run_metrics = RunMetrics(self.metrics)
+        run_metrics.count_runs(wiring.read_sessions)
+        self.metrics.watch_consumer(
+            wiring.js,
+            consumer="job_queue",
+            stream=self.subjects.jobs_stream,
+            durable=self.subjects.trainer_consumer,
+            work_queue=True,
+        )
+        self.metrics.watch_consumer(
+            wiring.js,
+            consumer="worker_events",
+            stream=self.subjects.worker_events_stream,
+            durable=self.subjects.worker_events_consumer,
+        )
         self.hub = EventHub()
         await self.hub.start(wiring.nc, self.subjects)
         # A queue group: one replica answers each claim.
@@ -44,13 +60,14 @@ class TrainingRunsApp(ServiceApp):
             uow_factory,
             timeout_s=self.settings.worker_lost_timeout_s,
             max_attempts=self.settings.max_attempts,
+            on_recovered=run_metrics.recovered,
         )
         worker_events = consume(
             wiring.js,
             stream=self.subjects.worker_events_stream,
             subject=self.subjects.worker_events,
             durable=self.subjects.worker_events_consumer,
-            handle=WorkerEventHandler(uow_factory),
+            handle=self.metrics.timed("worker_events", WorkerEventHandler(uow_factory)),
             # The subject ends with the run id: each run's reports stay in order.
             ordering_key=lambda msg: msg.subject,
         )

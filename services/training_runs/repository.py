@@ -8,7 +8,7 @@ from dataclasses import dataclass, fields
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import ColumnElement, insert, select, tuple_, update
+from sqlalchemy import ColumnElement, func, insert, literal, select, tuple_, update
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.exc import IntegrityError
 
@@ -148,6 +148,19 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         )
         row = (await self._session.execute(query)).first()
         return self._loaded(rows.to_run(row)) if row else None
+
+    async def queue_position(self, run: TrainingRun) -> int:
+        """1 + the QUEUED runs created before `run` (on ix_training_runs_state_create_time_id)."""
+        c = training_runs.c
+        query = (
+            select(func.count())
+            .select_from(training_runs)
+            .where(
+                c.state == RunState.QUEUED.value,
+                tuple_(c.create_time, c.id) < tuple_(literal(run.create_time), literal(run.id)),
+            )
+        )
+        return 1 + int(await self._session.scalar(query) or 0)
 
     def delete(self, run: TrainingRun) -> None:
         """Deleted by the next commit (its history with it: ON DELETE CASCADE)."""

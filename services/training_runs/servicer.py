@@ -62,10 +62,12 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
         run_id = parse_name(request.name, TRAINING_RUNS)
-        run = await handlers.get_run(self._uow(), run_id)
+        run, place = await handlers.get_run_and_place(self._uow(), run_id)
         if not visible(owner_scope(context), run.creator):
             raise missing(TRAINING_RUNS, run_id)
-        return run_to_proto(run)
+        message = run_to_proto(run)
+        message.queue_position = place
+        return message
 
     async def ListTrainingRuns(
         self, request: pb.ListTrainingRunsRequest, context: grpc.aio.ServicerContext

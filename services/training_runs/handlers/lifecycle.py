@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
-from services.training_runs.domain import RunEvent, TrainingRun
+from services.training_runs.domain import RunEvent, RunState, TrainingRun
 from services.training_runs.handlers.common import (
     Clock,
     check_etag,
@@ -33,6 +33,14 @@ log = structlog.get_logger(__name__)
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
     async with uow.reading():
         return await uow.runs.require(run_id)
+
+
+async def get_run_and_place(uow: UnitOfWork, run_id: uuid.UUID) -> tuple[TrainingRun, int]:
+    """The run, and its place in the job queue when QUEUED (0 otherwise)."""
+    async with uow.reading():
+        run = await uow.runs.require(run_id)
+        place = await uow.runs.queue_position(run) if run.state is RunState.QUEUED else 0
+    return run, place
 
 
 async def list_runs(

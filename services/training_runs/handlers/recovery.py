@@ -41,12 +41,21 @@ async def recover_lost_runs(
 
 
 async def recover_lost_runs_forever(
-    uow_factory: Callable[[], UnitOfWork], *, timeout_s: float, max_attempts: int
+    uow_factory: Callable[[], UnitOfWork],
+    *,
+    timeout_s: float,
+    max_attempts: int,
+    on_recovered: Callable[[list[TrainingRun]], None] | None = None,
 ) -> None:
-    """Checks a few times per timeout; cheap: an index holds only active runs."""
+    """Checks a few times per timeout; cheap: an index holds only active runs.
+    `on_recovered` is told the runs each check requeued or failed (the metrics)."""
     while True:
         try:
-            await recover_lost_runs(uow_factory(), timeout_s=timeout_s, max_attempts=max_attempts)
+            changed = await recover_lost_runs(
+                uow_factory(), timeout_s=timeout_s, max_attempts=max_attempts
+            )
+            if on_recovered is not None and changed:
+                on_recovered(changed)
         except asyncio.CancelledError:
             raise
         except Exception:

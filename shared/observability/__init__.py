@@ -1,0 +1,1 @@
+"""Prometheus metrics of the backbone's processes (docs/operations.md, "Metrics")."""
