@@ -77,7 +77,7 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
 
     settings = Settings()
     healthy = True
-    table = Table("component", "pid", "state", "address", "metrics")
+    table = Table("component", "pid", "state", "address", "/metrics")
     for row in devstack.status(settings, data_dir):
         healthy = healthy and row.pid is not None and row.serving is not False
         if row.pid is None:
@@ -91,7 +91,7 @@ def status(data_dir: DataDir = DEFAULT_DATA_DIR) -> None:
             str(row.pid or ""),
             state,
             row.component.address(settings) or "",
-            _metrics_url(row.component.metrics_address(settings)),
+            row.component.metrics_address(settings) or "off",
         )
     for name, pid in devstack.embedded_pids(data_dir).items():
         table.add_row(

@@ -183,6 +183,33 @@ async def test_training_reports_and_produces_verified_artifacts(
         assert {d["image_id"] for d in found} <= val_ids
 
 
+def test_progress_carries_mmengine_timings_the_worker_metrics_add_up(
+    trained: tuple[Path, TrainingOutcome, list[ChildEvent]],
+) -> None:
+    from prometheus_client import generate_latest
+
+    from trainer_worker.metrics import WorkerMetrics
+
+    _, _, seen = trained
+    progress = [e for e in seen if isinstance(e, ProgressReported)]
+    # Every iteration is in exactly one report's window, with mmengine's time and data_time.
+    assert sum(p.window_iters for p in progress) == progress[-1].max_iters
+    assert all(p.iter_time_s and p.iter_time_s > 0 for p in progress)
+    assert all(p.data_time_s is not None and 0 <= p.data_time_s <= p.iter_time_s for p in progress)
+    assert all(p.window_images >= p.window_iters for p in progress)
+    epochs = [e for e in seen if isinstance(e, EpochTrained)]
+    assert all(e.duration_s and e.duration_s > 0 for e in epochs)
+
+    metrics = WorkerMetrics()
+    with metrics.job("run"):
+        for event in seen:
+            metrics.child_event("run", event)
+        body = generate_latest(metrics.registry).decode()
+    total = progress[-1].max_iters
+    assert f"raven_worker_iterations_total {float(total)}" in body
+    assert "raven_worker_epoch_seconds_count 2.0" in body
+
+
 def reported_order(seen: list[ChildEvent]) -> list[tuple[str, int]]:
     return [
         ("checkpoint" if isinstance(e, CheckpointWritten) else "validation", e.epoch)

@@ -156,8 +156,7 @@ async def test_runs_are_counted_by_state(training_runs, runs, js, subjects, data
     )
     assert handled >= 2
     assert (
-        value(running, "raven_jetstream_consumer_pending_messages", consumer="worker_events")
-        >= 0
+        value(running, "raven_jetstream_consumer_pending_messages", consumer="worker_events") >= 0
     )
 
 
@@ -251,9 +250,7 @@ async def test_job_queue_depth_rises_with_a_queued_job_and_falls_when_consumed(
     await until(training_runs, lambda s: pending(s) == pending(consumed) + 1)
 
 
-async def test_queued_runs_know_their_place_in_the_queue(
-    runs, js, subjects, dataset_uri
-) -> None:
+async def test_queued_runs_know_their_place_in_the_queue(runs, js, subjects, dataset_uri) -> None:
     first = await runs.CreateTrainingRun(create_request(dataset_uri))
     second = await runs.CreateTrainingRun(create_request(dataset_uri))
     ahead = await _queued_before(runs, first)
@@ -294,4 +291,3 @@ async def _queued_before(runs, run: TrainingRun) -> int:
 async def test_metrics_answer_only_get_of_metrics(training_runs) -> None:
     status, _, _ = await asyncio.to_thread(_get, training_runs.metrics_port, "/nothing")
     assert status == 404
-
