@@ -88,6 +88,9 @@ async def test_create_fills_and_records_the_spec(runs, dataset_uri):
     assert run.spec.HasField("seed") and run.spec.HasField("image_size")
     assert run.attempt == 1 and run.creator == ADMIN
     fetched = await runs.GetTrainingRun(training_run_pb2.GetTrainingRunRequest(name=run.name))
+    # Only a Get tells a QUEUED run its place in the queue (tests/integration/test_metrics.py).
+    assert fetched.queue_position >= 1
+    fetched.ClearField("queue_position")
     assert fetched == run
 
 
