@@ -25,7 +25,7 @@ class TrainingRunsApp(ServiceApp):
         def uow_factory() -> UnitOfWork:
             return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
 
-        run_metrics = RunMetrics(self.metrics)
+        self.run_metrics = run_metrics = RunMetrics(self.metrics)
         run_metrics.count_runs(wiring.read_sessions)
         self.metrics.watch_consumer(
             wiring.js,

@@ -4,6 +4,7 @@ and the queue position GetTrainingRun reports."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.request
 import uuid
 
@@ -12,8 +13,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from services.training_runs import handlers
+from services.training_runs.unit_of_work import UnitOfWork
 from shared.consumer import consume
-from shared.db.engine import create_engine
+from shared.db.engine import create_engine, session_factory
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from shared.runtime import ServiceApp
 from shared.settings import Settings
@@ -291,3 +294,37 @@ async def _queued_before(runs, run: TrainingRun) -> int:
 async def test_metrics_answer_only_get_of_metrics(training_runs) -> None:
     status, _, _ = await asyncio.to_thread(_get, training_runs.metrics_port, "/nothing")
     assert status == 404
+
+
+async def test_lost_worker_recoveries_are_counted(
+    training_runs, runs, js, subjects, settings: Settings, dataset_uri
+) -> None:
+    def requeued(samples: Samples) -> float:
+        return value(samples, "raven_lost_worker_recoveries_total", outcome="requeued")
+
+    before = requeued(await scrape(training_runs))
+    run = await runs.CreateTrainingRun(create_request(dataset_uri))
+    worker = WorkerDriver(js, subjects, run)
+    await worker.send(preparing=worker_pb2.WorkerEvent.Preparing())
+    await worker.send(running=worker_pb2.WorkerEvent.Running(device="cpu"))
+    await in_state(runs, run.name, TrainingRun.RUNNING)
+
+    engine = create_engine(settings.database_url, pool_size=2)
+    sessions = session_factory(engine)
+    # The service's recovery loop with a short timeout, reporting to the service's metrics.
+    recovery = asyncio.create_task(
+        handlers.recover_lost_runs_forever(
+            lambda: UnitOfWork(sessions, subjects),
+            timeout_s=0.5,
+            max_attempts=settings.max_attempts,
+            on_recovered=training_runs.run_metrics.recovered,
+        )
+    )
+    try:
+        await in_state(runs, run.name, TrainingRun.QUEUED)
+        await until(training_runs, lambda s: requeued(s) >= before + 1)
+    finally:
+        recovery.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await recovery
+        await engine.dispose()
