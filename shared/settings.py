@@ -104,6 +104,18 @@ class Settings(BaseSettings):
     # service need the same keys; unset, each process signs with a random key of its own.
     page_token_keys: str = ""
 
+    # Retention (shared/retention.py, docs/operations.md "Retention"): one service process
+    # at a time prunes, every retention_interval_s; each age is in days, 0 keeps forever.
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    # Redelivered worker events are recognised by these rows (only within ack waits).
+    retention_processed_messages_days: int = Field(default=14, ge=0)
+    # Audit records: 0, or at least 7 (the database refuses younger deletes).
+    retention_audit_days: int = Field(default=365, ge=0)
+    # Finished runs' attempt folders, but for the files recorded as artifacts.
+    retention_work_dirs_days: int = Field(default=7, ge=0)
+    # Progress entries of finished runs' histories (state changes, evaluations stay).
+    retention_progress_events_days: int = Field(default=30, ge=0)
+
     @field_validator("artifact_store")
     @classmethod
     def _artifact_store_is_s3(cls, value: str) -> str:
@@ -120,6 +132,13 @@ class Settings(BaseSettings):
     def _page_token_keys_are_long(cls, value: str) -> str:
         if any(0 < len(k.strip()) < 16 for k in value.split(",")):
             raise ValueError("page_token_keys: each key needs at least 16 characters")
+        return value
+
+    @field_validator("retention_audit_days")
+    @classmethod
+    def _audit_kept_a_week(cls, value: int) -> int:
+        if 0 < value < 7:
+            raise ValueError("retention_audit_days: 0 (keep forever) or at least 7")
         return value
 
     def page_token_key_list(self) -> list[str]:
