@@ -313,12 +313,15 @@ async def test_the_entry_point_runs_one_pass(settings: Settings, engine: AsyncEn
         "RAVEN_DATABASE_URL": settings.database_url,
         "RAVEN_ARTIFACT_ROOT": str(settings.artifact_root),
     }
-    help_text = subprocess.run(
-        [sys.executable, "-m", "shared.retention", "--help"],
-        env=env,
-        capture_output=True,
-        text=True,
-        check=True,
+    help_text = (
+        await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "shared.retention", "--help"],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
     ).stdout
     assert "RAVEN_RETENTION_" in help_text
     done = await asyncio.to_thread(
