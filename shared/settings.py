@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     # Progress entries of finished runs' histories (state changes, evaluations stay).
     retention_progress_events_days: int = Field(default=30, ge=0)
 
+    # The trainer worker's health file for probes (trainer_worker/health.py); unset: none.
+    worker_health_file: Path | None = None
+
     @field_validator("artifact_store")
     @classmethod
     def _artifact_store_is_s3(cls, value: str) -> str:

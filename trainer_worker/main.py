@@ -19,6 +19,7 @@ from shared.storage import Storage
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.devices import GpuPool, visible_gpus, worker_concurrency
+from trainer_worker.health import keep_writing
 from trainer_worker.pipeline import WorkerEnvironment
 
 log = structlog.get_logger(__name__)
@@ -67,7 +68,16 @@ class Worker:
             ),
             claims=ClaimClient(nc=nc, subjects=subjects),
         )
-        self.supervisor.start([Loop("job consumer", consumer.run(self._shutdown))])
+        loops = [Loop("job consumer", consumer.run(self._shutdown))]
+        if settings.worker_health_file is not None:
+            # For probes (python -m trainer_worker.health): the loop is alive, NATS is up.
+            loops.append(
+                Loop(
+                    "health file",
+                    keep_writing(settings.worker_health_file, lambda: nc.is_connected),
+                )
+            )
+        self.supervisor.start(loops)
         log.info(
             "trainer worker ready",
             worker=self.worker_id,
