@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -32,13 +33,21 @@ def write(path: Path, *, connected: bool, now: float | None = None) -> None:
 
 
 async def keep_writing(
-    path: Path, connected: Callable[[], bool], interval_s: float = INTERVAL_S
+    path: Path,
+    connected: Callable[[], bool],
+    stop: asyncio.Event,
+    interval_s: float = INTERVAL_S,
 ) -> None:
-    """Until cancelled."""
+    """Until `stop` is set (or cancelled); then the file goes: a stopping worker is unhealthy."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        await asyncio.to_thread(write, path, connected=connected())
-        await asyncio.sleep(interval_s)
+    try:
+        while not stop.is_set():
+            await asyncio.to_thread(write, path, connected=connected())
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), interval_s)
+    finally:
+        # Synchronous: it must happen even while the task is being cancelled.
+        path.unlink(missing_ok=True)  # noqa: ASYNC240
 
 
 def check(path: Path, *, ready: bool, max_age_s: float, now: float | None = None) -> str | None:

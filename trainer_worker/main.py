@@ -74,7 +74,9 @@ class Worker:
             loops.append(
                 Loop(
                     "health file",
-                    keep_writing(settings.worker_health_file, lambda: nc.is_connected),
+                    keep_writing(
+                        settings.worker_health_file, lambda: nc.is_connected, self._shutdown
+                    ),
                 )
             )
         self.supervisor.start(loops)

@@ -228,7 +228,8 @@ async def _process(argv: list[str], env: Mapping[str, str], log: Path) -> AsyncI
             except TimeoutError:
                 process.kill()
                 await process.wait()
-        print(f"--- {log.name}\n{log.read_text()[-3000:]}")
+        text = await asyncio.to_thread(log.read_text)
+        print(f"--- {log.name}\n{text[-3000:]}")
 
 
 async def test_compose_entry_points_serve_and_pass_their_health_checks(
@@ -258,7 +259,7 @@ async def test_compose_entry_points_serve_and_pass_their_health_checks(
             await running.enter_async_context(
                 _process(_argv(entry, prepared, ports), env, volumes / f"{name}.log")
             )
-        for name, check in checks.items():
+        for check in checks.values():
             argv, env = _argv(check, prepared, ports), _env(check, prepared, stack)
 
             async def passes(argv: list[str] = argv, env: dict[str, str] = env) -> bool:
@@ -277,7 +278,8 @@ async def test_compose_entry_points_serve_and_pass_their_health_checks(
         done = await _arun(_argv(check, prepared, ports), _env(check, prepared, stack))
         if name != "trainer-worker":
             assert done.returncode == 1, name
-    (volumes / "worker.health").unlink()
+    # A stopped worker leaves no health file behind.
+    assert not (volumes / "worker.health").exists()
     worker = checks["trainer-worker"]
     done = await _arun(_argv(worker, prepared, ports), _env(worker, prepared, stack))
     assert done.returncode == 1 and "no health file" in done.stderr
@@ -405,3 +407,10 @@ async def test_the_kubernetes_worker_probes_follow_a_running_worker(
                 return (await _arun(argv, env)).returncode == 0
 
             await eventually(passes, timeout=60, interval=0.5)
+        # A file older than --max-age: a stuck worker fails its liveness probe.
+        stale = [*_argv(probes[0], k8s_paths, {}), "--max-age", "0"]
+        done = await _arun(stale, _env(probes[0], k8s_paths, {}))
+        assert done.returncode == 1 and "last reported" in done.stderr
+    for probe in probes:
+        done = await _arun(_argv(probe, k8s_paths, {}), _env(probe, k8s_paths, {}))
+        assert done.returncode == 1, probe.where  # stopped
