@@ -92,7 +92,7 @@ async def prune(
             batch,
         )
     if policy.audit_days:
-        # The only delete the append-only trigger lets through (migration 0008).
+        # The only delete the append-only trigger lets through (migration 0009).
         report.audit_records = await _delete_batches(
             engine,
             "SELECT prune_audit_records(:cutoff, :batch)",

@@ -303,7 +303,7 @@ processed_messages = Table(
 
 # Every state-changing call and every refused call (shared/auth/audit.py). Append-only:
 # a trigger (migration 0004) refuses UPDATE and DELETE; only prune_audit_records (migration
-# 0008) deletes, and only rows past the retention period.
+# 0009) deletes, and only rows past the retention period.
 audit_records = Table(
     "audit_records",
     metadata,

@@ -1,7 +1,7 @@
 """retention: a sanctioned delete path for old audit records, indexes for the prune
 
-Revision ID: 0008
-Revises: 0007
+Revision ID: 0009
+Revises: 0008
 
 audit_records stays append-only for every statement but one: `prune_audit_records(cutoff)`
 (SECURITY DEFINER) deletes the rows older than `cutoff`, which must lie at least
@@ -14,8 +14,8 @@ from __future__ import annotations
 
 from alembic import op
 
-revision = "0008"
-down_revision = "0007"
+revision = "0009"
+down_revision = "0008"
 branch_labels = None
 depends_on = None
 
