@@ -1,1 +1,7 @@
 """`raven`: a command-line client of the gRPC API, and the local development stack."""
+
+import os
+
+# gRPC core logs connection failures to stderr in its own format; the CLI says what went
+# wrong itself. Set before anything imports grpc, and only when the user has not.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
