@@ -89,6 +89,7 @@ def connect(settings: ConnectionSettings | None = None) -> Iterator[Clients]:
     except (ConfigError, TlsFilesError) as error:
         fail(str(error))
     runs_addr, models_addr = config.training_runs_addr, config.trained_models_addr
+    _targets.clear()
     _targets.update({runs_addr: tls, models_addr: tls})
     with open_channel(runs_addr, tls) as runs_channel, open_channel(models_addr, tls) as models:
         yield Clients(

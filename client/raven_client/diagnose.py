@@ -119,9 +119,14 @@ def _handshake(
             # TLS 1.3 servers judge the client certificate after the client's handshake
             # ends: their verdict is the first thing to read.
             conn.sendall(_H2_PREFACE)
-            conn.recv(1)
+            answer = conn.recv(1)
     except ssl.SSLCertVerificationError as error:
         return _server_certificate(error, address, server_name)
+    except ssl.SSLEOFError:
+        return Diagnosis(
+            Problem.HANDSHAKE_FAILED,
+            f"the server at {address} hung up during the TLS handshake",
+        )
     except ssl.SSLError as error:
         return _alert(error, address)
     except TimeoutError:
@@ -129,6 +134,13 @@ def _handshake(
     except OSError as error:
         return Diagnosis(
             Problem.HANDSHAKE_FAILED, f"the TLS handshake with {address} failed: {_reason(error)}"
+        )
+    if not answer:
+        # gRPC servers send no alert: they hang up on a client certificate they refuse.
+        return Diagnosis(
+            Problem.CLIENT_CERT_REFUSED,
+            f"the server at {address} refused the client certificate (it hung up after the "
+            "handshake: expired, not yet valid, or of a CA it does not trust)",
         )
     return None
 
