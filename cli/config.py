@@ -13,6 +13,10 @@ from shared.paths import default_dev_certs_dir
 
 DEFAULT_TRAINING_RUNS_ADDR = "127.0.0.1:50051"
 DEFAULT_TRAINED_MODELS_ADDR = "127.0.0.1:50052"
+# The names shared.auth.certs.DevCerts gives the CA and the CLI's pair, in dev_certs_dir.
+DEV_CA = "ca.crt"
+DEV_CLI_CERT = "cli.crt"
+DEV_CLI_KEY = "cli.key"
 
 # Pydantic's spelling of booleans, case-insensitive.
 _TRUE = frozenset({"1", "true", "t", "yes", "y", "on"})

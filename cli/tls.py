@@ -9,13 +9,7 @@ from pathlib import Path
 
 from raven_client import Tls
 
-from cli.config import ConnectionSettings
-
-# The names shared.auth.certs.DevCerts gives the CA and the CLI's pair
-# (tests/unit/test_cli_config.py checks they agree).
-DEV_CA = "ca.crt"
-DEV_CLI_CERT = "cli.crt"
-DEV_CLI_KEY = "cli.key"
+from cli.config import DEV_CA, DEV_CLI_CERT, DEV_CLI_KEY, ConnectionSettings
 
 GET_CERTS = "`make certs` (or `raven certs`) creates them"
 
