@@ -13,8 +13,6 @@ from typing import TYPE_CHECKING, NoReturn, ParamSpec, TypeVar
 
 import grpc
 import typer
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 from raven_client import Problem, Tls, open_channel, probe
 from rich.console import Console
 from rich.text import Text
@@ -109,6 +107,10 @@ def fail(line: str) -> NoReturn:
 
 def describe_rpc_error(error: grpc.RpcError) -> list[str]:
     """Status code, message and BadRequest field violations, one line each."""
+    # Only a failed command pays for the detail messages.
+    from google.rpc import error_details_pb2
+    from grpc_status import rpc_status
+
     code = error.code() if isinstance(error, grpc.Call) else None
     details = error.details() if isinstance(error, grpc.Call) else str(error)
     lines = [f"{code.name if code else 'UNKNOWN'}: {details or '(no message)'}"]
