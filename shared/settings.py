@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.paths import DEFAULT_DATA_DIR
+from shared.paths import DEFAULT_DATA_DIR, default_dev_certs_dir
 
 __all__ = ["DEFAULT_DATA_DIR", "Settings"]
 
@@ -81,7 +81,8 @@ class Settings(BaseSettings):
     # start; every caller is `dev_identity` (with `admin` unless a policy file says otherwise).
     insecure_dev: bool = False
     dev_identity: str = "spiffe://raven.local/ns/dev/sa/developer"
-    dev_certs_dir: Path = DEFAULT_DATA_DIR / "certs"
+    # Per user (shared/paths.py): `$XDG_CONFIG_HOME/raven/certs`, else ~/.config/raven/certs.
+    dev_certs_dir: Path = Field(default_factory=default_dev_certs_dir)
     # SPIFFE ids of sidecars (Envoy, Istio) whose x-forwarded-client-cert header is believed
     # (JSON list in the environment).
     trusted_proxies: list[str] = Field(default_factory=list)
