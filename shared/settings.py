@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
     log_level: str = "INFO"
-    log_json: bool = False
+    # Unset: JSON lines when stderr is not a terminal, text at a terminal.
+    log_json: bool | None = None
 
     # Seconds a worker may go silent before its job is redelivered.
     job_ack_wait_s: float = Field(default=60.0, gt=0)
