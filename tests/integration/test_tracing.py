@@ -99,9 +99,7 @@ def _one(spans: list[ReadableSpan], name: str, kind: SpanKind) -> ReadableSpan:
 
 def _children(spans: list[ReadableSpan], parent: ReadableSpan) -> list[ReadableSpan]:
     assert parent.context is not None
-    return [
-        s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id
-    ]
+    return [s for s in spans if s.parent is not None and s.parent.span_id == parent.context.span_id]
 
 
 def _child(spans: list[ReadableSpan], parent: ReadableSpan, name: str) -> ReadableSpan:
