@@ -105,6 +105,12 @@ class Settings(BaseSettings):
     # service need the same keys; unset, each process signs with a random key of its own.
     page_token_keys: str = ""
 
+    @field_validator("log_json", mode="before")
+    @classmethod
+    def _empty_log_json_is_unset(cls, value: object) -> object:
+        # RAVEN_LOG_JSON= (empty) means the same as unset: chosen by the terminal.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("artifact_store")
     @classmethod
     def _artifact_store_is_s3(cls, value: str) -> str:

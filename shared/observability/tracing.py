@@ -2,10 +2,10 @@
 
 `configure` installs the SDK's tracer provider in a process; it exports only when the
 standard variables ask for it (OTEL_TRACES_EXPORTER=otlp|console, or an
-OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT with no exporter named);
-otherwise no provider is installed and spans cost next to nothing. Whether exported or
-not, the W3C `traceparent` of the current span travels with every message (`inject`,
-`extract`), so a downstream process that does export continues the same trace.
+OTEL_EXPORTER_OTLP_ENDPOINT / OTEL_EXPORTER_OTLP_TRACES_ENDPOINT with no exporter named).
+Whether exported or not, the W3C `traceparent` of the current span travels with every
+message (`inject`, `extract`), so a downstream process that does export continues the
+same trace, and every log line names its `trace_id`.
 """
 
 from __future__ import annotations
@@ -61,19 +61,19 @@ def exporter_from_env(environ: Mapping[str, str]) -> SpanExporter | None:
     return None
 
 
-def configure(service_name: str, environ: Mapping[str, str] | None = None) -> TracerProvider | None:
-    """Installs a tracer provider that exports as the OTEL_* variables say; None (and
-    nothing installed) when they ask for no exporter. OTEL_SERVICE_NAME overrides
-    `service_name`; OTEL_RESOURCE_ATTRIBUTES adds resource attributes."""
+def configure(service_name: str, environ: Mapping[str, str] | None = None) -> TracerProvider:
+    """Installs the SDK's tracer provider, exporting as the OTEL_* variables say (nowhere by
+    default: spans still get ids, which travel with messages and appear in the logs as
+    `trace_id`). OTEL_SERVICE_NAME overrides `service_name`; OTEL_RESOURCE_ATTRIBUTES adds
+    resource attributes."""
     environ = os.environ if environ is None else environ
-    exporter = exporter_from_env(environ)
-    if exporter is None:
-        return None
     attributes = {} if environ.get("OTEL_SERVICE_NAME") else {SERVICE_NAME: service_name}
     provider = TracerProvider(resource=Resource.create(attributes))
-    provider.add_span_processor(BatchSpanProcessor(exporter))
+    exporter = exporter_from_env(environ)
+    if exporter is not None:
+        provider.add_span_processor(BatchSpanProcessor(exporter))
+        log.info("exporting traces", exporter=type(exporter).__name__)
     trace.set_tracer_provider(provider)
-    log.info("exporting traces", exporter=type(exporter).__name__)
     return provider
 
 
