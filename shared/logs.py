@@ -20,6 +20,23 @@ import structlog
 from shared.observability.tracing import current_trace_id
 
 
+class _Handler(logging.StreamHandler):  # type: ignore[type-arg]
+    """Writes to `stream`, or to the sys.stderr of the moment when None (so that a
+    replaced sys.stderr, as under test runners, is followed)."""
+
+    def __init__(self, stream: TextIO | None) -> None:
+        super().__init__()
+        self._fixed = stream
+
+    @property
+    def stream(self) -> TextIO:
+        return self._fixed or sys.stderr
+
+    @stream.setter
+    def stream(self, value: TextIO) -> None:
+        """StreamHandler sets it; the property decides."""
+
+
 def add_trace_id(_: Any, __: str, event: MutableMapping[str, Any]) -> MutableMapping[str, Any]:
     """The current span's trace id, for finding a log line's trace (and back)."""
     if "trace_id" not in event:
@@ -52,7 +69,7 @@ def configure(
     ]
     renderer: structlog.types.Processor = (
         structlog.processors.JSONRenderer()
-        if wants_json(json, stream)
+        if wants_json(json, stream or sys.stderr)
         else structlog.dev.ConsoleRenderer(colors=False)
     )
     numeric_level = logging.getLevelName(level.upper())
@@ -75,10 +92,10 @@ def configure(
             renderer,
         ],
     )
-    handler = logging.StreamHandler(stream)
+    handler = _Handler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()
-    for old in list(root.handlers):
+    for old in [h for h in root.handlers if isinstance(h, _Handler)]:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(numeric_level)

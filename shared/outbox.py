@@ -228,19 +228,20 @@ class OutboxRelay:
         return len(settled)
 
     async def _publish(self, row: Any) -> None:
+        headers = {"Nats-Msg-Id": row.msg_id}
+        if not row.traceparent:
+            # Written outside any trace: no trace to continue.
+            await self._publish_with(row, headers)
+            return
         # A PRODUCER span in the trace of the transaction that wrote the row: the consumer
         # of the message continues from it (its traceparent is in the headers).
-        parent = {tracing.TRACEPARENT: row.traceparent} if row.traceparent else {}
         with tracing.span(
             f"publish {row.subject}",
             kind=SpanKind.PRODUCER,
-            parent=parent,
+            parent={tracing.TRACEPARENT: row.traceparent},
             attributes={"messaging.system": "nats", "messaging.destination.name": row.subject},
         ):
-            headers = {"Nats-Msg-Id": row.msg_id}
-            if row.traceparent:
-                headers = tracing.inject(headers)
-            await self._publish_with(row, headers)
+            await self._publish_with(row, tracing.inject(headers))
 
     async def _publish_with(self, row: Any, headers: dict[str, str]) -> None:
         size = len(row.payload)
