@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
     log_level: str = "INFO"
-    log_json: bool = False
+    # Unset: JSON lines when stderr is not a terminal, text at a terminal.
+    log_json: bool | None = None
 
     # Seconds a worker may go silent before its job is redelivered.
     job_ack_wait_s: float = Field(default=60.0, gt=0)
@@ -104,6 +105,12 @@ class Settings(BaseSettings):
     # signs, all verify, so a key is rotated by putting the new one first. Replicas of a
     # service need the same keys; unset, each process signs with a random key of its own.
     page_token_keys: str = ""
+
+    @field_validator("log_json", mode="before")
+    @classmethod
+    def _empty_log_json_is_unset(cls, value: object) -> object:
+        # RAVEN_LOG_JSON= (empty) means the same as unset: chosen by the terminal.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("artifact_store")
     @classmethod
