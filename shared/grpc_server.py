@@ -10,6 +10,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from shared import reflection
 from shared.auth.admission import Admission
 from shared.calls import CallWrapper
+from shared.observability.tracing_grpc import ObservedCalls
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -26,7 +27,10 @@ class Server:
     caller (None: everyone), the request is checked, errors become statuses."""
 
     def __init__(self, service_names: Sequence[str], *, admission: Admission | None = None) -> None:
-        self.server = grpc.aio.server(options=_OPTIONS, interceptors=(CallWrapper(admission),))
+        # ObservedCalls first: its span and access log see the status CallWrapper sets.
+        self.server = grpc.aio.server(
+            options=_OPTIONS, interceptors=(ObservedCalls(), CallWrapper(admission))
+        )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)

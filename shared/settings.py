@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.paths import DEFAULT_DATA_DIR
+from shared.paths import DEFAULT_DATA_DIR, default_dev_certs_dir
 
 __all__ = ["DEFAULT_DATA_DIR", "Settings"]
 
@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
     log_level: str = "INFO"
-    log_json: bool = False
+    # Unset: JSON lines when stderr is not a terminal, text at a terminal.
+    log_json: bool | None = None
 
     # Seconds a worker may go silent before its job is redelivered.
     job_ack_wait_s: float = Field(default=60.0, gt=0)
@@ -81,7 +82,8 @@ class Settings(BaseSettings):
     # start; every caller is `dev_identity` (with `admin` unless a policy file says otherwise).
     insecure_dev: bool = False
     dev_identity: str = "spiffe://raven.local/ns/dev/sa/developer"
-    dev_certs_dir: Path = DEFAULT_DATA_DIR / "certs"
+    # Per user (shared/paths.py): `$XDG_CONFIG_HOME/raven/certs`, else ~/.config/raven/certs.
+    dev_certs_dir: Path = Field(default_factory=default_dev_certs_dir)
     # SPIFFE ids of sidecars (Envoy, Istio) whose x-forwarded-client-cert header is believed
     # (JSON list in the environment).
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -118,6 +120,12 @@ class Settings(BaseSettings):
 
     # The trainer worker's health file for probes (trainer_worker/health.py); unset: none.
     worker_health_file: Path | None = None
+
+    @field_validator("log_json", mode="before")
+    @classmethod
+    def _empty_log_json_is_unset(cls, value: object) -> object:
+        # RAVEN_LOG_JSON= (empty) means the same as unset: chosen by the terminal.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("artifact_store")
     @classmethod

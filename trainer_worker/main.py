@@ -29,6 +29,9 @@ class Worker:
     """Serves training jobs until stopped; stopping stops the running jobs (they are queued
     again) and drains the NATS connection."""
 
+    # The service name of its traces.
+    client_name = "raven-trainer-worker"
+
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.worker_id = settings.worker_id or f"{socket.gethostname()}-{os.getpid()}"
@@ -82,7 +85,7 @@ class Worker:
         self.supervisor.start(loops)
         log.info(
             "trainer worker ready",
-            worker=self.worker_id,
+            worker_id=self.worker_id,
             namespace=subjects.namespace,
             gpus=len(gpus),
             concurrency=concurrency,
@@ -94,7 +97,7 @@ class Worker:
         await self.supervisor.stop(cancel=False)
         if self._nc is not None:
             await self._nc.drain()
-        log.info("trainer worker stopped", worker=self.worker_id)
+        log.info("trainer worker stopped", worker_id=self.worker_id)
 
 
 def run() -> None:

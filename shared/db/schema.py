@@ -269,6 +269,9 @@ outbox = Table(
     _time("create_time"),
     # Failed publishes of this row while other rows of its batch were published.
     Column("failures", Integer, nullable=False, server_default=text("0")),
+    # The W3C traceparent of the span that wrote the row (migration 0008); null outside
+    # any trace. The relay's publish span continues it and sends it in the headers.
+    Column("traceparent", Text, nullable=True),
 )
 
 # Outbox rows the relay cannot ever publish (larger than the NATS max payload, refused
