@@ -129,13 +129,17 @@ def volumes() -> Iterator[Path]:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+# Where compose takes `make certs`' files from: the folder the services and the CLI use.
+DEV_CERTS_SOURCE = "${RAVEN_DEV_CERTS_DIR-${HOME}/.config/raven/certs}"
+
+
 def _compose_paths(volumes: Path, certs: Path) -> dict[str, Path]:
     """Container path -> host path, from the compose services' volume lists."""
     paths: dict[str, Path] = {}
     for service in compose()["services"].values():
         for volume in service.get("volumes", []):
             source, target, *_ = volume.split(":")
-            if source == "../.data/certs":
+            if source == DEV_CERTS_SOURCE:
                 paths[target] = certs
             elif source.startswith("."):
                 paths[target] = (DEPLOY / source).resolve()
