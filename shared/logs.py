@@ -59,7 +59,6 @@ def wants_json(json: bool | None, stream: TextIO) -> bool:
 def configure(
     level: str = "INFO", *, json: bool | None = None, stream: TextIO | None = None
 ) -> None:
-    stream = stream or sys.stderr
     shared: list[structlog.types.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
