@@ -97,5 +97,5 @@ bench: setup ## Benchmarks against the real stack (minutes); JSON in .data/bench
 bench-smoke: setup ## The benchmark harness in seconds, to keep it working (no figure is meaningful)
 	$(PY) -m benchmarks --smoke
 
-certs: setup ## Create the development CA, server and CLI certificates (SPIFFE ids) and policy in .data/certs
+certs: setup ## Create the development CA, server and CLI certificates (SPIFFE ids) and policy in ~/.config/raven/certs
 	$(PY) -m cli.main certs

@@ -36,11 +36,12 @@ PIPED_WIDTH = 500
 
 def console(*, err: bool = False) -> Console:
     """A console for stdout (or stderr: what accompanies JSON or YAML on stdout): the
-    terminal's width there, else wide, without colours."""
+    terminal's width there, else wide, without colours. It reads no markup: names,
+    labels and messages are data ("[x, y, w, h]" stays as it is); styles come from Text."""
     stream = sys.stderr if err else sys.stdout
     if stream.isatty():
-        return Console(stderr=err)
-    return Console(stderr=err, width=PIPED_WIDTH, color_system=None, soft_wrap=False)
+        return Console(stderr=err, markup=False)
+    return Console(stderr=err, width=PIPED_WIDTH, color_system=None, soft_wrap=False, markup=False)
 
 
 def as_dict(message: Message) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from rich.table import Column, Table
 from rich.text import Text
 from rich.tree import Tree
 
+from cli.fitting import Fitting
 from shared.metrics import MAP, MAP_50, MAP_75
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, training_run_pb2
 
@@ -123,10 +124,11 @@ def run_details(run: training_run_pb2.TrainingRun) -> Table:
 
 
 def next_page(table: Table, token: str) -> RenderableType:
-    """A list's table, and how to ask for the next page when there is one."""
+    """A list's table (as rows of lines where it does not fit), and how to ask for the
+    next page when there is one."""
     if not token:
-        return table
-    return Group(table, Text(f"next page: --page-token {token}"))
+        return Fitting(table)
+    return Group(Fitting(table), Text(f"next page: --page-token {token}"))
 
 
 def events_text(events: training_run_pb2.ListTrainingRunEventsResponse) -> RenderableType:

@@ -10,6 +10,7 @@ from rich.console import Group, RenderableType
 from rich.table import Column, Table
 from rich.text import Text
 
+from cli.fitting import Fitting
 from cli.render import metrics_text, state_text, timestamp
 from shared.metrics import MAP, MAP_50
 from shared.proto.raven.training.v1 import common_pb2, trained_model_pb2, training_run_pb2
@@ -137,11 +138,11 @@ def evaluation_details(evaluation: trained_model_pb2.ModelEvaluation) -> Rendera
             header.add_row(label, value if isinstance(value, Text) else Text(str(value)))
     parts: list[RenderableType] = [header]
     if review.class_counts:
-        parts.append(class_table(evaluation.evaluation, review))
+        parts.append(Fitting(class_table(evaluation.evaluation, review)))
     if review.confusion_matrix.labels:
-        parts.append(confusion_table(review.confusion_matrix))
+        parts.append(Fitting(confusion_table(review.confusion_matrix)))
     if review.samples:
-        parts.append(samples_table(review.samples))
+        parts.append(Fitting(samples_table(review.samples)))
     return Group(*parts)
 
 
@@ -205,7 +206,7 @@ def samples_table(samples: Sequence[Review.Sample]) -> Table:
     return table
 
 
-def comparison_table(comparison: trained_model_pb2.ModelComparison) -> Table:
+def comparison_table(comparison: trained_model_pb2.ModelComparison) -> RenderableType:
     """Models as columns, metrics as rows; the best value of each row in bold."""
     table = Table(
         Column("metric", style="bold"),
@@ -230,4 +231,4 @@ def comparison_table(comparison: trained_model_pb2.ModelComparison) -> Table:
                 for v in values
             ),
         )
-    return table
+    return Fitting(table)

@@ -113,7 +113,10 @@ def watch_run(
             delay = BACKOFF_S[min(resumes, len(BACKOFF_S) - 1)]
             resumes += 1
             bar.console.print(
-                f"[yellow]{reason}; resuming after sequence {last_sequence} in {delay:.1f}s[/]"
+                Text(
+                    f"{reason}; resuming after sequence {last_sequence} in {delay:.1f}s",
+                    style="yellow",
+                )
             )
             time.sleep(delay)
     if run.state == training_run_pb2.TrainingRun.SUCCEEDED and run.kind != EVALUATION:

@@ -1,1 +1,8 @@
 """Services of the training backbone: one gRPC server per folder, and the CLI."""
+
+import os
+
+# gRPC core writes its own lines to stderr, outside the structured logs: only its errors,
+# unless GRPC_VERBOSITY says otherwise. Read once, when grpc is first imported: set here,
+# before any module of the process imports it.
+os.environ.setdefault("GRPC_VERBOSITY", "ERROR")

@@ -1,6 +1,7 @@
 """The one wrapper around every gRPC handler: request guard, admission, error mapping.
 
-`CallWrapper` is the server's only interceptor. It resolves the handler and returns
+`CallWrapper` wraps every call, inside the span and access log of
+`shared.observability.tracing_grpc`. It resolves the handler and returns
 it wrapped, since under grpc.aio an interceptor sees a handler's exceptions only from
 inside the handler's behaviour. Per call, in order: the caller is admitted
 (`shared.auth.admission`, skipped for health and reflection), each request is parsed

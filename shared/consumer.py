@@ -26,6 +26,9 @@ from nats.js import JetStreamContext
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import BadRequestError
 from nats.js.errors import Error as JetStreamError
+from opentelemetry.trace import SpanKind
+
+from shared.observability import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -81,6 +84,7 @@ async def consume(
     )
     loop = _PullLoop(
         handle=handle,
+        name=f"consume {durable}",
         capacity=concurrency or batch,
         ordering_key=ordering_key,
         retry_delay_s=retry_delay_s,
@@ -136,6 +140,7 @@ class _PullLoop:
         self,
         *,
         handle: Handler,
+        name: str,
         capacity: int,
         ordering_key: OrderingKey | None,
         retry_delay_s: float,
@@ -143,6 +148,7 @@ class _PullLoop:
         sync_ack: bool,
     ) -> None:
         self._handle = handle
+        self._name = name
         self._free = capacity
         self._freed = asyncio.Event()
         self._ordering_key = ordering_key
@@ -206,7 +212,15 @@ class _PullLoop:
             else None
         )
         try:
-            await self._handle(msg)
+            # A CONSUMER span, child of the publisher's (its traceparent is in the headers).
+            with tracing.span(
+                self._name,
+                kind=SpanKind.CONSUMER,
+                parent=msg.headers or {},
+                attributes={"messaging.system": "nats", "messaging.destination.name": msg.subject},
+                expected=(Retry, asyncio.CancelledError),
+            ):
+                await self._handle(msg)
         except Unprocessable as error:
             log.error("unprocessable message terminated", subject=msg.subject, error=str(error))
             await _settle(msg.term())

@@ -11,6 +11,7 @@ from shared import reflection
 from shared.auth.admission import Admission
 from shared.calls import CallWrapper
 from shared.observability.rpc_metrics import MetricsInterceptor, RpcMetrics
+from shared.observability.tracing_grpc import ObservedCalls
 
 _OPTIONS = [
     ("grpc.max_receive_message_length", 16 * 1024 * 1024),
@@ -34,9 +35,10 @@ class Server:
         admission: Admission | None = None,
         metrics: RpcMetrics | None = None,
     ) -> None:
+        # ObservedCalls and the metrics first: they see the status CallWrapper sets.
         outer = (MetricsInterceptor(metrics),) if metrics is not None else ()
         self.server = grpc.aio.server(
-            options=_OPTIONS, interceptors=(*outer, CallWrapper(admission))
+            options=_OPTIONS, interceptors=(*outer, ObservedCalls(), CallWrapper(admission))
         )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)

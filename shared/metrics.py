@@ -15,6 +15,22 @@ COCO_PREFIX = "coco/"
 MAP = f"{COCO_PREFIX}bbox_mAP"
 MAP_50 = f"{MAP}_50"
 MAP_75 = f"{MAP}_75"
+# COCOeval's twelve summary stats in mmdet's CocoMetric names, in the order of
+# COCOeval.stats (the order COCO prints them).
+COCO_STATS = (
+    MAP,
+    MAP_50,
+    MAP_75,
+    f"{MAP}_s",
+    f"{MAP}_m",
+    f"{MAP}_l",
+    f"{COCO_PREFIX}AR@1",
+    f"{COCO_PREFIX}AR@10",
+    f"{COCO_PREFIX}AR@100",
+    f"{COCO_PREFIX}AR_s@100",
+    f"{COCO_PREFIX}AR_m@100",
+    f"{COCO_PREFIX}AR_l@100",
+)
 # The headline metric: what chooses the best epoch and ranks models.
 PRIMARY_METRIC = MAP
 # ListTrainedModels' order_by that ranks models by it, best first.

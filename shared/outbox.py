@@ -34,10 +34,12 @@ import structlog
 from nats import errors as nats_errors
 from nats.js import JetStreamContext
 from nats.js import errors as js_errors
+from opentelemetry.trace import SpanKind
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 from shared.db.schema import OUTBOX_CHANNEL, outbox, outbox_dead_letters
+from shared.observability import tracing
 
 log = structlog.get_logger(__name__)
 
@@ -66,12 +68,22 @@ class OutboxMessage:
 
 
 async def add(session: AsyncSession, messages: Sequence[OutboxMessage]) -> None:
-    """Writes messages in the session's transaction; they are published after it commits."""
+    """Writes messages in the session's transaction; they are published after it commits,
+    in the trace of the current span."""
     if not messages:
         return
+    traceparent = tracing.traceparent()
     await session.execute(
         insert(outbox),
-        [{"subject": m.subject, "payload": m.payload, "msg_id": m.msg_id} for m in messages],
+        [
+            {
+                "subject": m.subject,
+                "payload": m.payload,
+                "msg_id": m.msg_id,
+                "traceparent": traceparent,
+            }
+            for m in messages
+        ],
     )
     await session.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
 
@@ -162,6 +174,7 @@ class OutboxRelay:
                         outbox.c.msg_id,
                         outbox.c.create_time,
                         outbox.c.failures,
+                        outbox.c.traceparent,
                     )
                     .order_by(outbox.c.id)
                     .limit(self._batch_size)
@@ -215,16 +228,31 @@ class OutboxRelay:
         return len(settled)
 
     async def _publish(self, row: Any) -> None:
-        size = len(row.payload)
-        if self._max_payload is not None and (
-            size + len(row.msg_id) + _HEADER_OVERHEAD > self._max_payload
+        headers = {"Nats-Msg-Id": row.msg_id}
+        if not row.traceparent:
+            # Written outside any trace: no trace to continue.
+            await self._publish_with(row, headers)
+            return
+        # A PRODUCER span in the trace of the transaction that wrote the row: the consumer
+        # of the message continues from it (its traceparent is in the headers).
+        with tracing.span(
+            f"publish {row.subject}",
+            kind=SpanKind.PRODUCER,
+            parent={tracing.TRACEPARENT: row.traceparent},
+            attributes={"messaging.system": "nats", "messaging.destination.name": row.subject},
         ):
+            await self._publish_with(row, tracing.inject(headers))
+
+    async def _publish_with(self, row: Any, headers: dict[str, str]) -> None:
+        size = len(row.payload)
+        extra = sum(len(k) + len(v) + 4 for k, v in headers.items())
+        if self._max_payload is not None and size + extra + _HEADER_OVERHEAD > self._max_payload:
             raise Unpublishable(
                 f"{size} bytes with headers exceed the server's max payload of "
                 f"{self._max_payload} bytes"
             )
         try:
-            await self._js.publish(row.subject, row.payload, headers={"Nats-Msg-Id": row.msg_id})
+            await self._js.publish(row.subject, row.payload, headers=headers)
         except nats_errors.MaxPayloadError as error:
             raise Unpublishable(f"{size} bytes exceed the max payload: {error}") from error
         except js_errors.BadRequestError as error:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from shared import logs
+from shared.observability import tracing
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -139,9 +140,13 @@ def run_process(service: Callable[[Settings], Service]) -> None:
     async def main() -> str:
         settings = Settings()
         logs.configure(settings.log_level, json=settings.log_json)
+        tracing.configure(str(getattr(service, "client_name", "raven")))
         return await serve_until_signalled(service(settings))
 
-    reason = asyncio.run(main())
+    try:
+        reason = asyncio.run(main())
+    finally:
+        tracing.shutdown()
     if reason:
         log.error("process stopped: a background loop died", reason=reason)
         sys.exit(1)

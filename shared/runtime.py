@@ -31,6 +31,7 @@ from shared.observability.service_metrics import ServiceMetrics
 from shared.outbox import OutboxRelay
 from shared.process import Loop, Supervisor, run_process
 from shared.proto.raven.training.v1 import audit_pb2_grpc
+from shared.retention import RetentionJob, RetentionPolicy
 from shared.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -104,7 +105,16 @@ class ServiceApp:
         loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))
         self._set_up = True
         relay = OutboxRelay(engine=self._engine, js=js, max_payload=self._nc.max_payload)
-        self.supervisor.start([*loops, Loop("outbox relay", relay.run())])
+        # One process at a time prunes old rows and work files (shared/retention.py).
+        retention = RetentionJob(
+            engine=self._engine,
+            policy=RetentionPolicy.from_settings(self.settings),
+            artifact_root=self.settings.resolved_artifact_root(),
+            interval_s=self.settings.retention_interval_s,
+        )
+        self.supervisor.start(
+            [*loops, Loop("outbox relay", relay.run()), Loop("retention", retention.run())]
+        )
         self.port = self._server.listen(self.address(), credentials)
         await self._server.start()
         metrics_at = metrics_address(self.settings.metrics_addr, self.metrics_default)

@@ -8,7 +8,7 @@ from urllib.parse import urlparse
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from shared.paths import DEFAULT_DATA_DIR
+from shared.paths import DEFAULT_DATA_DIR, default_dev_certs_dir
 
 __all__ = ["DEFAULT_DATA_DIR", "Settings"]
 
@@ -35,7 +35,8 @@ class Settings(BaseSettings):
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
     log_level: str = "INFO"
-    log_json: bool = False
+    # Unset: JSON lines when stderr is not a terminal, text at a terminal.
+    log_json: bool | None = None
 
     # Seconds a worker may go silent before its job is redelivered.
     job_ack_wait_s: float = Field(default=60.0, gt=0)
@@ -81,7 +82,8 @@ class Settings(BaseSettings):
     # start; every caller is `dev_identity` (with `admin` unless a policy file says otherwise).
     insecure_dev: bool = False
     dev_identity: str = "spiffe://raven.local/ns/dev/sa/developer"
-    dev_certs_dir: Path = DEFAULT_DATA_DIR / "certs"
+    # Per user (shared/paths.py): `$XDG_CONFIG_HOME/raven/certs`, else ~/.config/raven/certs.
+    dev_certs_dir: Path = Field(default_factory=default_dev_certs_dir)
     # SPIFFE ids of sidecars (Envoy, Istio) whose x-forwarded-client-cert header is believed
     # (JSON list in the environment).
     trusted_proxies: list[str] = Field(default_factory=list)
@@ -108,6 +110,27 @@ class Settings(BaseSettings):
     # worker); "" or "off": no metrics; port 0: a free port.
     metrics_addr: str | None = None
 
+    # Retention (shared/retention.py, docs/operations.md "Retention"): one service process
+    # at a time prunes, every retention_interval_s; each age is in days, 0 keeps forever.
+    retention_interval_s: float = Field(default=3600.0, gt=0)
+    # Redelivered worker events are recognised by these rows (only within ack waits).
+    retention_processed_messages_days: int = Field(default=14, ge=0)
+    # Audit records: 0, or at least 7 (the database refuses younger deletes).
+    retention_audit_days: int = Field(default=365, ge=0)
+    # Finished runs' attempt folders, but for the files recorded as artifacts.
+    retention_work_dirs_days: int = Field(default=7, ge=0)
+    # Progress entries of finished runs' histories (state changes, evaluations stay).
+    retention_progress_events_days: int = Field(default=30, ge=0)
+
+    # The trainer worker's health file for probes (trainer_worker/health.py); unset: none.
+    worker_health_file: Path | None = None
+
+    @field_validator("log_json", mode="before")
+    @classmethod
+    def _empty_log_json_is_unset(cls, value: object) -> object:
+        # RAVEN_LOG_JSON= (empty) means the same as unset: chosen by the terminal.
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("artifact_store")
     @classmethod
     def _artifact_store_is_s3(cls, value: str) -> str:
@@ -124,6 +147,13 @@ class Settings(BaseSettings):
     def _page_token_keys_are_long(cls, value: str) -> str:
         if any(0 < len(k.strip()) < 16 for k in value.split(",")):
             raise ValueError("page_token_keys: each key needs at least 16 characters")
+        return value
+
+    @field_validator("retention_audit_days")
+    @classmethod
+    def _audit_kept_a_week(cls, value: int) -> int:
+        if 0 < value < 7:
+            raise ValueError("retention_audit_days: 0 (keep forever) or at least 7")
         return value
 
     def page_token_key_list(self) -> list[str]:

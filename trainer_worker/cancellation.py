@@ -34,7 +34,7 @@ async def cancel_watch(
 
     async def on_event(msg: Msg) -> None:
         if is_cancel_request(msg.data):
-            log.info("cancel requested", run=run_id)
+            log.info("cancel requested", run_id=run_id)
             control.request(StopReason.CANCEL)
 
     subscription = None
@@ -47,7 +47,7 @@ async def cancel_watch(
             deliver_policy=DeliverPolicy.LAST,
         )
     except (NatsError, JetStreamError) as error:
-        log.warning("cancel requests will not be seen", run=run_id, error=repr(error))
+        log.warning("cancel requests will not be seen", run_id=run_id, error=repr(error))
     try:
         yield
     finally:

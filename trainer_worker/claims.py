@@ -13,8 +13,10 @@ import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.client import Client as NATS
 from nats.errors import Error as NatsError
+from opentelemetry.trace import SpanKind
 
 from shared.messaging import Subjects
+from shared.observability import tracing
 from shared.proto.raven.training.v1 import common_pb2, worker_pb2
 
 log = structlog.get_logger(__name__)
@@ -47,14 +49,18 @@ class ClaimClient:
         request = worker_pb2.ClaimJobRequest(
             training_run=training_run, attempt=attempt, worker_id=worker_id, delivery=delivery
         )
-        try:
-            reply = await self._nc.request(
-                self._subject, request.SerializeToString(), timeout=self._timeout_s
-            )
-            response = worker_pb2.ClaimJobResponse.FromString(reply.data)
-        except (NatsError, TimeoutError, DecodeError) as error:
-            log.warning("job claim unanswered", run=training_run, error=repr(error))
-            return None
+        with tracing.span("claim job", kind=SpanKind.CLIENT, attributes={"attempt": attempt}):
+            try:
+                reply = await self._nc.request(
+                    self._subject,
+                    request.SerializeToString(),
+                    timeout=self._timeout_s,
+                    headers=tracing.inject(),
+                )
+                response = worker_pb2.ClaimJobResponse.FromString(reply.data)
+            except (NatsError, TimeoutError, DecodeError) as error:
+                log.warning("job claim unanswered", training_run=training_run, error=repr(error))
+                return None
         return Claim(
             granted=response.granted,
             attempt=response.attempt or attempt,

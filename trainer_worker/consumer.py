@@ -20,9 +20,11 @@ from nats.aio.msg import Msg
 from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 from nats.js.errors import Error as JetStreamError
+from opentelemetry import trace
 
 from shared.consumer import Retry, Unprocessable, consume
 from shared.messaging import Subjects
+from shared.observability import tracing
 from shared.proto.raven.training.v1 import training_run_pb2, worker_pb2
 from trainer_worker.cancellation import cancel_watch
 from trainer_worker.claims import ClaimClient
@@ -125,10 +127,21 @@ class JobConsumer:
         except (DecodeError, InvalidJob) as error:
             raise Unprocessable(f"a job no worker can run: {error}") from None
         delivered = msg.metadata.num_delivered if msg.metadata else 1
-        log.info("job received", run=run_id, attempt=job.attempt, delivery=delivered)
+        # Every log line of the job carries these (the task of the job is its own context).
+        with structlog.contextvars.bound_contextvars(
+            run_id=run_id, attempt=job.attempt, worker_id=self._options.worker_id
+        ):
+            trace.get_current_span().set_attributes(
+                {"raven.run_id": run_id, "raven.attempt": job.attempt, "raven.delivery": delivered}
+            )
+            await self._handle_job(job, run_id, delivered)
+
+    async def _handle_job(self, job: worker_pb2.TrainingJob, run_id: str, delivered: int) -> None:
+        log.info("job received", delivery=delivered)
         resume = await self._claim(job, run_id, delivered) if self._claims is not None else None
         if isinstance(resume, _NotGranted):
             return
+        structlog.contextvars.bind_contextvars(attempt=job.attempt)
         identity = JobIdentity(
             training_run=job.training_run,
             run_id=run_id,
@@ -139,8 +152,10 @@ class JobConsumer:
         if self._claims is None:
             # No claim moved the run to PREPARING (the claim says it for the service).
             await publisher.publish(preparing=worker_pb2.WorkerEvent.Preparing())
-        outcome = await self._train(job, run_id, publisher, resume)
-        log.info("job done", run=run_id, attempt=job.attempt, outcome=str(outcome))
+        with tracing.span("run job", attributes={"raven.attempt": job.attempt}) as span:
+            outcome = await self._train(job, run_id, publisher, resume)
+            span.set_attribute("raven.outcome", str(outcome))
+        log.info("job done", outcome=str(outcome))
         if outcome is not JobOutcome.INTERRUPTED:
             return
         if self._claims is None:
@@ -167,7 +182,7 @@ class JobConsumer:
         if claim is None:
             raise Retry("the service did not answer the claim", delay_s=_UNCLAIMED_RETRY_S)
         if not claim.granted:
-            log.info("job not granted", run=run_id, refusal=claim.refusal)
+            log.info("job not granted", refusal=claim.refusal)
             return _NOT_GRANTED
         job.attempt = claim.attempt
         if claim.resume_from is None:
@@ -206,7 +221,7 @@ class JobConsumer:
         except (NatsError, JetStreamError, TimeoutError):
             raise
         except Exception as error:
-            log.exception("job crashed in the worker", run=run_id)
+            log.exception("job crashed in the worker", run_id=run_id)
             await publisher.publish(
                 critical=True,
                 failed=training_run_pb2.Failure(

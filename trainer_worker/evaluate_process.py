@@ -127,22 +127,9 @@ def _prediction(sample: Any) -> dict[str, Any]:
 
 def _fit(model: Any, state: Any) -> str:
     """What keeps the checkpoint's weights from loading into the model; empty when they fit."""
-    from trainer_worker.verify import _listed
+    from trainer_worker.verify import weight_problems
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {k: tuple(v.shape) for k, v in state.items()}
-    missing = sorted(set(expected) - set(found))
-    unexpected = sorted(set(found) - set(expected))
-    mismatched = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
-    problems = []
-    if missing:
-        problems.append(f"{len(missing)} keys of the model are missing: {_listed(missing)}")
-    if unexpected:
-        problems.append(f"{len(unexpected)} keys are not in the model: {_listed(unexpected)}")
-    if mismatched:
-        shapes = [f"{k} {found[k]} != {expected[k]}" for k in mismatched]
-        problems.append(f"{len(mismatched)} tensors have other shapes: {_listed(shapes)}")
-    return "; ".join(problems)
+    return weight_problems(model, state)
 
 
 def _refuse(writer: Any, message: str) -> int:

@@ -70,7 +70,7 @@ async def execute_evaluation(attempt: Attempt) -> JobOutcome:
     try:
         outcome = await _under_root(attempt, log_path)
     except (JobFailed, DatasetError) as failure:
-        log.info("evaluation failed", run=attempt.run_id, reason=failure.reason)
+        log.info("evaluation failed", run_id=attempt.run_id, reason=failure.reason)
         return await attempt.fail(failure.reason, failure.message)
     if isinstance(outcome, Evaluated):
         return await _succeed(attempt, outcome)
@@ -294,7 +294,7 @@ async def _succeed(attempt: Attempt, outcome: Evaluated) -> JobOutcome:
     except (StorageError, OSError) as error:
         reason, message = upload_failure(error, attempt.environment.artifact_root)
         message = message.replace("the trained model could not", "the evaluation could not")
-        log.warning("evaluation failed", run=attempt.run_id, reason=reason, message=message)
+        log.warning("evaluation failed", run_id=attempt.run_id, reason=reason, message=message)
         return await attempt.fail(reason, message)
     duration = Duration()
     duration.FromMilliseconds(round(outcome.inference.duration_s * 1000))

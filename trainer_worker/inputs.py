@@ -161,11 +161,17 @@ async def verified_file(
     path = Path(unquote(parsed.path))
     digest = await asyncio.to_thread(_digest_if_present, path)
     if digest is None:
-        raise JobFailed("checkpoint_unavailable", f"{what}: {path} does not exist")
+        # The message goes to the run's caller: no path of this machine, only what the
+        # record says.
+        raise JobFailed(
+            "checkpoint_unavailable",
+            f"{what}: no file where its record says it is; restore it or train it again",
+        )
     if not artifact.sha256 or digest != artifact.sha256.lower():
         raise JobFailed(
             "checkpoint_corrupt",
-            f"{what}: {path} has sha256 {digest}, the system recorded {artifact.sha256 or 'none'}",
+            f"{what}: the stored file has sha256 {digest}, the system recorded "
+            f"{artifact.sha256 or 'none'}; restore it or train it again",
         )
     return path
 

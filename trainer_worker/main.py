@@ -20,6 +20,7 @@ from shared.storage import Storage
 from trainer_worker.claims import ClaimClient
 from trainer_worker.consumer import ConsumerOptions, JobConsumer
 from trainer_worker.devices import GpuPool, visible_gpus, worker_concurrency
+from trainer_worker.health import keep_writing
 from trainer_worker.metrics import WorkerMetrics
 from trainer_worker.pipeline import WorkerEnvironment
 
@@ -29,6 +30,9 @@ log = structlog.get_logger(__name__)
 class Worker:
     """Serves training jobs until stopped; stopping stops the running jobs (they are queued
     again) and drains the NATS connection."""
+
+    # The service name of its traces.
+    client_name = "raven-trainer-worker"
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
@@ -77,10 +81,21 @@ class Worker:
             ),
             claims=ClaimClient(nc=nc, subjects=subjects),
         )
-        self.supervisor.start([Loop("job consumer", consumer.run(self._shutdown))])
+        loops = [Loop("job consumer", consumer.run(self._shutdown))]
+        if settings.worker_health_file is not None:
+            # For probes (python -m trainer_worker.health): the loop is alive, NATS is up.
+            loops.append(
+                Loop(
+                    "health file",
+                    keep_writing(
+                        settings.worker_health_file, lambda: nc.is_connected, self._shutdown
+                    ),
+                )
+            )
+        self.supervisor.start(loops)
         log.info(
             "trainer worker ready",
-            worker=self.worker_id,
+            worker_id=self.worker_id,
             namespace=subjects.namespace,
             gpus=len(gpus),
             concurrency=concurrency,
@@ -94,7 +109,7 @@ class Worker:
             await self._nc.drain()
         if self.metrics is not None:
             await self.metrics.server.stop()
-        log.info("trainer worker stopped", worker=self.worker_id)
+        log.info("trainer worker stopped", worker_id=self.worker_id)
 
 
 def run() -> None:

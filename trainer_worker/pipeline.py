@@ -15,6 +15,7 @@ from pathlib import Path
 
 import structlog
 
+from shared.observability import tracing
 from shared.proto.raven.training.v1 import worker_pb2
 from shared.storage import StorageError
 from trainer_worker import events, storage_faults
@@ -76,7 +77,9 @@ async def execute_job(
     try:
         outcome = await _train_under_root(attempt)
     except (JobFailed, DatasetError) as failure:
-        log.info("job failed", run=attempt.run_id, reason=failure.reason, message=failure.message)
+        log.info(
+            "job failed", run_id=attempt.run_id, reason=failure.reason, message=failure.message
+        )
         return await attempt.fail(failure.reason, failure.message)
     if isinstance(outcome, TrainingSucceeded):
         return await _succeed(attempt, outcome)
@@ -158,9 +161,10 @@ def _plan(job: worker_pb2.TrainingJob) -> TrainingPlan:
 
 async def _prepare_dataset(attempt: Attempt, plan: TrainingPlan) -> PreparedDataset:
     started = time.perf_counter()
-    prepared = await asyncio.to_thread(
-        prepare, attempt.job.spec, plan, attempt.folder / "dataset", attempt.environment
-    )
+    with tracing.span("prepare dataset"):
+        prepared = await asyncio.to_thread(
+            prepare, attempt.job.spec, plan, attempt.folder / "dataset", attempt.environment
+        )
     if attempt.environment.metrics is not None:
         attempt.environment.metrics.dataset_prepared(time.perf_counter() - started)
     await attempt.publisher.publish(dataset_prepared=events.dataset_summary(prepared))
@@ -198,17 +202,18 @@ async def _run(
         prepared=prepared,
         placed=checkpoints.placed,
     )
-    return await run_training(
-        config_path=config_path,
-        work_dir=attempt.work_dir,
-        artifact_dir=model_dir(attempt.environment.artifact_root, attempt.run_id),
-        split_path=prepared.split_path,
-        log_path=attempt.log_path,
-        on_event=relay,
-        stop=attempt.control.stop,
-        env=device_env(leased, cpu=placement.gpus is None),
-        processes=max(1, len(leased)),
-    )
+    with tracing.span("train", attributes={"raven.gpus": len(leased)}):
+        return await run_training(
+            config_path=config_path,
+            work_dir=attempt.work_dir,
+            artifact_dir=model_dir(attempt.environment.artifact_root, attempt.run_id),
+            split_path=prepared.split_path,
+            log_path=attempt.log_path,
+            on_event=relay,
+            stop=attempt.control.stop,
+            env=device_env(leased, cpu=placement.gpus is None),
+            processes=max(1, len(leased)),
+        )
 
 
 async def _succeed(attempt: Attempt, outcome: TrainingSucceeded) -> JobOutcome:
@@ -217,7 +222,7 @@ async def _succeed(attempt: Attempt, outcome: TrainingSucceeded) -> JobOutcome:
         await store_results(succeeded, attempt.run_id, attempt.number, attempt.environment)
     except (StorageError, OSError) as error:
         reason, message = upload_failure(error, attempt.environment.artifact_root)
-        log.warning("job failed", run=attempt.run_id, reason=reason, message=message)
+        log.warning("job failed", run_id=attempt.run_id, reason=reason, message=message)
         return await attempt.fail(reason, message)
     await attempt.publisher.publish(critical=True, succeeded=succeeded)
     return JobOutcome.SUCCEEDED

@@ -17,6 +17,7 @@ from nats.errors import Error as NatsError
 from nats.js import JetStreamContext
 
 from shared.messaging import Subjects
+from shared.observability import tracing
 from shared.proto.raven.training.v1 import worker_pb2
 
 log = structlog.get_logger(__name__)
@@ -56,7 +57,8 @@ class EventPublisher:
         event.time.GetCurrentTime()
         getattr(event, field_name).CopyFrom(message)
         data = event.SerializeToString()
-        headers = {"Nats-Msg-Id": event.event_id}
+        # The job's trace goes on in the service's consumer of the event.
+        headers = tracing.inject({"Nats-Msg-Id": event.event_id})
         attempts = _CRITICAL_ATTEMPTS if critical else 1
         for attempt in range(1, attempts + 1):
             try:
@@ -70,7 +72,7 @@ class EventPublisher:
                     kind=field_name,
                     attempt=attempt,
                     error=repr(error),
-                    run=self._job.run_id,
+                    run_id=self._job.run_id,
                 )
                 if attempt == attempts:
                     if critical:

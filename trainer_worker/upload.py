@@ -34,7 +34,7 @@ async def stored_log(
             )
         size, digest = await asyncio.to_thread(_size_and_digest, path)
     except (OSError, StorageError) as error:
-        log.warning("the training log was not stored", run=run_id, error=str(error))
+        log.warning("the training log was not stored", run_id=run_id, error=str(error))
         return None
     return common_pb2.Artifact(kind="log", uri=path.as_uri(), size_bytes=size, sha256=digest)
 
@@ -86,7 +86,7 @@ async def store_results(
             storage.delete_prefix, storage.artifact_uri(attempt_key_prefix(run_id, attempt))
         )
     except StorageError as error:
-        log.warning("stale checkpoints not deleted", run=run_id, error=str(error))
+        log.warning("stale checkpoints not deleted", run_id=run_id, error=str(error))
 
 
 def _size_and_digest(path: Path) -> tuple[int, str]:

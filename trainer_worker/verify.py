@@ -160,6 +160,22 @@ def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
         model = MODELS.build(model_dict)
     except Exception as error:
         return {"ok": False, "errors": {"config": f"its model cannot be built: {error}"}}
+    problems = weight_problems(model, state)
+    if problems:
+        return {
+            "ok": False,
+            "errors": {"checkpoint": "does not fit the config's model: " + problems},
+        }
+    return {
+        "ok": True,
+        "num_classes": _num_classes(model_dict),
+        "parameter_count": int(sum(v.numel() for v in state.values())),
+    }
+
+
+def weight_problems(model: Any, state: Any) -> str:
+    """What keeps a checkpoint's weights (`state`) from loading into `model`: missing and
+    unexpected keys, tensors of other shapes; empty when they fit."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {k: tuple(v.shape) for k, v in state.items()}
     missing = sorted(set(expected) - set(found))
@@ -173,16 +189,7 @@ def verify(config_path: str, checkpoint_path: str) -> dict[str, Any]:
     if mismatched:
         shapes = [f"{k} {found[k]} != {expected[k]}" for k in mismatched]
         problems.append(f"{len(mismatched)} tensors have other shapes: {_listed(shapes)}")
-    if problems:
-        return {
-            "ok": False,
-            "errors": {"checkpoint": "does not fit the config's model: " + "; ".join(problems)},
-        }
-    return {
-        "ok": True,
-        "num_classes": _num_classes(model_dict),
-        "parameter_count": int(sum(v.numel() for v in state.values())),
-    }
+    return "; ".join(problems)
 
 
 def without_network() -> bool:

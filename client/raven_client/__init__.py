@@ -6,7 +6,7 @@ The generated messages and stubs are in `raven_client.pb` (training_run_pb2,
 trained_model_pb2, common_pb2, and their *_pb2_grpc).
 """
 
-from raven_client.channel import Tls
+from raven_client.channel import Tls, open_channel
 from raven_client.client import (
     ModelEvaluation,
     RavenClient,
@@ -14,6 +14,7 @@ from raven_client.client import (
     TrainingRun,
     TrainingSpec,
 )
+from raven_client.diagnose import Diagnosis, Problem, diagnose, probe
 from raven_client.errors import (
     Aborted,
     AlreadyExists,
@@ -41,6 +42,7 @@ __all__ = [
     "Cancelled",
     "ChecksumMismatch",
     "DeadlineExceeded",
+    "Diagnosis",
     "FailedPrecondition",
     "FieldViolation",
     "Internal",
@@ -48,6 +50,7 @@ __all__ = [
     "ModelEvaluation",
     "NotFound",
     "PermissionDenied",
+    "Problem",
     "RavenClient",
     "RavenError",
     "ResourceExhausted",
@@ -58,5 +61,8 @@ __all__ = [
     "TrainingSpec",
     "Unauthenticated",
     "Unavailable",
+    "diagnose",
     "from_rpc_error",
+    "open_channel",
+    "probe",
 ]

@@ -17,27 +17,14 @@ from datetime import datetime
 from typing import Any
 
 from shared.errors import FailedPrecondition
-from shared.metrics import COCO_PREFIX, MAP, MAP_50, MAP_75
+from shared.metrics import COCO_STATS
 from shared.names import model_name
 
 SPLITS = ("all", "train", "val", "test")
 # A class's AP, as a metric name of a comparison and of the publication gate.
 CLASS_AP_PREFIX = "AP/"
-# COCOeval's summary stats in mmdet's names, in the order COCO prints them.
-COCO_METRICS = (
-    MAP,
-    MAP_50,
-    MAP_75,
-    f"{MAP}_s",
-    f"{MAP}_m",
-    f"{MAP}_l",
-    f"{COCO_PREFIX}AR@1",
-    f"{COCO_PREFIX}AR@10",
-    f"{COCO_PREFIX}AR@100",
-    f"{COCO_PREFIX}AR_s@100",
-    f"{COCO_PREFIX}AR_m@100",
-    f"{COCO_PREFIX}AR_l@100",
-)
+# The columns of a comparison: the COCO metrics, in the order COCO prints them.
+COCO_METRICS = COCO_STATS
 
 
 def evaluation_name(model_id: uuid.UUID, evaluation_id: uuid.UUID) -> str:

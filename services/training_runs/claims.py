@@ -7,12 +7,14 @@ from collections.abc import Callable
 import structlog
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
+from opentelemetry.trace import SpanKind
 
 from services.training_runs.domain import ClaimRefusal
 from services.training_runs.handlers import claim_job
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.errors import InvalidArgument
 from shared.names import TRAINING_RUNS, parse_name
+from shared.observability import tracing
 from shared.proto.raven.training.v1.worker_pb2 import ClaimJobRequest, ClaimJobResponse
 from shared.proto_json import parse
 
@@ -25,6 +27,11 @@ class ClaimResponder:
         self._max_attempts = max_attempts
 
     async def handle(self, msg: Msg) -> None:
+        # In the job's trace: the worker's claim span travels in the request's headers.
+        with tracing.span("answer job claim", kind=SpanKind.SERVER, parent=msg.headers or {}):
+            await self._answer(msg)
+
+    async def _answer(self, msg: Msg) -> None:
         try:
             request = ClaimJobRequest.FromString(msg.data)
             run_id = parse_name(request.training_run, TRAINING_RUNS)

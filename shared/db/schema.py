@@ -269,6 +269,9 @@ outbox = Table(
     _time("create_time"),
     # Failed publishes of this row while other rows of its batch were published.
     Column("failures", Integer, nullable=False, server_default=text("0")),
+    # The W3C traceparent of the span that wrote the row (migration 0008); null outside
+    # any trace. The relay's publish span continues it and sends it in the headers.
+    Column("traceparent", Text, nullable=True),
 )
 
 # Outbox rows the relay cannot ever publish (larger than the NATS max payload, refused
@@ -297,10 +300,13 @@ processed_messages = Table(
     Column("message_id", Text, nullable=False),
     _time("processed_time"),
     PrimaryKeyConstraint("consumer", "message_id", name="pk_processed_messages"),
+    # The retention prune (shared/retention.py) deletes by age.
+    Index("ix_processed_messages_processed_time", "processed_time"),
 )
 
 # Every state-changing call and every refused call (shared/auth/audit.py). Append-only:
-# a trigger (migration 0004) refuses UPDATE and DELETE.
+# a trigger (migration 0004) refuses UPDATE and DELETE; only prune_audit_records (migration
+# 0009) deletes, and only rows past the retention period.
 audit_records = Table(
     "audit_records",
     metadata,
@@ -316,6 +322,7 @@ audit_records = Table(
     Column("peer", Text, nullable=False, server_default=""),
     Index("ix_audit_records_identity_id", "identity", "id"),
     Index("ix_audit_records_outcome_id", "outcome", "id"),
+    Index("ix_audit_records_time", "time"),
 )
 
 OUTBOX_CHANNEL = "raven_outbox"

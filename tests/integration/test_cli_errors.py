@@ -15,6 +15,7 @@ from grpc_status import rpc_status
 from typer.testing import CliRunner
 
 from cli.main import app
+from shared.auth.certs import ensure_dev_certs
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
 
 pytestmark = pytest.mark.timeout(30)
@@ -55,14 +56,34 @@ def test_nothing_listening_is_a_clean_error(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setenv("RAVEN_TRAINING_RUNS_ADDR", "127.0.0.1:1")
-    # The CLI makes its development certificates on first use: not in the checkout.
-    monkeypatch.setenv("RAVEN_DEV_CERTS_DIR", str(tmp_path / "certs"))
+    monkeypatch.setenv(
+        "RAVEN_DEV_CERTS_DIR", str(ensure_dev_certs(tmp_path / "certs")[0].directory)
+    )
     result = CliRunner().invoke(app, ["runs", "get", "abc"])
     assert result.exit_code == 1
-    assert "UNAVAILABLE" in result.output
+    assert "nothing is listening at 127.0.0.1:1" in result.output
     assert "make up" in result.output
     assert "Traceback" not in result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_missing_development_certificates_are_not_created(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("RAVEN_DEV_CERTS_DIR", str(tmp_path / "certs"))
+    result = CliRunner().invoke(app, ["models", "list"])
+    assert result.exit_code == 1
+    assert f"no development certificates in {tmp_path / 'certs'}" in result.output
+    assert "`make certs`" in result.output
+    assert not (tmp_path / "certs").exists()
+
+
+def test_an_unusable_setting_is_named(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("RAVEN_INSECURE_DEV", "maybe")
+    result = CliRunner().invoke(app, ["runs", "list"])
+    assert result.exit_code == 1
+    assert "RAVEN_INSECURE_DEV='maybe': expected true or false" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_field_violations_are_printed(

@@ -19,25 +19,12 @@ import numpy as np
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from shared.metrics import COCO_PREFIX, MAP, MAP_50, MAP_75
+from shared.metrics import COCO_STATS
 from trainer_worker.review.inputs import Detection, check_detections, class_names
 from trainer_worker.review.results import IOU_50, IOU_50_95, CocoMetrics, PrCurve
 
 # The order of COCOeval.stats, in mmdet's CocoMetric names.
-STAT_NAMES = (
-    MAP,
-    MAP_50,
-    MAP_75,
-    f"{MAP}_s",
-    f"{MAP}_m",
-    f"{MAP}_l",
-    f"{COCO_PREFIX}AR@1",
-    f"{COCO_PREFIX}AR@10",
-    f"{COCO_PREFIX}AR@100",
-    f"{COCO_PREFIX}AR_s@100",
-    f"{COCO_PREFIX}AR_m@100",
-    f"{COCO_PREFIX}AR_l@100",
-)
+STAT_NAMES = COCO_STATS
 _AREA_ALL = 0
 _MAX_DETS_100 = 2
 

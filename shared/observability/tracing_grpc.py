@@ -1,0 +1,176 @@
+"""gRPC spans and access logs: a server interceptor and client interceptors for grpc.aio.
+
+Server side, per call: a SERVER span (child of the caller's `traceparent` metadata when it
+sends one), the call's `request_id` (the caller's `x-request-id` metadata, or a new one)
+and `rpc` bound to every log line of the call, and one access-log line `rpc` with the
+status `code` and `duration_ms` when the call ends. Health checks log theirs at debug
+level, so that probes do not fill the logs. Client side: a CLIENT span whose context
+travels as `traceparent` metadata, with an `x-request-id`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import structlog
+from opentelemetry.trace import SpanKind, Status, StatusCode
+
+from shared.observability import tracing
+
+log = structlog.get_logger("raven.access")
+
+REQUEST_ID = "x-request-id"
+_HEALTH = "/grpc.health.v1.Health/"
+# A caller's request id is kept when it looks like one; anything else gets a new one.
+_REQUEST_ID_FORM = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_of(metadata: Sequence[Any]) -> str:
+    for key, value in metadata:
+        if key == REQUEST_ID and isinstance(value, str) and _REQUEST_ID_FORM.fullmatch(value):
+            return value
+    return uuid.uuid4().hex
+
+
+class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The outermost server interceptor: the span and the access log see the final status."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        return _observed(handler, details.method, tuple(details.invocation_metadata or ()))
+
+
+def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
+    code = context.code()
+    if isinstance(code, grpc.StatusCode):
+        return code
+    if isinstance(code, int):
+        for known in grpc.StatusCode:
+            if known.value[0] == code:
+                return known
+    if error is None:
+        return grpc.StatusCode.OK
+    if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+        return grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.UNKNOWN
+
+
+@contextlib.contextmanager
+def _observing(
+    method: str, metadata: Sequence[Any], context: grpc.aio.ServicerContext
+) -> Iterator[None]:
+    headers = {k: v for k, v in metadata if isinstance(v, str)}
+    service, _, name = method.lstrip("/").partition("/")
+    started = time.monotonic()
+    with (
+        tracing.tracer().start_as_current_span(
+            method.lstrip("/"),
+            context=tracing.extract(headers),
+            kind=SpanKind.SERVER,
+            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            record_exception=False,
+            set_status_on_exception=False,
+        ) as span,
+        structlog.contextvars.bound_contextvars(request_id=request_id_of(metadata), rpc=method),
+    ):
+        error: BaseException | None = None
+        try:
+            yield
+        except BaseException as raised:
+            error = raised
+            raise
+        finally:
+            code = _code(context, error)
+            span.set_attribute("rpc.grpc.status_code", code.value[0])
+            if code is not grpc.StatusCode.OK:
+                span.set_status(Status(StatusCode.ERROR, code.name))
+            level = "debug" if method.startswith(_HEALTH) else "info"
+            getattr(log, level)(
+                "rpc", code=code.name, duration_ms=round((time.monotonic() - started) * 1e3, 2)
+            )
+
+
+def _observed(handler: grpc.RpcMethodHandler, method: str, metadata: Sequence[Any]) -> Any:
+    serializers = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.unary_unary or handler.stream_unary:
+        streaming_requests = handler.unary_unary is None
+        inner = handler.stream_unary if streaming_requests else handler.unary_unary
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _observing(method, metadata, context):
+                result = inner(request, context)
+                return await result if inspect.isawaitable(result) else result
+
+        if streaming_requests:
+            return grpc.stream_unary_rpc_method_handler(unary, **serializers)
+        return grpc.unary_unary_rpc_method_handler(unary, **serializers)
+    streaming_requests = handler.unary_stream is None
+    inner_stream = handler.stream_stream if streaming_requests else handler.unary_stream
+
+    async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        with _observing(method, metadata, context):
+            async for item in inner_stream(request, context):
+                yield item
+
+    if streaming_requests:
+        return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+    return grpc.unary_stream_rpc_method_handler(stream, **serializers)
+
+
+def _outgoing(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    metadata = list(details.metadata or ())
+    if not any(key == REQUEST_ID for key, _ in metadata):
+        metadata.append((REQUEST_ID, uuid.uuid4().hex))
+    metadata.extend(tracing.inject().items())
+    return grpc.aio.ClientCallDetails(
+        method=details.method,
+        timeout=details.timeout,
+        metadata=grpc.aio.Metadata(*metadata),
+        credentials=details.credentials,
+        wait_for_ready=details.wait_for_ready,
+    )
+
+
+def _method_name(details: grpc.aio.ClientCallDetails) -> str:
+    method = details.method
+    return (method.decode() if isinstance(method, bytes) else str(method)).lstrip("/")
+
+
+class _UnaryClient(grpc.aio.UnaryUnaryClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_unary(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        with tracing.span(_method_name(details), kind=SpanKind.CLIENT):
+            call = await continuation(_outgoing(details), request)
+            await call
+            return call
+
+
+class _StreamClient(grpc.aio.UnaryStreamClientInterceptor):  # type: ignore[misc]
+    async def intercept_unary_stream(
+        self, continuation: Any, details: grpc.aio.ClientCallDetails, request: Any
+    ) -> Any:
+        # The span covers the start of the call; the stream's messages flow after it.
+        with tracing.span(_method_name(details), kind=SpanKind.CLIENT):
+            return await continuation(_outgoing(details), request)
+
+
+def client_interceptors() -> list[grpc.aio.ClientInterceptor]:
+    """Client spans with their context in the metadata, and an x-request-id per call."""
+    return [_UnaryClient(), _StreamClient()]
