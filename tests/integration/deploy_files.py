@@ -22,16 +22,16 @@ DASHBOARD = K8S / "grafana" / "raven-training.json"
 # dashboard may name no other.
 METRICS = frozenset(
     {
-        "raven_rpc_requests_total",
-        "raven_rpc_duration_seconds",
-        "raven_rpc_duration_seconds_bucket",
-        "raven_runs",
-        "raven_outbox_backlog",
-        "raven_outbox_oldest_age_seconds",
-        "raven_job_queue_pending",
-        "raven_worker_lost_total",
+        "raven_grpc_server_handled_total",
+        "raven_grpc_server_handling_seconds",
+        "raven_grpc_server_handling_seconds_bucket",
+        "raven_training_runs",
+        "raven_outbox_backlog_messages",
+        "raven_outbox_oldest_message_age_seconds",
+        "raven_jetstream_consumer_pending_messages",
+        "raven_lost_worker_recoveries_total",
         "raven_worker_jobs_running",
-        "raven_worker_images_per_second",
+        "raven_worker_run_images_per_second",
     }
 )
 

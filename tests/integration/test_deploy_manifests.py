@@ -183,11 +183,11 @@ def test_the_alerts_are_promql_over_exported_metrics() -> None:
             _check_promql(rule["expr"], rule["alert"])
             alerts[rule["alert"]] = rule["expr"]
     # What docs/operations.md promises an alert for.
-    assert "raven_outbox_oldest_age_seconds" in alerts["RavenOutboxBacklogStale"]
+    assert "raven_outbox_oldest_message_age_seconds" in alerts["RavenOutboxBacklogStale"]
     assert "60" in alerts["RavenOutboxBacklogStale"]
-    assert 'raven_runs{state="QUEUED"}' in alerts["RavenRunsQueuedWithoutWorker"]
-    assert "raven_worker_lost_total" in alerts["RavenWorkersLost"]
-    assert "raven_rpc_requests_total" in alerts["RavenRpcErrorRate"]
+    assert 'raven_training_runs{state="QUEUED"}' in alerts["RavenRunsQueuedWithoutWorker"]
+    assert "raven_lost_worker_recoveries_total" in alerts["RavenWorkersLost"]
+    assert "raven_grpc_server_handled_total" in alerts["RavenRpcErrorRate"]
 
 
 def test_the_dashboard_queries_are_promql_over_exported_metrics() -> None:
@@ -197,7 +197,7 @@ def test_the_dashboard_queries_are_promql_over_exported_metrics() -> None:
     for query in queries:
         _check_promql(query, dashboard["title"])
     shown = set().union(*(_metric_names(q) for q in queries))
-    assert shown >= METRICS - {"raven_rpc_duration_seconds"}
+    assert shown >= METRICS - {"raven_grpc_server_handling_seconds"}
 
 
 def _compose_schema() -> dict[str, Any]:
