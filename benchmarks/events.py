@@ -32,6 +32,8 @@ _DRAIN_TIMEOUT_S = 20.0
 _OPEN_BATCH = 50
 # The latency figures of each event path.
 _STATS = ("p50", "p99", "max")
+# Publishes in flight at once in the sustained-throughput figure (the outbox relay's batch).
+_PUBLISH_WINDOW = 256
 
 
 class Tracker:
@@ -131,11 +133,13 @@ async def running_runs(
 
 
 class Watchers:
-    """WatchTrainingRun streams, a channel per hundred, reporting progress to a tracker."""
+    """WatchTrainingRun streams, a channel per hundred, reporting progress to a tracker:
+    its first arrival, live (`live_progress`, the default) or as the recorded entry."""
 
-    def __init__(self, stack: Stack, tracker: Tracker) -> None:
+    def __init__(self, stack: Stack, tracker: Tracker, *, live: bool = True) -> None:
         self._stack = stack
         self._tracker = tracker
+        self._live = live
         self._channels: list[grpc.aio.Channel] = []
         self._tasks: list[asyncio.Task[None]] = []
         self.per_run: dict[str, int] = defaultdict(int)
@@ -163,7 +167,8 @@ class Watchers:
         first: asyncio.Future[None],
     ) -> None:
         try:
-            async for event in stub.WatchTrainingRun(pb.WatchTrainingRunRequest(name=name)):
+            request = pb.WatchTrainingRunRequest(name=name, live_progress=self._live)
+            async for event in stub.WatchTrainingRun(request):
                 if not first.done():
                     first.set_result(None)
                 if event.WhichOneof("payload") == "progress":
@@ -239,6 +244,7 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
         finally:
             await watchers.close()
             _note(results, "events.run1", system, watchers)
+        await _recorded_rounds(stack, plan, results, runs, worker)
         # Many runs, a few watchers each, events paced like training runs reporting.
         fleet = await running_runs(stack, runs, worker, plan.fanout_runs)
         system, base = Tracker(), Tracker()
@@ -254,6 +260,7 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
         finally:
             await watchers.close()
             _note(results, "events.fleet", system, watchers)
+        await _apply_rounds(stack, plan, results, worker, fleet)
 
 
 def _note(results: Results, scenario: str, tracker: Tracker, watchers: Watchers) -> None:
@@ -320,6 +327,46 @@ async def _one_run_rounds(
         )
 
 
+async def _recorded_rounds(
+    stack: Stack,
+    plan: Plan,
+    results: Results,
+    runs: training_run_pb2_grpc.TrainingRunServiceStub,
+    worker: WorkerSide,
+) -> None:
+    """One watcher that did not ask for live progress: the recorded path alone (consumer,
+    transaction, outbox relay, events stream), against the same bare NATS baseline."""
+    (run,) = await running_runs(stack, runs, worker, 1)
+    tracker = Tracker()
+    watchers = Watchers(stack, tracker, live=False)
+    try:
+        await watchers.open(run, 1)
+        for _ in range(2):  # warm-up
+            it = worker.next_iteration(run)
+            tracker.expect((run.name, it), 1)
+            await worker.progress(run, it)
+            await tracker.drained()
+        tracker.take()
+        for _ in range(plan.event_rounds):
+            for _ in range(plan.events_per_round):
+                it = worker.next_iteration(run)
+                tracker.expect((run.name, it), 1)
+                await worker.progress(run, it)
+                await tracker.drained()
+            results.add_latencies(
+                "events.recorded.w1",
+                tracker.take(),
+                what="worker progress event -> its recorded entry at 1 WatchTrainingRun client "
+                "without live progress",
+                # Its latest round, measured just before.
+                baseline="events.nats.w1",
+                stats=_STATS,
+            )
+    finally:
+        await watchers.close()
+        _note(results, "events.recorded", tracker, watchers)
+
+
 async def _fleet_rounds(
     stack: Stack,
     plan: Plan,
@@ -364,7 +411,7 @@ async def _fleet_rounds(
             baseline=None,
             stats=_STATS,
         )
-        await _paced(through_the_system, count, interval)
+        sent = await _paced(through_the_system, count, interval)
         await system.drained()
         results.add_latencies(
             "events.fleet",
@@ -373,11 +420,86 @@ async def _fleet_rounds(
             baseline="events.nats.fleet",
             stats=_STATS,
         )
+        results.add(
+            "events.fleet.sent_per_s",
+            count / sent,
+            unit="events/s",
+            description=f"the rate the workers' progress was published at, {label}",
+            lower_is_better=False,
+        )
+        results.add(
+            "events.fleet.backlog_s",
+            await _backlog_s(stack),
+            unit="s",
+            description="from the last progress published to every report recorded (the "
+            "worker events consumer with nothing pending or unacknowledged): the backlog",
+        )
 
 
-async def _paced(send: Callable[[int], Awaitable[None]], count: int, interval: float) -> None:
-    """send(0) .. send(count - 1), the i-th at `i * interval` seconds from the start."""
+async def _backlog_s(stack: Stack) -> float:
+    """Seconds until the worker events consumer has nothing pending or unacknowledged."""
+    js = stack.nc.jetstream()
     start = time.perf_counter()
+    while True:
+        info = await js.consumer_info(
+            stack.subjects.worker_events_stream, stack.subjects.worker_events_consumer
+        )
+        if info.num_pending == 0 and info.num_ack_pending == 0:
+            return time.perf_counter() - start
+        await asyncio.sleep(0.01)
+
+
+async def _apply_rounds(
+    stack: Stack, plan: Plan, results: Results, worker: WorkerSide, fleet: list[pb.TrainingRun]
+) -> None:
+    """Sustained throughput of the worker-event path: progress of every run of the fleet,
+    round robin, published as fast as JetStream takes it (pipelined, a window at a time),
+    then the time until TrainingRunService has recorded them all. Baseline: the rate of
+    the publishing alone, in the same round."""
+    count = plan.apply_events
+    for _ in range(plan.event_rounds):
+        start = time.perf_counter()
+        window: list[Awaitable[None]] = []
+        for i in range(count):
+            r = fleet[i % len(fleet)]
+            window.append(worker.progress(r, worker.next_iteration(r)))
+            if len(window) == _PUBLISH_WINDOW:
+                await asyncio.gather(*window)
+                window = []
+        await asyncio.gather(*window)
+        published = time.perf_counter() - start
+        await _backlog_s(stack)
+        recorded = time.perf_counter() - start
+        results.add(
+            "events.apply.publish_rate",
+            count / published,
+            unit="events/s",
+            description=f"{count:,} progress reports of {len(fleet):,} runs published to the "
+            f"worker events stream, {_PUBLISH_WINDOW} at a time (baseline)",
+            lower_is_better=False,
+        )
+        results.add(
+            "events.apply.rate",
+            count / recorded,
+            unit="events/s",
+            description=f"the same {count:,} reports recorded by TrainingRunService (from the "
+            "first publish to the consumer drained)",
+            baseline="events.apply.publish_rate",
+            lower_is_better=False,
+        )
+
+
+async def _paced(send: Callable[[int], Awaitable[None]], count: int, interval: float) -> float:
+    """send(0) .. send(count - 1), the i-th started at `i * interval` seconds from the
+    start, without waiting for the ones before (a fleet's workers do not wait for each
+    other); returns the seconds until all were sent."""
+    start = time.perf_counter()
+    sending: set[asyncio.Task[None]] = set()
     for i in range(count):
-        await send(i)
+        task = asyncio.create_task(send(i))
+        sending.add(task)
+        task.add_done_callback(sending.discard)
         await asyncio.sleep(max(0.0, start + (i + 1) * interval - time.perf_counter()))
+    if sending:
+        await asyncio.gather(*sending)
+    return time.perf_counter() - start

@@ -24,6 +24,8 @@ class Plan:
     watchers_per_run: int
     fanout_rate_per_s: float
     fanout_events_per_run: int
+    # Sustained throughput of the worker-event path: progress reports per round.
+    apply_events: int
     # Outbox.
     outbox_samples: int
     outbox_backlog: int
@@ -46,10 +48,12 @@ FULL = Plan(
     watcher_counts=(1, 100, 1000),
     event_rounds=3,
     events_per_round=10,
-    fanout_runs=100,
-    watchers_per_run=10,
-    fanout_rate_per_s=100.0,
+    # A fleet of 1,000 GPUs reporting once a second, a watcher each.
+    fanout_runs=1000,
+    watchers_per_run=1,
+    fanout_rate_per_s=1000.0,
     fanout_events_per_run=5,
+    apply_events=20_000,
     outbox_samples=50,
     outbox_backlog=100_000,
     outbox_rounds=3,
@@ -73,6 +77,7 @@ SMOKE = Plan(
     watchers_per_run=2,
     fanout_rate_per_s=50.0,
     fanout_events_per_run=2,
+    apply_events=200,
     outbox_samples=5,
     outbox_backlog=1_000,
     outbox_rounds=2,

@@ -74,6 +74,7 @@ def watch_run(
         )
     )
     last_sequence = after_sequence
+    shown_iteration = -1
     resumes = 0
     speed = Throughput(images_per_iteration(run.spec))
     with _progress_bar(console) as bar:
@@ -89,13 +90,19 @@ def watch_run(
         while True:
             try:
                 request = training_run_pb2.WatchTrainingRunRequest(
-                    name=name, after_sequence=last_sequence
+                    name=name, after_sequence=last_sequence, live_progress=True
                 )
                 for event in clients.runs.WatchTrainingRun(request):
                     resumes = 0
-                    if event.sequence <= last_sequence:
-                        continue
-                    last_sequence = event.sequence
+                    if not event.live:
+                        if event.sequence <= last_sequence:
+                            continue
+                        last_sequence = event.sequence
+                    if event.HasField("progress"):
+                        # Shown live already, or older than what was.
+                        if event.progress.iteration <= shown_iteration:
+                            continue
+                        shown_iteration = event.progress.iteration
                     _show(bar, task, event, speed)
                 # The server ends the stream when the run ends, or when it shuts down.
                 run = clients.runs.GetTrainingRun(

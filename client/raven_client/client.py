@@ -163,14 +163,23 @@ class RavenClient:
         return metrics
 
     def watch(
-        self, run_name: str, after_sequence: int = 0, *, reconnect: RetryPolicy | None = None
+        self,
+        run_name: str,
+        after_sequence: int = 0,
+        *,
+        live_progress: bool = False,
+        reconnect: RetryPolicy | None = None,
     ) -> Iterator[training_run_pb2.TrainingRunEvent]:
         """The run's events after `after_sequence`, live, until the run ends. A dropped
         stream is reopened after the last event seen (`reconnect`: how patiently; the
-        count starts again after each event), so no event is missed or repeated."""
+        count starts again after each event), so no event is missed or repeated.
+        `live_progress`: progress reports too, the moment workers send them (events with
+        `live` set, each followed by its recorded entry)."""
         return follow(
             lambda after: self.runs.WatchTrainingRun(
-                training_run_pb2.WatchTrainingRunRequest(name=run_name, after_sequence=after),
+                training_run_pb2.WatchTrainingRunRequest(
+                    name=run_name, after_sequence=after, live_progress=live_progress
+                ),
                 metadata=self.metadata,
             ),
             after_sequence,

@@ -27,7 +27,7 @@ def follow(
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[Event]:
     """Every event after `after_sequence`, in order and once, until the server ends the
-    stream (the run ended). A stream that fails UNAVAILABLE (the server went away or
+    stream (the run ended); live progress events (`live`) as they come, outside that order. A stream that fails UNAVAILABLE (the server went away or
     restarted) is reopened after the last event yielded, `policy` deciding how often in
     a row and how long to wait; other failures raise their typed exception."""
     last = after_sequence
@@ -36,6 +36,9 @@ def follow(
         stream = open_stream(last)
         try:
             for event in stream:
+                if event.live:  # progress ahead of its entry, outside the sequence
+                    yield event
+                    continue
                 if event.sequence <= last:
                     continue
                 last = event.sequence

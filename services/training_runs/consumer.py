@@ -8,7 +8,12 @@ from datetime import UTC, datetime
 from google.protobuf.message import DecodeError
 from nats.aio.msg import Msg
 
-from services.training_runs.handlers import WorkerReport, apply_worker_report
+from services.training_runs.handlers import (
+    WorkerReport,
+    apply_progress_reports,
+    apply_worker_report,
+)
+from services.training_runs.progress import ProgressRecorder
 from services.training_runs.unit_of_work import UnitOfWork
 from shared.consumer import Unprocessable
 from shared.errors import InvalidArgument
@@ -41,12 +46,30 @@ def to_report(event: WorkerEvent) -> WorkerReport:
 
 
 class WorkerEventHandler:
-    def __init__(self, uow_factory: Callable[[], UnitOfWork]) -> None:
+    """Applies each report in a transaction of its own, but progress, the one frequent
+    report, in batches of many runs' ticks (services.training_runs.progress)."""
+
+    def __init__(
+        self,
+        uow_factory: Callable[[], UnitOfWork],
+        *,
+        max_batch: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+    ) -> None:
         self._uow_factory = uow_factory
+        self.progress = ProgressRecorder(
+            lambda reports: apply_progress_reports(uow_factory(), reports),
+            max_batch=max_batch,
+            on_batch=on_batch,
+        )
 
     async def __call__(self, msg: Msg) -> None:
         try:
             event = WorkerEvent.FromString(msg.data)
         except DecodeError as error:
             raise Unprocessable(f"not a WorkerEvent: {error}") from error
-        await apply_worker_report(self._uow_factory(), to_report(event))
+        report = to_report(event)
+        if report.kind is ReportKind.PROGRESS:
+            await self.progress.record(report)
+        else:
+            await apply_worker_report(self._uow_factory(), report)

@@ -15,6 +15,9 @@ from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_gr
 from shared.runtime import ServiceApp, Wiring, run_service
 from shared.storage import Storage
 
+# Worker reports handled at once (of different runs: one run's wait for each other).
+_WORKER_EVENTS_IN_FLIGHT = 2048
+
 
 class TrainingRunsApp(ServiceApp):
     service_names = (training_run_pb2.DESCRIPTOR.services_by_name["TrainingRunService"].full_name,)
@@ -67,9 +70,16 @@ class TrainingRunsApp(ServiceApp):
             stream=self.subjects.worker_events_stream,
             subject=self.subjects.worker_events,
             durable=self.subjects.worker_events_consumer,
-            handle=self.metrics.timed("worker_events", WorkerEventHandler(uow_factory)),
+            handle=self.metrics.timed(
+                "worker_events",
+                WorkerEventHandler(uow_factory, on_batch=run_metrics.progress_batch),
+            ),
             # The subject ends with the run id: each run's reports stay in order.
             ordering_key=lambda msg: msg.subject,
+            # Room for a report of every run of a large fleet at once: progress reports
+            # wait together for the batch that records them.
+            batch=256,
+            concurrency=_WORKER_EVENTS_IN_FLIGHT,
         )
         return [
             Loop("recovery of lost runs", recovery),

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from prometheus_client import Counter, Gauge
+from prometheus_client import Counter, Gauge, Histogram
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -39,6 +39,13 @@ class RunMetrics:
         )
         for outcome in ("requeued", "failed"):
             self.recoveries.labels(outcome)
+        self.progress_batches = Histogram(
+            "raven_progress_batch_reports",
+            "Progress reports recorded per transaction (many runs' ticks are recorded "
+            "together under load).",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 256),
+            registry=metrics.registry,
+        )
 
     def count_runs(self, sessions: async_sessionmaker[AsyncSession]) -> None:
         async def refresh() -> None:
@@ -53,6 +60,9 @@ class RunMetrics:
                 self.runs.labels(state, kind).set(count)
 
         self._metrics.server.add(Source("runs by state", refresh))
+
+    def progress_batch(self, reports: int) -> None:
+        self.progress_batches.observe(reports)
 
     def recovered(self, runs: Sequence[TrainingRun]) -> None:
         for run in runs:

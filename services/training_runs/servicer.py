@@ -202,7 +202,10 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             raise InvalidArgument([FieldViolation("after_sequence", "must not be negative")])
         run_id = await self._visible_id(request.name, context)
         async for event in self._hub.watch(
-            self._uow, run_id, after_sequence=request.after_sequence
+            self._uow,
+            run_id,
+            after_sequence=request.after_sequence,
+            live_progress=request.live_progress,
         ):
             yield event
 

@@ -23,6 +23,7 @@ from services.training_runs.handlers.recovery import recover_lost_runs, recover_
 from services.training_runs.handlers.reports import (
     WORKER_EVENTS_CONSUMER,
     WorkerReport,
+    apply_progress_reports,
     apply_worker_report,
     claim_job,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "Clock",
     "CreateRun",
     "WorkerReport",
+    "apply_progress_reports",
     "apply_worker_report",
     "cancel_run",
     "claim_job",

@@ -4,6 +4,7 @@ events stream (shared.reports), each applied once."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import assert_never
@@ -115,6 +116,32 @@ async def apply_worker_report(uow: UnitOfWork, report: WorkerReport) -> bool:
                 await publish_job(uow, run)
         await uow.commit()
         return applied
+
+
+async def apply_progress_reports(uow: UnitOfWork, reports: Sequence[WorkerReport]) -> list[bool]:
+    """Applies progress reports of many runs in one transaction; for each, whether it was
+    applied. A progress report needs no dedupe row: one not newer than the run's last
+    progress changes nothing (TrainingRun.report_progress), so a redelivery is harmless."""
+    async with uow:
+        runs = {
+            run.id: run
+            for run in await uow.runs.get_many({r.run_id for r in reports}, for_update=True)
+        }
+        applied: list[bool] = []
+        for report in reports:
+            run = runs.get(report.run_id)
+            if run is None or report.attempt != run.attempt:
+                applied.append(False)
+                continue
+            try:
+                applied.append(_apply(run, report))
+            except FailedPrecondition as error:
+                log.warning(
+                    "report refused", run_id=str(run.id), kind=report.kind, error=error.message
+                )
+                applied.append(False)
+        await uow.commit()
+    return applied
 
 
 def _apply(run: TrainingRun, report: WorkerReport) -> bool:
