@@ -22,7 +22,7 @@ from nats.aio.msg import Msg
 from benchmarks.plan import Plan
 from benchmarks.stack import Stack
 from benchmarks.stats import Results
-from benchmarks.unary import create_request
+from benchmarks.unary import create_request, write_dataset_stub
 from shared.proto.raven.training.v1 import training_run_pb2 as pb
 from shared.proto.raven.training.v1 import training_run_pb2_grpc, worker_pb2
 
@@ -214,6 +214,7 @@ class Subscribers:
 
 
 async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: bool) -> None:
+    write_dataset_stub(stack)  # the runs' dataset, also when figure 1 was not measured
     worker = WorkerSide(stack)
     async with stack.runs_channel() as channel, _connection(stack) as sub_nc:
         runs = training_run_pb2_grpc.TrainingRunServiceStub(channel)

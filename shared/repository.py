@@ -3,7 +3,6 @@ what they loaded or added, and the SQL that writes what changed in it."""
 
 from __future__ import annotations
 
-import copy
 import enum
 import uuid
 from dataclasses import dataclass
@@ -48,6 +47,8 @@ class _Tracked(Generic[A]):
     state: _State
     # The row as loaded (a deep copy): what changed is written, checked against its version.
     loaded: dict[str, Any] | None
+    # The columns the last flush wrote of a loaded row, and their values.
+    written: dict[str, Any] | None = None
 
 
 def unique_violation(error: IntegrityError) -> str | None:
@@ -159,7 +160,7 @@ class TrackingRepository(Generic[A]):
         self._tracked[aggregate.id] = _Tracked(aggregate, _State.NEW, None)
 
     def _snapshot(self, aggregate: A) -> dict[str, Any]:
-        return copy.deepcopy(self._row(aggregate))
+        return _copied(self._row(aggregate))
 
     async def flush(self) -> list[tuple[A, Change]]:
         """Writes what changed since the aggregates were loaded; what it wrote, in order."""
@@ -191,6 +192,7 @@ class TrackingRepository(Generic[A]):
             await self._delete(aggregate, version=version)
             return Change.REMOVED
         changes = {k: v for k, v in self._row(aggregate).items() if tracked.loaded.get(k) != v}
+        tracked.written = changes
         if tracked.state is _State.INSERTED:
             await self._update(aggregate, changes, version=version)
             return Change.ADDED
@@ -206,6 +208,24 @@ class TrackingRepository(Generic[A]):
                 del self._tracked[tracked.aggregate.id]
                 continue
             self._committed(tracked.aggregate)
+            if tracked.state is _State.LOADED and tracked.loaded is not None and tracked.written:
+                # The row as loaded, with what was written: no new snapshot of the rest.
+                tracked.loaded.update(_copied(tracked.written))
+            else:
+                tracked.loaded = self._snapshot(tracked.aggregate)
             tracked.state = _State.LOADED
-            tracked.loaded = self._snapshot(tracked.aggregate)
+            tracked.written = None
         self._written = []
+
+
+def _copied(value: Any) -> Any:
+    """A copy of a row's values that later changes of the aggregate cannot reach: its
+    dicts and lists (JSON columns, arrays) copied, the rest (scalars, UUIDs, times) as
+    they are. What copy.deepcopy would give for such values, several times faster."""
+    if isinstance(value, dict):
+        return {k: _copied(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copied(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_copied(v) for v in value)
+    return value

@@ -266,6 +266,8 @@ async def test_progress_of_many_runs_is_recorded_in_one_transaction(
 
     # The same reports again (a redelivery) change nothing.
     assert await recorder.record(reports[5]) is False
+    for _, worker in started:  # no run left for the lost-worker recovery of other tests
+        await worker.send(failed=training_run_pb2.Failure(reason="training_crashed", message="x"))
 
 
 async def test_a_burst_from_a_fleet_is_recorded_and_watched_to_its_latest_progress(
