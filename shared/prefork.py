@@ -196,8 +196,8 @@ class _Parent:
                 child.kill()
                 child.join()
                 clean = False
-            # Killed by SIGTERM before its handlers were installed: stopped as asked.
-            elif child.exitcode not in (0, -signal.SIGTERM):
+            # Killed by the signal before its handlers were installed: stopped as asked.
+            elif child.exitcode not in (0, -signal.SIGTERM, -signal.SIGINT):
                 clean = False
         return clean
 
