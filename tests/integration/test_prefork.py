@@ -92,7 +92,7 @@ class Forked:
         """The index of the child that answers on `channel` (one connection)."""
         before = [await self.checks_served(i) for i in (0, 1)]
         response = await health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(), timeout=10
+            health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True
         )
         assert response.status == health_pb2.HealthCheckResponse.SERVING
         after = [await self.checks_served(i) for i in (0, 1)]
@@ -252,13 +252,13 @@ async def test_a_child_that_dies_is_replaced_while_the_other_answers(
     for index in (1, 0):
         killed = forked.serving()[index]
         os.kill(killed, signal.SIGKILL)
-        # Connections waiting in a dying child's accept queue are reset (docs/scaling.md);
-        # once it is gone, the other child answers every new one.
         await eventually(lambda pid=killed: _gone(pid))
+        # A connection that reaches a child as it leaves or joins the port can be reset
+        # (docs/scaling.md): a client that retries (wait_for_ready) is answered throughout.
         for _ in range(5):
             async with forked.channel() as channel:
                 response = await health_pb2_grpc.HealthStub(channel).Check(
-                    health_pb2.HealthCheckRequest(), timeout=10
+                    health_pb2.HealthCheckRequest(), timeout=10, wait_for_ready=True
                 )
             assert response.status == health_pb2.HealthCheckResponse.SERVING
 
