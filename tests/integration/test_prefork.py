@@ -146,16 +146,8 @@ async def namespace(settings: Settings, nc: nats.NATS) -> AsyncIterator[str]:
             await js.delete_stream(stream)
 
 
-@pytest.fixture
-async def forked(
-    settings: Settings, namespace: str, tmp_path: Path, dataset_uri: str
-) -> AsyncIterator[Forked]:
-    """`python -m services.training_runs.main` with two processes, both serving."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = int(probe.getsockname()[1])
-    metrics_port = _free_port_pair()
-    env = {
+def _env(settings: Settings, namespace: str, *, port: int, metrics_port: int) -> dict[str, str]:
+    return {
         **os.environ,
         "RAVEN_DATABASE_URL": settings.database_url,
         "RAVEN_NATS_URL": settings.nats_url,
@@ -167,6 +159,18 @@ async def forked(
         "RAVEN_INSECURE_DEV": "true",
         "RAVEN_LOG_JSON": "true",
     }
+
+
+@pytest.fixture
+async def forked(
+    settings: Settings, namespace: str, tmp_path: Path, dataset_uri: str
+) -> AsyncIterator[Forked]:
+    """`python -m services.training_runs.main` with two processes, both serving."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    metrics_port = _free_port_pair()
+    env = _env(settings, namespace, port=port, metrics_port=metrics_port)
     log_path = tmp_path / "service.log"
     with log_path.open("wb") as log:
         process = await asyncio.create_subprocess_exec(
@@ -296,6 +300,33 @@ async def test_sigterm_on_the_parent_stops_every_child_cleanly(forked: Forked) -
     # Nothing holds the port any more: a socket without SO_REUSEPORT binds it.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", forked.port))
+
+
+async def test_children_that_keep_dying_stop_the_parent_with_an_error(
+    settings: Settings, namespace: str, tmp_path: Path
+) -> None:
+    metrics_port = _free_port_pair()
+    log_path = tmp_path / "service.log"
+    # Child 1's metrics port is taken: it can never start.
+    with socket.socket() as taken, log_path.open("wb") as log:
+        taken.bind(("127.0.0.1", metrics_port + 1))
+        taken.listen()
+        env = _env(settings, namespace, port=0, metrics_port=metrics_port)
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "services.training_runs.main", env=env, stdout=log, stderr=log
+        )
+        try:
+            code = await asyncio.wait_for(process.wait(), 90)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    text = log_path.read_text(errors="replace")
+    assert code == 1, text[-3000:]
+    assert "service processes keep dying; stopping" in text
+    assert "address already in use" in text.lower(), "the child's reason is logged"
+    assert text.count('"event": "service process died"') == 6
+    assert "service processes stopped" in text
 
 
 def test_the_reserved_port_admits_reuseport_listeners_only() -> None:
