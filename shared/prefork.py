@@ -7,7 +7,9 @@ Every child serves gRPC, health, its EventHub (one NATS subscription to every ru
 events: a watcher on any child sees every run) and claims (a queue group). Child 0 alone
 runs the background loops: the JetStream consumers apply one run's reports in order only
 within one process, and the relay, retention and recovery would only wait on their locks
-in the others. Child i serves `/metrics` on the configured port + i.
+in the others. Child i serves `/metrics` on the configured port + i. Without
+RAVEN_PAGE_TOKEN_KEYS, the random key `shared.pagination` draws at import is the parent's,
+inherited by every child (and every restarted one): a page token of one child is good on all.
 
 The parent holds the port (bound with SO_REUSEPORT, never listening) so that port 0 is
 chosen once for all, forwards SIGTERM and SIGINT to the children as SIGTERM, and restarts

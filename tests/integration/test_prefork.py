@@ -250,6 +250,31 @@ async def test_watchers_on_either_process_see_what_the_other_and_the_workers_cau
         await other.close()
 
 
+async def test_a_page_token_of_one_child_is_good_on_the_other(
+    forked: Forked, dataset_uri: str
+) -> None:
+    # Without RAVEN_PAGE_TOKEN_KEYS each process signs with a random key: the children
+    # share the parent's (shared/prefork.py).
+    lead, other = await forked.channel_to(0), await forked.channel_to(1)
+    try:
+        on_lead = training_run_pb2_grpc.TrainingRunServiceStub(lead)
+        on_other = training_run_pb2_grpc.TrainingRunServiceStub(other)
+        for _ in range(2):
+            await on_lead.CreateTrainingRun(create_request(dataset_uri))
+        first = await on_lead.ListTrainingRuns(
+            training_run_pb2.ListTrainingRunsRequest(page_size=1)
+        )
+        assert first.next_page_token
+        second = await on_other.ListTrainingRuns(
+            training_run_pb2.ListTrainingRunsRequest(page_size=1, page_token=first.next_page_token)
+        )
+        assert len(second.training_runs) == 1
+        assert second.training_runs[0].name != first.training_runs[0].name
+    finally:
+        await lead.close()
+        await other.close()
+
+
 async def test_a_child_that_dies_is_replaced_while_the_other_answers(
     forked: Forked, nc: nats.NATS, namespace: str, dataset_uri: str
 ) -> None:
