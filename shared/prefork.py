@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING
 
 import structlog
 
-from shared import logs
+from shared import logs, pagination
 from shared.observability.metrics_addresses import metrics_address, split_address
 from shared.process import run_process
 from shared.settings import Settings
@@ -234,6 +234,8 @@ def serve(app: type[ServiceApp], settings: Settings) -> None:
     """Runs `settings.grpc_processes` processes of `app` on its one port until SIGTERM or
     SIGINT; exits 1 when the children kept dying or did not stop cleanly."""
     logs.configure(settings.log_level, json=settings.log_json)
+    # Before the fork: every child signs page tokens with the same keys (see above).
+    pagination.use_keys(settings.page_token_key_list())
     address = str(getattr(settings, app.address_setting))
     with reserve_port(address) as reserved:
         port = int(reserved.getsockname()[1])
