@@ -139,13 +139,11 @@ def run_process(
     """Entry point of a process: settings from the environment (unless given), one logging
     setup, serve until signalled; exits with status 1 when a background loop died."""
 
-    given = settings
-
     async def main() -> str:
-        settings = given or Settings()
-        logs.configure(settings.log_level, json=settings.log_json)
+        resolved = settings or Settings()
+        logs.configure(resolved.log_level, json=resolved.log_json)
         tracing.configure(str(getattr(service, "client_name", "raven")))
-        return await serve_until_signalled(service(settings))
+        return await serve_until_signalled(service(resolved))
 
     try:
         reason = asyncio.run(main())
