@@ -1,4 +1,4 @@
-"""`python -m benchmarks [--smoke] [--only GROUP ...] [--skip-training]`: runs the suite
+"""`python -m benchmarks [--smoke] [--only GROUP ...] [--skip-training] [--processes N]`: runs the suite
 against the real stack, writes `.data/bench/<time>.json` (and `latest.json`) and prints
 a table."""
 
@@ -27,7 +27,14 @@ GROUPS = ("unary", "events", "memory", "outbox", "training", "dataset")
 DEFAULT_OUT = ROOT / ".data" / "bench"
 
 
-async def run(plan: Plan, groups: tuple[str, ...], out_dir: Path) -> dict[str, object]:
+async def run(
+    plan: Plan,
+    groups: tuple[str, ...],
+    out_dir: Path,
+    *,
+    processes: int = 1,
+    connections: int = 1,
+) -> dict[str, object]:
     results = Results()
     started = time.monotonic()
     skipped: dict[str, str] = {}
@@ -35,7 +42,7 @@ async def run(plan: Plan, groups: tuple[str, ...], out_dir: Path) -> dict[str, o
         skipped["training"] = f"not part of the {plan.mode} plan (use --training)"
         groups = tuple(g for g in groups if g != "training")
     work_dir = out_dir / "work"
-    async with open_stack(work_dir) as stack:
+    async with open_stack(work_dir, processes=processes, connections=connections) as stack:
         await stack.start_services()
         results.add(
             "memory.training_runs.idle",
@@ -68,6 +75,8 @@ async def run(plan: Plan, groups: tuple[str, ...], out_dir: Path) -> dict[str, o
         "machine": machine.facts(),
         "versions": machine.versions(),
         "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
+        "processes": processes,
+        "connections": connections,
         "skipped": skipped,
         "notes": results.notes,
         "figures": results.to_json(),
@@ -93,7 +102,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-training", action="store_true", help="leave out figure 4")
     parser.add_argument("--training", action="store_true", help="include figure 4 in --smoke")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="results folder")
+    parser.add_argument(
+        "--processes", type=int, default=1, help="processes per service (RAVEN_GRPC_PROCESSES)"
+    )
+    parser.add_argument(
+        "--connections",
+        type=int,
+        help="connections the unary load spreads over (default: 1, or 4 per process with "
+        "--processes above 1)",
+    )
     args = parser.parse_args(argv)
+    connections = args.connections or (1 if args.processes == 1 else 4 * args.processes)
     logging.basicConfig(level=logging.WARNING)
 
     plan = SMOKE if args.smoke else FULL
@@ -106,7 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         groups = tuple(g for g in groups if g != "training")
     out_dir: Path = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    document = asyncio.run(run(plan, groups, out_dir))
+    document = asyncio.run(
+        run(plan, groups, out_dir, processes=args.processes, connections=connections)
+    )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(document, indent=2)
     (out_dir / f"{plan.mode}-{stamp}.json").write_text(text)

@@ -49,7 +49,9 @@ class Child:
         return self.process.pid
 
     def rss_bytes(self) -> int:
-        return int(psutil.Process(self.pid).memory_info().rss)
+        """Of the process and its children (a service with several processes)."""
+        process = psutil.Process(self.pid)
+        return sum(int(p.memory_info().rss) for p in (process, *process.children(recursive=True)))
 
     async def stop(self, timeout_s: float = 15.0) -> None:
         if self.process.returncode is not None:
@@ -88,6 +90,17 @@ async def wait_for_grpc(child: Child, port: int, timeout_s: float = 60.0) -> Non
                     raise RuntimeError(f"{child.name} did not listen on {port}") from None
 
 
+async def wait_for_processes(child: Child, count: int, timeout_s: float = 60.0) -> None:
+    """Until `count` processes of a service log `serving`: connections opened before would
+    all go to the processes already listening."""
+    deadline = time.monotonic() + timeout_s
+    while child.log_path.read_text(errors="replace").count('"event": "serving"') < count:
+        if child.process.returncode is not None or time.monotonic() > deadline:
+            tail = child.log_path.read_text(errors="replace")[-3000:]
+            raise RuntimeError(f"{child.name}: fewer than {count} processes serve:\n{tail}")
+        await asyncio.sleep(0.1)
+
+
 @dataclass(slots=True)
 class Stack:
     settings: Settings
@@ -97,6 +110,10 @@ class Stack:
     work_dir: Path
     nc: NATS
     children: dict[str, Child] = field(default_factory=dict)
+    # Processes of each service on its port (RAVEN_GRPC_PROCESSES), and the connections the
+    # unary load spreads its callers over (SO_REUSEPORT hands each to one process).
+    processes: int = 1
+    connections: int = 1
 
     @property
     def runs_port(self) -> int:
@@ -116,6 +133,10 @@ class Stack:
             "RAVEN_TRAINING_RUNS_ADDR": s.training_runs_addr,
             "RAVEN_TRAINED_MODELS_ADDR": s.trained_models_addr,
             "RAVEN_PAGE_TOKEN_KEYS": s.page_token_keys,
+            "RAVEN_GRPC_PROCESSES": str(self.processes),
+            "RAVEN_LOG_JSON": "true",
+            # A free port per process: fixed ones would collide between the services.
+            "RAVEN_METRICS_ADDR": "127.0.0.1:0",
             # Runs driven by the benchmark report progress but no heartbeat.
             "RAVEN_WORKER_LOST_TIMEOUT_S": "86400",
             "RAVEN_WORKER_DEVICE": "cpu",
@@ -135,6 +156,7 @@ class Stack:
             child = await spawn(name, ["-m", module], env=self.env(), log_dir=self.log_dir)
             self.children[name] = child
             await wait_for_grpc(child, int(addr.rsplit(":", 1)[1]))
+            await wait_for_processes(child, self.processes)
 
     async def start_worker(self) -> Child:
         child = await spawn(
@@ -150,9 +172,19 @@ class Stack:
     def runs_channel(self) -> grpc.aio.Channel:
         return grpc.aio.insecure_channel(f"127.0.0.1:{self.runs_port}")
 
+    def channels(self, port: int) -> list[grpc.aio.Channel]:
+        """`connections` channels to `port`, each with a connection of its own."""
+        options = [("grpc.use_local_subchannel_pool", 1)] if self.connections > 1 else []
+        return [
+            grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options)
+            for _ in range(self.connections)
+        ]
+
 
 @contextlib.asynccontextmanager
-async def open_stack(work_dir: Path) -> AsyncIterator[Stack]:
+async def open_stack(
+    work_dir: Path, *, processes: int = 1, connections: int = 1
+) -> AsyncIterator[Stack]:
     """A stack of its own; everything it created is removed on exit."""
     infra = ensure_infrastructure(Settings(), work_dir / "infra", keep_running=False)
     suffix = uuid.uuid4().hex[:10]
@@ -171,7 +203,16 @@ async def open_stack(work_dir: Path) -> AsyncIterator[Stack]:
     subjects = Subjects(settings.nats_namespace)
     nc = await nats.connect(infra.nats_url, name="raven-bench")
     await ensure_streams(nc.jetstream(), subjects)
-    stack = Stack(settings, subjects, infra.database_url, database, work_dir, nc)
+    stack = Stack(
+        settings,
+        subjects,
+        infra.database_url,
+        database,
+        work_dir,
+        nc,
+        processes=processes,
+        connections=connections,
+    )
     try:
         yield stack
     finally:

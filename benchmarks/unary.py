@@ -13,7 +13,6 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import asdict
 
-import grpc
 from sqlalchemy import text
 
 from benchmarks.echo import METHOD
@@ -124,28 +123,29 @@ async def measure_unary(stack: Stack, plan: Plan, results: Results) -> None:
     picks = itertools.cycle(random.Random(0).sample(names, len(names)))
     echo_payload = pb.GetTrainingRunRequest(name=names[0]).SerializeToString()
 
-    async with (
-        grpc.aio.insecure_channel(f"127.0.0.1:{echo_port}") as echo_channel,
-        stack.runs_channel() as runs_channel,
-    ):
-        echo_call = echo_channel.unary_unary(METHOD)
-        runs = training_run_pb2_grpc.TrainingRunServiceStub(runs_channel)
+    # The echo server is called over as many connections as the service.
+    echo_channels, runs_channels = stack.channels(echo_port), stack.channels(stack.runs_port)
+    try:
+        echo_calls = itertools.cycle([c.unary_unary(METHOD) for c in echo_channels])
+        stubs = itertools.cycle(
+            [training_run_pb2_grpc.TrainingRunServiceStub(c) for c in runs_channels]
+        )
 
         async def list_deep() -> object:
-            page = await runs.ListTrainingRuns(
+            page = await next(stubs).ListTrainingRuns(
                 pb.ListTrainingRunsRequest(page_size=plan.page_size, page_token=deep_token)
             )
             assert len(page.training_runs) == plan.page_size, "the deep page is not full"
             return page
 
         calls: dict[str, Call] = {
-            "echo": lambda: echo_call(echo_payload),
-            "get": lambda: runs.GetTrainingRun(pb.GetTrainingRunRequest(name=next(picks))),
-            "list_first": lambda: runs.ListTrainingRuns(
+            "echo": lambda: next(echo_calls)(echo_payload),
+            "get": lambda: next(stubs).GetTrainingRun(pb.GetTrainingRunRequest(name=next(picks))),
+            "list_first": lambda: next(stubs).ListTrainingRuns(
                 pb.ListTrainingRunsRequest(page_size=plan.page_size)
             ),
             "list_deep": list_deep,
-            "create": lambda: runs.CreateTrainingRun(create_request()),
+            "create": lambda: next(stubs).CreateTrainingRun(create_request()),
         }
         for call in calls.values():  # Warm-up: connections, pools, lazy imports.
             await load(call, concurrency=4, duration_s=min(0.5, plan.unary_duration_s))
@@ -156,6 +156,9 @@ async def measure_unary(stack: Stack, plan: Plan, results: Results) -> None:
                         call, concurrency=concurrency, duration_s=plan.unary_duration_s
                     )
                     _record(results, rpc, concurrency, rate, latencies)
+    finally:
+        for channel in (*echo_channels, *runs_channels):
+            await channel.close()
     await echo.stop()
     del stack.children["echo"]
 

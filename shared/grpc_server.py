@@ -26,7 +26,9 @@ class Server:
 
     Every handler runs inside the one wrapper (`shared.calls`): `admission` admits the
     caller (None: everyone), the request is checked, errors become statuses. With
-    `metrics`, an interceptor around it counts every call with the status it ended with."""
+    `metrics`, an interceptor around it counts every call with the status it ended with.
+    `share_port`: other processes of the service listen on the same port (SO_REUSEPORT,
+    shared/prefork.py); otherwise a second server on the port is refused, not sharing it."""
 
     def __init__(
         self,
@@ -34,11 +36,13 @@ class Server:
         *,
         admission: Admission | None = None,
         metrics: RpcMetrics | None = None,
+        share_port: bool = False,
     ) -> None:
         # ObservedCalls and the metrics first: they see the status CallWrapper sets.
         outer = (MetricsInterceptor(metrics),) if metrics is not None else ()
         self.server = grpc.aio.server(
-            options=_OPTIONS, interceptors=(*outer, ObservedCalls(), CallWrapper(admission))
+            options=[*_OPTIONS, ("grpc.so_reuseport", int(share_port))],
+            interceptors=(*outer, ObservedCalls(), CallWrapper(admission)),
         )
         self.health = health.aio.HealthServicer()
         self._service_names = tuple(service_names)

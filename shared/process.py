@@ -133,15 +133,17 @@ async def serve_until_signalled(service: Service) -> str:
         await service.stop()
 
 
-def run_process(service: Callable[[Settings], Service]) -> None:
-    """Entry point of a process: settings from the environment, one logging setup, serve
-    until signalled; exits with status 1 when a background loop died."""
+def run_process(
+    service: Callable[[Settings], Service], *, settings: Settings | None = None
+) -> None:
+    """Entry point of a process: settings from the environment (unless given), one logging
+    setup, serve until signalled; exits with status 1 when a background loop died."""
 
     async def main() -> str:
-        settings = Settings()
-        logs.configure(settings.log_level, json=settings.log_json)
+        resolved = settings or Settings()
+        logs.configure(resolved.log_level, json=resolved.log_json)
         tracing.configure(str(getattr(service, "client_name", "raven")))
-        return await serve_until_signalled(service(settings))
+        return await serve_until_signalled(service(resolved))
 
     try:
         reason = asyncio.run(main())

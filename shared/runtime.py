@@ -2,14 +2,16 @@
 
 Each service subclasses `ServiceApp` and says what it adds (servicers,
 consumers); its `main.py` stays a composition root of a few lines. The process
-around it (logging, signals, exit status) is `shared.process`. Tests run the
-same object in-process on port 0.
+around it (logging, signals, exit status) is `shared.process`; with
+RAVEN_GRPC_PROCESSES above 1, `shared.prefork` runs several such processes on one
+port. Tests run the same object in-process on port 0.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import structlog
@@ -17,7 +19,7 @@ from nats.aio.client import Client as NATS
 from nats.js import JetStreamContext
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from shared import messaging, pagination
+from shared import messaging, pagination, prefork
 from shared.auth import transport
 from shared.auth.admission import build_admission
 from shared.auth.audit import AuditLog
@@ -56,8 +58,10 @@ class ServiceApp:
     # Where `/metrics` is served when RAVEN_METRICS_ADDR is unset.
     metrics_default = TRAINING_RUNS_METRICS_ADDR
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, *, child: prefork.Child | None = None) -> None:
         self.settings = settings
+        # One of several processes on one port (shared/prefork.py); None: the only one.
+        self.child = child
         self.subjects = messaging.Subjects(settings.nats_namespace)
         self.port = 0
         # The process's series; `setup` adds the service's own. The port `/metrics` is
@@ -100,21 +104,12 @@ class ServiceApp:
             (*self.service_names, AUDIT_SERVICE),
             admission=build_admission(self.settings, audit),
             metrics=self.metrics.rpc,
+            share_port=self.child is not None,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
         loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))
         self._set_up = True
-        relay = OutboxRelay(engine=self._engine, js=js, max_payload=self._nc.max_payload)
-        # One process at a time prunes old rows and work files (shared/retention.py).
-        retention = RetentionJob(
-            engine=self._engine,
-            policy=RetentionPolicy.from_settings(self.settings),
-            artifact_root=self.settings.resolved_artifact_root(),
-            interval_s=self.settings.retention_interval_s,
-        )
-        self.supervisor.start(
-            [*loops, Loop("outbox relay", relay.run()), Loop("retention", retention.run())]
-        )
+        self.supervisor.start(self._background(loops, self._engine, js))
         self.port = self._server.listen(self.address(), credentials)
         await self._server.start()
         metrics_at = metrics_address(self.settings.metrics_addr, self.metrics_default)
@@ -122,8 +117,42 @@ class ServiceApp:
             self.metrics.watch_outbox(self._engine)
             self.metrics_port = await self.metrics.server.start(metrics_at)
         log.info(
-            "serving", services=list(self.service_names), address=self.address(), port=self.port
+            "serving",
+            services=list(self.service_names),
+            address=self.address(),
+            port=self.port,
+            pid=os.getpid(),
+            process=0 if self.child is None else self.child.index,
         )
+
+    def _background(
+        self, loops: list[Loop], engine: AsyncEngine, js: JetStreamContext
+    ) -> list[Loop]:
+        """The service's loops, the outbox relay and retention; with several processes on the
+        port, in one of them only (shared/prefork.py), and every child watches its parent."""
+        watch = (
+            [] if self.child is None else [Loop("watch of the parent", self.child.watch_parent())]
+        )
+        if self.child is not None and not self.child.runs_background_loops:
+            for loop in loops:
+                loop.run.close()  # never started: child 0 runs them
+            return watch
+        relay = OutboxRelay(
+            engine=engine, js=js, max_payload=self._nc.max_payload if self._nc else None
+        )
+        # One process at a time prunes old rows and work files (shared/retention.py).
+        retention = RetentionJob(
+            engine=engine,
+            policy=RetentionPolicy.from_settings(self.settings),
+            artifact_root=self.settings.resolved_artifact_root(),
+            interval_s=self.settings.retention_interval_s,
+        )
+        return [
+            *loops,
+            Loop("outbox relay", relay.run()),
+            Loop("retention", retention.run()),
+            *watch,
+        ]
 
     async def stop(self, grace_s: float = 5.0) -> None:
         await self.metrics.server.stop()
@@ -139,6 +168,11 @@ class ServiceApp:
             await self._engine.dispose()
 
 
-def run_service(app: Callable[[Settings], ServiceApp]) -> None:
-    """Entry point of a service process: serve until SIGTERM; exit 1 when a loop died."""
-    run_process(app)
+def run_service(app: type[ServiceApp]) -> None:
+    """Entry point of a service process: serve until SIGTERM; exit 1 when a loop died.
+    With RAVEN_GRPC_PROCESSES above 1, that many processes share the port."""
+    settings = Settings()
+    if settings.grpc_processes > 1:
+        prefork.serve(app, settings)
+    else:
+        run_process(app, settings=settings)

@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     s3_region: str = ""
     training_runs_addr: str = "127.0.0.1:50051"
     trained_models_addr: str = "127.0.0.1:50052"
+    # Processes of a service on its one port (shared/prefork.py, docs/scaling.md): 1 is one
+    # process; more fork that many children, the first of which runs the background loops.
+    grpc_processes: int = Field(default=1, ge=1, le=64)
     log_level: str = "INFO"
     # Unset: JSON lines when stderr is not a terminal, text at a terminal.
     log_json: bool | None = None
