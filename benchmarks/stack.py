@@ -122,6 +122,8 @@ class Stack:
             "RAVEN_WORKER_ID": "bench-worker",
             # Plaintext on loopback; every caller is the development identity.
             "RAVEN_INSECURE_DEV": "true",
+            # Served as in production, on a port of its own: another stack may hold the default.
+            "RAVEN_METRICS_ADDR": "127.0.0.1:0",
         }
 
     async def start_services(self) -> None:

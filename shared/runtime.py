@@ -46,6 +46,8 @@ class Wiring:
     read_sessions: async_sessionmaker[AsyncSession]
     nc: NATS
     js: JetStreamContext
+    # For reads that go to the driver's connection (services.training_runs.reads).
+    engine: AsyncEngine
 
 
 class ServiceApp:
@@ -102,7 +104,9 @@ class ServiceApp:
             metrics=self.metrics.rpc,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
-        loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))
+        loops = await self.setup(
+            Wiring(self._server, sessions, self.read_sessions, self._nc, js, self._engine)
+        )
         self._set_up = True
         relay = OutboxRelay(engine=self._engine, js=js, max_payload=self._nc.max_payload)
         # One process at a time prunes old rows and work files (shared/retention.py).

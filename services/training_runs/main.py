@@ -6,6 +6,7 @@ from services.training_runs import handlers
 from services.training_runs.claims import ClaimResponder
 from services.training_runs.consumer import WorkerEventHandler
 from services.training_runs.metrics import RunMetrics
+from services.training_runs.reads import RunReads
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
@@ -51,6 +52,7 @@ class TrainingRunsApp(ServiceApp):
         training_run_pb2_grpc.add_TrainingRunServiceServicer_to_server(
             TrainingRunServicer(
                 uow_factory=uow_factory,
+                reads=RunReads(wiring.engine, uow_factory),
                 hub=self.hub,
                 storage=Storage.from_settings(self.settings),
             ),
