@@ -102,10 +102,11 @@ class SqlUnitOfWork:
                 messages = list(self._messages)
                 for aggregate, change in written:
                     messages.extend(self.outbox_messages(aggregate, change))
-                await outbox.add(self.session, messages)
                 if call is not None:
                     entry = self._audit_entry(call.entry, written)
-                    await audit.write(self.session, entry, self.subjects)
+                    messages.append(await audit.write_row(self.session, entry, self.subjects))
+                # One insert and one notification for every message of the transaction.
+                await outbox.add(self.session, messages)
         except BaseException:
             self._messages.clear()
             raise
