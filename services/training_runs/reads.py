@@ -23,7 +23,7 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from services.training_runs.domain import RunState, TrainingRun
+from services.training_runs.domain import RunState
 from services.training_runs.messages import run_to_proto, stored_message, with_joined_fields
 from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
@@ -132,12 +132,8 @@ class RunReads:
     async def _rebuilt(self, rows: Sequence[Any]) -> dict[str, RunRead]:
         """The runs of `rows` read from their columns, their messages stored; a run deleted
         meanwhile is left out."""
-        runs: list[TrainingRun] = []
         async with self._uow().reading() as uow:
-            for row in rows:
-                run = await uow.runs.get(row["id"])
-                if run is not None:
-                    runs.append(run)
+            runs = await uow.runs.get_many([row["id"] for row in rows])
         if runs:
             async with self._engine.connect() as connection:
                 raw = await connection.get_raw_connection()

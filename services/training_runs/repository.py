@@ -150,6 +150,13 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         row = (await self._session.execute(query)).first()
         return self._loaded(rows.to_run(row)) if row else None
 
+    async def get_many(self, run_ids: Sequence[uuid.UUID]) -> list[TrainingRun]:
+        """The runs of `run_ids` that exist, in no particular order."""
+        query = _select_runs().where(training_runs.c.id.in_(run_ids))
+        return [
+            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
+        ]
+
     async def get_by_request(self, creator: str, request_id: uuid.UUID) -> TrainingRun | None:
         query = _select_runs().where(
             training_runs.c.creator == creator, training_runs.c.request_id == request_id
