@@ -73,19 +73,13 @@ async def add(session: AsyncSession, messages: Sequence[OutboxMessage]) -> None:
     if not messages:
         return
     traceparent = tracing.traceparent()
-    await session.execute(
-        insert(outbox),
-        [
-            {
-                "subject": m.subject,
-                "payload": m.payload,
-                "msg_id": m.msg_id,
-                "traceparent": traceparent,
-            }
-            for m in messages
-        ],
-    )
-    await session.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
+    rows = [
+        {"subject": m.subject, "payload": m.payload, "msg_id": m.msg_id, "traceparent": traceparent}
+        for m in messages
+    ]
+    # The relay's wake-up rides on the insert: Postgres delivers identical notifications of
+    # a transaction once, at its commit.
+    await session.execute(insert(outbox).values(rows).returning(func.pg_notify(OUTBOX_CHANNEL, "")))
 
 
 class OutboxRelay:
