@@ -32,9 +32,12 @@ class SqlUnitOfWork:
         subjects: Subjects,
         *,
         read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        wakeup: outbox.Wakeup | None = None,
     ) -> None:
         self._sessions = sessions
         self._read_sessions = read_sessions
+        # None: the outbox rows' NOTIFY goes in the transaction (shared.outbox).
+        self._wakeup = wakeup
         self._reading = False
         self.subjects = subjects
 
@@ -105,12 +108,14 @@ class SqlUnitOfWork:
                 if call is not None:
                     entry = self._audit_entry(call.entry, written)
                     messages.append(await audit.write_row(self.session, entry, self.subjects))
-                # One insert and one notification for every message of the transaction.
-                await outbox.add(self.session, messages)
+                # One insert for every message of the transaction.
+                await outbox.add(self.session, messages, notify=self._wakeup is None)
         except BaseException:
             self._messages.clear()
             raise
         await self.session.commit()
+        if self._wakeup is not None and messages:
+            self._wakeup.committed()
         if call is not None:
             call.written = True
         self._messages.clear()

@@ -24,7 +24,12 @@ class TrainingRunsApp(ServiceApp):
 
     async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
+            return UnitOfWork(
+                wiring.sessions,
+                self.subjects,
+                read_sessions=wiring.read_sessions,
+                wakeup=wiring.wakeup,
+            )
 
         self.run_metrics = run_metrics = RunMetrics(self.metrics)
         run_metrics.count_runs(wiring.read_sessions)
