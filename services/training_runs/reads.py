@@ -39,8 +39,8 @@ FROM training_runs AS r
 LEFT JOIN trained_models AS tm ON tm.training_run_id = r.id
 LEFT JOIN model_evaluations AS me ON me.id = r.id
 """
-# 1 + the QUEUED runs created before a QUEUED run (on ix_training_runs_state_create_time_id),
-# as TrainingRunRepository.queue_position counts them; 0 for a run in any other state.
+# 1 + the QUEUED runs created before a QUEUED run (on ix_training_runs_state_create_time_id);
+# 0 for a run in any other state (docs/operations.md, "Queue position").
 _PLACE = f"""
 CASE WHEN r.state = '{RunState.QUEUED.value}' THEN 1 + (
     SELECT count(*) FROM training_runs AS q
@@ -71,16 +71,17 @@ class RunReads:
 
     async def get(self, run_id: uuid.UUID) -> RunRead:
         """The run of `run_id`; NotFound when there is none."""
-        rows = await self._fetch(_GET, run_id)
-        if not rows:
+        # None read also when the run was deleted before its message could be rebuilt.
+        reads = await self._reads(await self._fetch(_GET, run_id))
+        if not reads:
             raise NotFound(f"training run {run_id} does not exist")
-        return (await self._reads(rows))[0]
+        return reads[0]
 
     async def page(
         self, filter_: RunFilter, *, limit: int, after: Cursor | None
     ) -> Sequence[RunRead]:
-        """The page of runs `filter_` selects after `after`, in its order (as
-        TrainingRunRepository.list selects them)."""
+        """Up to `limit` runs that `filter_` selects, in its order of (create_time, id),
+        after the keyset `after`."""
         arguments: list[Any] = []
         conditions: list[str] = []
 
