@@ -32,12 +32,17 @@ class CallWrapper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, admission: Admission | None = None) -> None:
         self._admission = admission
+        # Each method's handler, wrapped on its first call.
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        wrapped = self._handlers.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None:
             return None
@@ -46,17 +51,18 @@ class CallWrapper(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         call = _Call(
             admission=None if open_service else self._admission,
             method=details.method,
-            metadata=tuple(details.invocation_metadata or ()),
             map_errors=not open_service,
         )
-        return _wrap(handler, call)
+        wrapped = self._handlers[details.method] = _wrap(handler, call)
+        return wrapped
 
 
 @dataclass(frozen=True, slots=True)
 class _Call:
+    """What the calls of one method share; what is per call comes from the context."""
+
     admission: Admission | None
     method: str
-    metadata: tuple[Any, ...]
     map_errors: bool
 
     async def enter(
@@ -64,7 +70,8 @@ class _Call:
     ) -> Access | None:
         if self.admission is None:
             return None
-        return await self.admission.admit(context, self.method, self.metadata, request)
+        metadata = tuple(context.invocation_metadata() or ())
+        return await self.admission.admit(context, self.method, metadata, request)
 
     async def unary(
         self,

@@ -91,6 +91,13 @@ def configure(
             renderer,
         ],
     )
+    # What a LogRecord would look up for every line and no line shows (the renderer writes
+    # the event dict): the process, the thread and the calling frame, found by walking the
+    # stack (the standard library's documented switches, "Optimization" in its HOWTO).
+    logging.logProcesses = False
+    logging.logThreads = False
+    logging.logMultiprocessing = False
+    logging._srcfile = None
     handler = _Handler(stream)
     handler.setFormatter(formatter)
     root = logging.getLogger()

@@ -12,7 +12,11 @@ the lock every `takeover_interval_s`. One publisher means rows leave in id
 (commit) order; during a takeover the old leader's last batch may still be in
 flight while the new leader sends it again: each copy goes out in order and
 JetStream keeps the first of each msg_id, so the order holds. The leader wakes on
-a NOTIFY sent by the committing transaction and polls slowly as a safety net.
+a NOTIFY, and polls slowly as a safety net. A unit of work with a `Wakeup` sends it
+after its commit, shared with the commits around it: a NOTIFY inside a transaction
+makes its commit wait for every other notifying commit (Postgres serializes them on
+one lock), which caps the writes of the whole fleet. Without one, `add` sends it in
+the writing transaction.
 
 A row that can never be published (larger than the server's max payload, or refused
 by JetStream for itself, or failing MAX_FAILURES times while other rows of its batch
@@ -67,25 +71,61 @@ class OutboxMessage:
     msg_id: str
 
 
-async def add(session: AsyncSession, messages: Sequence[OutboxMessage]) -> None:
+async def add(
+    session: AsyncSession, messages: Sequence[OutboxMessage], *, notify: bool = True
+) -> None:
     """Writes messages in the session's transaction; they are published after it commits,
-    in the trace of the current span."""
+    in the trace of the current span. `notify` False: the caller wakes the relay after
+    the commit (`Wakeup`)."""
     if not messages:
         return
     traceparent = tracing.traceparent()
-    await session.execute(
-        insert(outbox),
-        [
-            {
-                "subject": m.subject,
-                "payload": m.payload,
-                "msg_id": m.msg_id,
-                "traceparent": traceparent,
-            }
-            for m in messages
-        ],
-    )
-    await session.execute(select(func.pg_notify(OUTBOX_CHANNEL, "")))
+    rows = [
+        {"subject": m.subject, "payload": m.payload, "msg_id": m.msg_id, "traceparent": traceparent}
+        for m in messages
+    ]
+    statement = insert(outbox).values(rows)
+    if notify:
+        # The relay's wake-up rides on the insert: Postgres delivers identical
+        # notifications of a transaction once, at its commit.
+        statement = statement.returning(func.pg_notify(OUTBOX_CHANNEL, ""))
+    await session.execute(statement)
+
+
+class Wakeup:
+    """Wakes the leading relay, wherever it runs, after commits that added rows: one
+    NOTIFY on a connection of its own for all the commits since the last one went out.
+    A wake-up lost to a crash is made up for by the relay's poll."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self._engine = engine
+        self._wanted = False
+        self._sending: asyncio.Task[None] | None = None
+
+    def committed(self) -> None:
+        """Rows were committed: the relay is told soon, once for all such commits."""
+        self._wanted = True
+        if self._sending is None or self._sending.done():
+            self._sending = asyncio.create_task(self._send(), name="outbox wakeup")
+
+    async def _send(self) -> None:
+        while self._wanted:
+            self._wanted = False
+            try:
+                async with self._engine.connect() as connection:
+                    # On the driver's connection: a statement of its own, no transaction.
+                    raw = await connection.get_raw_connection()
+                    await raw.driver_connection.execute(  # type: ignore[union-attr]
+                        "SELECT pg_notify($1, '')", OUTBOX_CHANNEL
+                    )
+            except Exception:
+                log.warning("outbox wakeup not sent; the relay's poll will find the rows")
+                return
+
+    async def close(self) -> None:
+        """Sends what is pending."""
+        if self._sending is not None:
+            await self._sending
 
 
 class OutboxRelay:

@@ -30,7 +30,7 @@ from shared.db.migrate import upgrade
 from shared.grpc_server import Server
 from shared.observability.metrics_addresses import TRAINING_RUNS_METRICS_ADDR, metrics_address
 from shared.observability.service_metrics import ServiceMetrics
-from shared.outbox import OutboxRelay
+from shared.outbox import OutboxRelay, Wakeup
 from shared.process import Loop, Supervisor, run_process
 from shared.proto.raven.training.v1 import audit_pb2_grpc
 from shared.retention import RetentionJob, RetentionPolicy
@@ -48,6 +48,10 @@ class Wiring:
     read_sessions: async_sessionmaker[AsyncSession]
     nc: NATS
     js: JetStreamContext
+    # For reads that go to the driver's connection (services.training_runs.reads).
+    engine: AsyncEngine
+    # What units of work wake the outbox relay with, after their commits.
+    wakeup: Wakeup
 
 
 class ServiceApp:
@@ -72,6 +76,7 @@ class ServiceApp:
         self._engine: AsyncEngine | None = None
         self._nc: NATS | None = None
         self._server: Server | None = None
+        self._wakeup: Wakeup | None = None
         self._set_up = False
 
     def address(self) -> str:
@@ -98,6 +103,7 @@ class ServiceApp:
         js = self._nc.jetstream()
         await messaging.ensure_streams(js, self.subjects)
         sessions = session_factory(self._engine)
+        self._wakeup = Wakeup(self._engine)
         self.read_sessions = read_session_factory(self._engine)
         audit = AuditLog(sessions, self.subjects)
         self._server = Server(
@@ -107,7 +113,17 @@ class ServiceApp:
             share_port=self.child is not None,
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(AuditServicer(audit), self._server.server)
-        loops = await self.setup(Wiring(self._server, sessions, self.read_sessions, self._nc, js))
+        loops = await self.setup(
+            Wiring(
+                self._server,
+                sessions,
+                self.read_sessions,
+                self._nc,
+                js,
+                self._engine,
+                self._wakeup,
+            )
+        )
         self._set_up = True
         self.supervisor.start(self._background(loops, self._engine, js))
         self.port = self._server.listen(self.address(), credentials)
@@ -161,6 +177,8 @@ class ServiceApp:
         await self.supervisor.stop()
         if self._set_up:
             await self.teardown()
+        if self._wakeup is not None:
+            await self._wakeup.close()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.drain()

@@ -32,9 +32,12 @@ class SqlUnitOfWork:
         subjects: Subjects,
         *,
         read_sessions: async_sessionmaker[AsyncSession] | None = None,
+        wakeup: outbox.Wakeup | None = None,
     ) -> None:
         self._sessions = sessions
         self._read_sessions = read_sessions
+        # None: the outbox rows' NOTIFY goes in the transaction (shared.outbox).
+        self._wakeup = wakeup
         self._reading = False
         self.subjects = subjects
 
@@ -102,14 +105,17 @@ class SqlUnitOfWork:
                 messages = list(self._messages)
                 for aggregate, change in written:
                     messages.extend(self.outbox_messages(aggregate, change))
-                await outbox.add(self.session, messages)
                 if call is not None:
                     entry = self._audit_entry(call.entry, written)
-                    await audit.write(self.session, entry, self.subjects)
+                    messages.append(await audit.write_row(self.session, entry, self.subjects))
+                # One insert for every message of the transaction.
+                await outbox.add(self.session, messages, notify=self._wakeup is None)
         except BaseException:
             self._messages.clear()
             raise
         await self.session.commit()
+        if self._wakeup is not None and messages:
+            self._wakeup.committed()
         if call is not None:
             call.written = True
         self._messages.clear()

@@ -32,11 +32,19 @@ class TrainedModelsApp(ServiceApp):
 
     async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
+            return UnitOfWork(
+                wiring.sessions,
+                self.subjects,
+                read_sessions=wiring.read_sessions,
+                wakeup=wiring.wakeup,
+            )
 
         def jobs_uow_factory() -> JobsUnitOfWork:
             return JobsUnitOfWork(
-                wiring.sessions, self.subjects, read_sessions=wiring.read_sessions
+                wiring.sessions,
+                self.subjects,
+                read_sessions=wiring.read_sessions,
+                wakeup=wiring.wakeup,
             )
 
         storage = Storage.from_settings(self.settings)

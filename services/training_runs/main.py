@@ -6,6 +6,7 @@ from services.training_runs import handlers
 from services.training_runs.claims import ClaimResponder
 from services.training_runs.consumer import WorkerEventHandler
 from services.training_runs.metrics import RunMetrics
+from services.training_runs.reads import RunReads
 from services.training_runs.servicer import TrainingRunServicer
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
@@ -26,7 +27,12 @@ class TrainingRunsApp(ServiceApp):
 
     async def setup(self, wiring: Wiring) -> list[Loop]:
         def uow_factory() -> UnitOfWork:
-            return UnitOfWork(wiring.sessions, self.subjects, read_sessions=wiring.read_sessions)
+            return UnitOfWork(
+                wiring.sessions,
+                self.subjects,
+                read_sessions=wiring.read_sessions,
+                wakeup=wiring.wakeup,
+            )
 
         self.run_metrics = run_metrics = RunMetrics(self.metrics)
         run_metrics.count_runs(wiring.read_sessions)
@@ -54,6 +60,7 @@ class TrainingRunsApp(ServiceApp):
         training_run_pb2_grpc.add_TrainingRunServiceServicer_to_server(
             TrainingRunServicer(
                 uow_factory=uow_factory,
+                reads=RunReads(wiring.engine, uow_factory),
                 hub=self.hub,
                 storage=Storage.from_settings(self.settings),
             ),

@@ -4,11 +4,12 @@ responses, outbox events and training jobs."""
 from __future__ import annotations
 
 import dataclasses
+import uuid
+from typing import TYPE_CHECKING
 
 from google.protobuf.message import Message
 
 from services.training_runs.domain import RunEvent, RunState, TrainingRun
-from services.training_runs.repository import BaseModel
 from services.training_runs.spec import SpecRequest
 from shared.json_shape import Payload
 from shared.messaging import Subjects
@@ -16,6 +17,10 @@ from shared.names import evaluation_name, model_name, run_name
 from shared.outbox import OutboxMessage
 from shared.proto.raven.training.v1 import common_pb2, training_run_pb2, worker_pb2
 from shared.proto_json import parse, timestamp
+
+if TYPE_CHECKING:
+    # The repository stores what `stored_message` makes.
+    from services.training_runs.repository import BaseModel
 
 # The lifecycle subject of each state: `training_run.<state>`, e.g. `training_run.preparing`.
 LIFECYCLE_SUBJECTS = {state: state.value.lower() for state in RunState}
@@ -40,6 +45,40 @@ def spec_request(spec: training_run_pb2.TrainingSpec) -> SpecRequest:
 
 
 def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
+    message = _stored_fields(run)
+    with_joined_fields(
+        message,
+        run_id=run.id,
+        trained_model_id=run.trained_model_id,
+        evaluated_model_id=run.evaluation.trained_model_id if run.evaluation else None,
+    )
+    return message
+
+
+def stored_message(run: TrainingRun) -> bytes:
+    """The run as reads return it but for the fields of other rows (`with_joined_fields`):
+    what training_runs.proto holds, written with every change of the run."""
+    return _stored_fields(run).SerializeToString(deterministic=True)
+
+
+def with_joined_fields(
+    message: training_run_pb2.TrainingRun,
+    *,
+    run_id: uuid.UUID,
+    trained_model_id: uuid.UUID | None,
+    evaluated_model_id: uuid.UUID | None,
+) -> training_run_pb2.TrainingRun:
+    """Sets what other tables say of the run: the model the registry made of it (which
+    another service writes, and may delete), and the evaluation an evaluation job runs
+    (gone with its model)."""
+    if trained_model_id:
+        message.trained_model = model_name(trained_model_id)
+    if evaluated_model_id:
+        message.model_evaluation = evaluation_name(evaluated_model_id, run_id)
+    return message
+
+
+def _stored_fields(run: TrainingRun) -> training_run_pb2.TrainingRun:
     message = training_run_pb2.TrainingRun(
         name=run_name(run.id),
         display_name=run.display_name,
@@ -47,7 +86,6 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         state=run.state.value,
         spec=parse(run.spec, training_run_pb2.TrainingSpec()),
         base_model=model_name(run.base_model_id) if run.base_model_id else "",
-        trained_model=model_name(run.trained_model_id) if run.trained_model_id else "",
         attempt=run.attempt,
         creator=run.creator,
         create_time=timestamp(run.create_time),
@@ -58,9 +96,6 @@ def run_to_proto(run: TrainingRun) -> training_run_pb2.TrainingRun:
         retry_of=run_name(run.retry_of_id) if run.retry_of_id else "",
         artifacts=[parse(a.to_json(), common_pb2.Artifact()) for a in run.artifacts],
         kind=run.kind.name,
-        model_evaluation=evaluation_name(run.evaluation.trained_model_id, run.id)
-        if run.evaluation
-        else "",
     )
     payloads: tuple[tuple[Payload | None, Message], ...] = (
         (run.progress, message.progress),

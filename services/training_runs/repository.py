@@ -13,9 +13,7 @@ from typing import Any
 from sqlalchemy import (
     ColumnElement,
     TextClause,
-    func,
     insert,
-    literal,
     select,
     text,
     tuple_,
@@ -27,6 +25,7 @@ from sqlalchemy.exc import IntegrityError
 
 from services.training_runs import rows
 from services.training_runs.domain import RunEvent, RunKind, RunState, TrainingRun
+from services.training_runs.messages import stored_message
 from shared.db.schema import (
     model_evaluations,
     processed_messages,
@@ -85,8 +84,10 @@ def _select_runs() -> Any:
     evaluation = (
         c.label(rows.EVALUATION_PREFIX + c.name) for c in model_evaluations.c if c.name != "id"
     )
+    # The stored message is read by services.training_runs.reads, never into the domain.
+    columns = (c for c in training_runs.c if c.name != "proto")
     return (
-        select(training_runs, trained_models.c.id.label("trained_model_id"), *evaluation)
+        select(*columns, trained_models.c.id.label("trained_model_id"), *evaluation)
         .outerjoin(trained_models, trained_models.c.training_run_id == training_runs.c.id)
         .outerjoin(model_evaluations, model_evaluations.c.id == training_runs.c.id)
     )
@@ -127,8 +128,13 @@ def _json_value(value: Any) -> str:
         return value.isoformat()
     if isinstance(value, uuid.UUID):
         return str(value)
+    if isinstance(value, bytes):
+        return "\\x" + value.hex()  # bytea's hex input
     raise TypeError(f"no JSON for {type(value).__name__}")
 
+
+# Columns the stored message does not show: a change of these alone leaves it as it is.
+_NOT_IN_MESSAGE = frozenset({"heartbeat_time", "worker_id"})
 
 # The states of the partial index ix_training_runs_active_heartbeat.
 ACTIVE_STATES = tuple(s.value for s in RunState if s.is_active)
@@ -157,7 +163,7 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
 
     async def _insert(self, aggregate: TrainingRun, row: dict[str, Any]) -> None:
         run, evaluation = _split_row(row)
-        await super()._insert(aggregate, run)
+        await super()._insert(aggregate, {**run, "proto": stored_message(aggregate)})
         if evaluation:
             await self._session.execute(
                 insert(model_evaluations).values(id=aggregate.id, **evaluation)
@@ -179,6 +185,8 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         self, aggregate: TrainingRun, changes: dict[str, Any], *, version: int
     ) -> None:
         run, evaluation = _split_row(changes)
+        if run.keys() - _NOT_IN_MESSAGE:
+            run["proto"] = stored_message(aggregate)
         if run:
             self._changed_runs.append((aggregate, run, version))
         if evaluation:
@@ -215,19 +223,6 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
         )
         row = (await self._session.execute(query)).first()
         return self._loaded(rows.to_run(row)) if row else None
-
-    async def queue_position(self, run: TrainingRun) -> int:
-        """1 + the QUEUED runs created before `run` (on ix_training_runs_state_create_time_id)."""
-        c = training_runs.c
-        query = (
-            select(func.count())
-            .select_from(training_runs)
-            .where(
-                c.state == RunState.QUEUED.value,
-                tuple_(c.create_time, c.id) < tuple_(literal(run.create_time), literal(run.id)),
-            )
-        )
-        return 1 + int(await self._session.scalar(query) or 0)
 
     def delete(self, run: TrainingRun) -> None:
         """Deleted by the next commit (its history with it: ON DELETE CASCADE)."""
@@ -290,38 +285,6 @@ class TrainingRunRepository(TrackingRepository[TrainingRun]):
             # Another writer appended the same sequence numbers first.
             runs = sorted({str(row["run_id"]) for row in self._new_events})
             raise Conflict(f"training run {', '.join(runs)} was changed concurrently") from error
-
-    async def list(
-        self, filter_: RunFilter, *, limit: int, after: Cursor | None
-    ) -> Sequence[TrainingRun]:
-        query = _select_runs()
-        conditions: list[ColumnElement[bool]] = []
-        if filter_.kinds:
-            conditions.append(training_runs.c.kind.in_([k.value for k in filter_.kinds]))
-        if filter_.states:
-            conditions.append(training_runs.c.state.in_([s.value for s in filter_.states]))
-        if filter_.base_model_id:
-            conditions.append(training_runs.c.base_model_id == filter_.base_model_id)
-        if filter_.dataset_uri:
-            conditions.append(training_runs.c.dataset_uri == filter_.dataset_uri)
-        if filter_.creator:
-            conditions.append(training_runs.c.creator == filter_.creator)
-        if filter_.created_after:
-            conditions.append(training_runs.c.create_time >= filter_.created_after)
-        if filter_.created_before:
-            conditions.append(training_runs.c.create_time < filter_.created_before)
-        key = tuple_(training_runs.c.create_time, training_runs.c.id)
-        if after is not None:
-            bound = tuple_(after.value, uuid.UUID(after.id))
-            conditions.append(key < bound if filter_.newest_first else key > bound)
-        if filter_.newest_first:
-            order = (training_runs.c.create_time.desc(), training_runs.c.id.desc())
-        else:
-            order = (training_runs.c.create_time.asc(), training_runs.c.id.asc())
-        query = query.where(*conditions).order_by(*order).limit(limit)
-        return [
-            self._loaded(rows.to_run(row)) for row in (await self._session.execute(query)).all()
-        ]
 
     async def list_evaluations(
         self, filter_: EvaluationFilter, *, limit: int, after: Cursor | None

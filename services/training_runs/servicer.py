@@ -13,6 +13,7 @@ import grpc
 from services.training_runs import handlers
 from services.training_runs.domain import RunKind, RunState
 from services.training_runs.messages import event_to_proto, run_to_proto, spec_request
+from services.training_runs.reads import RunReads
 from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from services.training_runs.watch import EventHub
@@ -34,10 +35,12 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self,
         *,
         uow_factory: Callable[[], UnitOfWork],
+        reads: RunReads,
         hub: EventHub,
         storage: Storage,
     ) -> None:
         self._uow = uow_factory
+        self._reads = reads
         self._hub = hub
         self._storage = storage
 
@@ -62,12 +65,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
         self, request: pb.GetTrainingRunRequest, context: grpc.aio.ServicerContext
     ) -> pb.TrainingRun:
         run_id = parse_name(request.name, TRAINING_RUNS)
-        run, place = await handlers.get_run_and_place(self._uow(), run_id)
+        run = await self._reads.get(run_id)
         if not visible(owner_scope(context), run.creator):
             raise missing(TRAINING_RUNS, run_id)
-        message = run_to_proto(run)
-        message.queue_position = place
-        return message
+        run.message.queue_position = run.place
+        return run.message
 
     async def ListTrainingRuns(
         self, request: pb.ListTrainingRunsRequest, context: grpc.aio.ServicerContext
@@ -95,11 +97,11 @@ class TrainingRunServicer(training_run_pb2_grpc.TrainingRunServiceServicer):
             # Someone else's runs, asked by a caller that may only see its own.
             return pb.ListTrainingRunsResponse()
         runs, token = pagination.rendered_page(
-            await handlers.list_runs(self._uow(), filter_, limit=size + 1, after=after),
+            await self._reads.page(filter_, limit=size + 1, after=after),
             size,
             lambda run: pagination.Cursor(run.create_time, str(run.id)),
             fingerprint,
-            run_to_proto,
+            lambda run: run.message,
         )
         return pb.ListTrainingRunsResponse(training_runs=runs, next_page_token=token)
 

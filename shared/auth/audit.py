@@ -91,6 +91,14 @@ def pending_change() -> PendingChange | None:
 
 async def write(session: AsyncSession, entry: Entry, subjects: Subjects) -> None:
     """Writes the row and its event in the session's transaction."""
+    await outbox.add(session, [await write_row(session, entry, subjects)])
+
+
+async def write_row(
+    session: AsyncSession, entry: Entry, subjects: Subjects
+) -> outbox.OutboxMessage:
+    """Writes the row in the session's transaction; returns its event, for the caller to
+    add to the outbox with the others of the transaction."""
     row = (
         await session.execute(
             insert(audit_records)
@@ -99,15 +107,10 @@ async def write(session: AsyncSession, entry: Entry, subjects: Subjects) -> None
         )
     ).one()
     message = to_proto(entry, row.id, row.time)
-    await outbox.add(
-        session,
-        [
-            outbox.OutboxMessage(
-                subject=subjects.audit_recorded,
-                payload=message.SerializeToString(),
-                msg_id=f"audit-{row.id}",
-            )
-        ],
+    return outbox.OutboxMessage(
+        subject=subjects.audit_recorded,
+        payload=message.SerializeToString(),
+        msg_id=f"audit-{row.id}",
     )
 
 

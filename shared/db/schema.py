@@ -88,6 +88,11 @@ training_runs = Table(
     # "training", or "evaluation": the job of a model evaluation (model_evaluations),
     # run through the same queue, claims and events.
     Column("kind", Text, nullable=False, server_default="training"),
+    # The serialized TrainingRun that Get and List return, but for what other tables say
+    # (services.training_runs.messages.stored_message), written with every change of the
+    # row. Null for a row written before migration 0010 (or by SQL of other writers):
+    # rebuilt from the columns on its first read, and stored then.
+    Column("proto", LargeBinary, nullable=True),
     CheckConstraint("kind IN ('training', 'evaluation')", name="kind"),
     UniqueConstraint("creator", "request_id", name="uq_training_runs_creator_request_id"),
     Index("ix_training_runs_create_time_id", "create_time", "id"),

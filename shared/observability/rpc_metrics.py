@@ -55,27 +55,43 @@ def _code(context: grpc.aio.ServicerContext, default: grpc.StatusCode) -> str:
 
 
 class MetricsInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """The wrapped handler of each method is built on its first call and kept: the
+    interceptors inside this one wrap per method too, and read what is per call from
+    the call's context. The methods are the server's, registered before it started."""
+
     def __init__(self, metrics: RpcMetrics) -> None:
         self._metrics = metrics
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        wrapped = self._handlers.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None:
             return None
-        return _Instrumented(self._metrics, *_split(details.method)).wrap(handler)
+        wrapped = _Instrumented(self._metrics, *_split(details.method)).wrap(handler)
+        self._handlers[details.method] = wrapped
+        return wrapped
 
 
 class _Instrumented:
     def __init__(self, metrics: RpcMetrics, service: str, method: str) -> None:
         self._metrics = metrics
         self._labels = (service, method)
+        # The series of this method, looked up once (and once per status code).
+        self._latency = metrics.latency.labels(*self._labels)
+        self._handled: dict[str, Any] = {}
 
     def _done(self, code: str) -> None:
-        self._metrics.handled.labels(*self._labels, code).inc()
+        handled = self._handled.get(code)
+        if handled is None:
+            handled = self._handled[code] = self._metrics.handled.labels(*self._labels, code)
+        handled.inc()
 
     async def unary(self, context: grpc.aio.ServicerContext, run: Awaitable[Any]) -> Any:
         started = time.perf_counter()
@@ -91,7 +107,7 @@ class _Instrumented:
             code = _code(context, grpc.StatusCode.UNKNOWN)
             raise
         finally:
-            self._metrics.latency.labels(*self._labels).observe(time.perf_counter() - started)
+            self._latency.observe(time.perf_counter() - started)
             self._done(code)
 
     async def stream(

@@ -11,6 +11,7 @@ same trace, and every log line names its `trace_id`.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from collections.abc import Iterator, Mapping, MutableMapping
 from typing import Any
@@ -29,7 +30,10 @@ TRACER_NAME = "raven"
 TRACEPARENT = "traceparent"
 
 
+@functools.cache
 def tracer() -> trace.Tracer:
+    """The process's tracer, looked up once: one taken before `configure` is a proxy that
+    follows the provider installed later."""
     return trace.get_tracer(TRACER_NAME)
 
 

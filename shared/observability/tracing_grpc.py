@@ -40,17 +40,25 @@ def request_id_of(metadata: Sequence[Any]) -> str:
 
 
 class ObservedCalls(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    """The outermost server interceptor: the span and the access log see the final status."""
+    """The outermost server interceptor: the span and the access log see the final status.
+    Each method's handler is wrapped once, on its first call."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
+        wrapped = self._handlers.get(details.method)
+        if wrapped is not None:
+            return wrapped
         handler = await continuation(details)
         if handler is None:
             return None
-        return _observed(handler, details.method, tuple(details.invocation_metadata or ()))
+        wrapped = self._handlers[details.method] = _observed(handler, _Method(details.method))
+        return wrapped
 
 
 def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grpc.StatusCode:
@@ -68,23 +76,36 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grp
     return grpc.StatusCode.UNKNOWN
 
 
+class _Method:
+    """What the span and the access log of a method's calls share, worked out once."""
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.span_name = method.lstrip("/")
+        service, _, name = self.span_name.partition("/")
+        self.attributes = {"rpc.system": "grpc", "rpc.service": service, "rpc.method": name}
+        # The tracer provider is installed before the server starts, so before any call.
+        self.tracer = tracing.tracer()
+        self.log = log.debug if method.startswith(_HEALTH) else log.info
+
+
 @contextlib.contextmanager
-def _observing(
-    method: str, metadata: Sequence[Any], context: grpc.aio.ServicerContext
-) -> Iterator[None]:
+def _observing(method: _Method, context: grpc.aio.ServicerContext) -> Iterator[None]:
+    metadata = context.invocation_metadata() or ()
     headers = {k: v for k, v in metadata if isinstance(v, str)}
-    service, _, name = method.lstrip("/").partition("/")
     started = time.monotonic()
     with (
-        tracing.tracer().start_as_current_span(
-            method.lstrip("/"),
+        method.tracer.start_as_current_span(
+            method.span_name,
             context=tracing.extract(headers),
             kind=SpanKind.SERVER,
-            attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+            attributes=method.attributes,
             record_exception=False,
             set_status_on_exception=False,
         ) as span,
-        structlog.contextvars.bound_contextvars(request_id=request_id_of(metadata), rpc=method),
+        structlog.contextvars.bound_contextvars(
+            request_id=request_id_of(metadata), rpc=method.method
+        ),
     ):
         error: BaseException | None = None
         try:
@@ -97,13 +118,12 @@ def _observing(
             span.set_attribute("rpc.grpc.status_code", code.value[0])
             if code is not grpc.StatusCode.OK:
                 span.set_status(Status(StatusCode.ERROR, code.name))
-            level = "debug" if method.startswith(_HEALTH) else "info"
-            getattr(log, level)(
+            method.log(
                 "rpc", code=code.name, duration_ms=round((time.monotonic() - started) * 1e3, 2)
             )
 
 
-def _observed(handler: grpc.RpcMethodHandler, method: str, metadata: Sequence[Any]) -> Any:
+def _observed(handler: grpc.RpcMethodHandler, method: _Method) -> Any:
     serializers = {
         "request_deserializer": handler.request_deserializer,
         "response_serializer": handler.response_serializer,
@@ -113,7 +133,7 @@ def _observed(handler: grpc.RpcMethodHandler, method: str, metadata: Sequence[An
         inner = handler.stream_unary if streaming_requests else handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _observing(method, metadata, context):
+            with _observing(method, context):
                 result = inner(request, context)
                 return await result if inspect.isawaitable(result) else result
 
@@ -124,7 +144,7 @@ def _observed(handler: grpc.RpcMethodHandler, method: str, metadata: Sequence[An
     inner_stream = handler.stream_stream if streaming_requests else handler.unary_stream
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        with _observing(method, metadata, context):
+        with _observing(method, context):
             async for item in inner_stream(request, context):
                 yield item
 

@@ -106,6 +106,12 @@ async def test_a_service_writes_json_lines_with_an_access_line_per_call(
                     ),
                 )
             assert missing.value.code() is grpc.StatusCode.NOT_FOUND
+            # The same method again: its line has this call's ids, not the first one's.
+            with pytest.raises(grpc.aio.AioRpcError):
+                await runs.GetTrainingRun(
+                    training_run_pb2.GetTrainingRunRequest(name=f"trainingRuns/{uuid.uuid4()}"),
+                    metadata=(("x-request-id", "req-logs-2"),),
+                )
             await runs.ListTrainingRuns(training_run_pb2.ListTrainingRunsRequest())
         process.send_signal(signal.SIGTERM)
         rest, _ = await asyncio.wait_for(process.communicate(), 30)
@@ -114,12 +120,13 @@ async def test_a_service_writes_json_lines_with_an_access_line_per_call(
     # The standard library's loggers (alembic's migration context) in the same format.
     assert any(str(line.get("logger", "")).startswith("alembic") for line in lines), lines
     access = [line for line in lines if line["event"] == "rpc"]
-    assert len(access) == 2, access
-    get, listed = access
+    assert len(access) == 3, access
+    get, get_again, listed = access
     assert ACCESS_KEYS <= get.keys() and ACCESS_KEYS <= listed.keys(), access
     assert get["rpc"] == "/raven.training.v1.TrainingRunService/GetTrainingRun"
     assert get["code"] == "NOT_FOUND" and get["request_id"] == "req-logs-1"
     assert get["trace_id"] == trace_id
+    assert get_again["request_id"] == "req-logs-2" and get_again["trace_id"] != trace_id
     assert listed["code"] == "OK" and listed["request_id"] not in ("", "req-logs-1")
     assert listed["trace_id"] != trace_id
     assert isinstance(listed["duration_ms"], float) and listed["duration_ms"] >= 0

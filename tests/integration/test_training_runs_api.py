@@ -7,6 +7,7 @@ trainer worker publishes them; the real worker is exercised end to end in tests/
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from pathlib import Path
 
@@ -103,6 +104,25 @@ async def test_create_is_idempotent_on_request_id(runs, dataset_uri):
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await runs.CreateTrainingRun(request)
     assert caught.value.code() == grpc.StatusCode.ALREADY_EXISTS
+
+
+async def test_a_repeated_create_answers_with_the_first_run_whatever_its_checks_say_now(
+    runs, settings
+):
+    path = Path(settings.artifact_root) / "datasets" / uuid.uuid4().hex / "annotations.json"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    request = create_request(str(path.relative_to(settings.artifact_root)))
+    first = await runs.CreateTrainingRun(request)
+    path.unlink()
+
+    again = await runs.CreateTrainingRun(request)
+    assert again.name == first.name
+    # A new request with that body is refused: the dataset is gone.
+    request.request_id = str(uuid.uuid4())
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await runs.CreateTrainingRun(request)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
 async def test_concurrent_identical_creates_make_one_run(runs, dataset_uri):

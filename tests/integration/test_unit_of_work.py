@@ -3,8 +3,10 @@ events, and only that; races end in a domain error that writes nothing."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -17,11 +19,14 @@ from services.trained_models.unit_of_work import UnitOfWork as ModelsUnitOfWork
 from services.training_runs import handlers
 from services.training_runs.domain import RunState, TrainingRun
 from services.training_runs.unit_of_work import UnitOfWork
+from shared import outbox
 from shared.db.engine import create_engine, session_factory
 from shared.db.migrate import upgrade
+from shared.db.schema import OUTBOX_CHANNEL
 from shared.errors import AlreadyExists, Conflict
 from shared.infra import Infrastructure, create_database, drop_database
 from shared.messaging import Subjects
+from shared.outbox import OutboxMessage, Wakeup
 from shared.payloads import Progress
 from shared.reports import Heartbeat
 
@@ -311,3 +316,38 @@ async def test_a_stale_model_is_a_conflict(models_uow, engine):
         with pytest.raises(Conflict):
             await slow.commit()
     assert await outbox_ids(engine, f"trained_model.updated.{model.id}%") == []
+
+
+async def test_with_a_wakeup_the_relay_is_notified_after_the_commit_not_within_it(
+    engine: AsyncEngine, subjects: Subjects
+) -> None:
+    """A NOTIFY in the writing transaction would make its commit wait for every other
+    notifying commit: with a Wakeup the transaction sends none, and one comes after it."""
+    payloads: asyncio.Queue[str] = asyncio.Queue()
+    async with engine.connect() as listening:
+        raw = await listening.get_raw_connection()
+        driver = raw.driver_connection
+        assert driver is not None
+        await driver.add_listener(OUTBOX_CHANNEL, lambda *args: payloads.put_nowait(args[3]))
+
+        async def notify(payload: str) -> None:
+            async with engine.begin() as connection:
+                await connection.execute(
+                    text("SELECT pg_notify(:channel, :payload)"),
+                    {"channel": OUTBOX_CHANNEL, "payload": payload},
+                )
+
+        message = OutboxMessage(subject=subjects.audit_recorded, payload=b"x", msg_id="wakeup-1")
+        async with session_factory(engine)() as session, session.begin():
+            await outbox.add(session, [message], notify=False)
+        await notify("after")
+        # Notifications arrive in commit order: the write's own would have come first.
+        assert await asyncio.wait_for(payloads.get(), 10) == "after"
+
+        wakeup = Wakeup(engine)
+        uow = UnitOfWork(session_factory(engine), subjects, wakeup=wakeup)
+        async with uow:
+            uow.publish(replace(message, msg_id="wakeup-2"))
+            await uow.commit()
+        await wakeup.close()
+        assert await asyncio.wait_for(payloads.get(), 10) == ""

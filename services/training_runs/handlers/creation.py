@@ -20,7 +20,7 @@ from services.training_runs.spec import SpecRequest, validate_spec
 from services.training_runs.unit_of_work import UnitOfWork
 from shared import catalog
 from shared.datasets import DatasetUriError, resolve_dataset_uri
-from shared.errors import AlreadyExists, NotFound, Unavailable, Violations
+from shared.errors import AlreadyExists, DomainError, NotFound, Unavailable, Violations
 from shared.limits import label_problems, quote
 from shared.names import TRAINED_MODELS, parse_name
 from shared.storage import Storage, StorageError
@@ -64,45 +64,23 @@ async def create_run(
     # Outside the transaction: an object store may take a while to answer.
     await check_dataset_exists(command.spec.dataset_uri, storage, violations)
     async with uow:
-        if parsed_request_id is not None:
-            existing = await _repeated(uow, command, parsed_request_id)
-            if existing is not None:
-                return existing
-
-        base: BaseModel | None = None
-        if base_model_id is not None:
-            base = await uow.runs.base_model(base_model_id, lock=True)
-            if base is None:
-                raise NotFound(f"base model {command.base_model} does not exist")
-            if command.base_model_owner not in (None, base.creator):
-                # Another's model, for a caller that may read only its own: as if missing.
-                raise NotFound(f"base model {command.base_model} does not exist")
-            missing = await asyncio.to_thread(missing_artifacts, base, storage)
-            if missing:
-                raise NotFound(f"base model {command.base_model} has lost its {', '.join(missing)}")
-
-        spec = validate_spec(
-            command.spec, violations, base_architecture=base.architecture if base else None
-        )
-        violations.raise_if_any()
-        assert spec is not None
-
-        run = TrainingRun.create(
-            display_name=name,
-            labels=command.labels,
-            spec=spec,
-            base_model_id=base_model_id,
-            creator=command.creator,
-            request_id=parsed_request_id,
-            request_hash=command.request_hash,
-            now=clock(),
-        )
-        uow.runs.add(run)
-        uow.publish(job_message(run, base, uow.subjects))
         try:
+            run = await _checked_run(
+                uow,
+                command,
+                name=name,
+                base_model_id=base_model_id,
+                request_id=parsed_request_id,
+                violations=violations,
+                storage=storage,
+                clock=clock,
+            )
             await uow.commit()
-        except AlreadyExists:
-            # The same request raced this one and committed first.
+        except DomainError:
+            # A repeated request answers with the run the first one created, whatever its
+            # checks say now; the unique request_id refuses the repeat's insert (also when
+            # the first one raced it and committed first). No lookup before: most requests
+            # are new ones.
             if parsed_request_id is None:
                 raise
             existing = await _repeated(uow, command, parsed_request_id)
@@ -110,6 +88,50 @@ async def create_run(
                 raise
             return existing
     log.info("training run created", run_id=str(run.id), architecture=run.architecture)
+    return run
+
+
+async def _checked_run(
+    uow: UnitOfWork,
+    command: CreateRun,
+    *,
+    name: str,
+    base_model_id: uuid.UUID | None,
+    request_id: uuid.UUID | None,
+    violations: Violations,
+    storage: Storage,
+    clock: Clock,
+) -> TrainingRun:
+    """The new run of `command`, added to the unit of work with its first job, once the
+    base model and the spec pass their checks."""
+    base: BaseModel | None = None
+    if base_model_id is not None:
+        base = await uow.runs.base_model(base_model_id, lock=True)
+        if base is None:
+            raise NotFound(f"base model {command.base_model} does not exist")
+        if command.base_model_owner not in (None, base.creator):
+            # Another's model, for a caller that may read only its own: as if missing.
+            raise NotFound(f"base model {command.base_model} does not exist")
+        missing = await asyncio.to_thread(missing_artifacts, base, storage)
+        if missing:
+            raise NotFound(f"base model {command.base_model} has lost its {', '.join(missing)}")
+    spec = validate_spec(
+        command.spec, violations, base_architecture=base.architecture if base else None
+    )
+    violations.raise_if_any()
+    assert spec is not None
+    run = TrainingRun.create(
+        display_name=name,
+        labels=command.labels,
+        spec=spec,
+        base_model_id=base_model_id,
+        creator=command.creator,
+        request_id=request_id,
+        request_hash=command.request_hash,
+        now=clock(),
+    )
+    uow.runs.add(run)
+    uow.publish(job_message(run, base, uow.subjects))
     return run
 
 

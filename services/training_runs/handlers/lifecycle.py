@@ -10,7 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import structlog
 
-from services.training_runs.domain import RunEvent, RunState, TrainingRun
+from services.training_runs.domain import RunEvent, TrainingRun
 from services.training_runs.handlers.common import (
     Clock,
     check_etag,
@@ -19,12 +19,10 @@ from services.training_runs.handlers.common import (
     utcnow,
 )
 from services.training_runs.messages import job_message
-from services.training_runs.repository import RunFilter
 from services.training_runs.unit_of_work import UnitOfWork
 from shared import catalog
 from shared.errors import AlreadyExists, FailedPrecondition, Violations
 from shared.limits import label_problems
-from shared.pagination import Cursor
 from shared.storage import Storage, StorageError
 
 log = structlog.get_logger(__name__)
@@ -33,21 +31,6 @@ log = structlog.get_logger(__name__)
 async def get_run(uow: UnitOfWork, run_id: uuid.UUID) -> TrainingRun:
     async with uow.reading():
         return await uow.runs.require(run_id)
-
-
-async def get_run_and_place(uow: UnitOfWork, run_id: uuid.UUID) -> tuple[TrainingRun, int]:
-    """The run, and its place in the job queue when QUEUED (0 otherwise)."""
-    async with uow.reading():
-        run = await uow.runs.require(run_id)
-        place = await uow.runs.queue_position(run) if run.state is RunState.QUEUED else 0
-    return run, place
-
-
-async def list_runs(
-    uow: UnitOfWork, filter_: RunFilter, *, limit: int, after: Cursor | None
-) -> Sequence[TrainingRun]:
-    async with uow.reading():
-        return await uow.runs.list(filter_, limit=limit, after=after)
 
 
 async def list_events(
