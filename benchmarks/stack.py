@@ -143,8 +143,6 @@ class Stack:
             "RAVEN_WORKER_ID": "bench-worker",
             # Plaintext on loopback; every caller is the development identity.
             "RAVEN_INSECURE_DEV": "true",
-            # A free port each: another stack on this machine may hold the default ones.
-            "RAVEN_METRICS_ADDR": "127.0.0.1:0",
         }
 
     async def start_services(self) -> None:
