@@ -32,11 +32,53 @@ def goals(results: Results) -> list[dict[str, Any]]:
             "x first page",
         ),
         (
+            "ListTrainingRuns first page at 64 callers >= 25% of the echo baseline's throughput",
+            results.ratio("unary.list_first.c64.throughput"),
+            ">=",
+            0.25,
+            "x echo",
+        ),
+        (
+            "CreateTrainingRun at 64 callers >= 10% of the echo baseline's throughput",
+            results.ratio("unary.create.c64.throughput"),
+            ">=",
+            0.1,
+            "x echo",
+        ),
+        (
+            "Event latency p99 < 10 ms, worker publish -> 1 watcher",
+            m("events.run1.w1.p99"),
+            "<",
+            10.0,
+            "ms",
+        ),
+        (
             "Event latency p99 < 50 ms with 1,000 watchers of one run",
             m("events.run1.w1000.p99"),
             "<",
             50.0,
             "ms",
+        ),
+        (
+            "Fleet of 1,000 runs x 1 watcher at 1,000 events/s: p99 < 100 ms",
+            m("events.fleet.p99") if _full_fleet(results) else math.nan,
+            "<",
+            100.0,
+            "ms",
+        ),
+        (
+            "Fleet: no backlog (every report recorded < 1 s after the last was published)",
+            m("events.fleet.backlog_s") if _full_fleet(results) else math.nan,
+            "<",
+            1.0,
+            "s",
+        ),
+        (
+            "Worker events recorded by one process >= 1,000 events/s sustained",
+            m("events.apply.rate"),
+            ">=",
+            1000.0,
+            "events/s",
         ),
         (
             "Training overhead ratio <= 1.10 on the tiny run",
@@ -82,6 +124,10 @@ def goals(results: Results) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def _full_fleet(results: Results) -> bool:
+    return results.median("events.fleet.sent_per_s") >= 900.0
 
 
 def _full_dataset(results: Results) -> bool:

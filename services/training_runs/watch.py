@@ -125,6 +125,10 @@ class EventHub:
         return sum(len(w) for w in self._watchers.values())
 
     async def _on_message(self, msg: Msg) -> None:
+        # <ns>.training.v1.training_run.<id>.event: a run nobody here watches is not decoded.
+        with contextlib.suppress(ValueError, IndexError):
+            if uuid.UUID(msg.subject.split(".")[-2]) not in self._watchers:
+                return
         try:
             event = TrainingRunEvent.FromString(msg.data)
             run_id = parse_name(event.training_run, TRAINING_RUNS)
