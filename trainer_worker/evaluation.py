@@ -189,6 +189,9 @@ async def _evaluate(
         gpus.release(leased)
     if not isinstance(outcome, InferenceDone):
         return outcome
+    # A cancel that arrives after the last batch still cancels: nothing is published yet.
+    if attempt.control.stop.is_set():
+        return TrainingCancelled()
     found = detections(outcome.predictions, chosen.mapping)
     summary = {
         "model": request.model.name,
@@ -209,6 +212,9 @@ async def _evaluate(
         summary=summary,
         folder=folder,
     )
+    if attempt.control.stop.is_set():
+        await asyncio.to_thread(shutil.rmtree, folder, ignore_errors=True)
+        return TrainingCancelled()
     return Evaluated(
         findings=findings, inference=outcome, split=request.split, thresholds=thresholds
     )

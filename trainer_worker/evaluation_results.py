@@ -136,13 +136,12 @@ def _draw(
 
 
 def evaluation_message(findings: Findings, *, split: str) -> common_pb2.Evaluation:
-    """The COCO metrics as an Evaluation: absent when there is no detection to score (as
-    mmdet's CocoMetric leaves them), -1 where COCO finds nothing to measure; a class
-    without ground truth has AP -1."""
+    """The COCO metrics as an Evaluation, -1 where COCO finds nothing to measure; a class
+    without ground truth has AP -1. A model that detects nothing scores what COCOeval gives
+    it, 0 wherever there is ground truth (mmdet's CocoMetric would report no metrics at all,
+    which a comparison or a publication gate cannot tell from an evaluation never made)."""
     coco = findings.review.coco
     message = common_pb2.Evaluation(epoch=0, split=split, image_count=coco.image_count)
-    if findings.detection_count == 0:
-        return message
     message.metrics.update(coco.metrics)
     message.per_class_ap.update(
         {name: -1.0 if ap is None else ap for name, ap in coco.per_class_ap.items()}

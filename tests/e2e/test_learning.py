@@ -32,11 +32,11 @@ ROOT_IMAGES, ROOT_EPOCHS = 120, 6
 CLASSES = ("dump", "tire")
 # The bar of the issue that asked for learning: val mAP_50 from random weights.
 ROOT_MAP_50 = 0.5
-# The training seed of the dataset seed 11 row of docs/training.md (both classes by epoch 3).
-# With a drawn seed some runs still leave one class unlearnt after six epochs (a stalled
-# run is in that table too): the test proves learning for a declared seed, and its
-# failure message names the seed.
-TRAINING_SEED = 0
+# A training seed that learns both classes of dataset seed 11 (docs/training.md: seed 0 did
+# with earlier library builds and stalls on "tire" with the current ones). With a drawn seed
+# some runs still leave one class unlearnt after six epochs (a stalled run is in that table
+# too): the test proves learning for a declared seed, and its failure message names it.
+TRAINING_SEED = 1
 
 
 worker = worker_fixture("learning-worker")
@@ -193,7 +193,7 @@ async def test_two_models_judged_on_the_same_held_out_images_and_only_the_better
     fingerprints = {e.dataset_fingerprint for e in judged.values()}
     images = {e.review.images_fingerprint for e in judged.values()}
     assert len(fingerprints) == 1 and len(images) == 1 and judged[good].image_count == 24
-    good_map, weak_map = (judged[m].evaluation.metrics.get(MAP_50, 0.0) for m in (good, weak))
+    good_map, weak_map = (judged[m].evaluation.metrics[MAP_50] for m in (good, weak))
     assert good_map >= 0.4 and good_map > weak_map + 0.2, (good_map, weak_map)
     # What each gets wrong: the weak model misses more objects, and both name their worst image.
     missed = {

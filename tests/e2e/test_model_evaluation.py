@@ -450,18 +450,20 @@ async def test_other_splits_see_other_images(
 
 
 async def test_a_cancel_request_stops_the_inference(
-    worker: tuple[JetStreamContext, Subjects, Path],
-    model: BaseModel,
-    reshaped: tuple[str, dict[str, Any]],
+    worker: tuple[JetStreamContext, Subjects, Path], model: BaseModel
 ) -> None:
     js, subjects, root = worker
-    dataset_uri, _ = reshaped
-    # One image a batch over every image: the cancel arrives while batches remain.
+    # One image a batch over enough images that progress is reported (every 0.5 s) while
+    # batches remain: the cancel arrives during inference, not after it.
+    folder = root / "datasets" / "many"
+    dataset_uri = str(make_dataset(folder, images=160, size=IMAGE_SIZE, seed=8))
     run_id = await submit(
         js, subjects, evaluation_job(model, dataset_uri, split="all", batch_size=1)
     )
     first = await events_until_terminal(js, subjects, run_id, stop_at="progress")
     assert kinds(first)[-1] == "progress"
+    progress = first[-1].progress
+    assert progress.iteration < progress.max_iterations, "inference ended before the cancel"
     await request_cancel(js, subjects, run_id)
     rest = without_heartbeats(await events_until_terminal(js, subjects, run_id, timeout_s=60))
     assert kinds(rest)[-1] == "cancelled"

@@ -1,6 +1,6 @@
 """An evaluation's findings as files and messages (trainer_worker.evaluation_results): each
-sample's picture named in the review, the confusion matrix row-major, and no metric for a
-model that detected nothing."""
+sample's picture named in the review, the confusion matrix row-major, and COCO's zeros for
+a model that detected nothing."""
 
 from __future__ import annotations
 
@@ -87,12 +87,19 @@ def test_the_review_names_each_samples_picture_and_writes_every_file(tmp_path: P
     assert len(evaluation.iou_thresholds) == 10
 
 
-def test_a_model_that_detects_nothing_has_no_metrics(tmp_path: Path) -> None:
+def test_a_model_that_detects_nothing_scores_zero_where_there_is_ground_truth(
+    tmp_path: Path,
+) -> None:
     found = findings(tmp_path, [], samples=0)
     evaluation = evaluation_message(found, split="test")
     assert (evaluation.split, evaluation.image_count) == ("test", 3)
-    assert not evaluation.metrics and not evaluation.per_class_ap
-    assert not evaluation.iou_thresholds
+    # Every object is small (20 x 20): medium and large have nothing to measure.
+    assert evaluation.metrics["coco/bbox_mAP"] == 0.0
+    assert evaluation.metrics["coco/bbox_mAP_50"] == 0.0
+    assert evaluation.metrics["coco/bbox_mAP_s"] == 0.0
+    assert evaluation.metrics["coco/bbox_mAP_m"] == -1.0
+    assert dict(evaluation.per_class_ap) == {"tire": 0.0, "dump": 0.0}
+    assert len(evaluation.iou_thresholds) == 10
     message = review_message(found, Thresholds(score=0.5, iou=0.5, samples=0))
     assert not message.samples
     assert sum(message.confusion_matrix.counts) == 3, "every object missed"
