@@ -86,7 +86,7 @@ fmt: setup ## Format the code
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
 
 typecheck: setup ## mypy
-	$(VENV)/bin/mypy shared services cli trainer_worker client/raven_client
+	$(VENV)/bin/mypy shared services cli trainer_worker client/raven_client benchmarks
 
 clean: down ## Remove generated code and local data (keeps .venv)
 	rm -rf .data $(PROTO_OUT) shared/proto/raven $(CLIENT_PROTO_OUT) $(CLIENT_DIST) client/build

@@ -1,4 +1,5 @@
-"""`python -m benchmarks [--smoke] [--only GROUP ...] [--skip-training] [--processes N]`: runs the suite
+"""`python -m benchmarks [--smoke] [--only GROUP ...] [--skip-training] [--processes N]
+[--profile DIR]`: runs the suite
 against the real stack, writes `.data/bench/<time>.json` (and `latest.json`) and prints
 a table."""
 
@@ -34,6 +35,7 @@ async def run(
     *,
     processes: int = 1,
     connections: int = 1,
+    profile_dir: Path | None = None,
 ) -> dict[str, object]:
     results = Results()
     started = time.monotonic()
@@ -42,7 +44,9 @@ async def run(
         skipped["training"] = f"not part of the {plan.mode} plan (use --training)"
         groups = tuple(g for g in groups if g != "training")
     work_dir = out_dir / "work"
-    async with open_stack(work_dir, processes=processes, connections=connections) as stack:
+    async with open_stack(
+        work_dir, processes=processes, connections=connections, profile_dir=profile_dir
+    ) as stack:
         await stack.start_services()
         results.add(
             "memory.training_runs.idle",
@@ -77,6 +81,7 @@ async def run(
         "plan": {k: getattr(plan, k) for k in plan.__dataclass_fields__},
         "processes": processes,
         "connections": connections,
+        "profiled": profile_dir is not None,
         "skipped": skipped,
         "notes": results.notes,
         "figures": results.to_json(),
@@ -111,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         help="connections the unary load spreads over (default: 1, or 4 per process with "
         "--processes above 1)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        metavar="DIR",
+        help="profile TrainingRunService during the unary (64 callers), 1,000-watcher, "
+        "recorded, fleet and sustained figures with py-spy, into DIR (benchmarks.profiles); "
+        "the sampling takes CPU, so a profiled run's figures are not for comparison",
+    )
     args = parser.parse_args(argv)
     connections = args.connections or (1 if args.processes == 1 else 4 * args.processes)
     logging.basicConfig(level=logging.WARNING)
@@ -126,7 +139,14 @@ def main(argv: list[str] | None = None) -> int:
     out_dir: Path = args.out.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
     document = asyncio.run(
-        run(plan, groups, out_dir, processes=args.processes, connections=connections)
+        run(
+            plan,
+            groups,
+            out_dir,
+            processes=args.processes,
+            connections=connections,
+            profile_dir=args.profile.resolve() if args.profile else None,
+        )
     )
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     text = json.dumps(document, indent=2)

@@ -12,7 +12,8 @@ import itertools
 import time
 import uuid
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Hashable
+from typing import Any
 
 import grpc
 import nats
@@ -229,9 +230,15 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
             for count in plan.watcher_counts:
                 await watchers.open(run, count - watchers.per_run[run.name])
                 await subscribers.open(run, count - subscribers.per_run[run.name])
-                await _one_run_rounds(
-                    stack, plan, results, worker, run, count, system, base, watchers, subscribers
-                )
+                async with (
+                    stack.profiled(f"events.run1.w{count}")
+                    if count == max(plan.watcher_counts)
+                    else contextlib.nullcontext()
+                ):
+                    await _one_run_rounds(
+                        stack, plan, results, worker, run, count, system, base, watchers,
+                        subscribers,
+                    )  # fmt: skip
                 if memory and count >= 1000:
                     for name in ("training_runs", "trained_models"):
                         results.add(
@@ -245,7 +252,8 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
         finally:
             await watchers.close()
             _note(results, "events.run1", system, watchers)
-        await _recorded_rounds(stack, plan, results, runs, worker)
+        async with stack.profiled("events.recorded.w1"):
+            await _recorded_rounds(stack, plan, results, runs, worker)
         # Many runs, a few watchers each, events paced like training runs reporting.
         fleet = await running_runs(stack, runs, worker, plan.fanout_runs)
         system, base = Tracker(), Tracker()
@@ -257,11 +265,13 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
             for r in fleet:
                 await watchers.open(r, plan.watchers_per_run)
                 await subscribers.open(r, plan.watchers_per_run)
-            await _fleet_rounds(stack, plan, results, worker, fleet, system, base, subscribers)
+            async with stack.profiled("events.fleet"):
+                await _fleet_rounds(stack, plan, results, worker, fleet, system, base, subscribers)
         finally:
             await watchers.close()
             _note(results, "events.fleet", system, watchers)
-        await _apply_rounds(stack, plan, results, worker, fleet)
+        async with stack.profiled("events.apply"):
+            await _apply_rounds(stack, plan, results, worker, fleet)
 
 
 def _note(results: Results, scenario: str, tracker: Tracker, watchers: Watchers) -> None:
@@ -490,7 +500,9 @@ async def _apply_rounds(
         )
 
 
-async def _paced(send: Callable[[int], Awaitable[None]], count: int, interval: float) -> float:
+async def _paced(
+    send: Callable[[int], Coroutine[Any, Any, None]], count: int, interval: float
+) -> float:
     """send(0) .. send(count - 1), the i-th started at `i * interval` seconds from the
     start, without waiting for the ones before (a fleet's workers do not wait for each
     other); returns the seconds until all were sent."""

@@ -23,6 +23,7 @@ import nats
 import psutil
 from nats.aio.client import Client as NATS
 
+from benchmarks.profiles import profiled
 from shared.infra import create_database, drop_database, ensure_infrastructure
 from shared.messaging import Subjects, ensure_streams
 from shared.settings import Settings
@@ -114,6 +115,12 @@ class Stack:
     # unary load spreads its callers over (SO_REUSEPORT hands each to one process).
     processes: int = 1
     connections: int = 1
+    # Where figures profile TrainingRunService (benchmarks.profiles); None: not profiled.
+    profile_dir: Path | None = None
+
+    def profiled(self, figure: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """Samples TrainingRunService's processes while the body runs, with --profile."""
+        return profiled(self.children["training_runs"].pid, self.profile_dir, figure)
 
     @property
     def runs_port(self) -> int:
@@ -181,7 +188,11 @@ class Stack:
 
 @contextlib.asynccontextmanager
 async def open_stack(
-    work_dir: Path, *, processes: int = 1, connections: int = 1
+    work_dir: Path,
+    *,
+    processes: int = 1,
+    connections: int = 1,
+    profile_dir: Path | None = None,
 ) -> AsyncIterator[Stack]:
     """A stack of its own; everything it created is removed on exit."""
     infra = ensure_infrastructure(Settings(), work_dir / "infra", keep_running=False)
@@ -210,6 +221,7 @@ async def open_stack(
         nc,
         processes=processes,
         connections=connections,
+        profile_dir=profile_dir,
     )
     try:
         yield stack

@@ -5,6 +5,7 @@ run the same way (its own process, the same client)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -149,12 +150,19 @@ async def measure_unary(stack: Stack, plan: Plan, results: Results) -> None:
         }
         for call in calls.values():  # Warm-up: connections, pools, lazy imports.
             await load(call, concurrency=4, duration_s=min(0.5, plan.unary_duration_s))
-        for _ in range(plan.rounds):
+        busiest = max(plan.concurrencies)
+        for round_index in range(plan.rounds):
             for concurrency in plan.concurrencies:
                 for rpc, call in calls.items():
-                    rate, latencies = await load(
-                        call, concurrency=concurrency, duration_s=plan.unary_duration_s
-                    )
+                    profiling = round_index == 0 and concurrency == busiest and rpc != "echo"
+                    async with (
+                        stack.profiled(f"unary.{rpc}.c{concurrency}")
+                        if profiling
+                        else contextlib.nullcontext()
+                    ):
+                        rate, latencies = await load(
+                            call, concurrency=concurrency, duration_s=plan.unary_duration_s
+                        )
                     _record(results, rpc, concurrency, rate, latencies)
     finally:
         for channel in (*echo_channels, *runs_channels):

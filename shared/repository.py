@@ -161,7 +161,8 @@ class TrackingRepository(Generic[A]):
         self._tracked[aggregate.id] = _Tracked(aggregate, _State.NEW, None)
 
     def _snapshot(self, aggregate: A) -> dict[str, Any]:
-        return _copied(self._row(aggregate))
+        row: dict[str, Any] = _copied(self._row(aggregate))
+        return row
 
     async def flush(self) -> list[tuple[A, Change]]:
         """Writes what changed since the aggregates were loaded; what it wrote, in order."""

@@ -35,7 +35,7 @@ class ProgressRecorder:
     async def record(self, report: WorkerReport) -> bool:
         """Whether the report was applied (False: stale, not newer, or the run is over).
         Raises what writing its batch raised."""
-        applied = asyncio.get_running_loop().create_future()
+        applied: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
         self._waiting.append((report, applied))
         if self._writer is None:
             self._writer = asyncio.create_task(self._write_batches())

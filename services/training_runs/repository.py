@@ -106,7 +106,7 @@ def _bulk_update(columns: tuple[str, ...]) -> TextClause:
     """UPDATE of many runs' `columns` from one JSON parameter `rows` (a list of objects with
     id, loaded_version and the new values), checking each run's version; returns the ids
     it updated. One statement text per set of columns, prepared once, whatever the count."""
-    dialect = postgresql.dialect()
+    dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
     types = ", ".join(
         f"{name} {training_runs.c[name].type.compile(dialect=dialect)}" for name in columns
     )

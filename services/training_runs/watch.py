@@ -65,7 +65,7 @@ class _Position:
     """What a watcher has sent: the last sequence, and what decides whether a live
     progress report may go out (the run's attempt and state, the newest iteration)."""
 
-    def __init__(self, *, after_sequence: int, attempt: int, state: TrainingRun.State) -> None:
+    def __init__(self, *, after_sequence: int, attempt: int, state: int) -> None:
         self.sequence = after_sequence
         self.attempt = attempt
         self.state = state
