@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
         "--profile",
         type=Path,
         metavar="DIR",
-        help="profile TrainingRunService during the unary (64 callers), 1,000-watcher, "
+        help="profile TrainingRunService during the last round of the unary RPCs at 64 callers, the "
+        "1,000-watcher, "
         "recorded, fleet and sustained figures with py-spy, into DIR (benchmarks.profiles); "
         "the sampling takes CPU, so a profiled run's figures are not for comparison",
     )

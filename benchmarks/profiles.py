@@ -26,21 +26,27 @@ TOP = 25
 
 # A frame of py-spy's raw format: "function (path/to/file.py:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
-# Libraries by the path of their files, first match wins; the rest is the project's own
-# code, or the interpreter's standard library.
-_LIBRARIES = (
-    ("grpc", "/grpc/"),
-    ("asyncpg", "/asyncpg/"),
-    ("sqlalchemy", "/sqlalchemy/"),
-    ("nats", "/nats/"),
-    ("protobuf", "/google/protobuf/"),
-    ("opentelemetry", "/opentelemetry/"),
-    ("prometheus", "/prometheus_client/"),
-    ("structlog", "/structlog/"),
-    ("asyncio", "/asyncio/"),
-    ("logging", "/logging/"),
-    ("services", "/services/"),
-    ("shared", "/shared/"),
+# Libraries by the path of their files, first match wins; "other" is the rest of the
+# standard library and whatever is not named here. SQLAlchemy's async sessions run their
+# work in greenlets, which py-spy shows as stacks of their own, without the caller's frames:
+# the shares by library count them, the inclusive times of callers do not.
+_LIBRARIES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("grpc", ("/grpc/",)),
+    ("asyncpg", ("/asyncpg/",)),
+    ("sqlalchemy", ("/sqlalchemy/",)),
+    ("nats", ("/nats/",)),
+    ("protobuf", ("/protobuf/",)),
+    # The API's and the SDK's modules; without --full-filenames py-spy leaves out the
+    # namespace package (trace/__init__.py).
+    ("opentelemetry", ("/opentelemetry/", "/trace/", "/sdk/", "/propagate/", "/baggage/")),
+    ("prometheus", ("/prometheus_client/",)),
+    ("structlog", ("/structlog/",)),
+    ("asyncio", ("/asyncio/",)),
+    # asyncio.to_thread's pool, and threads of their own.
+    ("threads", ("/concurrent/futures/", "/threading.py")),
+    ("logging", ("/logging/",)),
+    ("services", ("/services/",)),
+    ("shared", ("/shared/",)),
 )
 
 
@@ -67,6 +73,7 @@ async def profiled(pid: int, folder: Path | None, figure: str) -> AsyncIterator[
         str(pid),
         "--subprocesses",
         "--nonblocking",
+        "--full-filenames",
         "--rate",
         str(RATE_HZ),
         "--format",
@@ -100,8 +107,8 @@ class _Frame:
     def library(self) -> str:
         # py-spy names a file from its sys.path entry on (grpc/aio/_server.py), or whole.
         path = "/" + self.file.lstrip("/")
-        for name, part in _LIBRARIES:
-            if part in path:
+        for name, parts in _LIBRARIES:
+            if any(part in path for part in parts):
                 return name
         return "other"
 

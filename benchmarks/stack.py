@@ -163,11 +163,19 @@ class Stack:
             await wait_for_grpc(child, int(addr.rsplit(":", 1)[1]))
             await wait_for_processes(child, self.processes)
 
-    async def start_worker(self) -> Child:
+    async def start_worker(self, timeout_s: float = 120.0) -> Child:
+        """A trainer worker, once it consumes jobs: a fleet's workers are running before a
+        run is created, so no figure counts a worker's start."""
         child = await spawn(
             "trainer_worker", ["-m", "trainer_worker"], env=self.env(), log_dir=self.log_dir
         )
         self.children["trainer_worker"] = child
+        deadline = time.monotonic() + timeout_s
+        while '"trainer worker ready"' not in child.log_path.read_text(errors="replace"):
+            if child.process.returncode is not None or time.monotonic() > deadline:
+                tail = child.log_path.read_text(errors="replace")[-3000:]
+                raise RuntimeError(f"the trainer worker did not start:\n{tail}")
+            await asyncio.sleep(0.1)
         return child
 
     @property

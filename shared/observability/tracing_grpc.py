@@ -20,6 +20,7 @@ from typing import Any
 
 import grpc
 import structlog
+from opentelemetry import trace
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared.observability import tracing
@@ -71,7 +72,8 @@ def _code(context: grpc.aio.ServicerContext, error: BaseException | None) -> grp
                 return known
     if error is None:
         return grpc.StatusCode.OK
-    if isinstance(error, BaseException) and type(error).__name__ == "CancelledError":
+    # Cancelled, or closed while suspended between messages: the client went away.
+    if isinstance(error, GeneratorExit) or type(error).__name__ == "CancelledError":
         return grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN
 
@@ -89,38 +91,51 @@ class _Method:
         self.log = log.debug if method.startswith(_HEALTH) else log.info
 
 
-@contextlib.contextmanager
-def _observing(method: _Method, context: grpc.aio.ServicerContext) -> Iterator[None]:
-    metadata = context.invocation_metadata() or ()
-    headers = {k: v for k, v in metadata if isinstance(v, str)}
-    started = time.monotonic()
-    with (
-        method.tracer.start_as_current_span(
+class _Call:
+    """One call's span, request id and clock. The span is current, and the call's ids are
+    bound to log lines, only while the handler runs (`running`): a streaming handler is
+    suspended between its messages, and its generator may be closed later from another
+    context (when the client went away), where a context entered before could not be left."""
+
+    def __init__(self, method: _Method, context: grpc.aio.ServicerContext) -> None:
+        metadata = context.invocation_metadata() or ()
+        headers = {k: v for k, v in metadata if isinstance(v, str)}
+        self.method = method
+        self.context = context
+        self.request_id = request_id_of(metadata)
+        self.started = time.monotonic()
+        self.span = method.tracer.start_span(
             method.span_name,
             context=tracing.extract(headers),
             kind=SpanKind.SERVER,
             attributes=method.attributes,
             record_exception=False,
             set_status_on_exception=False,
-        ) as span,
-        structlog.contextvars.bound_contextvars(
-            request_id=request_id_of(metadata), rpc=method.method
-        ),
-    ):
-        error: BaseException | None = None
-        try:
+        )
+
+    @contextlib.contextmanager
+    def running(self) -> Iterator[None]:
+        with (
+            trace.use_span(
+                self.span, end_on_exit=False, record_exception=False, set_status_on_exception=False
+            ),
+            structlog.contextvars.bound_contextvars(
+                request_id=self.request_id, rpc=self.method.method
+            ),
+        ):
             yield
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            code = _code(context, error)
-            span.set_attribute("rpc.grpc.status_code", code.value[0])
-            if code is not grpc.StatusCode.OK:
-                span.set_status(Status(StatusCode.ERROR, code.name))
-            method.log(
-                "rpc", code=code.name, duration_ms=round((time.monotonic() - started) * 1e3, 2)
+
+    def end(self, error: BaseException | None) -> None:
+        """The status on the span, the access-log line, and the span ended."""
+        code = _code(self.context, error)
+        self.span.set_attribute("rpc.grpc.status_code", code.value[0])
+        if code is not grpc.StatusCode.OK:
+            self.span.set_status(Status(StatusCode.ERROR, code.name))
+        with self.running():
+            self.method.log(
+                "rpc", code=code.name, duration_ms=round((time.monotonic() - self.started) * 1e3, 2)
             )
+        self.span.end()
 
 
 def _observed(handler: grpc.RpcMethodHandler, method: _Method) -> Any:
@@ -133,9 +148,17 @@ def _observed(handler: grpc.RpcMethodHandler, method: _Method) -> Any:
         inner = handler.stream_unary if streaming_requests else handler.unary_unary
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _observing(method, context):
-                result = inner(request, context)
-                return await result if inspect.isawaitable(result) else result
+            call = _Call(method, context)
+            error: BaseException | None = None
+            try:
+                with call.running():
+                    result = inner(request, context)
+                    return await result if inspect.isawaitable(result) else result
+            except BaseException as raised:
+                error = raised
+                raise
+            finally:
+                call.end(error)
 
         if streaming_requests:
             return grpc.stream_unary_rpc_method_handler(unary, **serializers)
@@ -144,9 +167,28 @@ def _observed(handler: grpc.RpcMethodHandler, method: _Method) -> Any:
     inner_stream = handler.stream_stream if streaming_requests else handler.unary_stream
 
     async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        with _observing(method, context):
-            async for item in inner_stream(request, context):
+        call = _Call(method, context)
+        items = aiter(inner_stream(request, context))
+        error: BaseException | None = None
+        try:
+            while True:
+                with call.running():
+                    try:
+                        item = await anext(items)
+                    except StopAsyncIteration:
+                        break
                 yield item
+        except BaseException as raised:  # GeneratorExit too: closed while suspended
+            error = raised
+            raise
+        finally:
+            try:
+                close = getattr(items, "aclose", None)
+                if close is not None:
+                    with call.running():
+                        await close()
+            finally:
+                call.end(error)
 
     if streaming_requests:
         return grpc.stream_stream_rpc_method_handler(stream, **serializers)

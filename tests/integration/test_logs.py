@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
+import logging
 import os
 import signal
 import sys
@@ -20,6 +22,7 @@ import nats
 import pytest
 
 from shared.messaging import Subjects
+from shared.observability.tracing_grpc import ObservedCalls
 from shared.proto.raven.training.v1 import training_run_pb2, training_run_pb2_grpc
 from shared.settings import Settings
 from tests.support import create_request, eventually, running_worker
@@ -163,3 +166,49 @@ async def test_a_workers_lines_of_a_run_all_carry_its_run_id(
         assert line.get("worker_id") == "logs-worker" and line.get("attempt") == 1, line
         assert len(line.get("trace_id", "")) == 32, line
     assert "run" not in {key for line in lines for key in line}
+
+
+async def test_a_stream_closed_while_suspended_logs_its_end_and_no_error(
+    caplog: pytest.LogCaptureFixture, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A client that goes away while the server's stream waits to write (flow control)
+    leaves the server's generator suspended at a message, closed later from elsewhere: the
+    call still ends with one CANCELLED access line and no error of a context left wrongly."""
+    method = "/raven.test.Flood/Flood"
+    chunk = b"x" * 16_384
+    closed = asyncio.Event()
+
+    async def flood(request: bytes, context: grpc.aio.ServicerContext) -> AsyncIterator[bytes]:
+        try:
+            for _ in range(10_000):
+                yield chunk
+        finally:
+            closed.set()
+
+    handler = grpc.method_handlers_generic_handler(
+        "raven.test.Flood", {"Flood": grpc.unary_stream_rpc_method_handler(flood)}
+    )
+    server = grpc.aio.server(interceptors=[ObservedCalls()])
+    server.add_generic_rpc_handlers((handler,))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_stream(method)(b"")
+            assert await call.read() == chunk
+            # The server fills the connection's window and waits; the client goes away.
+            await asyncio.sleep(0.5)
+            call.cancel()
+        await asyncio.wait_for(closed.wait(), 10)
+    finally:
+        await server.stop(None)
+    gc.collect()
+    await asyncio.sleep(0.1)
+    # The access line, in whichever format the test session's logging renders.
+    access = [line for line in capsys.readouterr().out.splitlines() if method in line]
+    assert len(access) == 1 and "CANCELLED" in access[0], access
+    # gRPC core's own line about the failed write is its own; ours must not add one.
+    errors = [
+        r for r in caplog.records if r.levelno >= logging.ERROR and not r.name.startswith("grpc")
+    ]
+    assert not errors, [(r.name, r.getMessage()) for r in errors]
