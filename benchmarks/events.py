@@ -230,15 +230,20 @@ async def measure_events(stack: Stack, plan: Plan, results: Results, *, memory: 
             for count in plan.watcher_counts:
                 await watchers.open(run, count - watchers.per_run[run.name])
                 await subscribers.open(run, count - subscribers.per_run[run.name])
-                async with (
-                    stack.profiled(f"events.run1.w{count}")
-                    if count == max(plan.watcher_counts)
-                    else contextlib.nullcontext()
-                ):
+                most = count == max(plan.watcher_counts)
+                async with stack.profiled(f"events.run1.w{count}", when=most):
                     await _one_run_rounds(
-                        stack, plan, results, worker, run, count, system, base, watchers,
+                        stack,
+                        plan,
+                        results,
+                        worker,
+                        run,
+                        count,
+                        system,
+                        base,
+                        watchers,
                         subscribers,
-                    )  # fmt: skip
+                    )
                 if memory and count >= 1000:
                     for name in ("training_runs", "trained_models"):
                         results.add(

@@ -118,9 +118,13 @@ class Stack:
     # Where figures profile TrainingRunService (benchmarks.profiles); None: not profiled.
     profile_dir: Path | None = None
 
-    def profiled(self, figure: str) -> contextlib.AbstractAsyncContextManager[None]:
-        """Samples TrainingRunService's processes while the body runs, with --profile."""
-        return profiled(self.children["training_runs"].pid, self.profile_dir, figure)
+    def profiled(
+        self, figure: str, *, when: bool = True
+    ) -> contextlib.AbstractAsyncContextManager[None]:
+        """Samples TrainingRunService's processes while the body runs, with --profile (and
+        `when`)."""
+        folder = self.profile_dir if when else None
+        return profiled(self.children["training_runs"].pid, folder, figure)
 
     @property
     def runs_port(self) -> int:

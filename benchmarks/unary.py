@@ -5,7 +5,6 @@ run the same way (its own process, the same client)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import random
@@ -171,11 +170,7 @@ async def measure_unary(stack: Stack, plan: Plan, results: Results) -> None:
                 for rpc, call in calls.items():
                     last = round_index == plan.rounds - 1
                     profiling = last and concurrency == busiest and rpc != "echo"
-                    async with (
-                        stack.profiled(f"unary.{rpc}.c{concurrency}")
-                        if profiling
-                        else contextlib.nullcontext()
-                    ):
+                    async with stack.profiled(f"unary.{rpc}.c{concurrency}", when=profiling):
                         rate, latencies = await load(
                             call, concurrency=concurrency, duration_s=plan.unary_duration_s
                         )
