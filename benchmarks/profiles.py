@@ -23,6 +23,7 @@ from typing import TypeVar
 
 RATE_HZ = 100
 TOP = 25
+_CHECKOUT = str(Path(__file__).resolve().parents[1]) + "/"
 
 # A frame of py-spy's raw format: "function (path/to/file.py:line)".
 _FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^():]*)(?::\d+)?\)$")
@@ -65,24 +66,25 @@ async def profiled(pid: int, folder: Path | None, figure: str) -> AsyncIterator[
         yield
         return
     folder.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 (once per figure)
-    raw = folder / f"{figure}.txt"
-    recorder = await asyncio.create_subprocess_exec(
-        py_spy(),
-        "record",
-        "--pid",
-        str(pid),
-        "--subprocesses",
-        "--nonblocking",
-        "--full-filenames",
-        "--rate",
-        str(RATE_HZ),
-        "--format",
-        "raw",
-        "--output",
-        str(raw),
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
-    )
+    raw, log = folder / f"{figure}.txt", folder / f"{figure}.py-spy.log"
+    with log.open("wb") as output:
+        recorder = await asyncio.create_subprocess_exec(
+            py_spy(),
+            "record",
+            "--pid",
+            str(pid),
+            "--subprocesses",
+            "--nonblocking",
+            "--full-filenames",
+            "--rate",
+            str(RATE_HZ),
+            "--format",
+            "raw",
+            "--output",
+            str(raw),
+            stdout=output,
+            stderr=output,
+        )
     started = time.monotonic()
     try:
         yield
@@ -92,7 +94,9 @@ async def profiled(pid: int, folder: Path | None, figure: str) -> AsyncIterator[
         await recorder.wait()
         if raw.exists():
             text = summary(raw.read_text().splitlines(), seconds=seconds)
-            (folder / f"{figure}.summary.txt").write_text(text)
+        else:
+            text = f"py-spy wrote no samples (exit {recorder.returncode}); its output: {log.name}\n"
+        (folder / f"{figure}.summary.txt").write_text(text)
 
 
 _K = TypeVar("_K")
@@ -166,7 +170,10 @@ def _shares(counts: Counter[_K], total: int) -> list[tuple[_K, float]]:
 
 def _short(path: str) -> str:
     """The path from its package on: .../site-packages/grpc/aio/_call.py -> grpc/aio/_call.py,
-    .../lib/python3.11/asyncio/events.py -> asyncio/events.py."""
+    .../lib/python3.11/asyncio/events.py -> asyncio/events.py, the project's from the
+    checkout on (services/training_runs/reads.py)."""
+    if path.startswith(_CHECKOUT):
+        return path.removeprefix(_CHECKOUT)
     for marker in ("/site-packages/", "/lib/python3."):
         _, found, tail = path.partition(marker)
         if found:

@@ -79,3 +79,19 @@ async def test_a_busy_process_is_profiled_into_its_figure(tmp_path: Path) -> Non
     own = _section(text, "by self time (on top of the stack)")
     assert own[0].split(" ", 1)[1].startswith("spin_for_the_profile"), text
     assert float(own[0].split("%")[0]) > 50, text
+
+
+def test_full_file_names_are_shown_from_their_package_or_the_checkout() -> None:
+    checkout = str(Path(__file__).resolve().parents[2])
+    raw = [
+        "_handle (/opt/venv/lib/python3.11/site-packages/grpc/aio/_server.py:300);"
+        f"get ({checkout}/services/training_runs/reads.py:40) 3",
+        "_run_once (/usr/lib/python3.11/asyncio/base_events.py:1922) 1",
+    ]
+    text = summary(raw)
+    assert _section(text, "(the frame on top of the stack)") == ["75.0% services", "25.0% asyncio"]
+    assert _section(text, "by inclusive time (on the stack)") == [
+        "75.0% _handle (grpc/aio/_server.py)",
+        "75.0% get (services/training_runs/reads.py)",
+        "25.0% _run_once (asyncio/base_events.py)",
+    ]
